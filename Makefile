@@ -1,0 +1,86 @@
+# nsqjobs: `make run` starts the local stack, `make test` runs the suite (both set up first).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN_DIR := $(CURDIR)/.bin
+DATA_DIR ?= $(CURDIR)/.data
+NSQ_APPS := nsqd nsqlookupd nsqadmin nsq_tail to_nsq
+
+# Every port of the local stack; override any of them from the environment.
+export NSQJOBS_NSQD_TCP_PORT ?= 4150
+export NSQJOBS_NSQD_HTTP_PORT ?= 4151
+export NSQJOBS_LOOKUPD_TCP_PORT ?= 4160
+export NSQJOBS_LOOKUPD_HTTP_PORT ?= 4161
+export NSQJOBS_NSQADMIN_PORT ?= 4171
+export NSQJOBS_GATEWAY_PORT ?= 8080
+export NSQJOBS_WORKER1_PORT ?= 9101
+export NSQJOBS_WORKER2_PORT ?= 9102
+# Workers drain for NSQJOBS_GRACE_S on Ctrl-C; the whole stack stops within 15 s.
+export NSQJOBS_GRACE_S ?= 10
+
+.PHONY: help venv nsq run test lint bench clean
+
+help:
+	@echo "make run    set up (venv, NSQ build) and start the local stack in the foreground"
+	@echo "make test   set up and run the whole test suite"
+	@echo "make lint   ruff + mypy --strict"
+	@echo "make bench  run the benchmarks, figures into bench/results/"
+	@echo "make nsq    build NSQ v1.3.0 into .bin/ (or link binaries found on PATH)"
+
+$(VENV)/.installed: pyproject.toml setup.py workers/kernels/_primes_cy.pyx
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "nsqjobs needs Python >= 3.11 (set PYTHON=...)")'
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+# NSQ: binaries on PATH are linked as they are; otherwise built from the wrapper module in
+# deploy/nsq (go.sum committed), which repeats nsq's replace line so the build works.
+nsq: $(addprefix .bin/,$(NSQ_APPS))
+
+.bin/%:
+	@mkdir -p .bin
+	@if command -v $* >/dev/null 2>&1; then \
+		ln -sf "$$(command -v $*)" $@ && echo "nsq: using $$(command -v $*)"; \
+	elif command -v go >/dev/null 2>&1; then \
+		echo "nsq: building $* v1.3.0" && \
+		(cd deploy/nsq && GOFLAGS=-mod=mod go build -o $(BIN_DIR)/ github.com/nsqio/nsq/apps/$*); \
+	else \
+		echo "nsq: $* not found: install Go >= 1.21 (to build NSQ v1.3.0) or put the NSQ binaries on PATH" >&2; \
+		exit 1; \
+	fi
+
+run: venv nsq
+	@mkdir -p $(DATA_DIR)/nsqd
+	@echo "nsqjobs local stack"
+	@echo "  gateway      http://127.0.0.1:$(NSQJOBS_GATEWAY_PORT)  (API, /metrics, /openapi.json)"
+	@echo "  workers      metrics http://127.0.0.1:$(NSQJOBS_WORKER1_PORT)/metrics and :$(NSQJOBS_WORKER2_PORT)"
+	@echo "  nsqd         tcp 127.0.0.1:$(NSQJOBS_NSQD_TCP_PORT), http 127.0.0.1:$(NSQJOBS_NSQD_HTTP_PORT), data $(DATA_DIR)/nsqd"
+	@echo "  nsqlookupd   tcp 127.0.0.1:$(NSQJOBS_LOOKUPD_TCP_PORT), http 127.0.0.1:$(NSQJOBS_LOOKUPD_HTTP_PORT)"
+	@echo "  nsqadmin     http://127.0.0.1:$(NSQJOBS_NSQADMIN_PORT)"
+	@echo "  try:  curl -s -XPOST 'http://127.0.0.1:$(NSQJOBS_GATEWAY_PORT)/v1/jobs?wait=10' -H 'Content-Type: application/json' -d '{\"task\": \"primes.count\", \"args\": {\"start\": 0, \"stop\": 1000000}}'"
+	@echo "  stop: Ctrl-C (workers drain for $(NSQJOBS_GRACE_S)s at most)"
+	@NSQJOBS_NSQD_TCP_ADDRESS=127.0.0.1:$(NSQJOBS_NSQD_TCP_PORT) \
+	 NSQJOBS_NSQD_HTTP_ADDRESS=127.0.0.1:$(NSQJOBS_NSQD_HTTP_PORT) \
+	 NSQJOBS_LOOKUPD_HTTP_ADDRESS=127.0.0.1:$(NSQJOBS_LOOKUPD_HTTP_PORT) \
+	 NSQJOBS_BIN_DIR=$(BIN_DIR) NSQJOBS_DATA_DIR=$(DATA_DIR) NSQJOBS_VENV=$(CURDIR)/$(VENV) \
+	 NSQJOBS_STOP_WAIT_S=$$(( $${NSQJOBS_GRACE_S%.*} + 3 )) \
+	 exec $(VENV)/bin/supervisord -c deploy/local/supervisord.conf
+
+test: venv nsq
+	PATH="$(BIN_DIR):$$PATH" $(VENV)/bin/python -m pytest
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy --strict service workers
+
+bench: venv nsq
+	PATH="$(BIN_DIR):$$PATH" $(VENV)/bin/python -m bench
+
+clean:
+	rm -rf build *.egg-info workers/kernels/*.c workers/kernels/*.so .pytest_cache .mypy_cache .ruff_cache

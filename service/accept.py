@@ -1,0 +1,146 @@
+"""Accepting a job, in one place: validate, record, publish. The gateway calls nothing else.
+
+A job is accepted only when nsqd has acknowledged it; anything rejected publishes nothing.
+The ``recorder`` hook is where the job ledger will write before publishing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+import msgspec
+
+from service import wire
+from service.constants import MAX_BATCH_JOBS, MAX_DELAY_MS, MAX_JOB_ID_LENGTH
+from service.errors import FieldError, InvalidArgumentsError, UnknownTaskError
+from service.metrics import GatewayMetrics
+from service.nsqio import Publisher
+from service.registry import Registry, Task
+
+_JOB_ID = re.compile(r"^[A-Za-z0-9._:-]+$")
+
+JobId = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=MAX_JOB_ID_LENGTH, pattern=_JOB_ID.pattern)
+]
+DelayMs = Annotated[int, msgspec.Meta(ge=0, le=MAX_DELAY_MS)]
+
+
+class SubmitRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Body of ``POST /v1/jobs`` and one item of a batch."""
+
+    task: str
+    args: dict[str, Any] = {}
+    id: JobId | None = None
+    delay_ms: DelayMs = 0
+
+
+class BatchRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Body of ``POST /v1/jobs/batch``."""
+
+    jobs: Annotated[list[SubmitRequest], msgspec.Meta(min_length=1, max_length=MAX_BATCH_JOBS)]
+
+
+class Accepted(msgspec.Struct, frozen=True):
+    """The 202 answer for one job."""
+
+    id: str
+    task: str
+    status: str = "queued"
+
+
+class BatchAccepted(msgspec.Struct, frozen=True):
+    """The 202 answer for a batch, ids in request order."""
+
+    ids: list[str]
+    status: str = "queued"
+
+
+Recorder = Callable[[list[wire.JobEnvelope]], Awaitable[None]]
+
+
+class Acceptor:
+    """Turns validated requests into envelopes on their queue topics."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        publisher: Publisher,
+        metrics: GatewayMetrics,
+        recorder: Recorder | None = None,
+    ) -> None:
+        self.registry = registry
+        self.publisher = publisher
+        self.metrics = metrics
+        self.recorder = recorder
+
+    def build(self, req: SubmitRequest, where: str = "") -> tuple[Task, wire.JobEnvelope]:
+        """Validate one request and build its envelope; raises Unknown/InvalidArguments."""
+        task = self.registry.get(req.task)
+        args = task.validate(req.args, where=f"{where}args")
+        return task, wire.JobEnvelope(
+            id=req.id or wire.new_job_id(),
+            task=task.name,
+            args=msgspec.to_builtins(args),
+            created_at=wire.now(),
+            timeout_s=task.time_limit_s,
+        )
+
+    async def accept(self, req: SubmitRequest) -> wire.JobEnvelope:
+        """Validate, record and publish one job; returns once nsqd acknowledged it."""
+        task, env = self.build(req)
+        if self.recorder is not None:
+            await self.recorder([env])
+        body = wire.encode(env)
+        if req.delay_ms:
+            await self.publisher.dpub(task.queue, req.delay_ms, body)
+        else:
+            await self.publisher.pub(task.queue, body)
+        self.metrics.jobs_accepted.labels(task.name).inc()
+        return env
+
+    def build_batch(self, reqs: list[SubmitRequest]) -> list[tuple[Task, wire.JobEnvelope]]:
+        """Validate a whole batch, collecting every error, so one bad job rejects it all."""
+        built: list[tuple[Task, wire.JobEnvelope]] = []
+        errors: list[FieldError] = []
+        seen: set[str] = set()
+        for i, req in enumerate(reqs):
+            where = f"jobs[{i}]."
+            if req.delay_ms:
+                errors.append(
+                    FieldError(
+                        f"{where}delay_ms",
+                        "delays are not supported in a batch (MPUB has none); "
+                        "submit delayed jobs one by one",
+                    )
+                )
+                continue
+            if req.id is not None:
+                if req.id in seen:
+                    errors.append(FieldError(f"{where}id", f"duplicate id {req.id!r} in batch"))
+                seen.add(req.id)
+            try:
+                built.append(self.build(req, where))
+            except UnknownTaskError as exc:
+                errors.append(FieldError(f"{where}task", str(exc)))
+            except InvalidArgumentsError as exc:
+                errors.extend(exc.errors)
+        if errors:
+            raise InvalidArgumentsError(errors)
+        return built
+
+    async def accept_batch(self, reqs: list[SubmitRequest]) -> list[wire.JobEnvelope]:
+        """Validate all, record all, then one atomic MPUB per queue topic."""
+        built = self.build_batch(reqs)
+        envelopes = [env for _, env in built]
+        if self.recorder is not None:
+            await self.recorder(envelopes)
+        by_topic: dict[str, list[bytes]] = {}
+        for task, env in built:
+            by_topic.setdefault(task.queue, []).append(wire.encode(env))
+        for topic, bodies in by_topic.items():
+            await self.publisher.mpub(topic, bodies)
+        for task, _ in built:
+            self.metrics.jobs_accepted.labels(task.name).inc()
+        return envelopes

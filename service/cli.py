@@ -1,0 +1,165 @@
+"""The ``nsqjobs`` command: ``gateway``, ``worker`` and ``submit``.
+
+Every daemon flag mirrors an ``NSQJOBS_*`` variable (see ``service.config``). Errors print one
+line to stderr and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+from service import __version__, config, consumer, gateway
+from service.errors import NsqjobsError
+from service.registry import load_task_modules, registry
+
+log = logging.getLogger("nsqjobs")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)-7s %(name)s[%(process)d]: %(message)s",
+    )
+    # pynsq logs every connection detail at INFO; keep its warnings and errors.
+    logging.getLogger("nsq").setLevel(
+        logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING
+    )
+    logging.getLogger("tornado.access").setLevel(logging.WARNING)
+
+
+async def _until_signalled(run: Any, cfg: Any) -> Any:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    hits = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal hits
+        hits += 1
+        if hits > 1:
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(1)
+        log.info("%s received: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    return await run(cfg, registry, stop)
+
+
+def _daemon(kind: type[Any], run: Any, args: argparse.Namespace) -> int:
+    cfg = config.load(kind, args)
+    _setup_logging(cfg.log_level)
+    load_task_modules(cfg.task_module)
+    if not len(registry):
+        raise NsqjobsError(f"no tasks registered by {', '.join(cfg.task_module)}")
+    result = asyncio.run(_until_signalled(run, cfg))
+    if isinstance(result, int) and result:
+        # Abandoned jobs are back in nsqd; their executor threads cannot be killed, and
+        # waiting for them would outlast the grace period.
+        logging.shutdown()
+        os._exit(0)
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    try:
+        task_args = json.loads(args.args)
+    except json.JSONDecodeError as exc:
+        raise NsqjobsError(f"--args is not valid JSON: {exc}") from None
+    body: dict[str, Any] = {"task": args.task, "args": task_args}
+    if args.id:
+        body["id"] = args.id
+    if args.delay_ms:
+        body["delay_ms"] = args.delay_ms
+    url = args.gateway_url.rstrip("/") + "/v1/jobs"
+    if args.wait:
+        url += f"?wait={args.wait:g}"
+    req = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=args.wait + 10) as resp:
+            status, answer = resp.status, json.load(resp)
+    except urllib.error.HTTPError as exc:
+        try:
+            problem = json.load(exc)
+        except ValueError:
+            problem = {"detail": exc.reason}
+        fields = "; ".join(f"{e['field']}: {e['message']}" for e in problem.get("errors", []))
+        raise NsqjobsError(
+            f"gateway answered {exc.code}: {fields or problem.get('detail')}"
+        ) from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise NsqjobsError(f"cannot reach the gateway at {args.gateway_url}: {exc}") from None
+    print(json.dumps(answer, indent=2 if sys.stdout.isatty() else None))
+    return 1 if status == 200 and answer.get("status") == "failed" else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="nsqjobs", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"nsqjobs {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gw = sub.add_parser(
+        "gateway",
+        help="run the HTTP gateway",
+        description="Accept jobs over HTTP and publish them to nsqd.",
+    )
+    config.add_arguments(gw, config.GatewayConfig)
+
+    wk = sub.add_parser(
+        "worker",
+        help="run a worker",
+        description="Consume jobs from nsqd, run them, publish results.",
+    )
+    config.add_arguments(wk, config.WorkerConfig)
+
+    sm = sub.add_parser(
+        "submit",
+        help="submit one job to a gateway and print the answer",
+        description="Submit a job over HTTP; with --wait, print its result.",
+    )
+    sm.add_argument("task", help="task name, e.g. primes.count")
+    sm.add_argument("--args", default="{}", help="task arguments as JSON, e.g. '{\"start\": 0}'")
+    sm.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the result")
+    sm.add_argument("--id", default=None, help="job id (default: generated)")
+    sm.add_argument("--delay-ms", type=int, default=0, help="deliver after this delay")
+    sm.add_argument(
+        "--gateway-url",
+        default=os.environ.get("NSQJOBS_GATEWAY_URL", "http://127.0.0.1:8080"),
+        help="gateway base URL [env NSQJOBS_GATEWAY_URL]",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``nsqjobs`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "gateway":
+            return _daemon(config.GatewayConfig, gateway.serve, args)
+        if args.command == "worker":
+            return _daemon(config.WorkerConfig, consumer.serve, args)
+        return _submit(args)
+    except (NsqjobsError, ImportError, OSError) as exc:
+        print(f"nsqjobs {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Typed settings: frozen dataclasses filled from ``NSQJOBS_*`` variables and mirroring CLI flags.
+
+Each field names its variable once; the flag is derived from it (``NSQJOBS_NSQD_TCP_ADDRESS`` ->
+``--nsqd-tcp-address``), so the two can never drift apart. A flag beats its variable, which beats
+the default. Bad values raise :class:`ConfigError` naming both spellings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+from service import constants as c
+from service.errors import ConfigError
+
+C = TypeVar("C")
+
+
+def setting(default: Any, help: str, *, env: str | None = None) -> Any:
+    """Declare a config field: its default, its help text and, optionally, its variable name."""
+    kw: dict[str, Any] = {"metadata": {"help": help, "env": env}}
+    if isinstance(default, list | tuple):
+        kw["default_factory"] = lambda: tuple(default)
+    else:
+        kw["default"] = default
+    return field(**kw)
+
+
+def env_name(f: dataclasses.Field[Any]) -> str:
+    """The environment variable of a config field."""
+    return str(f.metadata.get("env") or c.ENV_PREFIX + f.name.upper())
+
+
+def flag_name(f: dataclasses.Field[Any]) -> str:
+    """The CLI flag of a config field, derived from its environment variable."""
+    return "--" + env_name(f).removeprefix(c.ENV_PREFIX).lower().replace("_", "-")
+
+
+def _parse(raw: str, kind: Any, where: str) -> Any:
+    origin = get_origin(kind)
+    try:
+        if kind is bool:
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError("expected true/false")
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        if kind is str:
+            return raw
+        if origin is tuple:
+            return tuple(p.strip() for p in raw.split(",") if p.strip())
+        if origin is Literal:
+            if raw not in get_args(kind):
+                raise ValueError(f"expected one of {', '.join(map(str, get_args(kind)))}")
+            return raw
+        if kind == float | None:
+            return None if raw.strip() in ("", "none") else float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: invalid value {raw!r} ({exc})") from None
+    raise TypeError(f"unsupported config type {kind!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
+    """Add one flag per field of config class ``cls``; flags default to 'not given'."""
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        parser.add_argument(
+            flag_name(f),
+            dest=f.name,
+            default=None,
+            metavar=f.name.upper(),
+            help=f"{f.metadata['help']} [env {env_name(f)}, default {shown}]",
+        )
+
+
+def load(
+    cls: type[C],
+    args: argparse.Namespace | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> C:
+    """Build config ``cls`` from flags, then the environment, then defaults, and validate it."""
+    environ = os.environ if environ is None else environ
+    hints = get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        raw = getattr(args, f.name, None) if args is not None else None
+        where = flag_name(f)
+        if raw is None:
+            raw = environ.get(env_name(f))
+            where = env_name(f)
+        if raw is not None:
+            values[f.name] = _parse(raw, hints[f.name], where)
+    config = cls(**values)
+    check = getattr(config, "check", None)
+    if check is not None:
+        check()
+    return config
+
+
+def _require(ok: bool, cls: type[Any], name: str, message: str) -> None:
+    if not ok:
+        f = {x.name: x for x in dataclasses.fields(cls)}[name]
+        raise ConfigError(f"{flag_name(f)} / {env_name(f)}: {message}")
+
+
+def _addresses(addrs: Sequence[str], cls: type[Any], name: str) -> None:
+    for a in addrs:
+        host, _, port = a.rpartition(":")
+        _require(bool(host) and port.isdigit(), cls, name, f"{a!r} is not HOST:PORT")
+
+
+def default_worker_id() -> str:
+    """host:pid, unique enough to tell workers apart in results and logs."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class NsqConfig:
+    """Where nsqd and nsqlookupd are; shared by every daemon."""
+
+    nsqd_tcp_address: tuple[str, ...] = setting(
+        [f"127.0.0.1:{c.NSQD_TCP_PORT}"], "nsqd TCP addresses to publish to (comma-separated)"
+    )
+    nsqd_http_address: tuple[str, ...] = setting(
+        [f"127.0.0.1:{c.NSQD_HTTP_PORT}"],
+        "nsqd HTTP addresses used to pre-create topics at start (empty to skip)",
+    )
+    lookupd_http_address: tuple[str, ...] = setting(
+        [f"127.0.0.1:{c.LOOKUPD_HTTP_PORT}"],
+        "nsqlookupd HTTP addresses to discover producers (empty: read from --nsqd-tcp-address)",
+    )
+    lookupd_poll_interval: int = setting(10, "seconds between nsqlookupd polls")
+    task_module: tuple[str, ...] = setting(["workers.tasks"], "modules that register tasks")
+    log_level: str = setting("INFO", "log level (DEBUG, INFO, WARNING, ERROR)")
+
+    def check(self) -> None:
+        """Validate addresses and ranges."""
+        cls = type(self)
+        _require(bool(self.nsqd_tcp_address), cls, "nsqd_tcp_address", "at least one is needed")
+        _addresses(self.nsqd_tcp_address, cls, "nsqd_tcp_address")
+        _addresses(self.nsqd_http_address, cls, "nsqd_http_address")
+        _addresses(self.lookupd_http_address, cls, "lookupd_http_address")
+        _require(self.lookupd_poll_interval >= 1, cls, "lookupd_poll_interval", "must be >= 1")
+        _require(
+            self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
+            cls,
+            "log_level",
+            "must be DEBUG, INFO, WARNING or ERROR",
+        )
+
+
+@dataclass(frozen=True)
+class GatewayConfig(NsqConfig):
+    """Settings of ``nsqjobs gateway``."""
+
+    host: str = setting("127.0.0.1", "address the HTTP server binds", env="NSQJOBS_GATEWAY_HOST")
+    port: int = setting(c.GATEWAY_PORT, "HTTP port", env="NSQJOBS_GATEWAY_PORT")
+    max_body_bytes: int = setting(1024 * 1024, "largest request body accepted")
+    publish_timeout_s: float = setting(5.0, "seconds to wait for nsqd to acknowledge a publish")
+
+    def check(self) -> None:
+        """Validate, including the shared NSQ settings."""
+        super().check()
+        cls = type(self)
+        _require(0 <= self.port < 65536, cls, "port", "must be 0-65535")
+        _require(self.max_body_bytes >= 1024, cls, "max_body_bytes", "must be >= 1024")
+        _require(self.publish_timeout_s > 0, cls, "publish_timeout_s", "must be > 0")
+
+
+@dataclass(frozen=True)
+class WorkerConfig(NsqConfig):
+    """Settings of ``nsqjobs worker``."""
+
+    host: str = setting(
+        "127.0.0.1", "address the metrics/health server binds", env="NSQJOBS_WORKER_HOST"
+    )
+    port: int = setting(
+        c.WORKER_METRICS_PORT, "metrics and health HTTP port", env="NSQJOBS_WORKER_PORT"
+    )
+    channel: str = setting(c.WORKER_CHANNEL, "NSQ channel the workers share")
+    queues: tuple[str, ...] = setting([], "queue topics to consume (default: all task queues)")
+    concurrency: int = setting(2, "executor slots; also the max_in_flight, so no hidden prefetch")
+    executor: Literal["thread", "process"] = setting("thread", "thread or process pool")
+    grace_s: float = setting(30.0, "seconds SIGTERM waits for running jobs before requeueing")
+    backoff_base_s: float = setting(1.0, "first retry delay; doubles per attempt, with jitter")
+    backoff_cap_s: float = setting(60.0, "longest retry delay")
+    max_attempts: int = setting(0, "override every task's max attempts (0: use the task's)")
+    msg_timeout_s: float = setting(60.0, "message timeout asked of nsqd; touched at a third")
+    worker_id: str = setting("", "name in results and logs (default host:pid)")
+
+    def check(self) -> None:
+        """Validate, including the shared NSQ settings."""
+        super().check()
+        cls = type(self)
+        _require(0 <= self.port < 65536, cls, "port", "must be 0-65535")
+        _require(1 <= self.concurrency <= 1024, cls, "concurrency", "must be 1-1024")
+        _require(self.grace_s >= 0, cls, "grace_s", "must be >= 0")
+        _require(
+            0 < self.backoff_base_s <= self.backoff_cap_s,
+            cls,
+            "backoff_base_s",
+            "must be > 0 and <= --backoff-cap-s",
+        )
+        _require(
+            self.backoff_cap_s <= c.MAX_DELAY_MS / 1000,
+            cls,
+            "backoff_cap_s",
+            "must be <= 3600 (nsqd's --max-req-timeout)",
+        )
+        _require(self.max_attempts >= 0, cls, "max_attempts", "must be >= 0")
+        _require(1 <= self.msg_timeout_s <= 900, cls, "msg_timeout_s", "must be 1-900")
+        _require(
+            bool(self.channel) and "." not in self.channel,
+            cls,
+            "channel",
+            "must be non-empty without dots",
+        )

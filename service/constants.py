@@ -1,0 +1,34 @@
+"""Every name that crosses a process boundary: topics, channels, ports, environment variables."""
+
+from typing import Final
+
+# NSQ names. No dots: nsqd allows them, but they break statsd-style graphite paths.
+DEFAULT_QUEUE: Final = "jobs"
+RESULTS_TOPIC: Final = "results"
+DEAD_LETTER_TOPIC: Final = "dead_letters"
+WORKER_CHANNEL: Final = "workers"
+GATEWAY_CHANNEL_PREFIX: Final = "gateway"
+
+# Default ports of the local stack (each can be changed by its environment variable).
+NSQD_TCP_PORT: Final = 4150
+NSQD_HTTP_PORT: Final = 4151
+LOOKUPD_TCP_PORT: Final = 4160
+LOOKUPD_HTTP_PORT: Final = 4161
+NSQADMIN_HTTP_PORT: Final = 4171
+GATEWAY_PORT: Final = 8080
+WORKER_METRICS_PORT: Final = 9101
+
+ENV_PREFIX: Final = "NSQJOBS_"
+ENV_KERNEL_IMPL: Final = "NSQJOBS_KERNEL_IMPL"
+ENV_DEBUG_TASKS: Final = "NSQJOBS_DEBUG_TASKS"
+
+METRIC_PREFIX: Final = "nsqjobs"
+
+# Wire limits.
+WIRE_VERSION: Final = 1
+MAX_JOB_ID_LENGTH: Final = 128
+MAX_DELAY_MS: Final = 3_600_000  # nsqd's default --max-req-timeout; above it nsqd drops the conn
+MAX_WAIT_SECONDS: Final = 60.0
+MAX_BATCH_JOBS: Final = 1000
+
+PROBLEM_CONTENT_TYPE: Final = "application/problem+json"

@@ -1,0 +1,542 @@
+"""The worker: pynsq Readers -> executor -> result publish -> FIN.
+
+The handler owns every response to nsqd itself (``enable_async``), so pynsq never requeues
+silently or pauses the whole reader with backoff. A job is FINed only after nsqd acknowledged
+its result; a retry republishes the envelope (with the attempt history) after a backoff delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import random
+import signal
+import time
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import nsq
+import tornado.httpserver
+import tornado.web
+from prometheus_client import CollectorRegistry
+
+from service import wire
+from service.config import WorkerConfig, default_worker_id
+from service.constants import DEAD_LETTER_TOPIC, RESULTS_TOPIC
+from service.errors import (
+    DecodeError,
+    PublishError,
+    PublishRejected,
+    Retry,
+    TaskTimeoutError,
+    UnknownTaskError,
+)
+from service.metrics import WorkerMetrics, observability_routes
+from service.nsqio import Publisher, close_reader, connected_count, create_topics
+from service.registry import Registry, Task, load_task_modules, registry
+
+log = logging.getLogger("nsqjobs.worker")
+
+
+def backoff_delay(attempt: int, base_s: float, cap_s: float) -> float:
+    """Exponential backoff with equal jitter: half fixed, half random, capped."""
+    step = min(cap_s, base_s * 2 ** max(0, attempt - 1))
+    delay: float = step / 2 + random.uniform(0, step / 2)
+    return delay
+
+
+def _child_init(modules: tuple[str, ...]) -> None:
+    # Children ignore Ctrl-C: the parent decides what happens to running jobs.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    load_task_modules(modules)
+    for task in registry:
+        if task.warm_up is not None:
+            task.warm_up()
+
+
+def _run_in_child(name: str, args: dict[str, Any]) -> Any:
+    return msgspec.to_builtins(registry.get(name).run(args))
+
+
+@dataclass
+class _Job:
+    """A message this worker holds, and the asyncio task handling it."""
+
+    message: Any
+    task_name: str
+    handler: asyncio.Task[None] | None = None
+
+
+class Worker:
+    """Consumes every queue topic of its tasks and runs the jobs in an executor."""
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        tasks: Registry,
+        metrics_registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.config = config
+        self.tasks = tasks
+        self.worker_id = config.worker_id or default_worker_id()
+        self.metrics = WorkerMetrics(metrics_registry or CollectorRegistry())
+        self.publisher = Publisher(config.nsqd_tcp_address, metrics=self.metrics)
+        self.executor = self._make_executor()
+        self.readers: list[Any] = []
+        self.held: dict[bytes, _Job] = {}
+        self.accepting = False
+        self.server: tornado.httpserver.HTTPServer | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def _make_executor(self) -> Executor:
+        if self.config.executor == "process":
+            return ProcessPoolExecutor(
+                self.config.concurrency,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_child_init,
+                initargs=(self.config.task_module,),
+            )
+        return ThreadPoolExecutor(self.config.concurrency, thread_name_prefix="nsqjobs-task")
+
+    def queues(self) -> list[str]:
+        """The queue topics this worker consumes."""
+        return list(self.config.queues) or self.tasks.queues()
+
+    def warm_up(self) -> None:
+        """Compile kernels now (Numba caches to disk), so the first job is not the slow one."""
+        for task in self.tasks:
+            if task.warm_up is not None:
+                started = time.perf_counter()
+                task.warm_up()
+                log.info("warmed up %s in %.2fs", task.name, time.perf_counter() - started)
+
+    async def start(self) -> None:
+        """Warm up, create topics, serve metrics, and subscribe."""
+        self.warm_up()
+        if self.config.executor == "process":
+            # Start the children (and their warm-up) now rather than on the first job.
+            await asyncio.gather(
+                *(
+                    asyncio.wrap_future(self.executor.submit(time.sleep, 0))
+                    for _ in range(self.config.concurrency)
+                )
+            )
+        queues = self.queues()
+        for failure in await create_topics(
+            self.config.nsqd_http_address, [*queues, RESULTS_TOPIC, DEAD_LETTER_TOPIC]
+        ):
+            log.warning("%s (continuing)", failure)
+        app = tornado.web.Application(
+            observability_routes(self.metrics.registry, self.ready_problems)
+        )
+        self.server = tornado.httpserver.HTTPServer(app)
+        self.server.listen(self.config.port, self.config.host)
+        lookupd = list(self.config.lookupd_http_address)
+        self.accepting = True
+        for queue in queues:
+            self.readers.append(
+                nsq.Reader(
+                    topic=queue,
+                    channel=self.config.channel,
+                    message_handler=self._on_message,
+                    nsqd_tcp_addresses=None if lookupd else list(self.config.nsqd_tcp_address),
+                    lookupd_http_addresses=lookupd or None,
+                    lookupd_poll_interval=self.config.lookupd_poll_interval,
+                    max_in_flight=self.config.concurrency,
+                    max_tries=0,  # attempts are counted here, per task, not by pynsq
+                    msg_timeout=self.config.msg_timeout_s,
+                )
+            )
+        log.info(
+            "worker %s consuming %s on channel %s with %d %s slot(s); metrics on :%d",
+            self.worker_id,
+            ",".join(queues),
+            self.config.channel,
+            self.config.concurrency,
+            self.config.executor,
+            self.config.port,
+        )
+
+    def ready_problems(self) -> list[str]:
+        """Empty when the worker can take and finish jobs."""
+        problems = []
+        if not self.publisher.connected():
+            problems.append("no nsqd connection for publishing results")
+        for reader in self.readers:
+            if not connected_count(reader):
+                problems.append(f"not connected to any nsqd for topic {reader.topic}")
+        if not self.accepting:
+            problems.append("not accepting jobs (starting or draining)")
+        return problems
+
+    async def drain(self) -> int:
+        """SIGTERM: RDY 0, let running jobs finish within the grace period, requeue the rest.
+
+        Returns the number of jobs abandoned to nsqd (their executor work may still be running).
+        """
+        self.accepting = False
+        for reader in self.readers:
+            reader.set_max_in_flight(0)
+        running = [job.handler for job in self.held.values() if job.handler is not None]
+        log.info(
+            "draining: RDY 0 sent, %d job(s) running, grace %.1fs",
+            len(running),
+            self.config.grace_s,
+        )
+        if running:
+            await asyncio.wait(running, timeout=self.config.grace_s)
+        abandoned = 0
+        for job in list(self.held.values()):
+            if not job.message.has_responded():
+                job.message.requeue(backoff=False, time_ms=0)
+                self.metrics.requeued_on_shutdown.labels(job.task_name).inc()
+                abandoned += 1
+            if job.handler is not None:
+                job.handler.cancel()
+        if abandoned:
+            log.warning("requeued %d unfinished job(s) for another worker", abandoned)
+        await self._flush()
+        for reader in self.readers:
+            close_reader(reader)
+        self.publisher.close()
+        if self.server is not None:
+            self.server.stop()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        if isinstance(self.executor, ProcessPoolExecutor):
+            for child in multiprocessing.active_children():
+                child.terminate()
+        return abandoned
+
+    async def _flush(self, timeout_s: float = 2.0) -> None:
+        # FIN/REQ are buffered in the IOStream; closing before they are written would drop them.
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            streams = [
+                conn.stream
+                for r in self.readers
+                for conn in r.conns.values()
+                if conn.stream is not None and not conn.stream.closed()
+            ]
+            if not any(s.writing() for s in streams):
+                return
+            await asyncio.sleep(0.01)
+
+    # -- per message ---------------------------------------------------------------------------
+
+    def _on_message(self, message: Any) -> None:
+        message.enable_async()  # we answer nsqd ourselves, exactly once per message
+        if not self.accepting:
+            message.requeue(backoff=False, time_ms=0)
+            return
+        job = _Job(message=message, task_name="-")
+        self.held[message.id] = job
+        job.handler = asyncio.ensure_future(self._handle(job))
+        job.handler.add_done_callback(lambda _: self.held.pop(message.id, None))
+
+    async def _handle(self, job: _Job) -> None:
+        message = job.message
+        try:
+            env = wire.decode_job(message.body)
+        except DecodeError as exc:
+            log.warning("message %s is not a job envelope: %s", message.id.decode(), exc)
+            await self._dead_letter(
+                message,
+                None,
+                "undecodable",
+                wire.ErrorInfo.from_exception(exc),
+                raw=exc.raw.decode("utf-8", "replace"),
+            )
+            return
+        try:
+            task = self.tasks.get(env.task)
+        except UnknownTaskError as exc:
+            log.warning("job %s names unknown task %r", env.id, env.task)
+            await self._finish_failed(
+                message,
+                env,
+                None,
+                "unknown_task",
+                wire.ErrorInfo.from_exception(exc),
+                wire.now(),
+                env.attempts + 1,
+            )
+            return
+        job.task_name = task.name
+        self.metrics.received.labels(task.name).inc()
+        attempt = env.attempts + message.attempts
+        max_attempts = self.config.max_attempts or task.max_attempts
+        if attempt > max_attempts:
+            # Earlier deliveries died without recording anything (worker crash or msg timeout).
+            error = wire.ErrorInfo(
+                type="AttemptsExhausted",
+                message=(
+                    f"delivered {attempt} times; earlier attempts ended without an outcome "
+                    "(worker crashed or the message timed out)"
+                ),
+            )
+            await self._finish_failed(
+                message, env, task, "max_attempts", error, wire.now(), attempt - 1
+            )
+            return
+        if env.deadline is not None and wire.now() > env.deadline:
+            await self._finish_failed(
+                message,
+                env,
+                task,
+                "expired",
+                wire.ErrorInfo(type="Expired", message="job deadline passed before it could start"),
+                wire.now(),
+                env.attempts,
+            )
+            return
+        await self._run(message, env, task, attempt, max_attempts)
+
+    async def _run(
+        self, message: Any, env: wire.JobEnvelope, task: Task, attempt: int, max_attempts: int
+    ) -> None:
+        started, t0 = wire.now(), time.perf_counter()
+        log.info("job %s %-14s attempt %d/%d started", env.id, task.name, attempt, max_attempts)
+        limit = env.timeout_s or task.time_limit_s
+        toucher = asyncio.ensure_future(self._touch(message))
+        self.metrics.in_progress.labels(task.name).inc()
+        try:
+            result = await asyncio.wait_for(self._execute(task, env.args), limit)
+            body = wire.encode(
+                wire.ResultEnvelope(
+                    id=env.id,
+                    task=task.name,
+                    status="succeeded",
+                    result=result,
+                    attempts=attempt,
+                    worker=self.worker_id,
+                    started_at=started,
+                    finished_at=wire.now(),
+                    duration_s=time.perf_counter() - t0,
+                )
+            )
+        except Exception as exc:
+            if isinstance(exc, TimeoutError):
+                exc = TaskTimeoutError(f"ran past its {limit:g}s time limit")
+            await self._failed_attempt(message, env, task, attempt, max_attempts, exc, started, t0)
+            return
+        finally:
+            toucher.cancel()
+            self.metrics.in_progress.labels(task.name).dec()
+        duration = time.perf_counter() - t0
+        self.metrics.duration.labels(task.name, "succeeded").observe(duration)
+        try:
+            await self.publisher.pub(RESULTS_TOPIC, body)
+        except PublishRejected as exc:
+            await self._failed_attempt(
+                message, env, task, max_attempts, max_attempts, exc, started, t0
+            )
+            return
+        except PublishError as exc:
+            self._requeue(message, env, f"result not acknowledged ({exc})")
+            return
+        self._respond(message, "finish")
+        self.metrics.succeeded.labels(task.name).inc()
+        log.info(
+            "job %s %-14s attempt %d/%d succeeded in %.3fs",
+            env.id,
+            task.name,
+            attempt,
+            max_attempts,
+            duration,
+        )
+
+    async def _execute(self, task: Task, args: dict[str, Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        if isinstance(self.executor, ProcessPoolExecutor):
+            try:
+                return await loop.run_in_executor(self.executor, _run_in_child, task.name, args)
+            except BrokenProcessPool:
+                # A child died (crash, OOM kill): start a new pool so other jobs go on.
+                self.executor.shutdown(wait=False, cancel_futures=True)
+                self.executor = self._make_executor()
+                raise
+        return await loop.run_in_executor(self.executor, task.run, args)
+
+    async def _touch(self, message: Any) -> None:
+        interval = self.config.msg_timeout_s / 3
+        while True:
+            await asyncio.sleep(interval)
+            if message.has_responded():
+                return
+            message.touch()
+
+    async def _failed_attempt(
+        self,
+        message: Any,
+        env: wire.JobEnvelope,
+        task: Task,
+        attempt: int,
+        max_attempts: int,
+        exc: Exception,
+        started: float,
+        t0: float,
+    ) -> None:
+        error = wire.ErrorInfo.from_exception(exc)
+        self.metrics.errors.labels(task.name, error.type).inc()
+        self.metrics.duration.labels(task.name, "failed").observe(time.perf_counter() - t0)
+        if isinstance(exc, Retry | TaskTimeoutError):
+            log.warning(
+                "job %s %-14s attempt %d/%d: %s", env.id, task.name, attempt, max_attempts, exc
+            )
+        else:
+            log.warning(
+                "job %s %-14s attempt %d/%d raised %s: %s",
+                env.id,
+                task.name,
+                attempt,
+                max_attempts,
+                error.type,
+                error.message,
+                exc_info=exc,
+            )
+        history = (
+            *env.history,
+            wire.Attempt(
+                attempt=attempt,
+                worker=self.worker_id,
+                started_at=started,
+                finished_at=wire.now(),
+                error=error,
+            ),
+        )
+        env = msgspec.structs.replace(env, attempts=attempt, history=history)
+        if attempt >= max_attempts:
+            await self._finish_failed(message, env, task, "max_attempts", error, started, attempt)
+            return
+        delay = (
+            exc.delay
+            if isinstance(exc, Retry) and exc.delay is not None
+            else backoff_delay(attempt, self.config.backoff_base_s, self.config.backoff_cap_s)
+        )
+        delay_ms = int(delay * 1000)
+        try:
+            await self.publisher.dpub(task.queue, delay_ms, wire.encode(env))
+        except PublishError as pub_exc:
+            # Fall back to nsqd's REQ: the history of this attempt is lost, its count is not.
+            log.warning("job %s: retry republish failed (%s); requeueing instead", env.id, pub_exc)
+            self._respond(message, "requeue", time_ms=delay_ms)
+        else:
+            self._respond(message, "finish")
+        self.metrics.retried.labels(task.name).inc()
+        log.info("job %s %-14s retry %d in %.2fs", env.id, task.name, attempt + 1, delay)
+
+    async def _finish_failed(
+        self,
+        message: Any,
+        env: wire.JobEnvelope,
+        task: Task | None,
+        reason: wire.DeadLetterReason,
+        error: wire.ErrorInfo,
+        started: float,
+        attempts: int,
+    ) -> None:
+        """Publish a failed result and a dead letter, then FIN (or requeue if nsqd is away)."""
+        name = task.name if task is not None else "unknown"
+        finished = wire.now()
+        result = wire.ResultEnvelope(
+            id=env.id,
+            task=env.task,
+            status="failed",
+            error=error,
+            attempts=attempts,
+            worker=self.worker_id,
+            started_at=started,
+            finished_at=finished,
+            duration_s=max(0.0, finished - started),
+        )
+        try:
+            await self.publisher.pub(
+                DEAD_LETTER_TOPIC,
+                wire.encode(
+                    wire.DeadLetter(
+                        reason=reason, error=error, worker=self.worker_id, at=finished, job=env
+                    )
+                ),
+            )
+            await self.publisher.pub(RESULTS_TOPIC, wire.encode(result))
+        except PublishError as exc:
+            self._requeue(message, env, f"dead letter not acknowledged ({exc})")
+            return
+        self._respond(message, "finish")
+        self.metrics.failed.labels(name).inc()
+        self.metrics.dead_lettered.labels(name, reason).inc()
+        log.error(
+            "job %s %-14s failed after %d attempt(s) (%s): %s: %s; sent to %s",
+            env.id,
+            env.task,
+            attempts,
+            reason,
+            error.type,
+            error.message,
+            DEAD_LETTER_TOPIC,
+        )
+
+    async def _dead_letter(
+        self,
+        message: Any,
+        env: wire.JobEnvelope | None,
+        reason: wire.DeadLetterReason,
+        error: wire.ErrorInfo,
+        raw: str | None = None,
+    ) -> None:
+        try:
+            await self.publisher.pub(
+                DEAD_LETTER_TOPIC,
+                wire.encode(
+                    wire.DeadLetter(
+                        reason=reason,
+                        error=error,
+                        worker=self.worker_id,
+                        at=wire.now(),
+                        job=env,
+                        raw=raw,
+                    )
+                ),
+            )
+        except PublishError as exc:
+            log.warning(
+                "message %s: dead letter not acknowledged (%s); requeueing",
+                message.id.decode(),
+                exc,
+            )
+            self._respond(message, "requeue", time_ms=int(self.config.backoff_cap_s * 1000))
+            return
+        self._respond(message, "finish")
+        self.metrics.dead_lettered.labels("-", reason).inc()
+
+    def _requeue(self, message: Any, env: wire.JobEnvelope, why: str) -> None:
+        delay = backoff_delay(
+            message.attempts, self.config.backoff_base_s, self.config.backoff_cap_s
+        )
+        log.warning("job %s: %s; requeueing in %.2fs", env.id, why, delay)
+        self._respond(message, "requeue", time_ms=int(delay * 1000))
+
+    def _respond(self, message: Any, how: str, time_ms: int = 0) -> None:
+        # After a drain requeued a message, a late outcome must not answer it twice.
+        if message.has_responded():
+            return
+        if how == "finish":
+            message.finish()
+        else:
+            message.requeue(backoff=False, time_ms=time_ms)
+
+
+async def serve(config: WorkerConfig, tasks: Registry, stop: asyncio.Event) -> int:
+    """Run a worker until ``stop`` is set; returns the number of jobs abandoned at shutdown."""
+    worker = Worker(config, tasks)
+    await worker.start()
+    await stop.wait()
+    started = time.monotonic()
+    abandoned = await worker.drain()
+    log.info("worker stopped in %.2fs", time.monotonic() - started)
+    return abandoned

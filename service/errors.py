@@ -1,0 +1,67 @@
+"""The error tree: one root, small subtrees, and ``Retry`` for control flow."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class NsqjobsError(Exception):
+    """Root of every error nsqjobs raises on purpose."""
+
+
+class ConfigError(NsqjobsError):
+    """A setting is missing or out of range; the message names the flag and variable."""
+
+
+class DecodeError(NsqjobsError):
+    """Bytes that are not a valid envelope. Keeps the raw bytes for the dead-letter topic."""
+
+    def __init__(self, message: str, raw: bytes) -> None:
+        super().__init__(message)
+        self.raw = raw
+
+
+class UnknownTaskError(NsqjobsError):
+    """A job names a task that is not registered."""
+
+    def __init__(self, task: str) -> None:
+        super().__init__(f"unknown task {task!r}")
+        self.task = task
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One invalid field: a JSON-path-like location and why it is wrong."""
+
+    field: str
+    message: str
+
+
+@dataclass
+class InvalidArgumentsError(NsqjobsError):
+    """Arguments (or another part of a request) failed validation."""
+
+    errors: list[FieldError] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return "; ".join(f"{e.field}: {e.message}" for e in self.errors)
+
+
+class PublishError(NsqjobsError):
+    """No nsqd accepted a publish (not connected, no answer in time, or an error answer)."""
+
+
+class PublishRejected(PublishError):
+    """nsqd answered the publish with an error (``E_BAD_MESSAGE``...): retrying will not help."""
+
+
+class TaskTimeoutError(NsqjobsError):
+    """A task ran past its time limit."""
+
+
+class Retry(NsqjobsError):
+    """Raised by a task to ask for another attempt, optionally after ``delay`` seconds."""
+
+    def __init__(self, message: str = "retry requested", delay: float | None = None) -> None:
+        super().__init__(message)
+        self.delay = delay

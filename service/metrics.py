@@ -1,0 +1,207 @@
+"""Every daemon's metrics and its health endpoints, in one module.
+
+Each daemon builds its metrics on an explicit registry (tests use a fresh one) and serves
+``/healthz``, ``/readyz`` and ``/metrics`` through :func:`observability_routes`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import tornado.web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from service import __version__
+from service.constants import METRIC_PREFIX as P
+
+# Publishes take ~100 us on loopback; jobs run from microseconds to hours.
+PUBLISH_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
+JOB_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
+
+
+def _info(registry: CollectorRegistry, daemon: str) -> None:
+    Gauge(
+        f"{P}_build_info",
+        "nsqjobs version and daemon kind",
+        ["version", "daemon"],
+        registry=registry,
+    ).labels(__version__, daemon).set(1)
+
+
+class GatewayMetrics:
+    """HTTP, acceptance and publish metrics of the gateway."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        _info(registry, "gateway")
+        self.requests = Counter(
+            f"{P}_http_requests_total",
+            "HTTP requests by route, method and status",
+            ["route", "method", "status"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            f"{P}_http_request_duration_seconds",
+            "HTTP request handling time by route",
+            ["route"],
+            registry=registry,
+            buckets=JOB_BUCKETS,
+        )
+        self.jobs_accepted = Counter(
+            f"{P}_jobs_accepted_total",
+            "jobs acknowledged by nsqd and answered 202/200, by task",
+            ["task"],
+            registry=registry,
+        )
+        self.jobs_rejected = Counter(
+            f"{P}_jobs_rejected_total",
+            "job submissions refused, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.publish_duration = Histogram(
+            f"{P}_publish_duration_seconds",
+            "time from publish to nsqd's OK, by command",
+            ["command"],
+            registry=registry,
+            buckets=PUBLISH_BUCKETS,
+        )
+        self.publish_errors = Counter(
+            f"{P}_publish_errors_total",
+            "publishes nsqd did not acknowledge, by command",
+            ["command"],
+            registry=registry,
+        )
+        self.waiting = Gauge(
+            f"{P}_result_waiters", "requests waiting for a result (?wait=)", registry=registry
+        )
+        self.results_seen = Counter(
+            f"{P}_gateway_results_received_total",
+            "result envelopes read from the results topic",
+            registry=registry,
+        )
+
+
+class WorkerMetrics:
+    """Job lifecycle metrics of a worker, by task."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        _info(registry, "worker")
+        self.received = Counter(
+            f"{P}_jobs_received_total",
+            "job messages received, by task",
+            ["task"],
+            registry=registry,
+        )
+        self.succeeded = Counter(
+            f"{P}_jobs_succeeded_total",
+            "jobs whose result was published as succeeded",
+            ["task"],
+            registry=registry,
+        )
+        self.failed = Counter(
+            f"{P}_jobs_failed_total",
+            "jobs whose final result was published as failed",
+            ["task"],
+            registry=registry,
+        )
+        self.retried = Counter(
+            f"{P}_jobs_retried_total",
+            "failed attempts scheduled for another try",
+            ["task"],
+            registry=registry,
+        )
+        self.dead_lettered = Counter(
+            f"{P}_jobs_dead_lettered_total",
+            "messages sent to the dead-letter topic",
+            ["task", "reason"],
+            registry=registry,
+        )
+        self.errors = Counter(
+            f"{P}_job_errors_total",
+            "exceptions raised by tasks, by task and exception type",
+            ["task", "error"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            f"{P}_job_duration_seconds",
+            "task run time, by task and outcome",
+            ["task", "status"],
+            registry=registry,
+            buckets=JOB_BUCKETS,
+        )
+        self.in_progress = Gauge(
+            f"{P}_jobs_in_progress", "jobs running now, by task", ["task"], registry=registry
+        )
+        self.requeued_on_shutdown = Counter(
+            f"{P}_jobs_requeued_on_shutdown_total",
+            "jobs handed back to nsqd unfinished at shutdown",
+            ["task"],
+            registry=registry,
+        )
+        self.publish_duration = Histogram(
+            f"{P}_publish_duration_seconds",
+            "time from publish to nsqd's OK, by command",
+            ["command"],
+            registry=registry,
+            buckets=PUBLISH_BUCKETS,
+        )
+        self.publish_errors = Counter(
+            f"{P}_publish_errors_total",
+            "publishes nsqd did not acknowledge, by command",
+            ["command"],
+            registry=registry,
+        )
+
+
+class _Base(tornado.web.RequestHandler):
+    def initialize(self, **kwargs: Any) -> None:
+        self.opts = kwargs
+
+    def check_xsrf_cookie(self) -> None:  # an API, never a browser form
+        return None
+
+
+class HealthHandler(_Base):
+    """``/healthz``: the process is alive and its IOLoop answers."""
+
+    def get(self) -> None:
+        self.finish({"status": "ok"})
+
+
+class ReadyHandler(_Base):
+    """``/readyz``: 200 when the daemon can do its work now, else 503 with the reasons."""
+
+    def get(self) -> None:
+        problems: list[str] = self.opts["check"]()
+        if problems:
+            self.set_status(503)
+        self.finish({"status": "ok" if not problems else "unavailable", "problems": problems})
+
+
+class MetricsHandler(_Base):
+    """``/metrics``: the Prometheus text exposition of the daemon's registry."""
+
+    def get(self) -> None:
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(generate_latest(self.opts["registry"]))
+
+
+def observability_routes(
+    registry: CollectorRegistry, ready_check: Callable[[], list[str]]
+) -> list[tuple[str, type[tornado.web.RequestHandler], dict[str, Any]]]:
+    """The three routes every daemon serves."""
+    return [
+        (r"/healthz", HealthHandler, {}),
+        (r"/readyz", ReadyHandler, {"check": ready_check}),
+        (r"/metrics", MetricsHandler, {"registry": registry}),
+    ]

@@ -1,0 +1,136 @@
+"""The one wire contract: job, result and dead-letter envelopes as frozen, versioned structs.
+
+JSON via msgspec (typed, validating, fast). Never pickle: any process in any language can read
+a topic with a JSON parser.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+from service.constants import WIRE_VERSION
+from service.errors import DecodeError
+
+
+class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What went wrong: the exception type name and its message."""
+
+    type: str
+    message: str
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> ErrorInfo:
+        """Describe an exception without its traceback (tracebacks go to the log)."""
+        return cls(type=type(exc).__name__, message=str(exc) or type(exc).__name__)
+
+
+class Attempt(msgspec.Struct, frozen=True, kw_only=True):
+    """One failed execution of a job, carried forward in the envelope across retries."""
+
+    attempt: int
+    worker: str
+    started_at: float
+    finished_at: float
+    error: ErrorInfo
+
+
+class JobEnvelope(msgspec.Struct, frozen=True, kw_only=True):
+    """A job as it travels on a queue topic.
+
+    ``attempt`` is the number of executions already recorded in ``history``; nsqd's own
+    delivery counter is added by the worker, so crashes (which record nothing) still count.
+    """
+
+    v: int = WIRE_VERSION
+    id: str
+    task: str
+    args: dict[str, Any]
+    created_at: float
+    timeout_s: float | None = None
+    deadline: float | None = None
+    attempts: int = 0
+    history: tuple[Attempt, ...] = ()
+
+
+class ResultEnvelope(msgspec.Struct, frozen=True, kw_only=True):
+    """The outcome of a job, published once to the results topic."""
+
+    v: int = WIRE_VERSION
+    id: str
+    task: str
+    status: Literal["succeeded", "failed"]
+    result: Any = None
+    error: ErrorInfo | None = None
+    attempts: int
+    worker: str
+    started_at: float
+    finished_at: float
+    duration_s: float
+
+
+DeadLetterReason = Literal["max_attempts", "undecodable", "unknown_task", "expired"]
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    """A job that will not be retried, with why and everything needed to replay it."""
+
+    v: int = WIRE_VERSION
+    reason: DeadLetterReason
+    error: ErrorInfo
+    worker: str
+    at: float
+    job: JobEnvelope | None = None
+    raw: str | None = None  # the undecodable body, as text with replacement characters
+
+
+_encoder = msgspec.json.Encoder()
+_job_decoder = msgspec.json.Decoder(JobEnvelope)
+_result_decoder = msgspec.json.Decoder(ResultEnvelope)
+_dead_decoder = msgspec.json.Decoder(DeadLetter)
+
+Envelope = JobEnvelope | ResultEnvelope | DeadLetter
+E = TypeVar("E", JobEnvelope, ResultEnvelope, DeadLetter)
+
+
+def encode(envelope: Envelope) -> bytes:
+    """Serialise an envelope to JSON bytes."""
+    return _encoder.encode(envelope)
+
+
+def _decode(decoder: msgspec.json.Decoder[E], raw: bytes, what: str) -> E:
+    try:
+        envelope = decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise DecodeError(f"not a valid {what} envelope: {exc}", raw) from exc
+    if envelope.v != WIRE_VERSION:
+        raise DecodeError(f"unsupported {what} envelope version {envelope.v}", raw)
+    return envelope
+
+
+def decode_job(raw: bytes) -> JobEnvelope:
+    """Parse a job envelope; raises :class:`DecodeError` (keeping ``raw``) if it is not one."""
+    return _decode(_job_decoder, raw, "job")
+
+
+def decode_result(raw: bytes) -> ResultEnvelope:
+    """Parse a result envelope; raises :class:`DecodeError` if it is not one."""
+    return _decode(_result_decoder, raw, "result")
+
+
+def decode_dead_letter(raw: bytes) -> DeadLetter:
+    """Parse a dead-letter envelope; raises :class:`DecodeError` if it is not one."""
+    return _decode(_dead_decoder, raw, "dead-letter")
+
+
+def new_job_id() -> str:
+    """A fresh job id: 32 hex characters, unique without coordination."""
+    return uuid.uuid4().hex
+
+
+def now() -> float:
+    """Wall-clock time in Unix seconds, the unit of every timestamp on the wire."""
+    return time.time()

@@ -1,0 +1,52 @@
+"""Build the Cython ``primes.count`` kernel; all other metadata lives in pyproject.toml."""
+
+import os
+import shlex
+import shutil
+import sysconfig
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+from setuptools.errors import CCompilerError, ExecError, PlatformError
+
+NEEDS_COMPILER = (
+    "nsqjobs: building the Cython kernel needs a C compiler and the Python headers "
+    "(install gcc and python3-dev, e.g. apt-get install build-essential python3-dev)"
+)
+
+try:
+    from Cython.Build import cythonize
+except ImportError:
+    raise SystemExit(
+        "nsqjobs: building the Cython kernel needs Cython (pip install 'Cython>=3.0')"
+    ) from None
+
+
+class BuildExt(build_ext):
+    """build_ext that turns a missing or failing C compiler into one clear line."""
+
+    def run(self) -> None:
+        # sysconfig's CC is what setuptools will spawn on POSIX; Windows (MSVC) has none to check.
+        cc = os.environ.get("CC") or sysconfig.get_config_var("CC")
+        if cc and shutil.which(shlex.split(cc)[0]) is None:
+            raise SystemExit(f"{NEEDS_COMPILER}: {shlex.split(cc)[0]!r} not found")
+        try:
+            super().run()
+        except (CCompilerError, ExecError, PlatformError) as exc:
+            raise SystemExit(f"{NEEDS_COMPILER}: {exc}") from exc
+
+
+posix = os.name != "nt"
+extensions = [
+    Extension(
+        "workers.kernels._primes_cy",
+        ["workers/kernels/_primes_cy.pyx"],
+        extra_compile_args=["-O3"] if posix else [],
+        libraries=["m"] if posix else [],
+    )
+]
+
+setup(
+    ext_modules=cythonize(extensions, language_level=3),
+    cmdclass={"build_ext": BuildExt},
+)

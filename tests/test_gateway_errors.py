@@ -1,0 +1,128 @@
+"""Every error status of the gateway, each with nothing published to nsqd."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from tests.nsqtest import Daemon, Nsq, free_port, http
+
+pytestmark = pytest.mark.integration
+
+PRIMES = {"task": "primes.count", "args": {"start": 0, "stop": 10}}
+
+
+def problem(status: int, headers: dict[str, str], body: object, expect: int, slug: str) -> dict:
+    assert status == expect, body
+    assert headers["Content-Type"] == "application/problem+json"
+    assert isinstance(body, dict)
+    assert body["type"] == f"urn:nsqjobs:problem:{slug}" and body["status"] == expect
+    assert body["title"] and body["detail"]
+    return body
+
+
+def test_error_statuses_publish_nothing(nsq: Nsq, daemons: Callable[..., Daemon]) -> None:
+    gw = daemons("gateway", nsq, NSQJOBS_MAX_BODY_BYTES="4096")
+    jobs = gw.url + "/v1/jobs"
+
+    problem(*http("POST", jobs, raw=b'{"task": "noop", '), 400, "malformed-json")
+    problem(*http("POST", jobs + "?wait=90", PRIMES), 400, "bad-request")
+    problem(*http("POST", jobs + "?wait=soon", PRIMES), 400, "bad-request")
+    body = problem(*http("POST", jobs, {"task": "no.such", "args": {}}), 404, "unknown-task")
+    assert body["task"] == "no.such"
+    problem(*http("GET", gw.url + "/nowhere"), 404, "not-found")
+    problem(*http("POST", jobs, raw=b"{" + b" " * 5000 + b"}"), 413, "payload-too-large")
+    problem(
+        *http(
+            "POST",
+            jobs,
+            raw=b"task=noop",
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        ),
+        415,
+        "unsupported-media-type",
+    )
+    problem(*http("GET", jobs), 405, "method-not-allowed")
+
+    cases = [
+        (
+            {"task": "primes.count", "args": {"start": "0", "stop": 10}},
+            "args.start",
+            "Expected `int`, got `str`",
+        ),
+        ({"task": "primes.count", "args": {"start": 0, "stop": 10**12 + 1}}, "args.stop", "<="),
+        ({"task": "primes.count", "args": {"start": 0}}, "args.stop", "missing required field"),
+        (
+            {"task": "primes.count", "args": {"start": 0, "stop": 1, "x": 1}},
+            "args.x",
+            "unknown field",
+        ),
+        (
+            {"task": "primes.count", "args": {"start": 5, "stop": 1}},
+            "args",
+            "start (5) must be <= stop (1)",
+        ),
+        ({"task": "primes.count", "args": {"start": 0, "stop": 2 * 10**9}}, "args", "<="),
+        ({**PRIMES, "delay_ms": 3_600_001}, "body.delay_ms", "<= 3600000"),
+        ({**PRIMES, "id": "has space"}, "body.id", "matching regex"),
+        ({"args": {}}, "body.task", "missing required field"),
+        ({**PRIMES, "priority": 1}, "body.priority", "unknown field"),
+    ]
+    for request, field, reason in cases:
+        body = problem(*http("POST", jobs, request), 422, "invalid-arguments")
+        assert body["errors"][0]["field"] == field, (request, body)
+        assert reason in body["errors"][0]["message"], (request, body)
+    problem(*http("POST", gw.url + "/v1/jobs/batch", {"jobs": []}), 422, "invalid-arguments")
+    problem(
+        *http("POST", gw.url + "/v1/jobs/batch", {"jobs": [{**PRIMES, "delay_ms": 5}]}),
+        422,
+        "invalid-arguments",
+    )
+
+    assert nsq.message_count("jobs") == 0
+    # Rejections are counted by status; accepted jobs are not.
+    assert gw.metric("nsqjobs_jobs_rejected_total", reason="422") == len(cases) + 2
+    assert (
+        gw.metric("nsqjobs_http_requests_total", route="/v1/jobs", method="POST", status="404") == 1
+    )
+
+
+def test_unavailable_when_no_nsqd_accepts(nsq: Nsq, daemons: Callable[..., Daemon]) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    gw = daemons(
+        "gateway",
+        nsq,
+        ready=False,
+        NSQJOBS_NSQD_TCP_ADDRESS=dead,
+        NSQJOBS_NSQD_HTTP_ADDRESS="",
+        NSQJOBS_LOOKUPD_HTTP_ADDRESS="",
+    )
+    from tests.nsqtest import ping, wait_for
+
+    wait_for(lambda: ping(gw.url + "/healthz"), 20, "gateway /healthz")
+    status, _, ready = http("GET", gw.url + "/readyz")
+    assert status == 503 and "no nsqd connection for publishing" in ready["problems"]
+    status, headers, body = http("POST", gw.url + "/v1/jobs", PRIMES)
+    problem(status, headers, body, 503, "unavailable")
+    assert headers["Retry-After"] == "1"
+    assert nsq.message_count("jobs") == 0
+
+
+def test_catalog_and_openapi(nsq: Nsq, daemons: Callable[..., Daemon]) -> None:
+    gw = daemons("gateway", nsq)
+    status, _, body = http("GET", gw.url + "/v1/tasks")
+    assert status == 200
+    tasks = {t["name"]: t for t in body["tasks"]}
+    assert {"primes.count", "noop", "debug.sleep", "debug.fail"} <= set(tasks)
+    schema = tasks["primes.count"]["args_schema"]
+    props = schema["$defs"]["PrimesCountArgs"]["properties"]
+    assert props["stop"] == {"type": "integer", "minimum": 0, "maximum": 10**12}
+    assert tasks["primes.count"]["queue"] == "jobs"
+    status, _, doc = http("GET", gw.url + "/openapi.json")
+    assert status == 200 and doc["openapi"] == "3.1.0"
+    post = doc["paths"]["/v1/jobs"]["post"]
+    assert {"200", "202", "400", "404", "413", "415", "422", "503"} <= set(post["responses"])
+    assert "primes.count.args" in doc["components"]["schemas"]
+    status, _, text = http("GET", gw.url + "/healthz")
+    assert status == 200 and text == {"status": "ok"}

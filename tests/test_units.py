@@ -1,0 +1,181 @@
+"""Unit tests without NSQ: wire contract, configuration, registry, backoff, CLI errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Annotated
+
+import msgspec
+import pytest
+from prometheus_client import CollectorRegistry
+
+from service import config, wire
+from service.cli import main
+from service.consumer import backoff_delay
+from service.errors import ConfigError, DecodeError, InvalidArgumentsError, UnknownTaskError
+from service.metrics import GatewayMetrics, WorkerMetrics
+from service.registry import Registry, task
+from tests.nsqtest import ROOT
+
+
+def test_envelopes_round_trip() -> None:
+    attempt = wire.Attempt(
+        attempt=1,
+        worker="w",
+        started_at=1.0,
+        finished_at=2.0,
+        error=wire.ErrorInfo(type="E", message="m"),
+    )
+    job = wire.JobEnvelope(
+        id="j", task="noop", args={"a": [1, 2]}, created_at=1.5, attempts=1, history=(attempt,)
+    )
+    assert wire.decode_job(wire.encode(job)) == job
+    result = wire.ResultEnvelope(
+        id="j",
+        task="noop",
+        status="succeeded",
+        result={"a": 1},
+        attempts=1,
+        worker="w",
+        started_at=1,
+        finished_at=2,
+        duration_s=1,
+    )
+    assert wire.decode_result(wire.encode(result)) == result
+    letter = wire.DeadLetter(reason="undecodable", error=attempt.error, worker="w", at=3, raw="x")
+    assert wire.decode_dead_letter(wire.encode(letter)) == letter
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"not json",
+        b"[]",
+        b'{"id": "x"}',
+        b'{"v": 2, "id": "x", "task": "t", "args": {}, "created_at": 1}',
+        b'{"v": 1, "id": 5, "task": "t", "args": {}, "created_at": 1}',
+    ],
+)
+def test_bad_job_bytes_raise_decode_error_keeping_raw(raw: bytes) -> None:
+    with pytest.raises(DecodeError) as info:
+        wire.decode_job(raw)
+    assert info.value.raw == raw
+
+
+def test_config_flags_beat_env_beat_defaults() -> None:
+    parser = __import__("argparse").ArgumentParser()
+    config.add_arguments(parser, config.WorkerConfig)
+    args = parser.parse_args(["--concurrency", "7"])
+    cfg = config.load(
+        config.WorkerConfig,
+        args,
+        {"NSQJOBS_CONCURRENCY": "3", "NSQJOBS_QUEUES": "a, b", "NSQJOBS_EXECUTOR": "process"},
+    )
+    assert (cfg.concurrency, cfg.queues, cfg.executor) == (7, ("a", "b"), "process")
+    assert config.load(config.WorkerConfig, None, {}).grace_s == 30.0
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"NSQJOBS_CONCURRENCY": "many"}, "NSQJOBS_CONCURRENCY: invalid value 'many'"),
+        ({"NSQJOBS_CONCURRENCY": "0"}, "--concurrency / NSQJOBS_CONCURRENCY: must be 1-1024"),
+        ({"NSQJOBS_EXECUTOR": "gpu"}, "expected one of thread, process"),
+        ({"NSQJOBS_NSQD_TCP_ADDRESS": "localhost"}, "'localhost' is not HOST:PORT"),
+        ({"NSQJOBS_BACKOFF_CAP_S": "7200"}, "must be <= 3600"),
+        ({"NSQJOBS_CHANNEL": "a.b"}, "without dots"),
+    ],
+)
+def test_bad_config_names_the_setting(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        config.load(config.WorkerConfig, None, env)
+
+
+class Args(msgspec.Struct, forbid_unknown_fields=True):
+    n: Annotated[int, msgspec.Meta(ge=1)]
+
+
+def other(args: Args) -> int:
+    return args.n
+
+
+def test_registry_validates_and_describes_tasks() -> None:
+    reg = Registry()
+
+    @task("demo.double", target=reg, max_attempts=2)
+    def double(args: Args) -> int:
+        """Twice n."""
+        return args.n * 2
+
+    t = reg.get("demo.double")
+    assert t.run({"n": 4}) == 8
+    assert (t.description, t.max_attempts, t.queue) == ("Twice n.", 2, "jobs")
+    assert t.schema["$defs"]["Args"]["properties"]["n"] == {"type": "integer", "minimum": 1}
+    with pytest.raises(InvalidArgumentsError) as info:
+        t.validate({"n": 0})
+    assert info.value.errors[0].field == "args.n"
+    with pytest.raises(UnknownTaskError):
+        reg.get("demo.triple")
+    with pytest.raises(ValueError, match="already registered"):
+        task("demo.double", target=reg)(other)
+    with pytest.raises(ValueError, match="dotted lowercase"):
+        task("Bad Name", target=reg)(double)
+    with pytest.raises(ValueError, match="queue"):
+        task("demo.q", target=reg, queue="a.b")(double)
+
+
+def test_backoff_grows_exponentially_with_jitter_and_cap() -> None:
+    for attempt in range(1, 12):
+        step = min(60.0, 1.0 * 2 ** (attempt - 1))
+        delays = [backoff_delay(attempt, 1.0, 60.0) for _ in range(200)]
+        assert all(step / 2 <= d <= step for d in delays)
+        assert len(set(delays)) > 1  # jittered
+    assert max(backoff_delay(30, 1.0, 60.0) for _ in range(100)) <= 60.0
+
+
+def test_metrics_use_explicit_registries_and_base_units() -> None:
+    reg_a, reg_b = CollectorRegistry(), CollectorRegistry()
+    gateway, worker = GatewayMetrics(reg_a), WorkerMetrics(reg_b)  # no duplicate-name clash
+    worker.succeeded.labels("noop").inc()
+    gateway.publish_duration.labels("pub").observe(0.001)
+    assert reg_b.get_sample_value("nsqjobs_jobs_succeeded_total", {"task": "noop"}) == 1
+    assert reg_a.get_sample_value("nsqjobs_jobs_succeeded_total", {"task": "noop"}) is None
+    assert reg_a.get_sample_value("nsqjobs_publish_duration_seconds_count", {"command": "pub"}) == 1
+
+
+def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["submit", "noop", "--args", "{bad"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("nsqjobs submit: --args is not valid JSON") and err.count("\n") == 1
+    assert main(["submit", "noop", "--gateway-url", "http://127.0.0.1:9"]) == 1
+    assert "cannot reach the gateway" in capsys.readouterr().err
+    env = {"NSQJOBS_CONCURRENCY": "x", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "worker"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 1
+    assert (
+        proc.stderr == "nsqjobs worker: NSQJOBS_CONCURRENCY: invalid value 'x' "
+        "(invalid literal for int() with base 10: 'x')\n"
+    )
+
+
+@pytest.mark.parametrize("command", ["gateway", "worker", "submit"])
+def test_cli_help(command: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", command, "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0 and "usage: nsqjobs" in proc.stdout
+    if command != "submit":
+        assert "--nsqd-tcp-address" in proc.stdout and "NSQJOBS_NSQD_TCP_ADDRESS" in proc.stdout

@@ -1,0 +1,200 @@
+"""Worker failure modes against real nsqd: SIGKILL, SIGTERM drain, retries and dead letters."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from service import wire
+from tests.nsqtest import Daemon, Nsq, Tail, http, need_binary, nsq_pair, wait_for
+
+pytestmark = pytest.mark.integration
+
+FAST_RETRY = {"NSQJOBS_BACKOFF_BASE_S": "0.2", "NSQJOBS_BACKOFF_CAP_S": "2"}
+
+
+@pytest.fixture
+def nsq3() -> Iterator[Nsq]:
+    """An nsq pair whose message timeout is 3 s, so lost consumers' messages come back soon."""
+    with nsq_pair(msg_timeout="3s") as pair:
+        yield pair
+
+
+def submit(gw: Daemon, task: str, args: dict[str, object], **extra: object) -> str:
+    status, _, body = http("POST", gw.url + "/v1/jobs", {"task": task, "args": args, **extra})
+    assert status == 202, body
+    return str(body["id"])
+
+
+def in_flight(nsq: Nsq, n: int) -> Callable[[], bool]:
+    def check() -> bool:
+        channel = nsq.channel("jobs", "workers")
+        return bool(channel and channel["in_flight_count"] == n)
+
+    return check
+
+
+def test_sigkilled_worker_jobs_complete_elsewhere(
+    nsq3: Nsq, daemons: Callable[..., Daemon], tails: Callable[..., Tail]
+) -> None:
+    nsq3.create_channel("results", "test")
+    results = tails(nsq3, "results", "test")
+    gw = daemons("gateway", nsq3)
+    short = {"NSQJOBS_MSG_TIMEOUT_S": "3", "NSQJOBS_CONCURRENCY": "2"}
+    doomed = daemons("worker", nsq3, **short)
+    ids = {submit(gw, "debug.sleep", {"seconds": 1.5}) for _ in range(4)}
+    wait_for(in_flight(nsq3, 2), 10, "the first worker to hold 2 jobs")
+    doomed.proc.kill()
+    doomed.proc.wait(5)
+    daemons("worker", nsq3, **short)
+    got = [wire.decode_result(b) for b in results.collect(4, timeout=30)]
+    assert {r.id for r in got} == ids
+    assert all(r.status == "succeeded" for r in got)
+    # The two the killed worker held came back after the message timeout: second delivery.
+    assert sorted(r.attempts for r in got) == [1, 1, 2, 2]
+
+
+def test_sigterm_drains_jobs_in_flight(
+    nsq: Nsq, daemons: Callable[..., Daemon], tails: Callable[..., Tail]
+) -> None:
+    nsq.create_channel("results", "test")
+    results = tails(nsq, "results", "test")
+    gw = daemons("gateway", nsq)
+    worker = daemons("worker", nsq, NSQJOBS_CONCURRENCY="2", NSQJOBS_GRACE_S="10")
+    ids = {submit(gw, "debug.sleep", {"seconds": 2}) for _ in range(2)}
+    wait_for(in_flight(nsq, 2), 10, "the worker to hold both jobs")
+    started = time.monotonic()
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(12) == 0
+    assert time.monotonic() - started < 10
+    assert {wire.decode_result(b).id for b in results.collect(2, timeout=5)} == ids
+    channel = nsq.channel("jobs", "workers")
+    assert channel is not None
+    assert (channel["depth"], channel["in_flight_count"], channel["requeue_count"]) == (0, 0, 0)
+    assert "draining: RDY 0 sent, 2 job(s) running" in worker.log()
+
+
+def test_sigterm_requeues_what_outlives_the_grace_period(
+    nsq: Nsq, daemons: Callable[..., Daemon]
+) -> None:
+    gw = daemons("gateway", nsq)
+    worker = daemons("worker", nsq, NSQJOBS_GRACE_S="1")
+    submit(gw, "debug.sleep", {"seconds": 30})
+    wait_for(in_flight(nsq, 1), 10, "the worker to hold the job")
+    started = time.monotonic()
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(10) == 0
+    assert time.monotonic() - started < 5
+    channel = nsq.channel("jobs", "workers")
+    assert channel is not None
+    assert (channel["depth"], channel["in_flight_count"], channel["requeue_count"]) == (1, 0, 1)
+    assert "requeued 1 unfinished job(s)" in worker.log()
+
+
+def test_failing_task_is_dead_lettered_after_max_attempts_with_backoff(
+    nsq: Nsq, daemons: Callable[..., Daemon], tails: Callable[..., Tail]
+) -> None:
+    nsq.create_channel("results", "test")
+    nsq.create_channel("dead_letters", "test")
+    results, dead = tails(nsq, "results", "test"), tails(nsq, "dead_letters", "test")
+    gw = daemons("gateway", nsq)
+    worker = daemons("worker", nsq, **FAST_RETRY)
+    job_id = submit(gw, "debug.fail", {"mode": "error"})
+    (raw,) = dead.collect(1, timeout=30)
+    letter = wire.decode_dead_letter(raw)
+    assert letter.reason == "max_attempts" and letter.job is not None
+    assert letter.job.id == job_id and letter.job.attempts == 5
+    assert letter.error.type == "DebugFailure"
+    assert [a.attempt for a in letter.job.history] == [1, 2, 3, 4, 5]
+    for n, (a, b) in enumerate(zip(letter.job.history, letter.job.history[1:], strict=False), 1):
+        least = min(2.0, 0.2 * 2 ** (n - 1)) / 2  # equal jitter: at least half the step
+        assert b.started_at - a.finished_at >= least * 0.9, (n, b.started_at - a.finished_at)
+    (raw,) = results.collect(1, timeout=5)
+    result = wire.decode_result(raw)
+    assert (result.id, result.status, result.attempts) == (job_id, "failed", 5)
+    assert result.error is not None and result.error.type == "DebugFailure"
+    assert results.collect(1, timeout=1) == [] and dead.collect(1, timeout=0.5) == []
+    assert worker.metric("nsqjobs_jobs_retried_total", task="debug.fail") == 4
+    assert worker.metric("nsqjobs_jobs_failed_total", task="debug.fail") == 1
+    assert (
+        worker.metric("nsqjobs_jobs_dead_lettered_total", task="debug.fail", reason="max_attempts")
+        == 1
+    )
+    assert worker.metric("nsqjobs_job_errors_total", task="debug.fail", error="DebugFailure") == 5
+
+
+def test_garbage_and_unknown_tasks_go_to_dead_letters_at_once(
+    nsq: Nsq, daemons: Callable[..., Daemon], tails: Callable[..., Tail]
+) -> None:
+    nsq.create_channel("dead_letters", "test")
+    dead = tails(nsq, "dead_letters", "test")
+    worker = daemons("worker", nsq)
+    to_nsq = need_binary("to_nsq")
+    subprocess.run(
+        [to_nsq, "--topic=jobs", f"--nsqd-tcp-address={nsq.nsqd_tcp}"],
+        input=b"this is not a job\n",
+        check=True,
+        timeout=20,
+        capture_output=True,
+    )
+    (raw,) = dead.collect(1, timeout=20)
+    letter = wire.decode_dead_letter(raw)
+    assert (letter.reason, letter.raw, letter.job) == ("undecodable", "this is not a job", None)
+    assert letter.error.type == "DecodeError"
+
+    env = wire.JobEnvelope(id="u1", task="no.such.task", args={}, created_at=wire.now())
+    status, _, _ = http("POST", f"http://{nsq.nsqd_http}/pub?topic=jobs", raw=wire.encode(env))
+    assert status == 200
+    (raw,) = dead.collect(1, timeout=20)
+    letter = wire.decode_dead_letter(raw)
+    assert letter.reason == "unknown_task" and letter.job == env
+    assert worker.metric("nsqjobs_jobs_dead_lettered_total", task="-", reason="undecodable") == 1
+    channel = nsq.channel("jobs", "workers")
+    assert channel is not None and channel["requeue_count"] == 0 and channel["depth"] == 0
+
+
+def test_crashing_task_in_process_pool_is_retried_then_dead_lettered(
+    nsq: Nsq, daemons: Callable[..., Daemon], tails: Callable[..., Tail]
+) -> None:
+    nsq.create_channel("dead_letters", "test")
+    dead = tails(nsq, "dead_letters", "test")
+    gw = daemons("gateway", nsq)
+    worker = daemons(
+        "worker",
+        nsq,
+        NSQJOBS_EXECUTOR="process",
+        NSQJOBS_CONCURRENCY="1",
+        NSQJOBS_MAX_ATTEMPTS="3",
+        **FAST_RETRY,
+    )
+    job_id = submit(gw, "debug.fail", {"mode": "crash"})
+    (raw,) = dead.collect(1, timeout=60)
+    letter = wire.decode_dead_letter(raw)
+    assert letter.job is not None and letter.job.id == job_id and letter.job.attempts == 3
+    assert letter.error.type == "BrokenProcessPool"
+    # The worker survived its children's deaths and still runs jobs.
+    status, _, body = http("POST", gw.url + "/v1/jobs?wait=30", {"task": "noop", "args": {}})
+    assert status == 200 and body["status"] == "succeeded", body
+    assert worker.proc.poll() is None
+
+
+def test_job_that_kills_its_worker_stops_after_max_attempts(
+    nsq3: Nsq, daemons: Callable[..., Daemon], tails: Callable[..., Tail]
+) -> None:
+    nsq3.create_channel("dead_letters", "test")
+    dead = tails(nsq3, "dead_letters", "test")
+    gw = daemons("gateway", nsq3)
+    opts = {"NSQJOBS_MSG_TIMEOUT_S": "3", "NSQJOBS_MAX_ATTEMPTS": "2"}
+    job_id = submit(gw, "debug.fail", {"mode": "crash"})
+    for _ in range(2):  # each delivery kills the thread-pool worker that runs it
+        victim = daemons("worker", nsq3, ready=False, **opts)
+        assert victim.proc.wait(20) == 70
+    daemons("worker", nsq3, **opts)
+    (raw,) = dead.collect(1, timeout=20)
+    letter = wire.decode_dead_letter(raw)
+    assert letter.job is not None and letter.job.id == job_id
+    assert letter.error.type == "AttemptsExhausted"

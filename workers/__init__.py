@@ -1,0 +1,1 @@
+"""nsqjobs compute tasks: task definitions (``workers.tasks``) and their kernels."""
