@@ -19,6 +19,8 @@ export NSQJOBS_WORKER1_PORT ?= 9101
 export NSQJOBS_WORKER2_PORT ?= 9102
 # Workers drain for NSQJOBS_GRACE_S on Ctrl-C; the whole stack stops within 15 s.
 export NSQJOBS_GRACE_S ?= 10
+# nsqd, nsqlookupd and nsqadmin log level in the local stack (debug, info, warn, error).
+export NSQJOBS_NSQ_LOG_LEVEL ?= warn
 
 .PHONY: help venv nsq run test lint bench clean
 

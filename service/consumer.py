@@ -138,6 +138,8 @@ class Worker:
         self.server.listen(self.config.port, self.config.host)
         lookupd = list(self.config.lookupd_http_address)
         self.accepting = True
+        # One reader per queue; their RDY counts add up to the executor slots (at least 1 each).
+        per_reader = max(1, self.config.concurrency // len(queues))
         for queue in queues:
             self.readers.append(
                 nsq.Reader(
@@ -147,7 +149,7 @@ class Worker:
                     nsqd_tcp_addresses=None if lookupd else list(self.config.nsqd_tcp_address),
                     lookupd_http_addresses=lookupd or None,
                     lookupd_poll_interval=self.config.lookupd_poll_interval,
-                    max_in_flight=self.config.concurrency,
+                    max_in_flight=per_reader,
                     max_tries=0,  # attempts are counted here, per task, not by pynsq
                     msg_timeout=self.config.msg_timeout_s,
                 )

@@ -63,6 +63,12 @@ class ResultWaiter:
     def __init__(self, config: GatewayConfig, metrics: GatewayMetrics) -> None:
         self.metrics = metrics
         self._waiting: dict[str, list[asyncio.Future[wire.ResultEnvelope]]] = {}
+        self.config = config
+        self.reader: Any = None
+
+    def start(self) -> None:
+        """Subscribe (after the results topic exists, so the first lookup finds it)."""
+        config = self.config
         host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:24]
         channel = f"{GATEWAY_CHANNEL_PREFIX}_{host}_{os.getpid()}_{secrets.token_hex(3)}#ephemeral"
         self.reader = nsq.Reader(
@@ -102,9 +108,14 @@ class ResultWaiter:
             if not futs:
                 del self._waiting[job_id]
 
+    def connected(self) -> bool:
+        """True when subscribed to the results topic on at least one nsqd."""
+        return self.reader is not None and connected_count(self.reader) > 0
+
     def close(self) -> None:
         """Close the reader's connections."""
-        close_reader(self.reader)
+        if self.reader is not None:
+            close_reader(self.reader)
 
 
 class ApiHandler(tornado.web.RequestHandler):
@@ -196,14 +207,7 @@ class BodyHandler(ApiHandler):
             )
         length = self.request.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > self.app.config.max_body_bytes:
-            self._too_big()
-
-    def _too_big(self) -> None:
-        raise Problem(
-            413,
-            "payload-too-large",
-            f"body is over the {self.app.config.max_body_bytes}-byte limit",
-        )
+            raise self._problem_413()
 
     def data_received(self, chunk: bytes) -> None:
         """Collect the body, refusing it as soon as it passes the limit (chunked uploads)."""
@@ -378,7 +382,7 @@ class GatewayApp:
         problems = []
         if not self.publisher.connected():
             problems.append("no nsqd connection for publishing")
-        if not connected_count(self.waiter.reader):
+        if not self.waiter.connected():
             problems.append("not subscribed to the results topic (wait= will time out)")
         return problems
 
@@ -404,6 +408,7 @@ class GatewayApp:
         topics = [*self.registry.queues(), RESULTS_TOPIC, DEAD_LETTER_TOPIC]
         for failure in await create_topics(self.config.nsqd_http_address, topics):
             log.warning("%s (continuing: the first publish creates it)", failure)
+        self.waiter.start()
         self.server = tornado.httpserver.HTTPServer(
             self.make_app(), max_body_size=4 * self.config.max_body_bytes + 65536, xheaders=True
         )
@@ -424,7 +429,11 @@ class GatewayApp:
         """Stop accepting, let requests in progress finish briefly, close NSQ connections."""
         if self.server is not None:
             self.server.stop()
-            await asyncio.wait_for(self.server.close_all_connections(), 5.0)
+            try:
+                await asyncio.wait_for(self.server.close_all_connections(), 5.0)
+            except TimeoutError:
+                # Requests still waiting for results; their jobs are safe in nsqd already.
+                log.warning("closing with requests still open (they were waiting for results)")
         self.waiter.close()
         self.publisher.close()
 

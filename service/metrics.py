@@ -27,21 +27,37 @@ PUBLISH_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 JOB_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
 
 
-def _info(registry: CollectorRegistry, daemon: str) -> None:
-    Gauge(
-        f"{P}_build_info",
-        "nsqjobs version and daemon kind",
-        ["version", "daemon"],
-        registry=registry,
-    ).labels(__version__, daemon).set(1)
+class _PublishingMetrics:
+    """What every daemon that publishes to nsqd measures: time to OK, and failures."""
+
+    def __init__(self, registry: CollectorRegistry, daemon: str) -> None:
+        self.registry = registry
+        Gauge(
+            f"{P}_build_info",
+            "nsqjobs version and daemon kind",
+            ["version", "daemon"],
+            registry=registry,
+        ).labels(__version__, daemon).set(1)
+        self.publish_duration = Histogram(
+            f"{P}_publish_duration_seconds",
+            "time from publish to nsqd's OK, by command",
+            ["command"],
+            registry=registry,
+            buckets=PUBLISH_BUCKETS,
+        )
+        self.publish_errors = Counter(
+            f"{P}_publish_errors_total",
+            "publishes nsqd did not acknowledge, by command",
+            ["command"],
+            registry=registry,
+        )
 
 
-class GatewayMetrics:
+class GatewayMetrics(_PublishingMetrics):
     """HTTP, acceptance and publish metrics of the gateway."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
-        _info(registry, "gateway")
+        super().__init__(registry, "gateway")
         self.requests = Counter(
             f"{P}_http_requests_total",
             "HTTP requests by route, method and status",
@@ -67,19 +83,6 @@ class GatewayMetrics:
             ["reason"],
             registry=registry,
         )
-        self.publish_duration = Histogram(
-            f"{P}_publish_duration_seconds",
-            "time from publish to nsqd's OK, by command",
-            ["command"],
-            registry=registry,
-            buckets=PUBLISH_BUCKETS,
-        )
-        self.publish_errors = Counter(
-            f"{P}_publish_errors_total",
-            "publishes nsqd did not acknowledge, by command",
-            ["command"],
-            registry=registry,
-        )
         self.waiting = Gauge(
             f"{P}_result_waiters", "requests waiting for a result (?wait=)", registry=registry
         )
@@ -90,12 +93,11 @@ class GatewayMetrics:
         )
 
 
-class WorkerMetrics:
+class WorkerMetrics(_PublishingMetrics):
     """Job lifecycle metrics of a worker, by task."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
-        _info(registry, "worker")
+        super().__init__(registry, "worker")
         self.received = Counter(
             f"{P}_jobs_received_total",
             "job messages received, by task",
@@ -146,19 +148,6 @@ class WorkerMetrics:
             f"{P}_jobs_requeued_on_shutdown_total",
             "jobs handed back to nsqd unfinished at shutdown",
             ["task"],
-            registry=registry,
-        )
-        self.publish_duration = Histogram(
-            f"{P}_publish_duration_seconds",
-            "time from publish to nsqd's OK, by command",
-            ["command"],
-            registry=registry,
-            buckets=PUBLISH_BUCKETS,
-        )
-        self.publish_errors = Counter(
-            f"{P}_publish_errors_total",
-            "publishes nsqd did not acknowledge, by command",
-            ["command"],
             registry=registry,
         )
 

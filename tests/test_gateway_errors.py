@@ -126,3 +126,26 @@ def test_catalog_and_openapi(nsq: Nsq, daemons: Callable[..., Daemon]) -> None:
     assert "primes.count.args" in doc["components"]["schemas"]
     status, _, text = http("GET", gw.url + "/healthz")
     assert status == 200 and text == {"status": "ok"}
+
+
+def test_chunked_body_over_the_limit_is_refused(nsq: Nsq, daemons: Callable[..., Daemon]) -> None:
+    import http.client as httpclient
+    import json
+
+    gw = daemons("gateway", nsq, NSQJOBS_MAX_BODY_BYTES="4096")
+    conn = httpclient.HTTPConnection("127.0.0.1", gw.port, timeout=10)
+    try:
+        chunks = iter([b'{"task": "noop", "args": {"pad": "', b"x" * 3000, b"x" * 3000, b'"}}'])
+        conn.request(
+            "POST",
+            "/v1/jobs",
+            body=chunks,
+            encode_chunked=True,
+            headers={"Content-Type": "application/json"},
+        )
+        resp = conn.getresponse()
+        body = json.loads(resp.read())
+    finally:
+        conn.close()
+    assert resp.status == 413 and body["type"] == "urn:nsqjobs:problem:payload-too-large"
+    assert nsq.message_count("jobs") == 0
