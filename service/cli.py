@@ -15,14 +15,15 @@ import signal
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
 
 from service import __version__, config, consumer, gateway
 from service.errors import NsqjobsError
 from service.registry import load_task_modules, registry
 
 log = logging.getLogger("nsqjobs")
+T = TypeVar("T")
 
 
 def _setup_logging(level: str) -> None:
@@ -57,13 +58,28 @@ async def _until_signalled(run: Any, cfg: Any) -> Any:
     return await run(cfg, registry, stop)
 
 
+def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on uvloop when it is installed (tornado and pynsq run on any asyncio loop).
+
+    ``NSQJOBS_EVENT_LOOP=asyncio`` forces the standard loop.
+    """
+    if os.environ.get("NSQJOBS_EVENT_LOOP", "uvloop") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
+
+
 def _daemon(kind: type[Any], run: Any, args: argparse.Namespace) -> int:
     cfg = config.load(kind, args)
     _setup_logging(cfg.log_level)
     load_task_modules(cfg.task_module)
     if not len(registry):
         raise NsqjobsError(f"no tasks registered by {', '.join(cfg.task_module)}")
-    result = asyncio.run(_until_signalled(run, cfg))
+    result = run_event_loop(_until_signalled(run, cfg))
     if isinstance(result, int) and result:
         # Abandoned jobs are back in nsqd; their executor threads cannot be killed, and
         # waiting for them would outlast the grace period.

@@ -26,7 +26,13 @@ from prometheus_client import CollectorRegistry
 
 from service import wire
 from service.config import WorkerConfig, default_worker_id
-from service.constants import DEAD_LETTER_TOPIC, RESULTS_TOPIC
+from service.constants import (
+    DEAD_LETTER_TOPIC,
+    MAX_DELAY_MS,
+    READER_OUTPUT_BUFFER_BYTES,
+    READER_OUTPUT_BUFFER_TIMEOUT_MS,
+    RESULTS_TOPIC,
+)
 from service.errors import (
     DecodeError,
     PublishError,
@@ -69,6 +75,7 @@ class _Job:
     message: Any
     task_name: str
     handler: asyncio.Task[None] | None = None
+    running: bool = False  # in the executor now (touched while so)
 
 
 class Worker:
@@ -90,6 +97,7 @@ class Worker:
         self.held: dict[bytes, _Job] = {}
         self.accepting = False
         self.server: tornado.httpserver.HTTPServer | None = None
+        self._toucher: asyncio.Task[None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -152,8 +160,11 @@ class Worker:
                     max_in_flight=per_reader,
                     max_tries=0,  # attempts are counted here, per task, not by pynsq
                     msg_timeout=self.config.msg_timeout_s,
+                    output_buffer_size=READER_OUTPUT_BUFFER_BYTES,
+                    output_buffer_timeout=READER_OUTPUT_BUFFER_TIMEOUT_MS,
                 )
             )
+        self._toucher = asyncio.ensure_future(self._touch_running())
         log.info(
             "worker %s consuming %s on channel %s with %d %s slot(s); metrics on :%d",
             self.worker_id,
@@ -202,6 +213,8 @@ class Worker:
                 job.handler.cancel()
         if abandoned:
             log.warning("requeued %d unfinished job(s) for another worker", abandoned)
+        if self._toucher is not None:
+            self._toucher.cancel()
         await self._flush()
         for reader in self.readers:
             close_reader(reader)
@@ -238,7 +251,17 @@ class Worker:
         job = _Job(message=message, task_name="-")
         self.held[message.id] = job
         job.handler = asyncio.ensure_future(self._handle(job))
-        job.handler.add_done_callback(lambda _: self.held.pop(message.id, None))
+        job.handler.add_done_callback(lambda handler: self._handled(job, handler))
+
+    def _handled(self, job: _Job, handler: asyncio.Task[None]) -> None:
+        self.held.pop(job.message.id, None)
+        if handler.cancelled() or handler.exception() is None:
+            return
+        # A bug of ours, not the task's: say so, count it, and give the message back.
+        exc = handler.exception()
+        log.error("internal error handling message %s", job.message.id.decode(), exc_info=exc)
+        self.metrics.errors.labels(job.task_name, "InternalError").inc()
+        self._respond(job.message, "requeue", time_ms=int(self.config.backoff_cap_s * 1000))
 
     async def _handle(self, job: _Job) -> None:
         message = job.message
@@ -269,7 +292,7 @@ class Worker:
             )
             return
         job.task_name = task.name
-        self.metrics.received.labels(task.name).inc()
+        self.metrics.for_task(task.name).received.inc()
         attempt = env.attempts + message.attempts
         max_attempts = self.config.max_attempts or task.max_attempts
         if attempt > max_attempts:
@@ -296,18 +319,21 @@ class Worker:
                 env.attempts,
             )
             return
-        await self._run(message, env, task, attempt, max_attempts)
+        await self._run(job, env, task, attempt, max_attempts)
 
     async def _run(
-        self, message: Any, env: wire.JobEnvelope, task: Task, attempt: int, max_attempts: int
+        self, job: _Job, env: wire.JobEnvelope, task: Task, attempt: int, max_attempts: int
     ) -> None:
+        message = job.message
         started, t0 = wire.now(), time.perf_counter()
         log.info("job %s %-14s attempt %d/%d started", env.id, task.name, attempt, max_attempts)
         limit = env.timeout_s or task.time_limit_s
-        toucher = asyncio.ensure_future(self._touch(message))
-        self.metrics.in_progress.labels(task.name).inc()
+        m = self.metrics.for_task(task.name)
+        m.in_progress.inc()
+        job.running = True
         try:
-            result = await asyncio.wait_for(self._execute(task, env.args), limit)
+            async with asyncio.timeout(limit):
+                result = await self._execute(task, env.args)
             body = wire.encode(
                 wire.ResultEnvelope(
                     id=env.id,
@@ -327,10 +353,10 @@ class Worker:
             await self._failed_attempt(message, env, task, attempt, max_attempts, exc, started, t0)
             return
         finally:
-            toucher.cancel()
-            self.metrics.in_progress.labels(task.name).dec()
+            job.running = False
+            m.in_progress.dec()
         duration = time.perf_counter() - t0
-        self.metrics.duration.labels(task.name, "succeeded").observe(duration)
+        m.duration_succeeded.observe(duration)
         try:
             await self.publisher.pub(RESULTS_TOPIC, body)
         except PublishRejected as exc:
@@ -342,7 +368,7 @@ class Worker:
             self._requeue(message, env, f"result not acknowledged ({exc})")
             return
         self._respond(message, "finish")
-        self.metrics.succeeded.labels(task.name).inc()
+        m.succeeded.inc()
         log.info(
             "job %s %-14s attempt %d/%d succeeded in %.3fs",
             env.id,
@@ -364,13 +390,13 @@ class Worker:
                 raise
         return await loop.run_in_executor(self.executor, task.run, args)
 
-    async def _touch(self, message: Any) -> None:
-        interval = self.config.msg_timeout_s / 3
+    async def _touch_running(self) -> None:
+        # One loop for all jobs: every third of the message timeout, TOUCH what is still running.
         while True:
-            await asyncio.sleep(interval)
-            if message.has_responded():
-                return
-            message.touch()
+            await asyncio.sleep(self.config.msg_timeout_s / 3)
+            for job in list(self.held.values()):
+                if job.running and not job.message.has_responded():
+                    job.message.touch()
 
     async def _failed_attempt(
         self,
@@ -420,7 +446,7 @@ class Worker:
             if isinstance(exc, Retry) and exc.delay is not None
             else backoff_delay(attempt, self.config.backoff_base_s, self.config.backoff_cap_s)
         )
-        delay_ms = int(delay * 1000)
+        delay_ms = min(int(delay * 1000), MAX_DELAY_MS)  # above it nsqd drops the connection
         try:
             await self.publisher.dpub(task.queue, delay_ms, wire.encode(env))
         except PublishError as pub_exc:

@@ -30,6 +30,8 @@ from service.constants import (
     GATEWAY_CHANNEL_PREFIX,
     MAX_WAIT_SECONDS,
     PROBLEM_CONTENT_TYPE,
+    READER_OUTPUT_BUFFER_BYTES,
+    READER_OUTPUT_BUFFER_TIMEOUT_MS,
     RESULTS_TOPIC,
 )
 from service.errors import DecodeError, InvalidArgumentsError, PublishError, UnknownTaskError
@@ -80,6 +82,8 @@ class ResultWaiter:
             lookupd_poll_interval=config.lookupd_poll_interval,
             max_in_flight=500,
             max_tries=0,
+            output_buffer_size=READER_OUTPUT_BUFFER_BYTES,
+            output_buffer_timeout=READER_OUTPUT_BUFFER_TIMEOUT_MS,
         )
 
     def _on_message(self, message: Any) -> bool:

@@ -7,6 +7,7 @@ Each daemon builds its metrics on an explicit registry (tests use a fresh one) a
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import tornado.web
@@ -93,11 +94,22 @@ class GatewayMetrics(_PublishingMetrics):
         )
 
 
+@dataclass(frozen=True)
+class TaskMetrics:
+    """One task's labelled children, resolved once (``labels()`` costs a lock and a lookup)."""
+
+    received: Any
+    succeeded: Any
+    in_progress: Any
+    duration_succeeded: Any
+
+
 class WorkerMetrics(_PublishingMetrics):
     """Job lifecycle metrics of a worker, by task."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         super().__init__(registry, "worker")
+        self._tasks: dict[str, TaskMetrics] = {}
         self.received = Counter(
             f"{P}_jobs_received_total",
             "job messages received, by task",
@@ -150,6 +162,18 @@ class WorkerMetrics(_PublishingMetrics):
             ["task"],
             registry=registry,
         )
+
+    def for_task(self, task: str) -> TaskMetrics:
+        """The per-job hot-path metrics of ``task``."""
+        found = self._tasks.get(task)
+        if found is None:
+            found = self._tasks[task] = TaskMetrics(
+                received=self.received.labels(task),
+                succeeded=self.succeeded.labels(task),
+                in_progress=self.in_progress.labels(task),
+                duration_succeeded=self.duration.labels(task, "succeeded"),
+            )
+        return found
 
 
 class _Base(tornado.web.RequestHandler):

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import struct
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import nsq
@@ -26,10 +28,44 @@ class _PublishMetrics(Protocol):
     publish_errors: Any
 
 
+# Frames built here rather than by pynsq: its MPUB appends bytes in a loop (quadratic in the
+# batch size: 37% of gateway time on 1000-job batches).
+_SIZE = struct.Struct(">l")
+
+
+def _frame(command: str, topic: str, payload: bytes | list[bytes], delay_ms: int) -> bytes:
+    if command == "mpub":
+        assert isinstance(payload, list)
+        parts = [_SIZE.pack(len(payload))]
+        for body in payload:
+            parts += (_SIZE.pack(len(body)), body)
+        data = b"".join(parts)
+        head = f"MPUB {topic}\n"
+    else:
+        assert isinstance(payload, bytes)
+        data = payload
+        head = f"DPUB {topic} {delay_ms}\n" if command == "dpub" else f"PUB {topic}\n"
+    return b"".join((head.encode(), _SIZE.pack(len(data)), data))
+
+
 class _Writer(nsq.Writer):  # type: ignore[misc]
-    """pynsq's Writer, but one that stops reconnecting once closed."""
+    """pynsq's Writer with our frames, and one that stops reconnecting once closed."""
 
     closing = False
+
+    def send_frame(self, frame: bytes, callback: Callable[[Any, Any], None]) -> None:
+        """Send a ready-made publish frame on a random open connection; ``callback`` gets OK."""
+        conns = [conn for conn in self.conns.values() if conn.connected()]
+        if not conns:
+            callback(None, nsq.protocol.SendError("no open connections"))
+            return
+        conn = random.choice(conns)
+        conn.callback_queue.append(callback)
+        try:
+            conn.send(frame)
+        except Exception as exc:
+            callback(conn, nsq.protocol.SendError("send error", exc))
+            conn.close()
 
     def _on_connection_close(self, conn: Any, **kwargs: Any) -> None:
         if self.closing:
@@ -39,7 +75,15 @@ class _Writer(nsq.Writer):  # type: ignore[misc]
 
 
 class Publisher:
-    """Publishes to one or more nsqd and waits for each acknowledgement."""
+    """Publishes to one or more nsqd and waits for each acknowledgement.
+
+    Single PUBs issued in the same event-loop turn are coalesced into one MPUB (a group commit):
+    each caller still returns only once nsqd acknowledged the frame holding its message.
+    """
+
+    # nsqd's defaults: --max-body-size 5 MiB per MPUB; stay well under it.
+    GROUP_BYTES = 4 * 1024 * 1024
+    GROUP_MESSAGES = 1000
 
     def __init__(
         self,
@@ -52,6 +96,9 @@ class Publisher:
         self.timeout_s = timeout_s
         self.metrics = metrics
         self._writer = _Writer(list(nsqd_tcp_addresses), reconnect_interval=reconnect_interval)
+        self._pending: dict[str, list[tuple[bytes, asyncio.Future[None]]]] = {}
+        self._flush_scheduled = False
+        self._groups: set[asyncio.Task[None]] = set()
 
     def connected(self) -> int:
         """How many nsqd connections are open."""
@@ -67,8 +114,14 @@ class Publisher:
         return True
 
     async def pub(self, topic: str, body: bytes) -> None:
-        """PUB one message."""
-        await self._send("pub", topic, body)
+        """Publish one message (coalesced with others of this loop turn into one MPUB)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._pending.setdefault(topic, []).append((body, fut))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        await fut
 
     async def mpub(self, topic: str, bodies: list[bytes]) -> None:
         """MPUB: all of ``bodies`` or none of them (nsqd applies one MPUB atomically)."""
@@ -78,16 +131,65 @@ class Publisher:
         """DPUB: deliver ``body`` after ``delay_ms`` milliseconds."""
         await self._send("dpub", topic, body, delay_ms)
 
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        pending, self._pending = self._pending, {}
+        for topic, items in pending.items():
+            group: list[tuple[bytes, asyncio.Future[None]]] = []
+            size = 0
+            for item in items:
+                if group and (
+                    size + len(item[0]) > self.GROUP_BYTES or len(group) >= self.GROUP_MESSAGES
+                ):
+                    self._spawn(topic, group)
+                    group, size = [], 0
+                group.append(item)
+                size += len(item[0]) + 4
+            self._spawn(topic, group)
+
+    def _spawn(self, topic: str, group: list[tuple[bytes, asyncio.Future[None]]]) -> None:
+        task = asyncio.ensure_future(self._publish_group(topic, group))
+        self._groups.add(task)
+        task.add_done_callback(self._groups.discard)
+
+    async def _publish_group(
+        self, topic: str, group: list[tuple[bytes, asyncio.Future[None]]]
+    ) -> None:
+        error: PublishError | None = None
+        try:
+            if len(group) == 1:
+                await self._send("pub", topic, group[0][0])
+            else:
+                await self._send("mpub", topic, [body for body, _ in group])
+        except PublishRejected as exc:
+            if len(group) > 1:
+                # nsqd refused the whole MPUB (one message too big?): each one on its own, so
+                # one bad message does not fail its neighbours.
+                for item in group:
+                    await self._publish_group(topic, [item])
+                return
+            error = exc
+        except PublishError as exc:
+            error = exc
+        for _, fut in group:
+            if fut.done():  # the caller was cancelled
+                continue
+            if error is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(error)
+
     async def _send(
         self, command: str, topic: str, payload: bytes | list[bytes], delay_ms: int = 0
     ) -> None:
         # A connection can die between our check and the write; try each open one in turn.
+        frame = _frame(command, topic, payload, delay_ms)
         tries = max(1, self.connected())
         last: BaseException | None = None
         for _ in range(tries):
             start = time.perf_counter()
             try:
-                await self._send_once(command, topic, payload, delay_ms)
+                await self._send_once(command, topic, frame)
             except PublishError as exc:
                 last = exc
                 if self.metrics is not None:
@@ -99,22 +201,17 @@ class Publisher:
         assert last is not None
         raise last
 
-    async def _send_once(
-        self, command: str, topic: str, payload: bytes | list[bytes], delay_ms: int
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[Any] = loop.create_future()
+    async def _send_once(self, command: str, topic: str, frame: bytes) -> None:
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
         def done(_conn: Any, data: Any) -> None:
             if not answer.done():
                 answer.set_result(data)
 
-        if command == "dpub":
-            self._writer.dpub(topic, delay_ms, payload, callback=done)
-        else:
-            getattr(self._writer, command)(topic, payload, callback=done)
+        self._writer.send_frame(frame, done)
         try:
-            data = await asyncio.wait_for(answer, self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                data = await answer
         except TimeoutError:
             raise PublishError(
                 f"{command} {topic}: no answer from nsqd in {self.timeout_s}s"

@@ -6,8 +6,8 @@ a topic with a JSON parser.
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from typing import Any, Literal, TypeVar
 
 import msgspec
@@ -127,8 +127,14 @@ def decode_dead_letter(raw: bytes) -> DeadLetter:
 
 
 def new_job_id() -> str:
-    """A fresh job id: 32 hex characters, unique without coordination."""
-    return uuid.uuid4().hex
+    """A fresh job id: 32 hex characters (128 random bits), unique without coordination."""
+    return os.urandom(16).hex()  # uuid4().hex, without building a UUID object (hot path)
+
+
+def new_job_ids(n: int) -> list[str]:
+    """``n`` fresh job ids from one read of the random source."""
+    raw = os.urandom(16 * n).hex()
+    return [raw[i : i + 32] for i in range(0, 32 * n, 32)]
 
 
 def now() -> float:

@@ -14,7 +14,7 @@ from typing import Any
 
 ENV_KERNEL_IMPL = "NSQJOBS_KERNEL_IMPL"  # mirrors service.constants; kernels import nothing of ours
 IMPLS = ("numba", "cython", "python")
-# Fastest first, by the measurement in bench/ (see README).
+# Fastest first, as measured on count_primes(0, 1e8) and near 1e12 (Cython ~10% ahead).
 PREFERENCE = ("cython", "numba", "python")
 
 _MODULES = {

@@ -1,0 +1,1 @@
+"""Pipeline benchmarks of nsqjobs against bare NSQ baselines; run ``python -m bench``."""

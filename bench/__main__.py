@@ -1,0 +1,165 @@
+"""nsqjobs pipeline benchmarks: ``make bench``, or ``python -m bench [--quick]``.
+
+What is measured, each time against a bare-NSQ baseline on the same nsqd, in the same run,
+alternating which side goes first in each round (the machine is shared and noisy, so only the
+ratios are meaningful; the figure reported is the median of the per-round ratios):
+
+1. Gateway single job: 2xx requests/s of ``POST /v1/jobs`` (one noop job, ~60 bytes of args)
+   under ``hey -c 32``, against nsqd's own ``POST /pub`` of a real job envelope (the body the
+   gateway publishes) with the same hey settings. Target: ratio >= 0.3.
+2. Batch: jobs/s through ``POST /v1/jobs/batch`` (1000 noop jobs per request, one MPUB) against
+   nsqd's ``POST /mpub`` of 1000 newline-separated envelopes, both with ``hey -c 4``.
+   Target: ratio >= 0.5.
+3. Worker dispatch: jobs/s drained by one ``nsqjobs worker`` (thread executor,
+   ``--concurrency 64``) from a topic pre-filled with N noop envelopes, against
+   ``bench/bare_reader.py`` (a pynsq Reader that only FINs, same max_in_flight) draining an
+   identical fresh topic. The clock runs from the first message drained to depth + in-flight = 0
+   on nsqd's /stats. The worker also publishes a result per job and waits for nsqd's OK before
+   FIN: that is part of its real cost. Target: ratio >= 0.8.
+4. End-to-end latency: with one gateway and one worker, noop jobs submitted at 50/s for 10 s to
+   ``POST /v1/jobs?wait=5``; p50/p90/p99 of send-to-result. For the record, no target.
+
+How: a private nsqlookupd + nsqd (free ports on 127.0.0.1, data path in a temporary directory on
+tmpfs, nsqd defaults otherwise) and the daemons run as subprocesses; each one is stopped
+(SIGTERM, then SIGKILL) and the directory removed, whatever happens. Topics are deleted after
+each run so nsqd's backlog stays the same for both sides. Every load is bounded in time (hey -z,
+with a subprocess timeout) and in count (pre-fill size, latency submissions), with deadlines.
+
+Figures go to ``bench/results/pipeline.json`` and ``bench/results/pipeline.md``; progress goes to
+stderr. ``--quick`` runs 2 shorter rounds of everything (about a minute); ``--only`` runs some
+benchmarks (the result files then hold only those). The exit status is 1 if a benchmark could
+not run, and with ``--strict`` 2 if a ratio misses its target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+from bench import hey, report, scenarios
+from bench.procs import ROOT, BenchError, binary, log, start_gateway, start_nsq, temp_dir
+from bench.results_model import Comparison, Latency
+
+BENCHMARKS = ("gateway_single", "gateway_batch", "worker_dispatch", "latency")
+
+
+def _command(argv: Sequence[str]) -> str:
+    exe = sys.executable
+    if exe.startswith(str(ROOT) + os.sep):
+        exe = os.path.relpath(exe, ROOT)
+    cmd = shlex.join([exe, "-m", "bench", *argv])
+    if str(ROOT / ".bin") in os.environ.get("PATH", "").split(os.pathsep):
+        cmd = "PATH=.bin:$PATH " + cmd
+    return f"make bench ({cmd})" if os.environ.get("MAKELEVEL") and not argv else cmd
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__.splitlines()[0] if __doc__ else None
+    )
+    parser.add_argument("--quick", action="store_true", help="2 short rounds of everything")
+    parser.add_argument(
+        "--only",
+        default=",".join(BENCHMARKS),
+        help=f"comma-separated subset of {','.join(BENCHMARKS)}",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "bench" / "results", help="where the figures go"
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="exit 2 when a ratio misses its target"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmarks and write the figures."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    only = [b.strip() for b in args.only.split(",") if b.strip()]
+    unknown = sorted(set(only) - set(BENCHMARKS))
+    if unknown:
+        raise SystemExit(f"bench: unknown benchmark(s) {', '.join(unknown)}")
+    hey.hey_binary()
+    try:
+        binary("nsqd")
+        binary("nsqlookupd")
+    except BenchError as exc:
+        raise SystemExit(f"bench: {exc}") from None
+
+    s = scenarios.Settings.quick() if args.quick else scenarios.Settings()
+    comparisons: list[Comparison] = []
+    latency: Latency | None = None
+    errors: dict[str, str] = {}
+    header: dict[str, object] = {
+        **report.machine(),
+        "command": _command(argv),
+        "quick": args.quick,
+        "settings": scenarios.settings_json(s),
+        "nsq_version": "?",
+    }
+    started = time.monotonic()
+
+    def attempt(name: str, fn: Callable[[], None]) -> None:
+        if name not in only:
+            return
+        log(f"{name} ...")
+        try:
+            fn()
+        except BenchError as exc:
+            log(f"{name} could not run: {exc}")
+            errors[name] = str(exc)
+
+    with ExitStack() as stack:
+        work = temp_dir(stack)
+        log(f"starting nsqlookupd and nsqd (work dir {work})")
+        nsq = start_nsq(stack, work)
+        header["nsq_version"] = nsq.version
+        if "gateway_single" in only or "gateway_batch" in only:
+            with ExitStack() as gw_stack:
+                log("starting the gateway")
+                gateway = start_gateway(gw_stack, nsq, work, scenarios.GATEWAY_TOPICS)
+                attempt(
+                    "gateway_single",
+                    lambda: comparisons.append(scenarios.gateway_single(nsq, gateway, s, work)),
+                )
+                attempt(
+                    "gateway_batch",
+                    lambda: comparisons.append(scenarios.gateway_batch(nsq, gateway, s, work)),
+                )
+        attempt(
+            "worker_dispatch", lambda: comparisons.append(scenarios.worker_dispatch(nsq, s, work))
+        )
+
+        def run_latency() -> None:
+            nonlocal latency
+            latency = scenarios.end_to_end_latency(nsq, s, work)
+
+        attempt("latency", run_latency)
+        log("stopping daemons")
+
+    header["duration_s"] = round(time.monotonic() - started, 1)
+    header["errors"] = errors
+    args.out.mkdir(parents=True, exist_ok=True)
+    report.write_json(args.out / "pipeline.json", header, comparisons, latency)
+    report.write_markdown(args.out / "pipeline.md", header, comparisons, latency)
+    log(f"done in {header['duration_s']}s on {platform.node()}: {args.out}/pipeline.{{json,md}}")
+    for c in comparisons:
+        verdict = "PASS" if c.passed else "FAIL"
+        log(f"  {c.key}: ratio {c.ratio:.3f} (target >= {c.target:g}) {verdict}")
+    if errors:
+        return 1
+    if args.strict and not all(c.passed for c in comparisons):
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

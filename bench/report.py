@@ -1,0 +1,133 @@
+"""Writing the figures: ``pipeline.json`` for machines, ``pipeline.md`` for people."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.results_model import Comparison, Latency
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict[str, Any]:
+    """Where the figures come from."""
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "cpu_model": cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def write_json(
+    path: Path, header: dict[str, Any], comparisons: list[Comparison], latency: Latency | None
+) -> None:
+    """The machine-readable figures."""
+    doc = {
+        **header,
+        "benchmarks": {c.key: c.to_json() for c in comparisons},
+        "latency": latency.to_json() if latency else None,
+        "all_pass": all(c.passed for c in comparisons),
+    }
+    _write(path, json.dumps(doc, indent=2) + "\n")
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _rate(value: float, unit: str) -> str:
+    return f"{value:,.0f} {unit}"
+
+
+def write_markdown(
+    path: Path, header: dict[str, Any], comparisons: list[Comparison], latency: Latency | None
+) -> None:
+    """The human-readable report."""
+    out = [
+        "# nsqjobs pipeline benchmark",
+        "",
+        f"- Date: {header['date']}",
+        f"- CPU: {header['cpu_model']}, {header['cores']} cores "
+        "(a shared, noisy machine: compare the ratios, not the absolute rates)",
+        f"- Command: `{header['command']}`" + (" (quick run)" if header["quick"] else ""),
+        f"- NSQ {header['nsq_version']} (nsqd defaults, data path on tmpfs), "
+        f"Python {header['python']}",
+        "",
+        "Each figure is measured against its bare-NSQ baseline back to back in the same run, "
+        "alternating which goes first; the ratio is the median of the per-round ratios.",
+        "",
+        "| Benchmark | nsqjobs (median) | Baseline (median) | Ratio (median) | Ratios per round "
+        "| Target | Result |",
+        "|---|---:|---:|---:|---|---:|---|",
+    ]
+    for c in comparisons:
+        per_round = ", ".join(f"{r.ratio:.3f}" for r in c.rounds)
+        out.append(
+            f"| {c.title} | {_rate(c.subject_median, c.unit)} | "
+            f"{_rate(c.baseline_median, c.unit)} | **{c.ratio:.3f}** | {per_round} | "
+            f">= {c.target:g} | {'PASS' if c.passed else 'FAIL'} |"
+        )
+    for c in comparisons:
+        ref, ref_ratio = c.reference_median, c.reference_ratio()
+        if c.reference and ref and ref_ratio is not None:
+            out += [
+                "",
+                f'Reference for "{c.title}" (context, no target): {c.reference}: '
+                f"{_rate(ref, c.unit)}, **{ref_ratio:.3f}** x the baseline; the gateway reaches "
+                f"{c.subject_median / ref:.2f} of it.",
+            ]
+    if header.get("errors"):
+        out += ["", "## Could not run", ""]
+        out += [f"- {name}: {why}" for name, why in header["errors"].items()]
+    if latency is not None:
+        out += [
+            "",
+            "## End-to-end latency (for the record, no target)",
+            "",
+            f"{latency.settings['rate_per_s']:g} jobs/s for {latency.settings['seconds']:g} s "
+            f"through `POST /v1/jobs?wait={latency.settings['wait_s']:g}`, one gateway, one worker "
+            f"(--concurrency {latency.settings['worker_concurrency']}).",
+            "",
+            "| Sent | Completed | Timed out (202) | Failed | p50 | p90 | p99 | max |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {latency.sent} | {len(latency.latencies_s)} | {latency.timed_out} | "
+            f"{latency.failed} | {latency.ms(50):.1f} ms | {latency.ms(90):.1f} ms | "
+            f"{latency.ms(99):.1f} ms | {latency.ms(100):.1f} ms |",
+        ]
+        out += [""] + [f"- {n}" for n in latency.notes]
+    out += ["", "## What each row measures", ""]
+    for c in comparisons:
+        out += [
+            f"### {c.title}",
+            "",
+            f"- nsqjobs: {c.subject}",
+            f"- Baseline: {c.baseline}",
+            "- Settings: " + ", ".join(f"{k} {v}" for k, v in c.settings.items()),
+        ]
+        out += [f"- {n}" for n in c.notes]
+        failed = [(r.subject_failed, r.baseline_failed) for r in c.rounds]
+        if any(a or b for a, b in failed):
+            out.append(
+                "- Failed requests/messages per round (nsqjobs, baseline): "
+                + ", ".join(f"({a}, {b})" for a, b in failed)
+            )
+        out.append("")
+    _write(path, "\n".join(out).rstrip() + "\n")
