@@ -1,5 +1,6 @@
-"""Build the Cython ``primes.count`` kernel; all other metadata lives in pyproject.toml."""
+"""Build the Cython kernels (every ``workers/kernels/_*_cy.pyx``); the rest is in pyproject.toml."""
 
+import glob
 import os
 import shlex
 import shutil
@@ -39,11 +40,13 @@ class BuildExt(build_ext):
 posix = os.name != "nt"
 extensions = [
     Extension(
-        "workers.kernels._primes_cy",
-        ["workers/kernels/_primes_cy.pyx"],
+        "workers.kernels." + os.path.basename(source)[: -len(".pyx")],
+        [source],
+        # -O3 but no -march/-ffast-math: float kernels must stay bit-identical to Python's.
         extra_compile_args=["-O3"] if posix else [],
         libraries=["m"] if posix else [],
     )
+    for source in sorted(glob.glob("workers/kernels/_*_cy.pyx"))
 ]
 
 setup(
