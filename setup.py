@@ -42,8 +42,9 @@ extensions = [
     Extension(
         "workers.kernels." + os.path.basename(source)[: -len(".pyx")],
         [source],
-        # -O3 but no -march/-ffast-math: float kernels must stay bit-identical to Python's.
-        extra_compile_args=["-O3"] if posix else [],
+        # Float kernels must stay bit-identical to Python's: no -march/-ffast-math, and no FMA
+        # contraction even where FMA is baseline (aarch64), where gcc would fuse a*b+c.
+        extra_compile_args=["-O3", "-ffp-contract=off"] if posix else [],
         libraries=["m"] if posix else [],
     )
     for source in sorted(glob.glob("workers/kernels/_*_cy.pyx"))

@@ -115,17 +115,8 @@ class Worker:
         """The queue topics this worker consumes."""
         return list(self.config.queues) or self.tasks.queues()
 
-    def warm_up(self) -> None:
-        """Compile kernels now (Numba caches to disk), so the first job is not the slow one."""
-        for task in self.tasks:
-            if task.warm_up is not None:
-                started = time.perf_counter()
-                task.warm_up()
-                log.info("warmed up %s in %.2fs", task.name, time.perf_counter() - started)
-
     async def start(self) -> None:
-        """Warm up, create topics, serve metrics, and subscribe."""
-        self.warm_up()
+        """Create topics, serve metrics, and subscribe (call :func:`warm_up` first)."""
         if self.config.executor == "process":
             # Start the children (and their warm-up) now rather than on the first job.
             await asyncio.gather(
@@ -559,8 +550,21 @@ class Worker:
             message.requeue(backoff=False, time_ms=time_ms)
 
 
+def warm_up(tasks: Registry) -> None:
+    """Compile kernels now (Numba caches to disk), so the first job is not the slow one.
+
+    Runs before any connection is made, so a bad kernel choice stops the worker cleanly.
+    """
+    for task in tasks:
+        if task.warm_up is not None:
+            started = time.perf_counter()
+            task.warm_up()
+            log.info("warmed up %s in %.2fs", task.name, time.perf_counter() - started)
+
+
 async def serve(config: WorkerConfig, tasks: Registry, stop: asyncio.Event) -> int:
     """Run a worker until ``stop`` is set; returns the number of jobs abandoned at shutdown."""
+    warm_up(tasks)
     worker = Worker(config, tasks)
     await worker.start()
     await stop.wait()

@@ -6,6 +6,7 @@ the one place that knows about all of them.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from collections.abc import Callable
@@ -14,55 +15,67 @@ from typing import Any
 
 ENV_KERNEL_IMPL = "NSQJOBS_KERNEL_IMPL"  # mirrors service.constants; kernels import nothing of ours
 IMPLS = ("numba", "cython", "python")
-# Fastest first, as measured on count_primes(0, 1e8) and near 1e12 (Cython ~10% ahead).
+# Fastest first, as measured by `python -m bench.kernels` (bench/results/kernels.md).
 PREFERENCE = ("cython", "numba", "python")
-
-_MODULES = {
-    "primes": {
-        "numba": "workers.kernels.primes_numba",
-        "cython": "workers.kernels._primes_cy",
-        "python": "workers.kernels.primes_py",
-    },
-}
+KERNELS = ("primes", "pi", "julia", "diffusion")
 
 
 class KernelUnavailableError(ImportError):
     """The requested implementation cannot be imported (not built, or Numba missing)."""
 
 
+def module_name(kernel: str, impl: str) -> str:
+    """Where an implementation lives: ``_<kernel>_cy`` (Cython) or ``<kernel>_<impl>``."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}")
+    if impl not in IMPLS:
+        raise KernelUnavailableError(
+            f"{ENV_KERNEL_IMPL}={impl!r}: expected one of {', '.join(IMPLS)}"
+        )
+    leaf = f"_{kernel}_cy" if impl == "cython" else f"{kernel}_{'py' if impl == 'python' else impl}"
+    return f"workers.kernels.{leaf}"
+
+
 def load(kernel: str, impl: str) -> ModuleType:
     """Import one implementation of a kernel, with a clear error if it is not there."""
-    if impl not in IMPLS:
-        raise ValueError(f"{ENV_KERNEL_IMPL}={impl!r}: expected one of {', '.join(IMPLS)}")
+    name = module_name(kernel, impl)
     try:
-        return importlib.import_module(_MODULES[kernel][impl])
+        return importlib.import_module(name)
     except ImportError as exc:
         hint = " (build it with `pip install -e .`)" if impl == "cython" else ""
         raise KernelUnavailableError(f"{kernel} kernel {impl!r} unavailable: {exc}{hint}") from exc
 
 
-def available(kernel: str) -> list[str]:
-    """The implementations of ``kernel`` that import here, fastest first."""
-    found = []
-    for impl in PREFERENCE:
-        try:
-            load(kernel, impl)
-        except KernelUnavailableError:
-            continue
-        found.append(impl)
-    return found
-
-
-def chosen(kernel: str) -> str:
-    """The implementation to use: the environment's choice, else the fastest available."""
-    wanted = os.environ.get(ENV_KERNEL_IMPL, "").strip().lower()
+@functools.cache
+def _resolve(kernel: str, wanted: str) -> str:
     if wanted:
         load(kernel, wanted)  # fail loudly at start, not on the first job
         return wanted
-    return available(kernel)[0]
+    errors = []
+    for impl in PREFERENCE:
+        try:
+            load(kernel, impl)
+        except KernelUnavailableError as exc:
+            errors.append(str(exc))
+            continue
+        return impl
+    raise KernelUnavailableError("; ".join(errors))
+
+
+def chosen(kernel: str) -> str:
+    """The implementation to use: the environment's choice, else the fastest that imports."""
+    return _resolve(kernel, os.environ.get(ENV_KERNEL_IMPL, "").strip().lower())
 
 
 def function(kernel: str, name: str, impl: str | None = None) -> Callable[..., Any]:
     """The callable ``name`` of the chosen (or given) implementation."""
     fn: Callable[..., Any] = getattr(load(kernel, impl or chosen(kernel)), name)
     return fn
+
+
+def warm_up(kernel: str) -> None:
+    """Compile (Numba, from its on-disk cache when present) or import the chosen kernel."""
+    module = load(kernel, chosen(kernel))
+    hook = getattr(module, "warm_up", None)
+    if hook is not None:
+        hook()
