@@ -5,9 +5,7 @@ contraction, sequential reductions), so the compiled ones must match the referen
 the comparisons below are exact, not within a tolerance.
 """
 
-import importlib
 import math
-import os
 from collections.abc import Callable
 from itertools import pairwise
 from typing import cast
@@ -16,12 +14,13 @@ import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
+from tests import kernel_impls
 from workers.kernels import diffusion_py, splitmix_py
 
 Stats = tuple[float, float, float]
 Kernel = Callable[[int, int, float, float, int], Stats]
 
-COMPILED = {"numba": "workers.kernels.diffusion_numba", "cython": "workers.kernels._diffusion_cy"}
+COMPILED = kernel_impls.COMPILED
 MAX_SEED = 2**64 - 1
 # The maximum principle holds exactly in real arithmetic for d * dt <= 0.25. In doubles the four
 # neighbour sums can round up by an ulp of 4, which r <= 0.25 scales to about one ulp of the
@@ -31,36 +30,13 @@ MAX_PRINCIPLE_SLACK = 1e-15
 MASS_RELATIVE_TOLERANCE = 1e-12
 
 
-def _load(name: str) -> Kernel | None:
-    """Return a compiled kernel, or None when it cannot be imported and CI is unset."""
-    try:
-        module = importlib.import_module(COMPILED[name])
-    except ImportError as exc:
-        # A CI run that quietly skips the compiled kernels would prove nothing.
-        if "CI" in os.environ:
-            pytest.fail(f"the {name} kernel cannot be imported: {exc}")
-        return None
-    return cast(Kernel, module.run)
-
-
-def _compiled_kernels() -> dict[str, Kernel]:
-    """Return every importable compiled kernel by name, skipping if there is none."""
-    kernels = {name: kernel for name in COMPILED if (kernel := _load(name)) is not None}
-    if not kernels:
-        pytest.skip("no compiled kernel can be imported (build it with pip install -e .)")
-    return kernels
-
-
 @pytest.fixture(params=["python", *COMPILED])
 def run(request: pytest.FixtureRequest) -> Kernel:
     """Each kernel in turn; a compiled one that cannot be imported skips (fails under CI)."""
     name = cast(str, request.param)
     if name == "python":
         return diffusion_py.run
-    kernel = _load(name)
-    if kernel is None:
-        pytest.skip(f"the {name} kernel cannot be imported (build it with pip install -e .)")
-    return kernel
+    return cast(Kernel, kernel_impls.param("diffusion", "run", name))
 
 
 def _initial_stats(n: int, seed: int) -> Stats:
@@ -114,7 +90,7 @@ def test_grid_below_two_is_rejected(run: Kernel, n: int) -> None:
 
 
 def test_compiled_match_reference_exactly() -> None:
-    kernels = _compiled_kernels()
+    kernels = kernel_impls.compiled("diffusion", "run")
 
     @settings(max_examples=500, deadline=None, derandomize=True, database=None)
     @given(
@@ -139,7 +115,7 @@ def test_compiled_match_reference_exactly() -> None:
 
 
 def test_compiled_kernels_agree_on_a_larger_grid() -> None:
-    kernels = _compiled_kernels()
+    kernels = kernel_impls.compiled("diffusion", "run")
     if len(kernels) < 2:
         pytest.skip("needs both compiled kernels")
     results = {name: kernel(128, 100, 1.0, 0.2, 7) for name, kernel in kernels.items()}

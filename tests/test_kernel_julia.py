@@ -4,8 +4,6 @@ All implementations do the same floating-point operations in the same order, wit
 multiply-add, so they must agree bit for bit: every comparison here is exact.
 """
 
-import importlib
-import os
 from collections.abc import Callable
 from typing import cast
 
@@ -15,39 +13,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests import kernel_impls
 from workers.kernels import julia_py
 
 Counts = npt.NDArray[np.uint16]
 Kernel = Callable[[int, int, float, float, float, float, float, float, int], Counts]
 Grid = tuple[int, int, float, float, float, float, float, float, int]
 
-COMPILED = {"numba": "workers.kernels.julia_numba", "cython": "workers.kernels._julia_cy"}
+COMPILED = kernel_impls.COMPILED
 # A 2 x 2 grid whose last point is fragile: one rounding fewer per step changes its count. A
 # build that fuses (2.0 * zr) * zi + c_im into one FMA returns 284 for it instead of 285: found
 # by comparing bench/c/julia.c built with gcc -march=native (on a CPU with FMA, as GCC's default
 # -ffp-contract=fast then fuses) against the plain build. The random grids below never caught it.
 FMA_SENSITIVE_GRID: Grid = (2, 2, 0.28, 0.281, 0.196, 0.197, -0.8, 0.156, 300)
 FMA_SENSITIVE_COUNTS = [71, 79, 88, 285]
-
-
-def _load(name: str) -> Kernel | None:
-    """Return a compiled kernel, or None when it cannot be imported and CI is unset."""
-    try:
-        module = importlib.import_module(COMPILED[name])
-    except ImportError as exc:
-        # A CI run that quietly skips the compiled kernels would prove nothing.
-        if "CI" in os.environ:
-            pytest.fail(f"the {name} kernel cannot be imported: {exc}")
-        return None
-    return cast(Kernel, module.escape_counts)
-
-
-def _compiled_kernels() -> dict[str, Kernel]:
-    """Return every importable compiled kernel by name, skipping if there is none."""
-    kernels = {name: kernel for name in COMPILED if (kernel := _load(name)) is not None}
-    if not kernels:
-        pytest.skip("no compiled kernel can be imported (build it with pip install -e .)")
-    return kernels
 
 
 def _escape_by_complex(z: complex, c: complex, max_iter: int) -> int:
@@ -70,16 +49,30 @@ def _intervals() -> st.SearchStrategy[tuple[float, float]]:
     return st.tuples(coord, coord).filter(lambda p: p[0] != p[1]).map(lambda p: (min(p), max(p)))
 
 
+@st.composite
+def _grids(draw: st.DrawFn, max_side: int) -> Grid:
+    """Small random grids over [-2, 2]^2 with c in [-1, 1]^2 and up to 300 iterations."""
+    (x_min, x_max), (y_min, y_max) = draw(_intervals()), draw(_intervals())
+    return (
+        draw(st.integers(2, max_side)),
+        draw(st.integers(2, max_side)),
+        x_min,
+        x_max,
+        y_min,
+        y_max,
+        draw(st.floats(-1.0, 1.0)),
+        draw(st.floats(-1.0, 1.0)),
+        draw(st.integers(1, 300)),
+    )
+
+
 @pytest.fixture(params=["python", *COMPILED])
 def escape_counts(request: pytest.FixtureRequest) -> Kernel:
     """Each kernel in turn; a compiled one that cannot be imported skips (fails under CI)."""
     name = cast(str, request.param)
     if name == "python":
         return julia_py.escape_counts
-    kernel = _load(name)
-    if kernel is None:
-        pytest.skip(f"the {name} kernel cannot be imported (build it with pip install -e .)")
-    return kernel
+    return cast(Kernel, kernel_impls.param("julia", "escape_counts", name))
 
 
 @pytest.mark.parametrize(
@@ -137,25 +130,9 @@ def test_rejects_bad_arguments(
 
 
 @settings(max_examples=200, deadline=None, derandomize=True, database=None)
-@given(
-    width=st.integers(2, 12),
-    height=st.integers(2, 12),
-    xs=_intervals(),
-    ys=_intervals(),
-    c_re=st.floats(-1.0, 1.0),
-    c_im=st.floats(-1.0, 1.0),
-    max_iter=st.integers(1, 300),
-)
-def test_reference_matches_complex_arithmetic(
-    width: int,
-    height: int,
-    xs: tuple[float, float],
-    ys: tuple[float, float],
-    c_re: float,
-    c_im: float,
-    max_iter: int,
-) -> None:
-    (x_min, x_max), (y_min, y_max) = xs, ys
+@given(grid=_grids(max_side=12))
+def test_reference_matches_complex_arithmetic(grid: Grid) -> None:
+    width, height, x_min, x_max, y_min, y_max, c_re, c_im, max_iter = grid
     c = complex(c_re, c_im)
     expected = [
         _escape_by_complex(
@@ -174,28 +151,11 @@ def test_reference_matches_complex_arithmetic(
 
 
 def test_compiled_match_reference_on_small_grids() -> None:
-    kernels = _compiled_kernels()
+    kernels = kernel_impls.compiled("julia", "escape_counts")
 
     @settings(max_examples=1000, deadline=None, derandomize=True, database=None)
-    @given(
-        width=st.integers(2, 40),
-        height=st.integers(2, 40),
-        xs=_intervals(),
-        ys=_intervals(),
-        c_re=st.floats(-1.0, 1.0),
-        c_im=st.floats(-1.0, 1.0),
-        max_iter=st.integers(1, 300),
-    )
-    def check(
-        width: int,
-        height: int,
-        xs: tuple[float, float],
-        ys: tuple[float, float],
-        c_re: float,
-        c_im: float,
-        max_iter: int,
-    ) -> None:
-        grid = (width, height, *xs, *ys, c_re, c_im, max_iter)
+    @given(grid=_grids(max_side=40))
+    def check(grid: Grid) -> None:
         expected = julia_py.escape_counts(*grid)
         for name, kernel in kernels.items():
             counts = kernel(*grid)
@@ -217,7 +177,7 @@ def test_compiled_match_reference_on_small_grids() -> None:
     ],
 )
 def test_compiled_match_reference_on_a_large_grid(grid: Grid) -> None:
-    kernels = _compiled_kernels()
+    kernels = kernel_impls.compiled("julia", "escape_counts")
     expected = julia_py.escape_counts(*grid)
     assert expected.min() < 10 and expected.max() > 150  # short and long orbits both occur
     for name, kernel in kernels.items():

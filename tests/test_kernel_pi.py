@@ -1,8 +1,6 @@
 """Tests for the pi.estimate kernels: known counts, and all three kernels agreeing bit for bit."""
 
-import importlib
 import math
-import os
 from collections.abc import Callable
 from typing import cast
 
@@ -10,34 +8,15 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from tests import kernel_impls
 from workers.kernels import pi_py
 
 Kernel = Callable[[int, int], int]
 
 MAX_SEED = 2**64 - 1
-COMPILED = {"numba": "workers.kernels.pi_numba", "cython": "workers.kernels._pi_cy"}
+COMPILED = kernel_impls.COMPILED
 # The first three splitmix64 outputs for seed 0, as published with the reference C code.
 SPLITMIX64_SEED0 = [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
-
-
-def _load(name: str) -> Kernel | None:
-    """Return a compiled kernel, or None when it cannot be imported and CI is unset."""
-    try:
-        module = importlib.import_module(COMPILED[name])
-    except ImportError as exc:
-        # A CI run that quietly skips the compiled kernels would prove nothing.
-        if "CI" in os.environ:
-            pytest.fail(f"the {name} kernel cannot be imported: {exc}")
-        return None
-    return cast(Kernel, module.count_inside)
-
-
-def _compiled_kernels() -> dict[str, Kernel]:
-    """Return every importable compiled kernel by name, skipping if there is none."""
-    kernels = {name: kernel for name in COMPILED if (kernel := _load(name)) is not None}
-    if not kernels:
-        pytest.skip("no compiled kernel can be imported (build it with pip install -e .)")
-    return kernels
 
 
 @pytest.fixture(params=["python", *COMPILED])
@@ -46,10 +25,7 @@ def count_inside(request: pytest.FixtureRequest) -> Kernel:
     name = cast(str, request.param)
     if name == "python":
         return pi_py.count_inside
-    kernel = _load(name)
-    if kernel is None:
-        pytest.skip(f"the {name} kernel cannot be imported (build it with pip install -e .)")
-    return kernel
+    return cast(Kernel, kernel_impls.param("pi", "count_inside", name))
 
 
 def _splitmix64(seed: int, n: int) -> list[int]:
@@ -107,7 +83,7 @@ def test_reference_matches_inline_implementation(samples: int, seed: int) -> Non
 
 
 def test_compiled_match_reference() -> None:
-    kernels = _compiled_kernels()
+    kernels = kernel_impls.compiled("pi", "count_inside")
 
     @settings(max_examples=400, deadline=None, derandomize=True, database=None)
     @given(samples=st.integers(0, 5000), seed=st.integers(0, MAX_SEED))
@@ -125,20 +101,23 @@ def test_compiled_match_reference() -> None:
 @pytest.mark.parametrize("seed", [0, MAX_SEED])
 def test_seed_edges_match_reference(seed: int) -> None:
     expected = pi_py.count_inside(5000, seed)
-    for name, kernel in _compiled_kernels().items():
+    for name, kernel in kernel_impls.compiled("pi", "count_inside").items():
         assert kernel(5000, seed) == expected, name
 
 
 def test_compiled_match_reference_at_1e5() -> None:
     expected = pi_py.count_inside(10**5, 1)
-    for name, kernel in _compiled_kernels().items():
+    for name, kernel in kernel_impls.compiled("pi", "count_inside").items():
         assert kernel(10**5, 1) == expected, name
 
 
 def test_estimate_close_to_pi() -> None:
     # One standard error of the estimate is about 0.0016 at 10**6 samples; the seed is fixed.
     samples = 10**6
-    counts = {name: kernel(samples, 1) for name, kernel in _compiled_kernels().items()}
+    counts = {
+        name: kernel(samples, 1)
+        for name, kernel in kernel_impls.compiled("pi", "count_inside").items()
+    }
     assert len(set(counts.values())) == 1, counts
     inside = next(iter(counts.values()))
     assert abs(4 * inside / samples - math.pi) < 0.01

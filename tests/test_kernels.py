@@ -1,7 +1,5 @@
 """Tests for the primes.count kernels: known values, and compiled kernels against the reference."""
 
-import importlib
-import os
 from collections.abc import Callable
 from typing import cast
 
@@ -9,12 +7,13 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from tests import kernel_impls
 from workers.kernels import primes_py
 
 Kernel = Callable[[int, int], int]
 
 MAX_STOP = 10**12
-COMPILED = {"numba": "workers.kernels.primes_numba", "cython": "workers.kernels._primes_cy"}
+COMPILED = kernel_impls.COMPILED
 # Primes in [10**12 - 100, 10**12), checked independently by trial division below.
 PRIMES_BELOW_1E12_WINDOW = 4
 # One segment holds SEGMENT_CELLS odd numbers; wider windows exercise the carry between segments.
@@ -26,26 +25,6 @@ def _starts(high: int) -> st.SearchStrategy[int]:
     return st.one_of(
         st.integers(0, high), st.integers(high // 1000, high), st.integers(high - 10**6, high)
     )
-
-
-def _load(name: str) -> Kernel | None:
-    """Return a compiled kernel, or None when it cannot be imported and CI is unset."""
-    try:
-        module = importlib.import_module(COMPILED[name])
-    except ImportError as exc:
-        # A CI run that quietly skips the compiled kernels would prove nothing.
-        if "CI" in os.environ:
-            pytest.fail(f"the {name} kernel cannot be imported: {exc}")
-        return None
-    return cast(Kernel, module.count_primes)
-
-
-def _compiled_kernels() -> dict[str, Kernel]:
-    """Return every importable compiled kernel by name, skipping if there is none."""
-    kernels = {name: kernel for name in COMPILED if (kernel := _load(name)) is not None}
-    if not kernels:
-        pytest.skip("no compiled kernel can be imported (build it with pip install -e .)")
-    return kernels
 
 
 def _is_prime_by_trial_division(n: int) -> bool:
@@ -68,10 +47,7 @@ def count_primes(request: pytest.FixtureRequest) -> Kernel:
     name = cast(str, request.param)
     if name == "python":
         return primes_py.count_primes
-    kernel = _load(name)
-    if kernel is None:
-        pytest.skip(f"the {name} kernel cannot be imported (build it with pip install -e .)")
-    return kernel
+    return cast(Kernel, kernel_impls.param("primes", "count_primes", name))
 
 
 @pytest.mark.parametrize(
@@ -116,7 +92,7 @@ def test_reference_matches_trial_division_near_zero(start: int, width: int) -> N
 
 
 def test_compiled_match_reference_near_zero() -> None:
-    kernels = _compiled_kernels()
+    kernels = kernel_impls.compiled("primes", "count_primes")
 
     @settings(max_examples=500, deadline=None, derandomize=True, database=None)
     @given(start=st.integers(0, 5000), width=st.integers(0, 5000))
@@ -129,7 +105,7 @@ def test_compiled_match_reference_near_zero() -> None:
 
 
 def test_compiled_match_reference_anywhere() -> None:
-    kernels = _compiled_kernels()
+    kernels = kernel_impls.compiled("primes", "count_primes")
 
     @settings(max_examples=150, deadline=None, derandomize=True, database=None)
     @given(start=_starts(MAX_STOP), width=st.integers(0, 20_000))
@@ -145,7 +121,7 @@ def test_compiled_match_reference_anywhere() -> None:
 
 
 def test_compiled_match_reference_across_segments() -> None:
-    kernels = _compiled_kernels()
+    kernels = kernel_impls.compiled("primes", "count_primes")
 
     @settings(max_examples=8, deadline=None, derandomize=True, database=None)
     @given(start=_starts(MAX_STOP - MULTI_SEGMENT_WIDTH))
