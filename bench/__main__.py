@@ -1,4 +1,4 @@
-"""nsqjobs pipeline benchmarks: ``make bench``, or ``python -m bench [--quick]``.
+"""nsqjobs pipeline and compute-kernel benchmarks: ``make bench``, or ``python -m bench [--quick]``.
 
 What is measured, each time against a bare-NSQ baseline on the same nsqd, in the same run,
 alternating which side goes first in each round (the machine is shared and noisy, so only the
@@ -18,6 +18,9 @@ ratios are meaningful; the figure reported is the median of the per-round ratios
    FIN: that is part of its real cost. Target: ratio >= 0.8.
 4. End-to-end latency: with one gateway and one worker, noop jobs submitted at 50/s for 10 s to
    ``POST /v1/jobs?wait=5``; p50/p90/p99 of send-to-result. For the record, no target.
+5. ``kernels``: the compute-kernel benchmarks of ``bench/kernels.py`` (Numba and Cython against
+   C, the pure-Python reference, thread scaling, jobs/s through one or two workers), run after
+   the four above once their daemons are stopped; see ``python -m bench.kernels --help``.
 
 How: a private nsqlookupd + nsqd (free ports on 127.0.0.1, data path in a temporary directory on
 tmpfs, nsqd defaults otherwise) and the daemons run as subprocesses; each one is stopped
@@ -25,10 +28,12 @@ tmpfs, nsqd defaults otherwise) and the daemons run as subprocesses; each one is
 each run so nsqd's backlog stays the same for both sides. Every load is bounded in time (hey -z,
 with a subprocess timeout) and in count (pre-fill size, latency submissions), with deadlines.
 
-Figures go to ``bench/results/pipeline.json`` and ``bench/results/pipeline.md``; progress goes to
-stderr. ``--quick`` runs 2 shorter rounds of everything (about a minute); ``--only`` runs some
-benchmarks (the result files then hold only those). The exit status is 1 if a benchmark could
-not run, and with ``--strict`` 2 if a ratio misses its target.
+Figures go to ``bench/results/pipeline.json`` and ``bench/results/pipeline.md`` (and
+``kernels.json`` / ``kernels.md`` for 5); progress goes to stderr. ``--quick`` runs 2 shorter
+rounds of everything (a few minutes with the kernels); ``--only`` runs some benchmarks (the
+pipeline files then hold only those; ``--only kernels`` leaves them alone). The exit status is 1
+if a benchmark could not run (or kernel results differ), and with ``--strict`` 2 if a ratio
+misses its target.
 """
 
 from __future__ import annotations
@@ -43,11 +48,12 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench import hey, report, scenarios
+from bench import hey, kernels, report, scenarios
 from bench.procs import ROOT, BenchError, binary, log, start_gateway, start_nsq, temp_dir
 from bench.results_model import Comparison, Latency
 
-BENCHMARKS = ("gateway_single", "gateway_batch", "worker_dispatch", "latency")
+PIPELINE = ("gateway_single", "gateway_batch", "worker_dispatch", "latency")
+BENCHMARKS = (*PIPELINE, "kernels")
 
 
 def _command(argv: Sequence[str]) -> str:
@@ -87,6 +93,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = sorted(set(only) - set(BENCHMARKS))
     if unknown:
         raise SystemExit(f"bench: unknown benchmark(s) {', '.join(unknown)}")
+    codes = []
+    if any(b in PIPELINE for b in only):
+        codes.append(_pipeline(args, argv, only))
+    if "kernels" in only:
+        codes.append(kernels.run(args.quick, args.out, _command(argv), strict=args.strict))
+    return 1 if 1 in codes else max(codes, default=0)
+
+
+def _pipeline(args: argparse.Namespace, argv: Sequence[str], only: Sequence[str]) -> int:
+    """Run the pipeline benchmarks in ``only`` and write ``pipeline.json`` / ``pipeline.md``."""
     hey.hey_binary()
     try:
         binary("nsqd")
