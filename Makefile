@@ -31,7 +31,7 @@ help:
 	@echo "make bench  run the benchmarks, figures into bench/results/"
 	@echo "make nsq    build NSQ v1.3.0 into .bin/ (or link binaries found on PATH)"
 
-$(VENV)/.installed: pyproject.toml setup.py workers/kernels/_primes_cy.pyx
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard workers/kernels/*.pyx workers/kernels/*.pxd)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "nsqjobs needs Python >= 3.11 (set PYTHON=...)")'
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip

@@ -112,12 +112,36 @@ def test_make_run_starts_the_stack_and_stops_it_on_ctrl_c(tmp_path: Path) -> Non
         banner = log_path.read_text()
         assert f"gateway      http://127.0.0.1:{ports['NSQJOBS_GATEWAY_PORT']}" in banner
         assert "curl -s -XPOST" in banner
-        status, _, body = http(
-            "POST",
-            gateway + "/v1/jobs?wait=20",
-            {"task": "primes.count", "args": {"start": 0, "stop": 10**6}},
-        )
-        assert status == 200 and body["result"] == 78498, body
+        jobs = [
+            ("primes.count", {"start": 0, "stop": 10**6}),
+            ("pi.estimate", {"samples": 100_000, "seed": 1}),
+            (
+                "julia.tile",
+                {
+                    "width": 32,
+                    "height": 24,
+                    "x_min": -1.5,
+                    "x_max": 1.5,
+                    "y_min": -1.0,
+                    "y_max": 1.0,
+                    "c_re": -0.8,
+                    "c_im": 0.156,
+                    "max_iter": 100,
+                },
+            ),
+            ("diffusion.run", {"n": 32, "steps": 10, "d": 1.0, "dt": 0.2, "seed": 3}),
+        ]
+        results = {}
+        for task, args in jobs:
+            status, _, body = http(
+                "POST", gateway + "/v1/jobs?wait=30", {"task": task, "args": args}
+            )
+            assert status == 200 and body["status"] == "succeeded", body
+            results[task] = body["result"]
+        assert results["primes.count"] == 78498
+        assert abs(results["pi.estimate"]["estimate"] - 3.14) < 0.05
+        assert sum(results["julia.tile"]["histogram"]) == 32 * 24
+        assert 0 < results["diffusion.run"]["mean"] < 1
         started = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         proc.wait(20)
