@@ -279,6 +279,24 @@ def start_nsq(stack: ExitStack, work_dir: Path) -> Nsq:
     )
 
 
+def gateway_argv(nsq: Nsq, port: int) -> list[str]:
+    """The command line of one quiet ``nsqjobs gateway`` on ``port``."""
+    return [
+        *nsqjobs_command(),
+        "gateway",
+        "--nsqd-tcp-address",
+        nsq.nsqd_tcp,
+        "--nsqd-http-address",
+        nsq.nsqd_http,
+        "--lookupd-http-address",
+        nsq.lookupd_http,
+        "--gateway-port",
+        str(port),
+        "--log-level",
+        "WARNING",
+    ]
+
+
 def start_gateway(
     stack: ExitStack, nsq: Nsq, log_dir: Path, topics: Sequence[str], name: str = "gateway"
 ) -> str:
@@ -293,20 +311,7 @@ def start_gateway(
     proc = spawn(
         stack,
         name,
-        [
-            *nsqjobs_command(),
-            "gateway",
-            "--nsqd-tcp-address",
-            nsq.nsqd_tcp,
-            "--nsqd-http-address",
-            nsq.nsqd_http,
-            "--lookupd-http-address",
-            nsq.lookupd_http,
-            "--gateway-port",
-            str(port),
-            "--log-level",
-            "WARNING",
-        ],
+        gateway_argv(nsq, port),
         log_dir,
     )
     base = f"http://127.0.0.1:{port}"

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from bench import hey, payloads
 from bench.procs import (
-    Nsq,
     free_port,
+    gateway_argv,
     log,
     nsqjobs_command,
     spawn,
@@ -41,23 +41,6 @@ def _profiled(argv: list[str], out: Path) -> list[str]:
     """``argv`` (an nsqjobs command) run under cProfile, writing ``out`` on exit."""
     cli = argv[len(nsqjobs_command()) :]
     return [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "service.cli", *cli]
-
-
-def _gateway_argv(nsq: Nsq, port: int) -> list[str]:
-    return [
-        *nsqjobs_command(),
-        "gateway",
-        "--nsqd-tcp-address",
-        nsq.nsqd_tcp,
-        "--nsqd-http-address",
-        nsq.nsqd_http,
-        "--lookupd-http-address",
-        nsq.lookupd_http,
-        "--gateway-port",
-        str(port),
-        "--log-level",
-        "WARNING",
-    ]
 
 
 def _show(prof: Path, top: int) -> str:
@@ -110,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for topic in GATEWAY_TOPICS:
                     nsq.post("/topic/create", topic=topic)
                 port = free_port()
-                proc = spawn(daemon, "gateway", _profiled(_gateway_argv(nsq, port), prof), work)
+                proc = spawn(daemon, "gateway", _profiled(gateway_argv(nsq, port), prof), work)
                 base = f"http://127.0.0.1:{port}"
                 wait_ready(proc, f"{base}/readyz", 60.0)
                 if args.target == "gateway":
