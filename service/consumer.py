@@ -460,7 +460,7 @@ class Worker:
         attempts: int,
     ) -> None:
         """Publish a failed result and a dead letter, then FIN (or requeue if nsqd is away)."""
-        name = task.name if task is not None else "unknown"
+        name = task.name if task is not None else "-"  # never the unknown name: bounded labels
         finished = wire.now()
         result = wire.ResultEnvelope(
             id=env.id,

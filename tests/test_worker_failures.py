@@ -152,7 +152,14 @@ def test_garbage_and_unknown_tasks_go_to_dead_letters_at_once(
     (raw,) = dead.collect(1, timeout=20)
     letter = wire.decode_dead_letter(raw)
     assert letter.reason == "unknown_task" and letter.job == env
-    assert worker.metric("nsqjobs_jobs_dead_lettered_total", task="-", reason="undecodable") == 1
+    for reason in ("undecodable", "unknown_task"):
+        wait_for(
+            lambda reason=reason: (
+                worker.metric("nsqjobs_jobs_dead_lettered_total", task="-", reason=reason) == 1
+            ),
+            5,
+            f"the {reason} dead letter to be counted",
+        )
     channel = nsq.channel("jobs", "workers")
     assert channel is not None and channel["requeue_count"] == 0 and channel["depth"] == 0
 
