@@ -285,7 +285,8 @@ class JobsHandler(BodyHandler):
         try:
             env = await self.publish(self.app.acceptor.accept(req))
             try:
-                result = await asyncio.wait_for(asyncio.shield(fut), wait)
+                async with asyncio.timeout(wait):
+                    result = await fut
             except TimeoutError:
                 self.write_json(202, Accepted(id=env.id, task=env.task))
                 return

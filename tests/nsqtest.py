@@ -241,6 +241,18 @@ class Daemon:
         return 0.0
 
 
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``nsqjobs ARGS`` to completion (``python -m service.cli``), capturing its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def start_daemon(kind: str, nsq: Nsq, tmp: Path, *, ready: bool = True, **env: str) -> Daemon:
     """Run ``nsqjobs gateway|worker`` against ``nsq``; waits for /readyz unless told not to."""
     port = free_port()

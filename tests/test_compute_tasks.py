@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from service.registry import registry
-from tests.nsqtest import ROOT, Daemon, Nsq, http
+from tests.nsqtest import ROOT, Daemon, Nsq, http, run_cli
 from workers import impl, tasks
 
 JULIA = {
@@ -127,14 +127,7 @@ def test_kernel_implementation_is_chosen_by_environment(choice: str) -> None:
 
 def test_unknown_kernel_implementation_stops_the_worker_with_one_line() -> None:
     env = {**os.environ, "NSQJOBS_KERNEL_IMPL": "fortran"}
-    out = subprocess.run(
-        [sys.executable, "-m", "service.cli", "worker"],
-        env=env,
-        cwd=ROOT,
-        text=True,
-        capture_output=True,
-        timeout=60,
-    )
+    out = run_cli("worker", env=env)
     assert out.returncode != 0
     assert "NSQJOBS_KERNEL_IMPL='fortran': expected one of numba, cython, python" in out.stderr
 

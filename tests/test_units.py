@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from typing import Annotated
 
 import msgspec
@@ -16,7 +14,7 @@ from service.consumer import backoff_delay
 from service.errors import ConfigError, DecodeError, InvalidArgumentsError, UnknownTaskError
 from service.metrics import GatewayMetrics, WorkerMetrics
 from service.registry import Registry, task
-from tests.nsqtest import ROOT
+from tests.nsqtest import run_cli
 
 
 def test_envelopes_round_trip() -> None:
@@ -152,14 +150,7 @@ def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["submit", "noop", "--gateway-url", "http://127.0.0.1:9"]) == 1
     assert "cannot reach the gateway" in capsys.readouterr().err
     env = {"NSQJOBS_CONCURRENCY": "x", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "service.cli", "worker"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    proc = run_cli("worker", env=env)
     assert proc.returncode == 1
     assert (
         proc.stderr == "nsqjobs worker: NSQJOBS_CONCURRENCY: invalid value 'x' "
@@ -169,13 +160,7 @@ def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.parametrize("command", ["gateway", "worker", "submit"])
 def test_cli_help(command: str) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "service.cli", command, "--help"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    proc = run_cli(command, "--help")
     assert proc.returncode == 0 and "usage: nsqjobs" in proc.stdout
     if command != "submit":
         assert "--nsqd-tcp-address" in proc.stdout and "NSQJOBS_NSQD_TCP_ADDRESS" in proc.stdout
