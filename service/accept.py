@@ -6,6 +6,8 @@ The ``recorder`` hook is where the job ledger will write before publishing.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import re
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -98,15 +100,52 @@ class Acceptor:
 
     async def accept(self, req: SubmitRequest) -> wire.JobEnvelope:
         """Validate, record and publish one job; returns once nsqd acknowledged it."""
+        return await self.submit(req)
+
+    def submit(self, req: SubmitRequest) -> asyncio.Future[wire.JobEnvelope]:
+        """:meth:`accept` for callback code: validates now (raising Unknown/InvalidArguments),
+        then the future resolves to the envelope once nsqd acknowledged it, or to the error.
+
+        A plain job without a recorder needs no coroutine: its future is the publish itself.
+        """
         task, env = self.build(req)
+        if self.recorder is not None or req.delay_ms:
+            return asyncio.ensure_future(self._record_and_publish(task, env, req.delay_ms))
+        done: asyncio.Future[wire.JobEnvelope] = asyncio.get_running_loop().create_future()
+        acked = self.publisher.enqueue(task.queue, wire.encode(env))
+        acked.add_done_callback(functools.partial(self._acked, task, env, done))
+        return done
+
+    def _acked(
+        self,
+        task: Task,
+        env: wire.JobEnvelope,
+        done: asyncio.Future[wire.JobEnvelope],
+        acked: asyncio.Future[None],
+    ) -> None:
+        if done.done():  # the caller gave up
+            return
+        if acked.cancelled():
+            done.cancel()
+            return
+        error = acked.exception()
+        if error is not None:
+            done.set_exception(error)
+            return
+        self.metrics.accepted(task.name)
+        done.set_result(env)
+
+    async def _record_and_publish(
+        self, task: Task, env: wire.JobEnvelope, delay_ms: int
+    ) -> wire.JobEnvelope:
         if self.recorder is not None:
             await self.recorder([env])
         body = wire.encode(env)
-        if req.delay_ms:
-            await self.publisher.dpub(task.queue, req.delay_ms, body)
+        if delay_ms:
+            await self.publisher.dpub(task.queue, delay_ms, body)
         else:
             await self.publisher.pub(task.queue, body)
-        self.metrics.jobs_accepted.labels(task.name).inc()
+        self.metrics.accepted(task.name)
         return env
 
     def build_batch(self, reqs: list[SubmitRequest]) -> list[tuple[Task, wire.JobEnvelope]]:
@@ -152,5 +191,5 @@ class Acceptor:
         for topic, bodies in by_topic.items():
             await self.publisher.mpub(topic, bodies)
         for name, count in Counter(task.name for task, _ in built).items():
-            self.metrics.jobs_accepted.labels(name).inc(count)
+            self.metrics.accepted(name, count)
         return envelopes

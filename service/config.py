@@ -168,6 +168,10 @@ class GatewayConfig(NsqConfig):
     port: int = setting(c.GATEWAY_PORT, "HTTP port", env="NSQJOBS_GATEWAY_PORT")
     max_body_bytes: int = setting(1024 * 1024, "largest request body accepted")
     publish_timeout_s: float = setting(5.0, "seconds to wait for nsqd to acknowledge a publish")
+    http_server: Literal["httptools", "tornado"] = setting(
+        "httptools",
+        "HTTP/1.1 connection layer under the tornado app: httptools (fast) or tornado's own",
+    )
 
     def check(self) -> None:
         """Validate, including the shared NSQ settings."""
@@ -197,6 +201,11 @@ class WorkerConfig(NsqConfig):
     backoff_cap_s: float = setting(60.0, "longest retry delay")
     max_attempts: int = setting(0, "override every task's max attempts (0: use the task's)")
     msg_timeout_s: float = setting(60.0, "message timeout asked of nsqd; touched at a third")
+    delivery_buffer_ms: int = setting(
+        25,
+        "nsqd batches deliveries for up to this long (25-1000; 0: each message at once, "
+        "lower latency, fewer jobs/s)",
+    )
     worker_id: str = setting("", "name in results and logs (default host:pid)")
 
     def check(self) -> None:
@@ -220,6 +229,12 @@ class WorkerConfig(NsqConfig):
         )
         _require(self.max_attempts >= 0, cls, "max_attempts", "must be >= 0")
         _require(1 <= self.msg_timeout_s <= 900, cls, "msg_timeout_s", "must be 1-900")
+        _require(
+            self.delivery_buffer_ms == 0 or 25 <= self.delivery_buffer_ms <= 1000,
+            cls,
+            "delivery_buffer_ms",
+            "must be 0 or 25-1000 (nsqd's --min-output-buffer-timeout is 25 ms)",
+        )
         _require(
             bool(self.channel) and "." not in self.channel,
             cls,

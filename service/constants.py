@@ -33,8 +33,11 @@ MAX_BATCH_JOBS: Final = 1000
 
 PROBLEM_CONTENT_TYPE: Final = "application/problem+json"
 
-# pynsq asks nsqd to buffer deliveries up to 16 KiB or 250 ms; at light load that 250 ms is most
-# of a job's latency. 64 bytes (the least nsqd accepts) flushes each message at once; measured
-# in bench/ with no loss of worker throughput.
+# nsqd buffers deliveries to a consumer up to a size or a time (pynsq asks 16 KiB or 250 ms).
+# 64 bytes (the least nsqd accepts) flushes each message at once: the gateway's results reader
+# uses it, since ?wait= answers are latency. Workers batch by default (16 KiB, at most
+# --delivery-buffer-ms): measured in bench/, unbuffered delivery costs a noop worker a third of
+# its throughput, while 25 ms (nsqd's least timeout) is small next to compute jobs.
 READER_OUTPUT_BUFFER_BYTES: Final = 64
 READER_OUTPUT_BUFFER_TIMEOUT_MS: Final = 25
+WORKER_OUTPUT_BUFFER_BYTES: Final = 16 * 1024

@@ -8,18 +8,18 @@ its result; a retry republishes the envelope (with the attempt history) after a 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import multiprocessing
 import random
 import signal
 import time
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Coroutine
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-import nsq
 import tornado.httpserver
 import tornado.web
 from prometheus_client import CollectorRegistry
@@ -30,8 +30,8 @@ from service.constants import (
     DEAD_LETTER_TOPIC,
     MAX_DELAY_MS,
     READER_OUTPUT_BUFFER_BYTES,
-    READER_OUTPUT_BUFFER_TIMEOUT_MS,
     RESULTS_TOPIC,
+    WORKER_OUTPUT_BUFFER_BYTES,
 )
 from service.errors import (
     DecodeError,
@@ -42,8 +42,16 @@ from service.errors import (
     UnknownTaskError,
 )
 from service.metrics import WorkerMetrics, observability_routes
-from service.nsqio import Publisher, close_reader, connected_count, create_topics
+from service.nsqio import (
+    Publisher,
+    Reader,
+    close_reader,
+    connected_count,
+    create_topics,
+    unflushed,
+)
 from service.registry import Registry, Task, load_task_modules, registry
+from service.threadpool import SlotPool
 
 log = logging.getLogger("nsqjobs.worker")
 
@@ -68,14 +76,44 @@ def _run_in_child(name: str, args: dict[str, Any]) -> Any:
     return msgspec.to_builtins(registry.get(name).run(args))
 
 
-@dataclass
 class _Job:
-    """A message this worker holds, and the asyncio task handling it."""
+    """A message this worker holds, and what is handling it now."""
 
-    message: Any
-    task_name: str
-    handler: asyncio.Task[None] | None = None
-    running: bool = False  # in the executor now (touched while so)
+    __slots__ = (
+        "attempt",
+        "done",
+        "env",
+        "executor",
+        "handler",
+        "max_attempts",
+        "message",
+        "ran",
+        "running",
+        "started",
+        "t0",
+        "task",
+        "task_name",
+        "timed_out",
+        "timer",
+    )
+
+    def __init__(self, message: Any) -> None:
+        self.message = message
+        self.task_name = "-"
+        self.task: Task | None = None
+        self.env: wire.JobEnvelope | None = None
+        self.attempt = 0
+        self.max_attempts = 0
+        self.started = 0.0
+        self.t0 = 0.0
+        self.executor: ProcessPoolExecutor | SlotPool | None = None
+        # A coroutine for the rare paths (failures, retries, dead letters); None on success.
+        self.handler: asyncio.Task[None] | None = None
+        self.ran: asyncio.Future[Any] | None = None  # the executor's future while running
+        self.timer: asyncio.TimerHandle | None = None
+        self.timed_out = False
+        self.running = False  # in the executor now (touched while so)
+        self.done: asyncio.Future[None] | None = None  # made by drain() to wait for the end
 
 
 class Worker:
@@ -101,7 +139,7 @@ class Worker:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def _make_executor(self) -> Executor:
+    def _make_executor(self) -> ProcessPoolExecutor | SlotPool:
         if self.config.executor == "process":
             return ProcessPoolExecutor(
                 self.config.concurrency,
@@ -109,7 +147,7 @@ class Worker:
                 initializer=_child_init,
                 initargs=(self.config.task_module,),
             )
-        return ThreadPoolExecutor(self.config.concurrency, thread_name_prefix="nsqjobs-task")
+        return SlotPool(self.config.concurrency)
 
     def queues(self) -> list[str]:
         """The queue topics this worker consumes."""
@@ -117,7 +155,7 @@ class Worker:
 
     async def start(self) -> None:
         """Create topics, serve metrics, and subscribe (call :func:`warm_up` first)."""
-        if self.config.executor == "process":
+        if isinstance(self.executor, ProcessPoolExecutor):
             # Start the children (and their warm-up) now rather than on the first job.
             await asyncio.gather(
                 *(
@@ -139,9 +177,10 @@ class Worker:
         self.accepting = True
         # One reader per queue; their RDY counts add up to the executor slots (at least 1 each).
         per_reader = max(1, self.config.concurrency // len(queues))
+        buffering = self.config.delivery_buffer_ms
         for queue in queues:
             self.readers.append(
-                nsq.Reader(
+                Reader(
                     topic=queue,
                     channel=self.config.channel,
                     message_handler=self._on_message,
@@ -151,8 +190,12 @@ class Worker:
                     max_in_flight=per_reader,
                     max_tries=0,  # attempts are counted here, per task, not by pynsq
                     msg_timeout=self.config.msg_timeout_s,
-                    output_buffer_size=READER_OUTPUT_BUFFER_BYTES,
-                    output_buffer_timeout=READER_OUTPUT_BUFFER_TIMEOUT_MS,
+                    # 0: nsqd sends each message at once (lowest latency); otherwise it batches
+                    # deliveries for up to that long (more jobs per second).
+                    output_buffer_size=(
+                        WORKER_OUTPUT_BUFFER_BYTES if buffering else READER_OUTPUT_BUFFER_BYTES
+                    ),
+                    output_buffer_timeout=buffering or 25,
                 )
             )
         self._toucher = asyncio.ensure_future(self._touch_running())
@@ -186,7 +229,10 @@ class Worker:
         self.accepting = False
         for reader in self.readers:
             reader.set_max_in_flight(0)
-        running = [job.handler for job in self.held.values() if job.handler is not None]
+        loop = asyncio.get_running_loop()
+        for job in self.held.values():
+            job.done = loop.create_future()
+        running = [job.done for job in self.held.values() if job.done is not None]
         log.info(
             "draining: RDY 0 sent, %d job(s) running, grace %.1fs",
             len(running),
@@ -202,6 +248,8 @@ class Worker:
                 abandoned += 1
             if job.handler is not None:
                 job.handler.cancel()
+            if job.ran is not None:
+                job.ran.cancel()
         if abandoned:
             log.warning("requeued %d unfinished job(s) for another worker", abandoned)
         if self._toucher is not None:
@@ -212,78 +260,76 @@ class Worker:
         self.publisher.close()
         if self.server is not None:
             self.server.stop()
-        self.executor.shutdown(wait=False, cancel_futures=True)
         if isinstance(self.executor, ProcessPoolExecutor):
+            self.executor.shutdown(wait=False, cancel_futures=True)
             for child in multiprocessing.active_children():
                 child.terminate()
+        else:
+            self.executor.shutdown()
         return abandoned
 
     async def _flush(self, timeout_s: float = 2.0) -> None:
         # FIN/REQ are buffered in the IOStream; closing before they are written would drop them.
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            streams = [
-                conn.stream
-                for r in self.readers
-                for conn in r.conns.values()
-                if conn.stream is not None and not conn.stream.closed()
-            ]
-            if not any(s.writing() for s in streams):
-                return
+        while unflushed(self.readers) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
     # -- per message ---------------------------------------------------------------------------
+    #
+    # A job that succeeds is handled by plain callbacks: message -> executor -> result publish
+    # -> FIN, with no asyncio task of its own (creating one per message was a tenth of a noop
+    # job's cost). Every other outcome runs as a coroutine in a task (see _spawn).
 
     def _on_message(self, message: Any) -> None:
         message.enable_async()  # we answer nsqd ourselves, exactly once per message
         if not self.accepting:
             message.requeue(backoff=False, time_ms=0)
             return
-        job = _Job(message=message, task_name="-")
+        job = _Job(message)
         self.held[message.id] = job
-        job.handler = asyncio.ensure_future(self._handle(job))
-        job.handler.add_done_callback(lambda handler: self._handled(job, handler))
+        try:
+            self._start(job)
+        except Exception as exc:
+            self._internal_error(job, exc)
 
-    def _handled(self, job: _Job, handler: asyncio.Task[None]) -> None:
-        self.held.pop(job.message.id, None)
-        if handler.cancelled() or handler.exception() is None:
-            return
-        # A bug of ours, not the task's: say so, count it, and give the message back.
-        exc = handler.exception()
-        log.error("internal error handling message %s", job.message.id.decode(), exc_info=exc)
-        self.metrics.errors.labels(job.task_name, "InternalError").inc()
-        self._respond(job.message, "requeue", time_ms=int(self.config.backoff_cap_s * 1000))
-
-    async def _handle(self, job: _Job) -> None:
+    def _start(self, job: _Job) -> None:
         message = job.message
         try:
             env = wire.decode_job(message.body)
         except DecodeError as exc:
             log.warning("message %s is not a job envelope: %s", message.id.decode(), exc)
-            await self._dead_letter(
-                message,
-                None,
-                "undecodable",
-                wire.ErrorInfo.from_exception(exc),
-                raw=exc.raw.decode("utf-8", "replace"),
+            self._spawn(
+                job,
+                self._dead_letter(
+                    message,
+                    None,
+                    "undecodable",
+                    wire.ErrorInfo.from_exception(exc),
+                    raw=exc.raw.decode("utf-8", "replace"),
+                ),
             )
             return
+        job.env = env
         try:
             task = self.tasks.get(env.task)
         except UnknownTaskError as exc:
             log.warning("job %s names unknown task %r", env.id, env.task)
-            await self._finish_failed(
-                message,
-                env,
-                None,
-                "unknown_task",
-                wire.ErrorInfo.from_exception(exc),
-                wire.now(),
-                env.attempts + 1,
+            self._spawn(
+                job,
+                self._finish_failed(
+                    message,
+                    env,
+                    None,
+                    "unknown_task",
+                    wire.ErrorInfo.from_exception(exc),
+                    wire.now(),
+                    env.attempts + 1,
+                ),
             )
             return
-        job.task_name = task.name
-        self.metrics.for_task(task.name).received.inc()
+        job.task, job.task_name = task, task.name
+        m = self.metrics.for_task(task.name)
+        m.received.inc()
         attempt = env.attempts + message.attempts
         max_attempts = self.config.max_attempts or task.max_attempts
         if attempt > max_attempts:
@@ -295,91 +341,156 @@ class Worker:
                     "(worker crashed or the message timed out)"
                 ),
             )
-            await self._finish_failed(
-                message, env, task, "max_attempts", error, wire.now(), attempt - 1
+            self._spawn(
+                job,
+                self._finish_failed(
+                    message, env, task, "max_attempts", error, wire.now(), attempt - 1
+                ),
             )
             return
         if env.deadline is not None and wire.now() > env.deadline:
-            await self._finish_failed(
-                message,
-                env,
-                task,
-                "expired",
-                wire.ErrorInfo(type="Expired", message="job deadline passed before it could start"),
-                wire.now(),
-                env.attempts,
+            error = wire.ErrorInfo(
+                type="Expired", message="job deadline passed before it could start"
+            )
+            self._spawn(
+                job,
+                self._finish_failed(message, env, task, "expired", error, wire.now(), env.attempts),
             )
             return
-        await self._run(job, env, task, attempt, max_attempts)
-
-    async def _run(
-        self, job: _Job, env: wire.JobEnvelope, task: Task, attempt: int, max_attempts: int
-    ) -> None:
-        message = job.message
-        started, t0 = wire.now(), time.perf_counter()
+        job.attempt, job.max_attempts = attempt, max_attempts
+        job.started, job.t0 = wire.now(), time.perf_counter()
         log.info("job %s %-14s attempt %d/%d started", env.id, task.name, attempt, max_attempts)
-        limit = env.timeout_s or task.time_limit_s
-        m = self.metrics.for_task(task.name)
         m.in_progress.inc()
         job.running = True
-        try:
-            async with asyncio.timeout(limit):
-                result = await self._execute(task, env.args)
-            body = wire.encode(
-                wire.ResultEnvelope(
-                    id=env.id,
-                    task=task.name,
-                    status="succeeded",
-                    result=result,
-                    attempts=attempt,
-                    worker=self.worker_id,
-                    started_at=started,
-                    finished_at=wire.now(),
-                    duration_s=time.perf_counter() - t0,
-                )
-            )
-        except Exception as exc:
-            if isinstance(exc, TimeoutError):
-                exc = TaskTimeoutError(f"ran past its {limit:g}s time limit")
-            await self._failed_attempt(message, env, task, attempt, max_attempts, exc, started, t0)
-            return
-        finally:
-            job.running = False
-            m.in_progress.dec()
-        duration = time.perf_counter() - t0
-        m.duration_succeeded.observe(duration)
-        try:
-            await self.publisher.pub(RESULTS_TOPIC, body)
-        except PublishRejected as exc:
-            await self._failed_attempt(
-                message, env, task, max_attempts, max_attempts, exc, started, t0
-            )
-            return
-        except PublishError as exc:
-            self._requeue(message, env, f"result not acknowledged ({exc})")
-            return
-        self._respond(message, "finish")
-        m.succeeded.inc()
-        log.info(
-            "job %s %-14s attempt %d/%d succeeded in %.3fs",
-            env.id,
-            task.name,
-            attempt,
-            max_attempts,
-            duration,
+        job.executor = self.executor
+        ran = job.ran = self._submit(task, env.args)
+        job.timer = asyncio.get_running_loop().call_later(
+            env.timeout_s or task.time_limit_s, self._expire, job
         )
+        ran.add_done_callback(functools.partial(self._ran, job))
 
-    async def _execute(self, task: Task, args: dict[str, Any]) -> Any:
-        loop = asyncio.get_running_loop()
-        if isinstance(self.executor, ProcessPoolExecutor):
+    def _submit(self, task: Task, args: dict[str, Any]) -> asyncio.Future[Any]:
+        executor = self.executor
+        if isinstance(executor, ProcessPoolExecutor):
+            loop = asyncio.get_running_loop()
+            return loop.run_in_executor(executor, _run_in_child, task.name, args)
+        return executor.submit(task.run, args)
+
+    def _expire(self, job: _Job) -> None:
+        if job.ran is not None and not job.ran.done():
+            job.timed_out = True
+            job.ran.cancel()  # the thread (or child) runs on; its outcome is ignored
+
+    def _ran(self, job: _Job, ran: asyncio.Future[Any]) -> None:
+        try:
+            self._after_run(job, ran)
+        except Exception as exc:
+            self._internal_error(job, exc)
+
+    def _after_run(self, job: _Job, ran: asyncio.Future[Any]) -> None:
+        task, env = job.task, job.env
+        assert task is not None and env is not None
+        job.ran = None
+        job.running = False
+        if job.timer is not None:
+            job.timer.cancel()
+        m = self.metrics.for_task(task.name)
+        m.in_progress.dec()
+        failure: BaseException | None = None
+        if ran.cancelled():
+            if not job.timed_out:  # cancelled by drain(): the message is requeued already
+                self._forget(job)
+                return
+            limit = env.timeout_s or task.time_limit_s
+            failure = TaskTimeoutError(f"ran past its {limit:g}s time limit")
+        else:
+            failure = ran.exception()
+        if isinstance(failure, BrokenProcessPool) and self.executor is job.executor:
+            # A child died (crash, OOM kill): start a new pool so other jobs go on (once,
+            # though every job of the broken pool fails with it).
+            assert isinstance(self.executor, ProcessPoolExecutor)
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            self.executor = self._make_executor()
+        if failure is None:
             try:
-                return await loop.run_in_executor(self.executor, _run_in_child, task.name, args)
-            except BrokenProcessPool:
-                # A child died (crash, OOM kill): start a new pool so other jobs go on.
-                self.executor.shutdown(wait=False, cancel_futures=True)
-                self.executor = self._make_executor()
-                raise
-        return await loop.run_in_executor(self.executor, task.run, args)
+                body = wire.encode(
+                    wire.ResultEnvelope(
+                        id=env.id,
+                        task=task.name,
+                        status="succeeded",
+                        result=ran.result(),
+                        attempts=job.attempt,
+                        worker=self.worker_id,
+                        started_at=job.started,
+                        finished_at=wire.now(),
+                        duration_s=time.perf_counter() - job.t0,
+                    )
+                )
+            except Exception as exc:  # a result msgspec cannot encode
+                failure = exc
+        if failure is not None:
+            if not isinstance(failure, Exception):
+                raise failure
+            self._spawn(job, self._failed_attempt(job, failure))
+            return
+        duration = time.perf_counter() - job.t0
+        m.duration_succeeded.observe(duration)
+        acked = self.publisher.enqueue(RESULTS_TOPIC, body)
+        acked.add_done_callback(functools.partial(self._result_acked, job, duration))
+
+    def _result_acked(self, job: _Job, duration: float, acked: asyncio.Future[None]) -> None:
+        try:
+            task, env, message = job.task, job.env, job.message
+            assert task is not None and env is not None
+            if message.has_responded():  # drain() gave it back while the result was in flight
+                self._forget(job)
+                return
+            error = None if acked.cancelled() else acked.exception()
+            if isinstance(error, PublishRejected):
+                self._spawn(job, self._failed_attempt(job, error, final=True))
+                return
+            if error is not None or acked.cancelled():
+                self._requeue(message, env, f"result not acknowledged ({error or 'cancelled'})")
+                self._forget(job)
+                return
+            self._respond(message, "finish")
+            self.metrics.for_task(task.name).succeeded.inc()
+            log.info(
+                "job %s %-14s attempt %d/%d succeeded in %.3fs",
+                env.id,
+                task.name,
+                job.attempt,
+                job.max_attempts,
+                duration,
+            )
+            self._forget(job)
+        except Exception as exc:
+            self._internal_error(job, exc)
+
+    def _spawn(self, job: _Job, coro: Coroutine[Any, Any, None]) -> None:
+        job.handler = asyncio.ensure_future(coro)
+        job.handler.add_done_callback(functools.partial(self._handled, job))
+
+    def _handled(self, job: _Job, handler: asyncio.Task[None]) -> None:
+        if handler.cancelled() or handler.exception() is None:
+            self._forget(job)
+            return
+        exc = handler.exception()
+        assert isinstance(exc, Exception)
+        self._internal_error(job, exc)
+
+    def _internal_error(self, job: _Job, exc: BaseException) -> None:
+        # A bug of ours, not the task's: say so, count it, and give the message back.
+        log.error("internal error handling message %s", job.message.id.decode(), exc_info=exc)
+        self.metrics.errors.labels(job.task_name, "InternalError").inc()
+        self._respond(job.message, "requeue", time_ms=int(self.config.backoff_cap_s * 1000))
+        self._forget(job)
+
+    def _forget(self, job: _Job) -> None:
+        """The message is answered (or handed back): stop holding it."""
+        self.held.pop(job.message.id, None)
+        if job.done is not None and not job.done.done():
+            job.done.set_result(None)
 
     async def _touch_running(self) -> None:
         # One loop for all jobs: every third of the message timeout, TOUCH what is still running.
@@ -389,20 +500,18 @@ class Worker:
                 if job.running and not job.message.has_responded():
                     job.message.touch()
 
-    async def _failed_attempt(
-        self,
-        message: Any,
-        env: wire.JobEnvelope,
-        task: Task,
-        attempt: int,
-        max_attempts: int,
-        exc: Exception,
-        started: float,
-        t0: float,
-    ) -> None:
+    async def _failed_attempt(self, job: _Job, exc: Exception, *, final: bool = False) -> None:
+        """The task raised (or its result could not be published): retry or dead-letter.
+
+        ``final``: no retry whatever the attempt count (nsqd refused the result itself).
+        """
+        message, env, task, started = job.message, job.env, job.task, job.started
+        assert env is not None and task is not None
+        max_attempts = job.max_attempts
+        attempt = max_attempts if final else job.attempt
         error = wire.ErrorInfo.from_exception(exc)
         self.metrics.errors.labels(task.name, error.type).inc()
-        self.metrics.duration.labels(task.name, "failed").observe(time.perf_counter() - t0)
+        self.metrics.duration.labels(task.name, "failed").observe(time.perf_counter() - job.t0)
         if isinstance(exc, Retry | TaskTimeoutError):
             log.warning(
                 "job %s %-14s attempt %d/%d: %s", env.id, task.name, attempt, max_attempts, exc

@@ -13,12 +13,14 @@ import re
 import secrets
 import socket
 import time
+import urllib.parse
+from collections.abc import Awaitable
 from http import HTTPStatus
 from typing import Any
 
 import msgspec
-import nsq
 import tornado.httpserver
+import tornado.httputil
 import tornado.web
 from prometheus_client import CollectorRegistry
 
@@ -35,8 +37,9 @@ from service.constants import (
     RESULTS_TOPIC,
 )
 from service.errors import DecodeError, InvalidArgumentsError, PublishError, UnknownTaskError
+from service.httpserver import HTTPServer
 from service.metrics import GatewayMetrics, observability_routes
-from service.nsqio import Publisher, close_reader, connected_count, create_topics
+from service.nsqio import Publisher, Reader, close_reader, connected_count, create_topics
 from service.openapi import openapi_document
 from service.registry import Registry, field_error, validation_errors
 
@@ -52,6 +55,49 @@ class Problem(tornado.web.HTTPError):
         self.slug = slug
         self.detail = detail
         self.extra = extra
+
+
+def problem_body(status: int, slug: str, detail: str, extra: dict[str, Any]) -> bytes:
+    """The problem+json document for one error."""
+    return _json.encode(
+        {
+            "type": f"urn:nsqjobs:problem:{slug}",
+            "title": HTTPStatus(status).phrase,
+            "status": status,
+            "detail": detail,
+            **extra,
+        }
+    )
+
+
+def as_problem(exc: BaseException) -> Problem | None:
+    """The problem a domain error is answered with; None for anything unexpected."""
+    if isinstance(exc, Problem):
+        return exc
+    if isinstance(exc, UnknownTaskError):
+        return Problem(404, "unknown-task", str(exc), task=exc.task)
+    if isinstance(exc, InvalidArgumentsError):
+        return Problem(422, "invalid-arguments", str(exc), errors=validation_errors(exc))
+    if isinstance(exc, PublishError):
+        log.warning("publish failed: %s", exc)
+        return Problem(503, "unavailable", f"no nsqd accepted the job: {exc}")
+    return None
+
+
+def decode_body(body: bytes, kind: type[Any]) -> Any:
+    """Parse a request body as ``kind``: 400 if it is not JSON, 422 if it has the wrong shape."""
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        err = field_error(str(exc), "body")
+        raise Problem(
+            422,
+            "invalid-arguments",
+            str(exc),
+            errors=[{"field": err.field, "message": err.message}],
+        ) from None
+    except msgspec.DecodeError as exc:
+        raise Problem(400, "malformed-json", f"body is not valid JSON: {exc}") from None
 
 
 class ResultWaiter:
@@ -73,7 +119,7 @@ class ResultWaiter:
         config = self.config
         host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:24]
         channel = f"{GATEWAY_CHANNEL_PREFIX}_{host}_{os.getpid()}_{secrets.token_hex(3)}#ephemeral"
-        self.reader = nsq.Reader(
+        self.reader = Reader(
             topic=RESULTS_TOPIC,
             channel=channel,
             message_handler=self._on_message,
@@ -161,14 +207,7 @@ class ApiHandler(tornado.web.RequestHandler):
         if status_code == 503:
             self.set_header("Retry-After", "1")
         self.set_header("Content-Type", PROBLEM_CONTENT_TYPE)
-        body = {
-            "type": f"urn:nsqjobs:problem:{slug}",
-            "title": HTTPStatus(status_code).phrase,
-            "status": status_code,
-            "detail": detail,
-            **extra,
-        }
-        self.finish(_json.encode(body))
+        self.finish(problem_body(status_code, slug, detail, extra))
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         """Expected problems are not stack traces."""
@@ -178,11 +217,9 @@ class ApiHandler(tornado.web.RequestHandler):
 
     def on_finish(self) -> None:
         """Count the request by route template (bounded), method and status."""
-        m = self.app.metrics
-        m.requests.labels(self.route, self.request.method, str(self.get_status())).inc()
-        m.request_duration.labels(self.route).observe(self.request.request_time())
-        if self.get_status() >= 400 and self.route.startswith("/v1/jobs"):
-            m.jobs_rejected.labels(str(self.get_status())).inc()
+        self.app.metrics.request_done(
+            self.route, self.request.method or "-", self.get_status(), self.request.request_time()
+        )
 
 
 class NotFoundHandler(ApiHandler):
@@ -192,113 +229,112 @@ class NotFoundHandler(ApiHandler):
         raise Problem(404, "not-found", f"no route {self.request.path}")
 
 
-@tornado.web.stream_request_body
-class BodyHandler(ApiHandler):
-    """A POST handler that enforces the body limit (413) and the JSON content type (415)."""
+class JobRequest(tornado.httputil.HTTPMessageDelegate):
+    """``POST /v1/jobs`` (``?wait=``) and ``POST /v1/jobs/batch``: the gateway's hot path.
 
-    def prepare(self) -> None:
-        self._chunks: list[bytes] = []
-        self._size = 0
-        if self.request.method != "POST":
-            self.set_header("Allow", "POST")
-            raise Problem(405, "method-not-allowed", f"{self.request.method} not allowed; use POST")
-        ctype = self.request.headers.get("Content-Type", "")
+    Written on tornado's message-delegate interface rather than as a RequestHandler: a single
+    job is validated when its body ends, published (coalesced with its neighbours into one
+    MPUB), and answered from the publish's callback, with no coroutine of its own.
+    The body limit (413) holds for chunked uploads too, and is checked as the body arrives.
+    """
+
+    def __init__(
+        self,
+        app: GatewayApp,
+        conn: tornado.httputil.HTTPConnection,
+        start_line: tornado.httputil.RequestStartLine,
+        route: str,
+        query: str,
+    ) -> None:
+        self.app = app
+        self.conn = conn
+        self.method = start_line.method
+        self.uri = start_line.path
+        self.route = route
+        self.query = query
+        self.started = time.perf_counter()
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.wait = 0.0
+        self.answered = False
+
+    # -- tornado.httputil.HTTPMessageDelegate ---------------------------------------------------
+
+    def headers_received(
+        self,
+        start_line: tornado.httputil.RequestStartLine | tornado.httputil.ResponseStartLine,
+        headers: tornado.httputil.HTTPHeaders,
+    ) -> None:
+        """Refuse early what the headers already show: method, content type, declared size."""
+        try:
+            self._check(headers)
+        except Problem as problem:
+            self._answer_problem(problem)
+
+    def data_received(self, chunk: bytes) -> None:
+        """Collect the body, refusing it as soon as it passes the limit."""
+        if self.answered:
+            return
+        self.size += len(chunk)
+        if self.size > self.app.config.max_body_bytes:
+            self.chunks = []
+            self._answer_problem(self._too_large())
+            return
+        self.chunks.append(chunk)
+
+    def finish(self) -> None:
+        """The body is complete: accept the job(s)."""
+        if self.answered:
+            return
+        body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+        self.chunks = []
+        try:
+            if self.route == "/v1/jobs" and not self.wait:
+                req: SubmitRequest = decode_body(body, SubmitRequest)
+                self.app.acceptor.submit(req).add_done_callback(self._accepted)
+                return
+            handler = asyncio.ensure_future(self._accept_slowly(body))
+            handler.add_done_callback(self._handled)
+        except Exception as exc:
+            self._answer_exception(exc)
+
+    def on_connection_close(self) -> None:
+        """The client left; anything accepted stays accepted (nsqd has it)."""
+        self.answered = True
+
+    # -- answers --------------------------------------------------------------------------------
+
+    def _check(self, headers: tornado.httputil.HTTPHeaders) -> None:
+        method = self.method
+        if method != "POST":
+            raise Problem(
+                405, "method-not-allowed", f"{method} not allowed; use POST", allow="POST"
+            )
+        ctype = headers.get("Content-Type", "")
         if ctype.split(";")[0].strip().lower() != "application/json":
             raise Problem(
                 415,
                 "unsupported-media-type",
                 f"Content-Type must be application/json, got {ctype or 'none'!r}",
             )
-        length = self.request.headers.get("Content-Length")
+        length = headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > self.app.config.max_body_bytes:
-            raise self._problem_413()
+            raise self._too_large()
+        if self.route == "/v1/jobs" and self.query:
+            self.wait = self._wait_seconds()
 
-    def data_received(self, chunk: bytes) -> None:
-        """Collect the body, refusing it as soon as it passes the limit (chunked uploads)."""
-        if self._finished:
-            return
-        self._size += len(chunk)
-        if self._size > self.app.config.max_body_bytes:
-            self.send_error(413, exc_info=(Problem, self._problem_413(), None))
-            return
-        self._chunks.append(chunk)
-
-    def _problem_413(self) -> Problem:
+    def _too_large(self) -> Problem:
         return Problem(
             413,
             "payload-too-large",
             f"body is over the {self.app.config.max_body_bytes}-byte limit",
         )
 
-    def decode(self, kind: type[Any]) -> Any:
-        """Parse the body as ``kind``: 400 if it is not JSON, 422 if it has the wrong shape."""
-        body = b"".join(self._chunks)
-        try:
-            return msgspec.json.decode(body, type=kind)
-        except msgspec.ValidationError as exc:
-            err = field_error(str(exc), "body")
-            raise Problem(
-                422,
-                "invalid-arguments",
-                str(exc),
-                errors=[{"field": err.field, "message": err.message}],
-            ) from None
-        except msgspec.DecodeError as exc:
-            raise Problem(400, "malformed-json", f"body is not valid JSON: {exc}") from None
-
-    async def publish(self, coro: Any) -> Any:
-        """Await an acceptance, mapping domain errors to problems."""
-        try:
-            return await coro
-        except UnknownTaskError as exc:
-            raise Problem(404, "unknown-task", str(exc), task=exc.task) from None
-        except InvalidArgumentsError as exc:
-            raise Problem(
-                422, "invalid-arguments", str(exc), errors=validation_errors(exc)
-            ) from None
-        except PublishError as exc:
-            log.warning("publish failed: %s", exc)
-            raise Problem(503, "unavailable", f"no nsqd accepted the job: {exc}") from None
-
-
-class JobsHandler(BodyHandler):
-    """``POST /v1/jobs``: one job, optionally waiting for its result."""
-
-    route = "/v1/jobs"
-
-    async def post(self) -> None:
-        """Accept a job; 202 when queued, 200 with the result if it came within ``wait``."""
-        if self._finished:
-            return
-        wait = self._wait_seconds()
-        req: SubmitRequest = self.decode(SubmitRequest)
-        if not wait:
-            env = await self.publish(self.app.acceptor.accept(req))
-            self.write_json(202, Accepted(id=env.id, task=env.task))
-            return
-        # Build first (to learn the id), listen, then publish: a fast result is not missed.
-        task_id = req.id or wire.new_job_id()
-        req = msgspec.structs.replace(req, id=task_id)
-        waiter = self.app.waiter
-        fut = waiter.register(task_id)
-        self.app.metrics.waiting.inc()
-        try:
-            env = await self.publish(self.app.acceptor.accept(req))
-            try:
-                async with asyncio.timeout(wait):
-                    result = await fut
-            except TimeoutError:
-                self.write_json(202, Accepted(id=env.id, task=env.task))
-                return
-            self.write_json(200, result)
-        finally:
-            waiter.forget(task_id, fut)
-            self.app.metrics.waiting.dec()
-
     def _wait_seconds(self) -> float:
-        raw = self.get_query_argument("wait", None)
-        if raw is None:
+        values = urllib.parse.parse_qs(self.query, keep_blank_values=True).get("wait")
+        if not values:
             return 0.0
+        raw = values[-1]
         try:
             wait = float(raw)
         except ValueError:
@@ -312,19 +348,160 @@ class JobsHandler(BodyHandler):
             )
         return wait
 
-
-class BatchHandler(BodyHandler):
-    """``POST /v1/jobs/batch``: up to 1000 jobs, all or nothing."""
-
-    route = "/v1/jobs/batch"
-
-    async def post(self) -> None:
-        """Accept a batch; 202 with the ids in request order."""
-        if self._finished:
+    def _accepted(self, accepted: asyncio.Future[wire.JobEnvelope]) -> None:
+        try:
+            env = accepted.result()
+        except BaseException as exc:
+            self._answer_exception(exc)
             return
-        req: BatchRequest = self.decode(BatchRequest)
-        envs = await self.publish(self.app.acceptor.accept_batch(req.jobs))
-        self.write_json(202, BatchAccepted(ids=[e.id for e in envs]))
+        self._answer(202, "application/json", _json.encode(Accepted(id=env.id, task=env.task)))
+
+    async def _accept_slowly(self, body: bytes) -> None:
+        acceptor = self.app.acceptor
+        if self.route == "/v1/jobs/batch":
+            batch: BatchRequest = decode_body(body, BatchRequest)
+            envs = await acceptor.accept_batch(batch.jobs)
+            self._answer_json(202, BatchAccepted(ids=[e.id for e in envs]))
+            return
+        req: SubmitRequest = decode_body(body, SubmitRequest)
+        # Build first (to learn the id), listen, then publish: a fast result is not missed.
+        job_id = req.id or wire.new_job_id()
+        req = msgspec.structs.replace(req, id=job_id)
+        waiter = self.app.waiter
+        fut = waiter.register(job_id)
+        self.app.metrics.waiting.inc()
+        try:
+            env = await acceptor.accept(req)
+            try:
+                async with asyncio.timeout(self.wait):
+                    result = await fut
+            except TimeoutError:
+                self._answer_json(202, Accepted(id=env.id, task=env.task))
+                return
+            self._answer_json(200, result)
+        finally:
+            waiter.forget(job_id, fut)
+            self.app.metrics.waiting.dec()
+
+    def _handled(self, handler: asyncio.Task[None]) -> None:
+        if not handler.cancelled() and handler.exception() is not None:
+            exc = handler.exception()
+            assert exc is not None
+            self._answer_exception(exc)
+
+    def _answer_exception(self, exc: BaseException) -> None:
+        problem = as_problem(exc)
+        if problem is None:
+            log.error("internal error on %s", self.route, exc_info=exc)
+            problem = Problem(500, "internal", "internal error (see the gateway log)")
+        self._answer_problem(problem)
+
+    def _answer_problem(self, problem: Problem) -> None:
+        extra = dict(problem.extra)
+        headers = {}
+        allow = extra.pop("allow", None)
+        if allow is not None:
+            headers["Allow"] = allow
+        if problem.status_code == 503:
+            headers["Retry-After"] = "1"
+        body = problem_body(problem.status_code, problem.slug, problem.detail, extra)
+        self._answer(problem.status_code, PROBLEM_CONTENT_TYPE, body, headers)
+
+    def _answer_json(self, status: int, body: Any) -> None:
+        self._answer(status, "application/json", _json.encode(body))
+
+    def _answer(
+        self, status: int, ctype: str, body: bytes, extra: dict[str, str] | None = None
+    ) -> None:
+        if self.answered:
+            return
+        self.answered = True
+        headers = tornado.httputil.HTTPHeaders(
+            {"Content-Type": ctype, "Content-Length": str(len(body))}
+        )
+        if extra:
+            headers.update(extra)
+        conn = self.conn
+        conn.write_headers(
+            tornado.httputil.ResponseStartLine("HTTP/1.1", status, _REASONS[status]),
+            headers,
+            body,
+        )
+        conn.finish()
+        elapsed = time.perf_counter() - self.started
+        self.app.metrics.request_done(self.route, self.method, status, elapsed)
+        _log_request(status, self.method, self.uri, elapsed)
+
+
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+
+
+class GatewayRouter(tornado.httputil.HTTPServerConnectionDelegate):
+    """Job submissions to :class:`JobRequest`; every other path to the tornado Application.
+
+    Routing happens on the request line alone, so a job submission never builds tornado's
+    ``HTTPServerRequest`` (whose query parsing and deep copies cost as much as the rest of the
+    request). Works under either HTTP layer (see ``--http-server``).
+    """
+
+    JOB_ROUTES = frozenset(("/v1/jobs", "/v1/jobs/batch"))
+
+    def __init__(self, app: GatewayApp, web: tornado.web.Application) -> None:
+        self.app = app
+        self.web = web
+
+    def start_request(
+        self, server_conn: object, request_conn: tornado.httputil.HTTPConnection
+    ) -> tornado.httputil.HTTPMessageDelegate:
+        """One request's delegate, decided when its headers arrive."""
+        return _Routed(self, server_conn, request_conn)
+
+
+class _Routed(tornado.httputil.HTTPMessageDelegate):
+    """Forwards one request to the delegate its path selects."""
+
+    __slots__ = ("conn", "router", "server_conn", "target")
+
+    def __init__(
+        self,
+        router: GatewayRouter,
+        server_conn: object,
+        conn: tornado.httputil.HTTPConnection,
+    ) -> None:
+        self.router = router
+        self.server_conn = server_conn
+        self.conn = conn
+        self.target: tornado.httputil.HTTPMessageDelegate | None = None
+
+    def headers_received(
+        self,
+        start_line: tornado.httputil.RequestStartLine | tornado.httputil.ResponseStartLine,
+        headers: tornado.httputil.HTTPHeaders,
+    ) -> Awaitable[None] | None:
+        """Pick the delegate, then hand it the headers."""
+        assert isinstance(start_line, tornado.httputil.RequestStartLine)
+        path, _, query = start_line.path.partition("?")
+        router = self.router
+        if path in router.JOB_ROUTES:
+            self.target = JobRequest(router.app, self.conn, start_line, path, query)
+        else:
+            self.target = router.web.start_request(self.server_conn, self.conn)
+        return self.target.headers_received(start_line, headers)
+
+    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
+        """Forward body data."""
+        assert self.target is not None
+        return self.target.data_received(chunk)
+
+    def finish(self) -> None:
+        """Forward the end of the request."""
+        assert self.target is not None
+        self.target.finish()
+
+    def on_connection_close(self) -> None:
+        """Forward a disconnect."""
+        if self.target is not None:
+            self.target.on_connection_close()
 
 
 class TasksHandler(ApiHandler):
@@ -380,7 +557,7 @@ class GatewayApp:
         self.acceptor = Acceptor(registry, self.publisher, self.metrics)
         self.waiter = ResultWaiter(config, self.metrics)
         self.openapi = openapi_document(registry)
-        self.server: tornado.httpserver.HTTPServer | None = None
+        self.server: tornado.httpserver.HTTPServer | HTTPServer | None = None
 
     def ready_problems(self) -> list[str]:
         """Empty when the gateway can accept jobs."""
@@ -395,8 +572,6 @@ class GatewayApp:
         """The tornado application with every route."""
         ctx = {"app": self}
         routes: list[Any] = [
-            (r"/v1/jobs", JobsHandler, ctx),
-            (r"/v1/jobs/batch", BatchHandler, ctx),
             (r"/v1/tasks", TasksHandler, ctx),
             (r"/openapi.json", OpenApiHandler, ctx),
             *observability_routes(self.metrics.registry, self.ready_problems),
@@ -405,7 +580,7 @@ class GatewayApp:
             routes,
             default_handler_class=NotFoundHandler,
             default_handler_args=ctx,
-            log_function=_log_request,
+            log_function=_log_handler,
         )
 
     async def start(self) -> None:
@@ -414,10 +589,17 @@ class GatewayApp:
         for failure in await create_topics(self.config.nsqd_http_address, topics):
             log.warning("%s (continuing: the first publish creates it)", failure)
         self.waiter.start()
-        self.server = tornado.httpserver.HTTPServer(
-            self.make_app(), max_body_size=4 * self.config.max_body_bytes + 65536, xheaders=True
-        )
-        self.server.listen(self.config.port, self.config.host)
+        router = GatewayRouter(self, self.make_app())
+        # A backstop far above the gateway's own limit, which answers problem+json 413 itself.
+        max_body = 4 * self.config.max_body_bytes + 65536
+        if self.config.http_server == "tornado":
+            server = tornado.httpserver.HTTPServer(router, max_body_size=max_body, xheaders=True)
+            server.listen(self.config.port, self.config.host)
+            self.server = server
+        else:
+            fast = HTTPServer(router, max_body_size=max_body, xheaders=True)
+            await fast.listen(self.config.port, self.config.host)
+            self.server = fast
         if not await self.publisher.wait_connected(5.0):
             log.warning(
                 "no nsqd connection yet at %s; /readyz answers 503 until there is one",
@@ -443,19 +625,18 @@ class GatewayApp:
         self.publisher.close()
 
 
-def _log_request(handler: tornado.web.RequestHandler) -> None:
+def _log_request(status: int, method: str, uri: str, seconds: float) -> None:
     # One line per request; successes at DEBUG so a benchmark does not measure the logger.
-    status = handler.get_status()
     level = logging.DEBUG if status < 400 else logging.INFO if status < 500 else logging.WARNING
     if log.isEnabledFor(level):
-        log.log(
-            level,
-            "%d %s %s %.1fms",
-            status,
-            handler.request.method,
-            handler.request.uri,
-            1000.0 * handler.request.request_time(),
-        )
+        log.log(level, "%d %s %s %.1fms", status, method, uri, 1000.0 * seconds)
+
+
+def _log_handler(handler: tornado.web.RequestHandler) -> None:
+    request = handler.request
+    _log_request(
+        handler.get_status(), request.method or "-", request.uri or "", request.request_time()
+    )
 
 
 async def serve(config: GatewayConfig, registry: Registry, stop: asyncio.Event) -> None:

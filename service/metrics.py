@@ -92,6 +92,30 @@ class GatewayMetrics(_PublishingMetrics):
             "result envelopes read from the results topic",
             registry=registry,
         )
+        # Children resolved once per label set: labels() costs a lock and a lookup per call.
+        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._accepted_children: dict[str, Any] = {}
+
+    def request_done(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one answered request (route templates only: bounded labels)."""
+        key = (route, method, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (
+                self.requests.labels(route, method, str(status)),
+                self.request_duration.labels(route),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+        if status >= 400 and route.startswith("/v1/jobs"):
+            self.jobs_rejected.labels(str(status)).inc()
+
+    def accepted(self, task: str, count: int = 1) -> None:
+        """Count jobs nsqd acknowledged."""
+        child = self._accepted_children.get(task)
+        if child is None:
+            child = self._accepted_children[task] = self.jobs_accepted.labels(task)
+        child.inc(count)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,11 @@
 
 pynsq's ``Writer.pub`` returns before nsqd answers; :class:`Publisher` turns the callback into an
 awaitable that succeeds only on ``OK``, so "accepted" always means "nsqd has it".
+
+Every connection is pynsq's ``AsyncConn`` with two changes (:class:`_Conn`): frames are read in
+bulk, and commands are written once per event-loop turn. pynsq reads each frame with two
+``read_bytes`` calls and writes each FIN on its own; measured in bench/, those per-frame hops
+cost more than a noop job's whole handling.
 """
 
 from __future__ import annotations
@@ -12,11 +17,18 @@ import random
 import struct
 import time
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from types import ModuleType
 from typing import Any, Protocol
 
 import nsq
+import nsq.reader
+import nsq.writer
 import tornado.httpclient
+from nsq import event, protocol
+from tornado.ioloop import IOLoop
+from tornado.iostream import StreamClosedError
 
 from service.errors import PublishError, PublishRejected
 
@@ -48,8 +60,122 @@ def _frame(command: str, topic: str, payload: bytes | list[bytes], delay_ms: int
     return b"".join((head.encode(), _SIZE.pack(len(data)), data))
 
 
+class _Conn(nsq.AsyncConn):  # type: ignore[misc]
+    """pynsq's connection, reading many frames per read and writing once per loop turn.
+
+    TLS, snappy and deflate swap the stream after IDENTIFY; with any of them enabled the
+    connection keeps pynsq's own frame-by-frame path.
+    """
+
+    READ_CHUNK = 256 * 1024
+    # nsqd's largest frame: --max-msg-size (1 MiB by default) plus headers; far above is garbage.
+    MAX_FRAME = 64 * 1024 * 1024
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._plain = not (self.tls_v1 or self.snappy or self.deflate)
+        self._unread = b""
+        self._unsent: list[bytes] | None = None
+
+    def _start_read(self) -> None:
+        if not self._plain:
+            super()._start_read()
+            return
+        if self.stream is None or self.stream.closed():
+            return
+        try:
+            chunk = self.stream.read_bytes(self.READ_CHUNK, partial=True)
+        except StreamClosedError:
+            self.close()
+            return
+        chunk.add_done_callback(self._on_chunk)
+
+    def _on_chunk(self, fut: Any) -> None:
+        try:
+            data = fut.result()
+        except Exception:
+            # The stream closed; its close callback tells pynsq (CLOSE), nothing more to say.
+            self.close()
+            return
+        buf = self._unread + data if self._unread else data
+        pos, end = 0, len(buf)
+        while end - pos >= 4:
+            (size,) = _SIZE.unpack_from(buf, pos)
+            if not 4 <= size <= self.MAX_FRAME:
+                self.close()
+                self.trigger(
+                    event.ERROR,
+                    conn=self,
+                    error=protocol.IntegrityError(f"bad frame size {size}"),
+                )
+                return
+            if end - pos - 4 < size:
+                break
+            frame = buf[pos + 4 : pos + 4 + size]
+            pos += 4 + size
+            try:
+                self.trigger(event.DATA, conn=self, data=frame)
+            except Exception:
+                log.exception("[%s] uncaught exception handling a frame", self.id)
+            if self.stream is None or self.stream.closed():
+                return
+        self._unread = buf[pos:]
+        self._start_read()
+
+    def send(self, data: bytes) -> None:
+        """Queue a command; everything queued in one loop turn goes out in one write."""
+        if not self._plain:
+            super().send(data)
+            return
+        if self._unsent is None:
+            self._unsent = [data]
+            IOLoop.current().add_callback(self._write_unsent)
+        else:
+            self._unsent.append(data)
+
+    def _write_unsent(self) -> None:
+        unsent, self._unsent = self._unsent, None
+        if not unsent or self.stream is None or self.stream.closed():
+            return
+        try:
+            self.stream.write(b"".join(unsent))
+        except Exception:
+            self.close()
+
+    def flushed(self) -> bool:
+        """True when nothing is waiting to be written to nsqd."""
+        stream = self.stream
+        return self._unsent is None and (stream is None or stream.closed() or not stream.writing())
+
+
+@contextmanager
+def _connections_of(module: ModuleType) -> Iterator[None]:
+    # pynsq's connect_to_nsqd builds ``AsyncConn`` by its module-level name; swap it for ours
+    # around that synchronous call (nothing else runs meanwhile on this thread).
+    saved = getattr(module, "AsyncConn")  # noqa: B009 (mypy: pynsq is untyped)
+    setattr(module, "AsyncConn", _Conn)  # noqa: B010
+    try:
+        yield
+    finally:
+        setattr(module, "AsyncConn", saved)  # noqa: B010
+
+
+class Reader(nsq.Reader):  # type: ignore[misc]
+    """pynsq's Reader on :class:`_Conn` connections."""
+
+    def connect_to_nsqd(self, host: str, port: int) -> Any:
+        """Connect as pynsq does, with our connection class."""
+        with _connections_of(nsq.reader):
+            return super().connect_to_nsqd(host, port)
+
+
 class _Writer(nsq.Writer):  # type: ignore[misc]
-    """pynsq's Writer with our frames, and one that stops reconnecting once closed."""
+    """pynsq's Writer on our connections, sending our frames; once closed, it stays closed."""
+
+    def connect_to_nsqd(self, host: str, port: int) -> Any:
+        """Connect as pynsq does, with our connection class."""
+        with _connections_of(nsq.writer):
+            return super().connect_to_nsqd(host, port)
 
     closing = False
 
@@ -64,6 +190,7 @@ class _Writer(nsq.Writer):  # type: ignore[misc]
         try:
             conn.send(frame)
         except Exception as exc:
+            conn.callback_queue.remove(callback)
             callback(conn, nsq.protocol.SendError("send error", exc))
             conn.close()
 
@@ -115,13 +242,17 @@ class Publisher:
 
     async def pub(self, topic: str, body: bytes) -> None:
         """Publish one message (coalesced with others of this loop turn into one MPUB)."""
+        await self.enqueue(topic, body)
+
+    def enqueue(self, topic: str, body: bytes) -> asyncio.Future[None]:
+        """Like :meth:`pub`, for callback code: the future's result is nsqd's OK, or the error."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         self._pending.setdefault(topic, []).append((body, fut))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
-        await fut
+        return fut
 
     async def mpub(self, topic: str, bodies: list[bytes]) -> None:
         """MPUB: all of ``bodies`` or none of them (nsqd applies one MPUB atomically)."""
@@ -264,3 +395,13 @@ async def create_topics(http_addresses: Sequence[str], topics: Sequence[str]) ->
 def connected_count(reader: Any) -> int:
     """Open connections of a pynsq Reader."""
     return sum(1 for conn in reader.conns.values() if conn.connected())
+
+
+def unflushed(readers: Sequence[Any]) -> int:
+    """How many of the readers' connections still have commands (FIN, REQ) to write."""
+    return sum(
+        1
+        for reader in readers
+        for conn in reader.conns.values()
+        if isinstance(conn, _Conn) and not conn.flushed()
+    )

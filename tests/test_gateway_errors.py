@@ -13,6 +13,13 @@ pytestmark = pytest.mark.integration
 PRIMES = {"task": "primes.count", "args": {"start": 0, "stop": 10}}
 
 
+@pytest.fixture(autouse=True, params=["httptools", "tornado"])
+def http_server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs under both HTTP layers the gateway can use (--http-server)."""
+    monkeypatch.setenv("NSQJOBS_HTTP_SERVER", request.param)
+    return str(request.param)
+
+
 def problem(status: int, headers: dict[str, str], body: object, expect: int, slug: str) -> dict:
     assert status == expect, body
     assert headers["Content-Type"] == "application/problem+json"

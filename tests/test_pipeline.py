@@ -149,3 +149,20 @@ def test_delayed_job_is_delivered_later(
     assert result.started_at - submitted >= 1.0
     channel = wait_for(lambda: nsq.channel("jobs", "workers"), 5, "workers channel")
     assert channel["deferred_count"] == 0
+
+
+def test_messages_of_every_size_cross_reads_intact(
+    nsq: Nsq, daemons: Callable[..., Daemon]
+) -> None:
+    # Connections read up to 256 KiB at a time and split frames themselves: bodies from a few
+    # bytes to ~900 KB (nsqd's limit is 1 MiB) must come through whole, in jobs and results.
+    gw = daemons("gateway", nsq, NSQJOBS_MAX_BODY_BYTES=str(1024 * 1024))
+    daemons("worker", nsq, NSQJOBS_CONCURRENCY="4")
+    rng = random.Random(7)
+    for size in (0, 1, 250, 65_535, 262_140, 262_150, 700_000, 900_000):
+        text = "".join(rng.choice("abcdefgh") for _ in range(size))
+        status, _, body = http(
+            "POST", gw.url + "/v1/jobs?wait=30", {"task": "noop", "args": {"text": text}}
+        )
+        assert status == 200, (size, status)
+        assert body["status"] == "succeeded" and body["result"] == {"text": text}, size

@@ -205,3 +205,42 @@ def test_job_that_kills_its_worker_stops_after_max_attempts(
     letter = wire.decode_dead_letter(raw)
     assert letter.job is not None and letter.job.id == job_id
     assert letter.error.type == "AttemptsExhausted"
+
+
+@pytest.mark.parametrize("executor", ["thread", "process"])
+def test_job_past_its_time_limit_is_retried_then_dead_lettered(
+    nsq: Nsq, daemons: Callable[..., Daemon], tails: Callable[..., Tail], executor: str
+) -> None:
+    nsq.create_channel("dead_letters", "test")
+    nsq.create_channel("results", "test")
+    dead, results = tails(nsq, "dead_letters", "test"), tails(nsq, "results", "test")
+    worker = daemons(
+        "worker",
+        nsq,
+        NSQJOBS_EXECUTOR=executor,
+        NSQJOBS_CONCURRENCY="2",
+        NSQJOBS_MAX_ATTEMPTS="2",
+        **FAST_RETRY,
+    )
+    # The envelope's own limit (0.3 s) beats the task's (300 s); the job would sleep 2 s.
+    env = wire.JobEnvelope(
+        id="slow1", task="debug.sleep", args={"seconds": 2}, created_at=wire.now(), timeout_s=0.3
+    )
+    status, _, _ = http("POST", f"http://{nsq.nsqd_http}/pub?topic=jobs", raw=wire.encode(env))
+    assert status == 200
+    (raw,) = dead.collect(1, timeout=30)
+    letter = wire.decode_dead_letter(raw)
+    assert letter.reason == "max_attempts" and letter.job is not None
+    assert letter.error.type == "TaskTimeoutError"
+    assert "0.3s time limit" in letter.error.message
+    assert [a.attempt for a in letter.job.history] == [1, 2]
+    for a in letter.job.history:
+        assert 0.25 <= a.finished_at - a.started_at < 1.5, a
+    # A timed-out job's thread or child runs on to its end; then the slot serves new work.
+    ok = wire.JobEnvelope(id="quick1", task="noop", args={"n": 1}, created_at=wire.now())
+    http("POST", f"http://{nsq.nsqd_http}/pub?topic=jobs", raw=wire.encode(ok))
+    got = {r.id: r for r in map(wire.decode_result, results.collect(2, timeout=20))}
+    assert got["slow1"].status == "failed" and got["quick1"].status == "succeeded", got
+    assert (
+        worker.metric("nsqjobs_job_errors_total", task="debug.sleep", error="TaskTimeoutError") == 2
+    )

@@ -1,0 +1,767 @@
+"""HTTP/1.1 on asyncio and httptools (llhttp), serving tornado applications.
+
+Tornado stays the web framework (routing, handlers, errors); this module replaces only its
+connection layer, ``HTTP1Connection`` on an ``IOStream``, which costs more per request than the
+gateway's own code. Any ``HTTPServerConnectionDelegate`` can be served: a
+``tornado.web.Application`` or a ``tornado.routing.Router``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import http.client
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import Any, Final, cast
+
+import httptools
+import tornado.netutil
+from tornado.httputil import (
+    HTTPConnection,
+    HTTPHeaders,
+    HTTPInputError,
+    HTTPMessageDelegate,
+    HTTPOutputError,
+    HTTPServerConnectionDelegate,
+    RequestStartLine,
+    ResponseStartLine,
+)
+from tornado.iostream import StreamClosedError
+
+log = logging.getLogger("nsqjobs.http")
+
+# Request body bytes received but not yet taken by the delegate; above this, reading pauses.
+_READ_HIGH_WATER: Final = 256 * 1024
+# Input is parsed in slices, and parsing stops while this many pipelined requests wait: a read
+# full of tiny requests must not turn into thousands of queued request objects.
+_PARSE_SLICE: Final = 16 * 1024
+_MAX_QUEUED: Final = 32
+# Request line and headers (tornado's default max_header_size); llhttp itself has no limit.
+_MAX_HEAD_BYTES: Final = 64 * 1024
+# How long a connection closed on an error keeps reading (and dropping) what the client sends.
+_LINGER_S: Final = 2.0
+_CONTINUE: Final = b"HTTP/1.1 100 (Continue)\r\n\r\n"
+_VERSIONS: Final = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
+_ERRORS: Final = {
+    status: (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+        "Content-Length: 0\r\nConnection: close\r\n\r\n"
+    ).encode()
+    for status in (400, 413, 431, 500)
+}
+_UNPARSED: Final = RequestStartLine("-", "-", "HTTP/1.1")
+_NO_DELEGATE: Final = HTTPMessageDelegate()
+
+
+class _Context:
+    """What tornado reads from ``request.connection.context`` (``HTTPServerRequest``, logs)."""
+
+    __slots__ = ("address", "address_family", "protocol", "remote_ip", "trusted_downstream")
+
+    def __init__(self, address: Any, family: int | None, remote_ip: str, protocol: str) -> None:
+        self.address = address
+        self.address_family = family
+        self.remote_ip = remote_ip
+        self.protocol = protocol
+        self.trusted_downstream: frozenset[str] = frozenset()
+
+    def __str__(self) -> str:
+        return self.remote_ip
+
+    def behind_proxy(self, headers: HTTPHeaders) -> _Context:
+        """This context, or a copy with the client address and scheme a proxy's headers name."""
+        ip = self.remote_ip
+        for hop in reversed(",".join(headers.get_list("X-Forwarded-For")).split(",")):
+            if (hop := hop.strip()) and hop not in self.trusted_downstream:
+                ip = hop
+                break
+        ip = ",".join(headers.get_list("X-Real-Ip")) or ip
+        if ip != self.remote_ip and not tornado.netutil.is_valid_ip(ip):
+            ip = self.remote_ip
+        schemes = headers.get_list("X-Scheme") or headers.get_list("X-Forwarded-Proto")
+        scheme = schemes[-1].rsplit(",", 1)[-1].strip() if schemes else self.protocol
+        if scheme not in ("http", "https"):
+            scheme = self.protocol
+        if ip == self.remote_ip and scheme == self.protocol:
+            return self
+        return _Context(self.address, self.address_family, ip, scheme)
+
+
+class _Request(HTTPConnection):
+    """One request/response exchange: tornado's ``request.connection``."""
+
+    def __init__(
+        self, conn: _Connection, start_line: RequestStartLine, headers: HTTPHeaders, keep: bool
+    ) -> None:
+        self.conn = conn
+        self.start_line = start_line
+        self.headers = headers
+        self.keep_alive = keep
+        self.context = conn.context
+        self.max_body_size = conn.server._max_body_size
+        self.error = 0  # answer this status instead of handing the request to the delegate
+        self.delegate = _NO_DELEGATE
+        self.phase = 0  # 0: waiting its turn, 1: headers delivered, 2: body flowing
+        self.waiting = False  # an awaitable returned by the delegate is pending
+        self.delegate_over = False  # the delegate got finish() or on_connection_close()
+        self.chunks: list[bytes] = []  # body received, not yet delivered
+        self.received = 0
+        self.message_done = False  # the parser has seen the whole request
+        self.body_timer: asyncio.TimerHandle | None = None
+        self.close_callback: Callable[[], None] | None = None
+        self.started = False  # response headers written
+        self.finished = False  # response complete
+        self.gone = False  # response complete or connection closed: writes are refused
+        self.no_body = False
+        self.chunking = False
+        self.remaining: int | None = None  # Content-Length still to write
+
+    def set_close_callback(self, callback: Callable[[], None] | None) -> None:
+        """Run ``callback`` if the connection closes after the request was read."""
+        self.close_callback = callback
+
+    def set_max_body_size(self, max_body_size: int) -> None:
+        """Override the server's body size limit for this request."""
+        self.max_body_size = max_body_size
+
+    def set_body_timeout(self, timeout: float) -> None:
+        """Close the connection unless the body is in within ``timeout`` seconds."""
+        if self.body_timer is not None:
+            self.body_timer.cancel()
+        if not self.message_done:
+            self.body_timer = self.conn.loop.call_later(timeout, self.conn.body_timed_out, self)
+
+    def write_headers(
+        self,
+        start_line: RequestStartLine | ResponseStartLine,
+        headers: HTTPHeaders,
+        chunk: bytes | None = None,
+    ) -> asyncio.Future[None]:
+        """Frame the response as tornado does; write its head and first chunk at once."""
+        if self.gone:
+            return self.conn.refused()
+        try:
+            if not isinstance(start_line, ResponseStartLine):
+                raise TypeError("a server writes a ResponseStartLine")
+            data = self._head(start_line, headers)
+        except Exception:
+            self.conn.close()  # nothing can follow a head that was not sent
+            raise
+        if chunk and not self.no_body:
+            data += self._frame(chunk)
+        return self.conn.write(data)
+
+    def _head(self, start_line: ResponseStartLine, headers: HTTPHeaders) -> bytes:
+        code = start_line.code
+        version = self.start_line.version
+        self.started = True
+        self.no_body = code < 200 or code in (204, 304) or self.start_line.method == "HEAD"
+        # Keep-alive needs the whole request read: its unread rest would parse as the next one.
+        keep = self.keep_alive and self.message_done and not self.conn.closing
+        if self.no_body:
+            pass
+        elif "Content-Length" in headers:
+            self.remaining = int(headers["Content-Length"])
+        elif version == "HTTP/1.1":
+            self.chunking = True
+            headers["Transfer-Encoding"] = "chunked"
+        else:
+            keep = False  # an HTTP/1.0 body without a length ends where the connection does
+        if keep and "Connection" in headers:
+            keep = "close" not in [t.strip() for t in headers["Connection"].lower().split(",")]
+        self.keep_alive = keep
+        if version == "HTTP/1.1":
+            if not keep:
+                headers["Connection"] = "close"
+        elif keep:
+            headers["Connection"] = "Keep-Alive"
+        reason = start_line.reason or http.client.responses.get(code, "Unknown")
+        lines = [f"HTTP/1.1 {code} {reason}"]
+        lines.extend([f"{name}: {value}" for name, value in headers.get_all()])
+        head = "\r\n".join(lines)
+        breaks = len(lines) - 1
+        if head.count("\n") != breaks or head.count("\r") != breaks:
+            raise ValueError(f"CR or LF inside a response header: {head!r}")
+        return (head + "\r\n\r\n").encode("latin-1")
+
+    def write(self, chunk: bytes) -> asyncio.Future[None]:
+        """Write a chunk of the response body."""
+        if self.gone:
+            return self.conn.refused()
+        if not self.started:
+            raise HTTPOutputError("write() before write_headers()")
+        if not chunk or self.no_body:
+            return self.conn.done
+        return self.conn.write(self._frame(chunk))
+
+    def finish(self) -> None:
+        """End the response; the connection moves on to the next request or closes."""
+        if self.gone:
+            return
+        conn = self.conn
+        if not self.started:
+            raise HTTPOutputError("finish() before write_headers()")
+        if self.remaining:
+            conn.close()
+            raise HTTPOutputError(f"Tried to write {self.remaining} bytes less than Content-Length")
+        if self.chunking:
+            conn.write(b"0\r\n\r\n")
+        self.finished = self.gone = True
+        self.close_callback = None
+        conn.response_done(self)
+
+    def _frame(self, chunk: bytes) -> bytes:
+        if self.remaining is not None:
+            self.remaining -= len(chunk)
+            if self.remaining < 0:
+                self.conn.close()
+                raise HTTPOutputError("Tried to write more data than Content-Length")
+        if self.chunking:
+            return b"%x\r\n%b\r\n" % (len(chunk), chunk)
+        return chunk
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection (tornado's ``server_conn``): parses requests as they arrive and
+    hands them to the delegate one at a time, in order; pipelined ones wait in a queue."""
+
+    context: _Context
+    _transport: asyncio.Transport
+
+    def __init__(self, server: HTTPServer) -> None:
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.closing = False  # shutting down: close once the current response is out
+        self.closed = False
+        self.done = self.loop.create_future()  # returned by writes that need no waiting
+        self.done.set_result(None)
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = b""
+        self._headers = HTTPHeaders()
+        self._unparsed = b""  # input held back while _MAX_QUEUED requests wait
+        self._in_head = False
+        self._heads_begun = 0
+        self._head_bytes = 0  # of the head in progress, counted from the read after it began
+        self._parsing: _Request | None = None  # headers complete, body still arriving
+        self._active: _Request | None = None  # the one the delegate has
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._buffered = 0  # body bytes held for the delegate, all requests together
+        self._input_done = False  # error or closing: parse nothing more
+        self._reading = True
+        self._dispatching = False
+        self._write_paused = False
+        self._drain: list[asyncio.Future[None]] = []
+        self._idle_since: float | None = None
+        self._timer: asyncio.TimerHandle | None = None  # idle, then linger
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        address = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("socket")
+        family = sock.family if sock is not None else None
+        inet = family in (socket.AF_INET, socket.AF_INET6) and address
+        self.context = _Context(address, family, address[0] if inet else "0.0.0.0", "http")
+        self.server._connections.add(self)
+        if self.server._shutting_down:
+            self.close()
+        else:
+            self._become_idle()
+
+    def data_received(self, data: bytes) -> None:
+        if not self._input_done:
+            self._parse(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = self._input_done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        waiters, self._drain = self._drain, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(StreamClosedError())
+                waiter.exception()  # retrieved: a handler that ignores it must not log
+        request, self._active = self._active, None
+        self._queue.clear()
+        self._unparsed = b""
+        if request is not None:
+            request.gone = True
+            if not request.finished:
+                self._notify_closed(request)
+        self.server._forget(self)
+        self._quietly(functools.partial(self.server._delegate.on_close, self))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiters, self._drain = self._drain, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # httptools callbacks (llhttp has validated the syntax by the time each is called)
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = HTTPHeaders()
+        self._in_head = True
+        self._heads_begun += 1
+        self._head_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._parsing is not None:
+            return  # a trailer after a chunked body: ignored, as tornado does
+        key = name.decode("latin-1")
+        text = value.decode("latin-1").rstrip(" \t")
+        headers = self._headers
+        if key in headers:
+            headers.add(key, text)
+        else:
+            headers[key] = text
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        if self._input_done:
+            return
+        parser = self._parser
+        version = parser.get_http_version()
+        start_line = RequestStartLine(
+            parser.get_method().decode("ascii"),
+            self._url.decode("latin-1"),
+            _VERSIONS.get(version) or f"HTTP/{version}",
+        )
+        request = _Request(self, start_line, self._headers, parser.should_keep_alive())
+        self._parsing = request
+        self._idle_since = None
+        if parser.should_upgrade() or version not in _VERSIONS:
+            log.info("Unsupported request from %s: %s", self.context, start_line)
+            request.error = 400
+            self._input_done = True
+        self._enqueue(request)
+
+    def on_body(self, body: bytes) -> None:
+        request = self._parsing
+        if self._input_done or request is None:
+            return
+        request.received += len(body)
+        if request.phase == 2 and request.received > request.max_body_size:
+            self._reject(request, 413)
+        elif request.phase != 2 or request.waiting or request.chunks or request.delegate_over:
+            request.chunks.append(body)
+            self._buffered += len(body)
+        else:
+            self._deliver(request, body)
+
+    def on_message_complete(self) -> None:
+        request = self._parsing
+        if self._input_done or request is None:
+            return
+        self._parsing = None
+        request.message_done = True
+        if request.body_timer is not None:
+            request.body_timer.cancel()
+            request.body_timer = None
+        if request.phase == 2 and not (request.waiting or request.chunks or request.delegate_over):
+            self._finish_reading(request)
+
+    def _parse(self, data: bytes) -> None:
+        view = memoryview(data) if len(data) > _PARSE_SLICE else data  # no copies when sliced
+        try:
+            for start in range(0, len(data), _PARSE_SLICE):
+                if self._input_done:
+                    break
+                if len(self._queue) >= _MAX_QUEUED:
+                    self._unparsed = data[start:]  # parsed once the queue is shorter
+                    break
+                piece = view[start : start + _PARSE_SLICE]
+                began = self._heads_begun
+                self._parser.feed_data(piece)
+                if self._in_head and began == self._heads_begun:
+                    self._head_bytes += len(piece)
+                    if self._head_bytes > _MAX_HEAD_BYTES:
+                        self._bad_input(431, "request head too large")
+        except httptools.HttpParserUpgrade:
+            pass  # on_headers_complete has flagged the request for a 400
+        except httptools.HttpParserCallbackError as exc:
+            log.error("Error parsing a request from %s", self.context, exc_info=exc.__context__)
+            self._bad_input(400, exc)
+        except httptools.HttpParserError as exc:
+            self._bad_input(400, exc)
+        self._update_reading()
+
+    # Requests, one at a time
+
+    def _enqueue(self, request: _Request) -> None:
+        if self._active is None and not self._queue and not self._dispatching:
+            self._activate(request)
+        else:
+            self._queue.append(request)
+
+    def _activate(self, request: _Request) -> None:
+        self._active = request
+        if request.error:
+            self._abort(request, request.error)
+            return
+        if self.server._xheaders:
+            request.context = self.context.behind_proxy(request.headers)
+        request.phase = 1
+        try:
+            request.delegate = self.server._delegate.start_request(self, request)
+            pending = request.delegate.headers_received(request.start_line, request.headers)
+        except Exception as exc:
+            self._delegate_failed(request, exc)
+            return
+        if pending is None or not self._wait(request, pending):
+            self._begin_body(request)
+
+    def _begin_body(self, request: _Request) -> None:
+        # Checked only now: a stream_request_body handler may raise the limit in prepare().
+        request.phase = 2
+        declared = request.headers.get_list("Content-Length")
+        if max(request.received, int(declared[0]) if declared else 0) > request.max_body_size:
+            self._reject(request, 413)
+            return
+        if (
+            not request.message_done
+            and not request.started
+            and request.start_line.version == "HTTP/1.1"
+            and "Expect" in request.headers
+            and request.headers["Expect"].lower() == "100-continue"
+        ):
+            self._transport.write(_CONTINUE)
+        self._pump(request)
+
+    def _pump(self, request: _Request) -> None:
+        while request.phase == 2 and not (request.waiting or request.delegate_over):
+            if request.chunks:
+                chunks, request.chunks = request.chunks, []
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                self._buffered -= len(data)
+                self._deliver(request, data)
+            elif request.message_done:
+                self._finish_reading(request)
+            else:
+                break
+        self._update_reading()
+
+    def _deliver(self, request: _Request, data: bytes) -> None:
+        try:
+            pending = request.delegate.data_received(data)
+        except Exception as exc:
+            self._delegate_failed(request, exc)
+            return
+        if pending is not None:
+            self._wait(request, pending)
+
+    def _finish_reading(self, request: _Request) -> None:
+        request.delegate_over = True
+        try:
+            request.delegate.finish()
+        except Exception as exc:
+            request.delegate_over = False  # so it hears on_connection_close, as in tornado
+            self._delegate_failed(request, exc)
+
+    def _wait(self, request: _Request, pending: Awaitable[None]) -> bool:
+        """Respect an awaitable from the delegate; False when it is already done and fine."""
+        if isinstance(pending, asyncio.Future) and pending.done():
+            if pending.cancelled():
+                self.close()
+            elif (exc := pending.exception()) is not None:
+                self._delegate_failed(request, exc)
+            else:
+                return False
+            return True
+        request.waiting = True
+        future = asyncio.ensure_future(pending, loop=self.loop)
+        future.add_done_callback(functools.partial(self._resume, request))
+        return True
+
+    def _resume(self, request: _Request, future: asyncio.Future[None]) -> None:
+        request.waiting = False
+        exc = None if future.cancelled() else future.exception()
+        if request.gone or request.delegate_over:
+            return
+        if future.cancelled():
+            self.close()
+        elif exc is not None:
+            self._delegate_failed(request, exc)
+        elif request.phase == 1:
+            self._begin_body(request)
+        else:
+            self._pump(request)
+
+    def response_done(self, request: _Request) -> None:
+        """The delegate finished its response: next request, or close."""
+        self._active = None
+        if request.body_timer is not None:
+            request.body_timer.cancel()
+        if not request.delegate_over:  # answered before the request was all read
+            self._buffered -= sum(map(len, request.chunks))
+            request.chunks = []
+            self._notify_closed(request)
+        request.delegate = _NO_DELEGATE  # breaks the cycle through tornado's request
+        if not request.message_done:
+            self.close(linger=True)
+        elif not request.keep_alive or self.closing:
+            self.close()
+        else:
+            self._dispatch_next()
+
+    def _dispatch_next(self) -> None:
+        if self._dispatching:
+            return  # a response finished inside _activate: the loop below goes on
+        self._dispatching = True
+        try:
+            while self._active is None and self._queue and not self.closed:
+                self._activate(self._queue.popleft())
+        finally:
+            self._dispatching = False
+        if self._active is None and not self.closed:
+            self._become_idle()
+        if self._unparsed and len(self._queue) < _MAX_QUEUED and not self._input_done:
+            data, self._unparsed = self._unparsed, b""
+            self._parse(data)
+        else:
+            self._update_reading()
+
+    # Failures
+
+    def _bad_input(self, status: int, why: object) -> None:
+        if self._input_done:
+            return
+        log.info("Malformed HTTP request from %s: %s", self.context, why)
+        if self._parsing is None:
+            request = _Request(self, _UNPARSED, HTTPHeaders(), False)
+            request.error = status
+            self._input_done = True
+            self._enqueue(request)
+        else:
+            self._reject(self._parsing, status)
+
+    def _reject(self, request: _Request, status: int) -> None:
+        self._input_done = True
+        if request is self._active and request.phase:
+            self._abort(request, status)
+        else:
+            request.error = status  # answered when its turn comes
+
+    def _delegate_failed(self, request: _Request, exc: BaseException) -> None:
+        if isinstance(exc, HTTPInputError):
+            log.info("Bad request from %s: %s", request.context, exc)
+            status = 400
+        else:
+            method, path = request.start_line.method, request.start_line.path
+            log.error("Uncaught exception serving %s %s", method, path, exc_info=exc)
+            status = 500
+        self._input_done = True
+        self._abort(request, status)
+
+    def _abort(self, request: _Request, status: int) -> None:
+        """Answer ``status`` unless a response has begun, tell the delegate, close."""
+        if request is self._active:
+            self._active = None
+            if not request.started and not self.closed:
+                self._transport.write(_ERRORS[status])
+        request.gone = True
+        self._notify_closed(request)
+        self.close(linger=True)
+
+    def _notify_closed(self, request: _Request) -> None:
+        if request.phase and not request.delegate_over:
+            request.delegate_over = True
+            self._quietly(request.delegate.on_connection_close)
+        elif request.close_callback is not None:
+            callback, request.close_callback = request.close_callback, None
+            self._quietly(callback)
+        if request.body_timer is not None:
+            request.body_timer.cancel()
+            request.body_timer = None
+        request.delegate = _NO_DELEGATE
+
+    @staticmethod
+    def _quietly(callback: Callable[[], None]) -> None:
+        try:
+            callback()
+        except Exception:
+            log.exception("Uncaught exception in a connection close callback")
+
+    def body_timed_out(self, request: _Request) -> None:
+        request.body_timer = None
+        if not request.message_done and not self.closed:
+            log.info("Timeout reading body from %s", request.context)
+            self.close()
+
+    # Transport
+
+    def write(self, data: bytes) -> asyncio.Future[None]:
+        """Write ``data``; the future waits only while the transport's buffer is over its mark."""
+        self._transport.write(data)
+        if not self._write_paused:
+            return self.done
+        waiter = self.loop.create_future()
+        self._drain.append(waiter)
+        return waiter
+
+    def refused(self) -> asyncio.Future[None]:
+        """A failed future for writes after the response or the connection ended."""
+        future = self.loop.create_future()
+        future.set_exception(StreamClosedError())
+        future.exception()  # retrieved: a handler that ignores it must not log
+        return future
+
+    def _update_reading(self) -> None:
+        want = not (self._input_done or self._queue or self._unparsed) and (
+            self._buffered < _READ_HIGH_WATER
+        )
+        if want is not self._reading and not self.closed:
+            self._reading = want
+            if want:
+                self._transport.resume_reading()
+            else:
+                self._transport.pause_reading()
+
+    def _become_idle(self) -> None:
+        self._idle_since = now = self.loop.time()
+        if self._timer is None:
+            timeout = self.server._idle_timeout_s
+            self._timer = self.loop.call_at(now + timeout, self._idle_check)
+
+    def _idle_check(self) -> None:
+        # One timer per connection, moved on lazily, instead of a new one per request.
+        self._timer = None
+        if self._idle_since is None or self.closed:
+            return
+        deadline = self._idle_since + self.server._idle_timeout_s
+        if self.loop.time() >= deadline - 0.001:  # timers may fire a hair early
+            log.debug("Closing idle connection from %s", self.context)
+            self.close()
+        else:
+            self._timer = self.loop.call_at(deadline, self._idle_check)
+
+    def shutdown(self) -> None:
+        """Close now if idle, else once the response in progress is out."""
+        self.closing = True
+        if self._active is None:
+            self.close()
+
+    def close(self, *, linger: bool = False) -> None:
+        """Close once buffered output is sent. ``linger``: half-close, then read and drop input
+        for a moment first; closing with unread input makes the kernel reset the connection,
+        and the client could lose the response (a 413 while it is still sending, say)."""
+        if self.closed:
+            return
+        self.closed = self._input_done = True
+        if self._active is not None:
+            self._active.gone = True
+        if not (linger and self._transport.can_write_eof()):
+            self._transport.close()
+            return
+        self._transport.write_eof()
+        if not self._reading:
+            self._reading = True
+            self._transport.resume_reading()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(_LINGER_S, self._transport.close)
+
+    def abort(self) -> None:
+        """Close at once, dropping buffered output."""
+        self.closed = self._input_done = True
+        self._transport.abort()
+
+
+class HTTPServer:
+    """HTTP/1.1 on asyncio + httptools, serving a tornado HTTPServerConnectionDelegate."""
+
+    def __init__(
+        self,
+        delegate: HTTPServerConnectionDelegate,
+        *,
+        max_body_size: int = 100 * 1024 * 1024,
+        xheaders: bool = False,
+        idle_timeout_s: float = 65.0,
+    ) -> None:
+        if max_body_size < 0:
+            raise ValueError(f"max_body_size must be >= 0, not {max_body_size}")
+        if idle_timeout_s <= 0:
+            raise ValueError(f"idle_timeout_s must be > 0, not {idle_timeout_s}")
+        self._delegate = delegate
+        self._max_body_size = max_body_size
+        self._xheaders = xheaders
+        self._idle_timeout_s = idle_timeout_s
+        self._connections: set[_Connection] = set()
+        self._shutting_down = False
+        self._servers: list[asyncio.Server] = []
+        self._port: int | None = None
+        self._all_closed: asyncio.Future[None] | None = None
+
+    async def listen(self, port: int, host: str = "") -> None:
+        """Bind ``host:port`` (every interface when ``host`` is empty) and start serving."""
+        loop = asyncio.get_running_loop()
+        # tornado's bind_sockets: SO_REUSEADDR, and one port for IPv4 and IPv6 when port is 0.
+        sockets = tornado.netutil.bind_sockets(port, host or None, backlog=socket.SOMAXCONN)
+        factory = functools.partial(_Connection, self)
+        servers: list[asyncio.Server] = []
+        try:
+            for sock in sockets:
+                server = await loop.create_server(factory, sock=sock, backlog=socket.SOMAXCONN)
+                servers.append(server)
+        except BaseException:
+            for server in servers:
+                server.close()
+            for sock in sockets:
+                sock.close()
+            raise
+        self._servers.extend(servers)
+        if self._port is None:
+            self._port = sockets[0].getsockname()[1]
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful after ``listen(0)``)."""
+        if self._port is None:
+            raise RuntimeError("HTTPServer.port read before listen()")
+        return self._port
+
+    def stop(self) -> None:
+        """Stop accepting connections; open ones go on."""
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
+
+    async def close_all_connections(self) -> None:
+        """Close idle connections now, busy ones after their response; return when all are.
+
+        Connections accepted from now on are closed at once. If the wait is cancelled (the
+        caller's timeout), the connections still open are aborted.
+        """
+        self._shutting_down = True
+        for conn in list(self._connections):
+            conn.shutdown()
+        try:
+            while self._connections:
+                self._all_closed = asyncio.get_running_loop().create_future()
+                await self._all_closed
+        except asyncio.CancelledError:
+            for conn in list(self._connections):
+                conn.abort()
+            raise
+        finally:
+            self._all_closed = None
+
+    def _forget(self, conn: _Connection) -> None:
+        """Called by a connection once it is closed."""
+        self._connections.discard(conn)
+        if not self._connections and self._all_closed is not None and not self._all_closed.done():
+            self._all_closed.set_result(None)
