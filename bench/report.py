@@ -91,8 +91,8 @@ def write_markdown(
             out += [
                 "",
                 f'Reference for "{c.title}" (context, no target): {c.reference}: '
-                f"{_rate(ref, c.unit)}, **{ref_ratio:.3f}** x the baseline; the gateway reaches "
-                f"{c.subject_median / ref:.2f} of it.",
+                f"{_rate(ref, c.unit)}, **{ref_ratio:.3f}** x the baseline; nsqjobs's "
+                f"median is {c.subject_median / ref:.2f} x the reference's.",
             ]
     if header.get("errors"):
         out += ["", "## Could not run", ""]

@@ -144,8 +144,9 @@ def _hey_rounds(
 def gateway_single(nsq: Nsq, gateway: str, s: Settings, work: Path) -> Comparison:
     """POST /v1/jobs (one noop job) against nsqd's POST /pub of an envelope-sized body.
 
-    A third arm, for reference only, measures a do-nothing tornado handler: the most one
-    tornado process answers on this machine, whatever the gateway does per request.
+    A third arm, for reference only, measures a do-nothing tornado handler on tornado's own
+    HTTP server: the most one process answers here through tornado's HTTP1Connection, which
+    is why the gateway serves its tornado application on an httptools connection layer.
     """
     submit = payloads.write(work / "submit.json", payloads.submit_body())
     env = payloads.write(work / "envelope.json", payloads.envelope())
@@ -155,8 +156,8 @@ def gateway_single(nsq: Nsq, gateway: str, s: Settings, work: Path) -> Compariso
         unit="req/s",
         subject="nsqjobs gateway POST /v1/jobs (noop), 202 answers",
         baseline=f"nsqd POST /pub?topic={PUB_TOPIC}, 200 answers",
-        reference="bench/tornado_ceiling.py, one tornado process whose POST handler answers a "
-        "canned 202 (no parsing, no publish)",
+        reference="bench/tornado_ceiling.py, one process on tornado's own HTTP server whose "
+        "POST handler answers a canned 202 (no parsing, no publish)",
         target=0.3,
         settings={
             "tool": "hey",
@@ -296,7 +297,7 @@ def _drain_once(
         f"{n} messages in {topic}/{WORKER_CHANNEL}",
     )
     with ExitStack() as stack:
-        if who == "worker":
+        if who.startswith("worker"):
             argv = worker_argv(
                 nsq,
                 concurrency=s.worker_concurrency,
@@ -305,6 +306,8 @@ def _drain_once(
                 lookupd=False,
                 port=free_port(),
             )
+            if who == "worker_unbuffered":
+                argv += ["--delivery-buffer-ms", "0"]
         else:
             argv = [
                 sys.executable,
@@ -324,7 +327,7 @@ def _drain_once(
     results = nsq.message_count(RESULTS_TOPIC)
     nsq.delete_topic(topic)
     nsq.delete_topic(RESULTS_TOPIC)
-    if who == "worker" and results != n:
+    if who.startswith("worker") and results != n:
         raise BenchError(f"the worker published {results} results for {n} jobs")
     seconds = t1 - t0
     return Drain(
@@ -349,6 +352,7 @@ def worker_dispatch(nsq: Nsq, s: Settings, log_dir: Path) -> Comparison:
         subject=f"nsqjobs worker --concurrency {s.worker_concurrency} (thread executor), noop",
         baseline=f"bench/bare_reader.py: pynsq Reader, max_in_flight {s.worker_concurrency}, "
         "handler returns True (FIN)",
+        reference="the same worker with --delivery-buffer-ms 0 (nsqd sends each message at once)",
         target=0.8,
         settings={
             "rounds": s.rounds,
@@ -371,14 +375,15 @@ def worker_dispatch(nsq: Nsq, s: Settings, log_dir: Path) -> Comparison:
         ],
     )
     for r in range(s.rounds):
-        order = _order(r, "worker", "bare")
+        order = (*_order(r, "worker", "bare"), "worker_unbuffered")
         got: dict[str, Drain] = {}
         for who in order:
             got[who] = _drain_once(nsq, who, f"bench_drain_{r}_{who}", bodies, s, log_dir)
-        w, b = got["worker"], got["bare"]
+        w, b, u = got["worker"], got["bare"], got["worker_unbuffered"]
         rnd = Round(
             subject=w.rate,
             baseline=b.rate,
+            reference=u.rate,
             order=",".join(order),
             subject_failed=w.requeued + w.timed_out,
             baseline_failed=b.requeued + b.timed_out,
@@ -393,7 +398,8 @@ def worker_dispatch(nsq: Nsq, s: Settings, log_dir: Path) -> Comparison:
         comparison.rounds.append(rnd)
         log(
             f"  worker_dispatch round {r + 1}: worker {w.rate:,.0f} jobs/s ({w.seconds:.2f}s), "
-            f"bare reader {b.rate:,.0f} ({b.seconds:.2f}s), ratio {rnd.ratio:.3f}"
+            f"bare reader {b.rate:,.0f} ({b.seconds:.2f}s), ratio {rnd.ratio:.3f}; "
+            f"unbuffered worker {u.rate:,.0f} ({u.rate / b.rate:.3f})"
         )
     return comparison
 

@@ -416,11 +416,12 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
         if self.answered:
             return
         self.answered = True
-        headers = tornado.httputil.HTTPHeaders(
-            {"Content-Type": ctype, "Content-Length": str(len(body))}
-        )
+        headers = tornado.httputil.HTTPHeaders()
+        headers["Content-Type"] = ctype
+        headers["Content-Length"] = str(len(body))
         if extra:
-            headers.update(extra)
+            for name, value in extra.items():
+                headers[name] = value
         conn = self.conn
         conn.write_headers(
             tornado.httputil.ResponseStartLine("HTTP/1.1", status, _REASONS[status]),

@@ -101,7 +101,7 @@ class _Request(HTTPConnection):
         self.start_line = start_line
         self.headers = headers
         self.keep_alive = keep
-        self.context = conn.context
+        self._context: _Context | None = None  # see the context property
         self.max_body_size = conn.server._max_body_size
         self.error = 0  # answer this status instead of handing the request to the delegate
         self.delegate = _NO_DELEGATE
@@ -119,6 +119,21 @@ class _Request(HTTPConnection):
         self.no_body = False
         self.chunking = False
         self.remaining: int | None = None  # Content-Length still to write
+
+    @property
+    def context(self) -> _Context:
+        """The client's address and scheme (behind a proxy, as its headers say, with xheaders).
+
+        Worked out on first use: a delegate that never asks (the gateway's job route) pays
+        nothing for it.
+        """
+        context = self._context
+        if context is None:
+            context = self.conn.context
+            if self.conn.server._xheaders:
+                context = context.behind_proxy(self.headers)
+            self._context = context
+        return context
 
     def set_close_callback(self, callback: Callable[[], None] | None) -> None:
         """Run ``callback`` if the connection closes after the request was read."""
@@ -413,8 +428,6 @@ class _Connection(asyncio.Protocol):
         if request.error:
             self._abort(request, request.error)
             return
-        if self.server._xheaders:
-            request.context = self.context.behind_proxy(request.headers)
         request.phase = 1
         try:
             request.delegate = self.server._delegate.start_request(self, request)
