@@ -30,6 +30,7 @@ from service.constants import (
     DEAD_LETTER_TOPIC,
     MAX_DELAY_MS,
     READER_OUTPUT_BUFFER_BYTES,
+    READER_OUTPUT_BUFFER_TIMEOUT_MS,
     RESULTS_TOPIC,
     WORKER_OUTPUT_BUFFER_BYTES,
 )
@@ -195,7 +196,7 @@ class Worker:
                     output_buffer_size=(
                         WORKER_OUTPUT_BUFFER_BYTES if buffering else READER_OUTPUT_BUFFER_BYTES
                     ),
-                    output_buffer_timeout=buffering or 25,
+                    output_buffer_timeout=buffering or READER_OUTPUT_BUFFER_TIMEOUT_MS,
                 )
             )
         self._toucher = asyncio.ensure_future(self._touch_running())
