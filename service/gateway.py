@@ -417,6 +417,7 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
             return
         self.answered = True
         headers = tornado.httputil.HTTPHeaders()
+        headers["Date"] = _http_date()
         headers["Content-Type"] = ctype
         headers["Content-Length"] = str(len(body))
         if extra:
@@ -435,6 +436,15 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
 
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
+_date_cache: list[Any] = [0, ""]
+
+
+def _http_date() -> str:
+    """The Date header (RFC 9110 asks origin servers for one), formatted once a second."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0], _date_cache[1] = now, tornado.httputil.format_timestamp(now)
+    return str(_date_cache[1])
 
 
 class GatewayRouter(tornado.httputil.HTTPServerConnectionDelegate):

@@ -23,6 +23,7 @@ def http_server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
 def problem(status: int, headers: dict[str, str], body: object, expect: int, slug: str) -> dict:
     assert status == expect, body
     assert headers["Content-Type"] == "application/problem+json"
+    assert headers.get("Date", "").endswith(" GMT"), headers  # RFC 9110: origin servers date
     assert isinstance(body, dict)
     assert body["type"] == f"urn:nsqjobs:problem:{slug}" and body["status"] == expect
     assert body["title"] and body["detail"]

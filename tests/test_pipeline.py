@@ -72,12 +72,13 @@ def test_thousand_prime_jobs_through_two_workers(
 def test_wait_returns_the_result(nsq: Nsq, daemons: Callable[..., Daemon]) -> None:
     gateway = daemons("gateway", nsq)
     daemons("worker", nsq)
-    status, _, body = http(
+    status, headers, body = http(
         "POST",
         gateway.url + "/v1/jobs?wait=10",
         {"task": "primes.count", "args": {"start": 0, "stop": 100}, "id": "w1"},
     )
     assert status == 200, body
+    assert headers["Content-Type"] == "application/json" and headers["Date"].endswith(" GMT")
     assert body["id"] == "w1" and body["status"] == "succeeded" and body["result"] == 25
     assert body["attempts"] == 1 and body["duration_s"] >= 0
 
