@@ -431,7 +431,8 @@ class Worker:
                 failure = exc
         if failure is not None:
             if not isinstance(failure, Exception):
-                raise failure
+                # sys.exit() or similar inside a task: a failed attempt, not the worker's exit.
+                failure = RuntimeError(f"task raised {failure!r}")
             self._spawn(job, self._failed_attempt(job, failure))
             return
         duration = time.perf_counter() - job.t0

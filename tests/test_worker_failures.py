@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -244,3 +246,32 @@ def test_job_past_its_time_limit_is_retried_then_dead_lettered(
     assert (
         worker.metric("nsqjobs_job_errors_total", task="debug.sleep", error="TaskTimeoutError") == 2
     )
+
+
+def test_task_calling_sys_exit_fails_its_attempt_not_the_worker(
+    nsq: Nsq, daemons: Callable[..., Daemon], tails: Callable[..., Tail], tmp_path: Path
+) -> None:
+    (tmp_path / "exiting_tasks.py").write_text(
+        "import sys\n"
+        "from typing import Any\n"
+        "from service.registry import task\n\n"
+        "@task('test.exit', max_attempts=1)\n"
+        "def exits(args: dict[str, Any]) -> None:\n"
+        "    sys.exit(3)\n"
+    )
+    nsq.create_channel("dead_letters", "test")
+    dead = tails(nsq, "dead_letters", "test")
+    worker = daemons(
+        "worker",
+        nsq,
+        NSQJOBS_TASK_MODULE="workers.tasks,exiting_tasks",
+        PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    )
+    env = wire.JobEnvelope(id="exit1", task="test.exit", args={}, created_at=wire.now())
+    status, _, _ = http("POST", f"http://{nsq.nsqd_http}/pub?topic=jobs", raw=wire.encode(env))
+    assert status == 200
+    (raw,) = dead.collect(1, timeout=20)
+    letter = wire.decode_dead_letter(raw)
+    assert letter.reason == "max_attempts" and letter.error.type == "RuntimeError"
+    assert "SystemExit(3)" in letter.error.message
+    assert worker.proc.poll() is None and http("GET", worker.url + "/healthz")[0] == 200
