@@ -31,7 +31,7 @@ help:
 	@echo "make bench  run the benchmarks, figures into bench/results/"
 	@echo "make nsq    build NSQ v1.3.0 into .bin/ (or link binaries found on PATH)"
 
-$(VENV)/.installed: pyproject.toml setup.py $(wildcard workers/kernels/*.pyx workers/kernels/*.pxd)
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard workers/nsqjobs_tasks/kernels/*.pyx workers/nsqjobs_tasks/kernels/*.pxd)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "nsqjobs needs Python >= 3.11 (set PYTHON=...)")'
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
@@ -85,4 +85,4 @@ bench: venv nsq
 	PATH="$(BIN_DIR):$$PATH" $(VENV)/bin/python -m bench
 
 clean:
-	rm -rf build *.egg-info workers/kernels/*.c workers/kernels/*.so .pytest_cache .mypy_cache .ruff_cache
+	rm -rf build *.egg-info workers/nsqjobs_tasks/kernels/*.c workers/nsqjobs_tasks/kernels/*.so .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""Build the Cython kernels (every ``workers/kernels/_*_cy.pyx``); the rest is in pyproject.toml."""
+"""Build the Cython kernels (workers/nsqjobs_tasks/kernels/_*_cy.pyx); the rest: pyproject."""
 
 import glob
 import os
@@ -40,17 +40,17 @@ class BuildExt(build_ext):
 posix = os.name != "nt"
 extensions = [
     Extension(
-        "workers.kernels." + os.path.basename(source)[: -len(".pyx")],
+        "nsqjobs_tasks.kernels." + os.path.basename(source)[: -len(".pyx")],
         [source],
         # Float kernels must stay bit-identical to Python's: no -march/-ffast-math, and no FMA
         # contraction even where FMA is baseline (aarch64), where gcc would fuse a*b+c.
         extra_compile_args=["-O3", "-ffp-contract=off"] if posix else [],
         libraries=["m"] if posix else [],
     )
-    for source in sorted(glob.glob("workers/kernels/_*_cy.pyx"))
+    for source in sorted(glob.glob("workers/nsqjobs_tasks/kernels/_*_cy.pyx"))
 ]
 
 setup(
-    ext_modules=cythonize(extensions, language_level=3),
+    ext_modules=cythonize(extensions, language_level=3, include_path=["workers"]),
     cmdclass={"build_ext": BuildExt},
 )

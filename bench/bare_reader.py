@@ -19,8 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import nsq
-
-from service.cli import run_event_loop
+from nsqjobs.cli import run_event_loop
 
 
 def _fin(_message: Any) -> bool:

@@ -168,7 +168,9 @@ class KernelSpec:
     """One benchmarked call: which kernel, which function, which fixed input."""
 
     key: str
-    kernel: str  # module stem: workers/kernels/<kernel>_py.py, bench/c/<kernel>.c, ...
+    kernel: (
+        str  # module stem: workers/nsqjobs_tasks/kernels/<kernel>_py.py, bench/c/<kernel>.c, ...
+    )
     function: str  # the Python-level function every implementation exports
     title: str
     args: Args
@@ -403,8 +405,10 @@ def load_impls(spec: KernelSpec, build: CBuild) -> tuple[dict[str, Fn], dict[str
     missing: dict[str, str] = {}
     k = spec.kernel
     candidates: dict[str, ModuleType | str] = {
-        "numba": _import(f"workers.kernels.{k}_numba", KERNELS_DIR / f"{k}_numba.py", "Numba"),
-        "python": _import(f"workers.kernels.{k}_py", KERNELS_DIR / f"{k}_py.py", "Python"),
+        "numba": _import(
+            f"nsqjobs_tasks.kernels.{k}_numba", KERNELS_DIR / f"{k}_numba.py", "Numba"
+        ),
+        "python": _import(f"nsqjobs_tasks.kernels.{k}_py", KERNELS_DIR / f"{k}_py.py", "Python"),
     }
     pyx = KERNELS_DIR / f"_{k}_cy.pyx"
     if not pyx.exists():
@@ -412,7 +416,7 @@ def load_impls(spec: KernelSpec, build: CBuild) -> tuple[dict[str, Fn], dict[str
     elif not list(KERNELS_DIR.glob(f"_{k}_cy.*.so")) + list(KERNELS_DIR.glob(f"_{k}_cy.*.pyd")):
         candidates["cython"] = f"Cython: {_rel(pyx)} is not built (pip install -e . builds it)"
     else:
-        candidates["cython"] = _import(f"workers.kernels._{k}_cy", pyx, "Cython")
+        candidates["cython"] = _import(f"nsqjobs_tasks.kernels._{k}_cy", pyx, "Cython")
     for impl, got in candidates.items():
         if isinstance(got, str):
             missing[impl] = got
@@ -952,10 +956,10 @@ class WorkerThroughput:
 
 def _job_bodies(n: int, start: int, stop: int) -> list[bytes]:
     """``n`` primes.count envelopes with the same arguments (distinct ids)."""
-    from service import wire
-    from service.registry import load_task_modules, registry
+    from nsqjobs import wire
+    from nsqjobs.registry import load_task_modules, registry
 
-    load_task_modules(["workers.tasks"])
+    load_task_modules(["nsqjobs_tasks.builtin"])
     limit = registry.get(WORKER_TASK).time_limit_s
     return [
         wire.encode(
@@ -975,7 +979,7 @@ def _drain(
     nsq: Nsq, setup: str, topic: str, bodies: list[bytes], s: Settings, log_dir: Path
 ) -> dict[str, Any]:
     """Fill a paused channel, start the worker(s), unpause once all are ready, time the drain."""
-    from service.constants import DEAD_LETTER_TOPIC, RESULTS_TOPIC, WORKER_CHANNEL
+    from nsqjobs.names import DEAD_LETTER_TOPIC, RESULTS_TOPIC, WORKER_CHANNEL
 
     processes, concurrency = SETUPS[setup]
     n = len(bodies)
@@ -1043,7 +1047,7 @@ def _drain(
 
 def _job_cost(start: int, stop: int) -> tuple[str, float]:
     """The worker's default primes implementation here, and its median in-process call time."""
-    from workers import impl
+    from nsqjobs_tasks import impl
 
     chosen = impl.chosen("primes")
     fn = impl.function("primes", "count_primes", chosen)

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from service import wire
-from service.registry import load_task_modules, registry
+from nsqjobs import wire
+from nsqjobs.registry import load_task_modules, registry
 
 TASK = "noop"
 # 64 bytes of JSON: a small, fixed argument object.
@@ -28,7 +28,7 @@ def batch_body(n: int = BATCH_SIZE) -> bytes:
 
 def envelope() -> bytes:
     """A job envelope as the gateway publishes it (fresh id, same task limit)."""
-    load_task_modules(["workers.tasks"])
+    load_task_modules(["nsqjobs_tasks.builtin"])
     return wire.encode(
         wire.JobEnvelope(
             id=wire.new_job_id(),

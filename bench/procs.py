@@ -96,7 +96,7 @@ def binary(name: str) -> str:
 def nsqjobs_command() -> list[str]:
     """The ``nsqjobs`` console script of this interpreter's environment."""
     script = Path(sys.executable).parent / "nsqjobs"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "nsqjobs.cli"]
 
 
 @dataclass

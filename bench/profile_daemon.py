@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
+from nsqjobs.names import WORKER_CHANNEL
+
 from bench import hey, payloads
 from bench.procs import (
     free_port,
@@ -34,13 +36,12 @@ from bench.procs import (
     worker_argv,
 )
 from bench.scenarios import GATEWAY_TOPICS, JSON
-from service.constants import WORKER_CHANNEL
 
 
 def _profiled(argv: list[str], out: Path) -> list[str]:
     """``argv`` (an nsqjobs command) run under cProfile, writing ``out`` on exit."""
     cli = argv[len(nsqjobs_command()) :]
-    return [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "service.cli", *cli]
+    return [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "nsqjobs.cli", *cli]
 
 
 def _show(prof: Path, top: int) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import tornado.httpclient
+from nsqjobs.names import DEAD_LETTER_TOPIC, DEFAULT_QUEUE, RESULTS_TOPIC, WORKER_CHANNEL
 
 from bench import hey, payloads
 from bench.procs import (
@@ -27,7 +28,6 @@ from bench.procs import (
     worker_argv,
 )
 from bench.results_model import Comparison, Latency, Round
-from service.constants import DEAD_LETTER_TOPIC, DEFAULT_QUEUE, RESULTS_TOPIC, WORKER_CHANNEL
 
 JSON = "application/json"
 PUB_TOPIC = "bench_pub"

@@ -15,8 +15,7 @@ import signal
 from collections.abc import Sequence
 
 import tornado.web
-
-from service.cli import run_event_loop
+from nsqjobs.cli import run_event_loop
 
 ANSWER = b'{"id":"00000000000000000000000000000000","task":"noop","status":"queued"}'
 

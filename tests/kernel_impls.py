@@ -7,8 +7,7 @@ import os
 from typing import Any
 
 import pytest
-
-from workers import impl
+from nsqjobs_tasks import impl
 
 COMPILED = ("numba", "cython")
 

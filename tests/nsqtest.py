@@ -242,9 +242,9 @@ class Daemon:
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``nsqjobs ARGS`` to completion (``python -m service.cli``), capturing its output."""
+    """Run ``nsqjobs ARGS`` to completion (``python -m nsqjobs.cli``), capturing its output."""
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
+        [sys.executable, "-m", "nsqjobs.cli", *args],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -267,7 +267,7 @@ def start_daemon(kind: str, nsq: Nsq, tmp: Path, *, ready: bool = True, **env: s
         **env,
     }
     log_path = tmp / f"{kind}-{port}.log"
-    proc = spawn([sys.executable, "-m", "service.cli", kind], log_path, cwd=ROOT, env=full_env)
+    proc = spawn([sys.executable, "-m", "nsqjobs.cli", kind], log_path, cwd=ROOT, env=full_env)
     daemon = Daemon(proc, port, log_path)
     if ready:
 

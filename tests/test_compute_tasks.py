@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from nsqjobs.registry import registry
+from nsqjobs_tasks import builtin as tasks
+from nsqjobs_tasks import impl
 
-from service.registry import registry
 from tests.nsqtest import ROOT, Daemon, Nsq, http, run_cli
-from workers import impl, tasks
 
 JULIA = {
     "width": 64,
@@ -72,7 +73,7 @@ def test_each_compute_task_end_to_end(nsq: Nsq, daemons: Callable[..., Daemon]) 
         assert status == 200 and body["status"] == "succeeded", body
         return body["result"]
 
-    from workers.kernels import diffusion_py, julia_py, pi_py, primes_py
+    from nsqjobs_tasks.kernels import diffusion_py, julia_py, pi_py, primes_py
 
     assert run("primes.count", {"start": 10**12 - 1000, "stop": 10**12}) == primes_py.count_primes(
         10**12 - 1000, 10**12
@@ -115,7 +116,7 @@ def test_julia_histogram_has_deciles_of_max_iter() -> None:
 @pytest.mark.parametrize("choice", ["python", "numba", "cython"])
 def test_kernel_implementation_is_chosen_by_environment(choice: str) -> None:
     code = (
-        "from workers import impl; print(impl.chosen('primes'), "
+        "from nsqjobs_tasks import impl; print(impl.chosen('primes'), "
         "impl.function('primes', 'count_primes')(0, 100))"
     )
     env = {**os.environ, "NSQJOBS_KERNEL_IMPL": choice}
@@ -142,7 +143,7 @@ def test_numba_warm_up_reuses_the_on_disk_cache(kernel: str) -> None:
     # Two fresh processes: the first may compile and write the cache, the second must only load.
     code = f"""
 import numba
-from workers import impl
+from nsqjobs_tasks import impl
 module = impl.load({kernel!r}, "numba")
 module.warm_up()
 hits = misses = 0

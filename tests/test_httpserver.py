@@ -1,4 +1,4 @@
-"""service.httpserver: HTTP/1.1 checked byte by byte on raw sockets, on asyncio and uvloop.
+"""nsqjobs.http.server: HTTP/1.1 checked byte by byte on raw sockets, on asyncio and uvloop.
 
 The server runs a small tornado Application on an event loop in a thread; the tests talk to it
 with blocking sockets (and once with tornado's own client), so what is checked is what is on
@@ -24,8 +24,8 @@ import tornado.httpclient
 import tornado.httputil
 import tornado.routing
 import tornado.web
+from nsqjobs.http.server import HTTPServer
 
-from service.httpserver import HTTPServer
 from tests.nsqtest import wait_for
 
 # -- the application under test ------------------------------------------------------------------

@@ -13,9 +13,9 @@ from typing import cast
 import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
+from nsqjobs_tasks.kernels import diffusion_py, splitmix_py
 
 from tests import kernel_impls
-from workers.kernels import diffusion_py, splitmix_py
 
 Stats = tuple[float, float, float]
 Kernel = Callable[[int, int, float, float, int], Stats]

@@ -12,9 +12,9 @@ import numpy.typing as npt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nsqjobs_tasks.kernels import julia_py
 
 from tests import kernel_impls
-from workers.kernels import julia_py
 
 Counts = npt.NDArray[np.uint16]
 Kernel = Callable[[int, int, float, float, float, float, float, float, int], Counts]

@@ -7,9 +7,9 @@ from typing import cast
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from nsqjobs_tasks.kernels import pi_py
 
 from tests import kernel_impls
-from workers.kernels import pi_py
 
 Kernel = Callable[[int, int], int]
 

@@ -6,9 +6,9 @@ from typing import cast
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from nsqjobs_tasks.kernels import primes_py
 
 from tests import kernel_impls
-from workers.kernels import primes_py
 
 Kernel = Callable[[int, int], int]
 

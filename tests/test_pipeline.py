@@ -10,10 +10,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from nsqjobs import wire
+from nsqjobs_tasks.kernels.primes_py import count_primes
 
-from service import wire
 from tests.nsqtest import Daemon, Nsq, Tail, http, wait_for
-from workers.kernels.primes_py import count_primes
 
 pytestmark = pytest.mark.integration
 

@@ -7,8 +7,7 @@ import threading
 import time
 
 import pytest
-
-from service.threadpool import SlotPool
+from nsqjobs.worker.slots import SlotPool
 
 
 def test_results_and_errors_come_back_as_futures() -> None:

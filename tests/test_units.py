@@ -6,14 +6,14 @@ from typing import Annotated
 
 import msgspec
 import pytest
+from nsqjobs import config, wire
+from nsqjobs.cli import main
+from nsqjobs.errors import ConfigError, DecodeError, InvalidArgumentsError, UnknownTaskError
+from nsqjobs.observability.metrics import GatewayMetrics, WorkerMetrics
+from nsqjobs.registry import Registry, task
+from nsqjobs.worker.daemon import backoff_delay
 from prometheus_client import CollectorRegistry
 
-from service import config, wire
-from service.cli import main
-from service.consumer import backoff_delay
-from service.errors import ConfigError, DecodeError, InvalidArgumentsError, UnknownTaskError
-from service.metrics import GatewayMetrics, WorkerMetrics
-from service.registry import Registry, task
 from tests.nsqtest import run_cli
 
 

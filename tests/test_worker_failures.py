@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from nsqjobs import wire
 
-from service import wire
 from tests.nsqtest import Daemon, Nsq, Tail, http, need_binary, nsq_pair, wait_for
 
 pytestmark = pytest.mark.integration
@@ -254,7 +254,7 @@ def test_task_calling_sys_exit_fails_its_attempt_not_the_worker(
     (tmp_path / "exiting_tasks.py").write_text(
         "import sys\n"
         "from typing import Any\n"
-        "from service.registry import task\n\n"
+        "from nsqjobs.registry import task\n\n"
         "@task('test.exit', max_attempts=1)\n"
         "def exits(args: dict[str, Any]) -> None:\n"
         "    sys.exit(3)\n"
@@ -264,7 +264,7 @@ def test_task_calling_sys_exit_fails_its_attempt_not_the_worker(
     worker = daemons(
         "worker",
         nsq,
-        NSQJOBS_TASK_MODULE="workers.tasks,exiting_tasks",
+        NSQJOBS_TASK_MODULE="nsqjobs_tasks.builtin,exiting_tasks",
         PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
     )
     env = wire.JobEnvelope(id="exit1", task="test.exit", args={}, created_at=wire.now())

@@ -24,17 +24,9 @@ import tornado.httpserver
 import tornado.web
 from prometheus_client import CollectorRegistry
 
-from service import wire
-from service.config import WorkerConfig, default_worker_id
-from service.constants import (
-    DEAD_LETTER_TOPIC,
-    MAX_DELAY_MS,
-    READER_OUTPUT_BUFFER_BYTES,
-    READER_OUTPUT_BUFFER_TIMEOUT_MS,
-    RESULTS_TOPIC,
-    WORKER_OUTPUT_BUFFER_BYTES,
-)
-from service.errors import (
+from nsqjobs import wire
+from nsqjobs.config import WorkerConfig, default_worker_id
+from nsqjobs.errors import (
     DecodeError,
     PublishError,
     PublishRejected,
@@ -42,17 +34,21 @@ from service.errors import (
     TaskTimeoutError,
     UnknownTaskError,
 )
-from service.metrics import WorkerMetrics, observability_routes
-from service.nsqio import (
-    Publisher,
-    Reader,
-    close_reader,
-    connected_count,
-    create_topics,
-    unflushed,
+from nsqjobs.names import (
+    DEAD_LETTER_TOPIC,
+    MAX_DELAY_MS,
+    READER_OUTPUT_BUFFER_BYTES,
+    READER_OUTPUT_BUFFER_TIMEOUT_MS,
+    RESULTS_TOPIC,
+    WORKER_OUTPUT_BUFFER_BYTES,
 )
-from service.registry import Registry, Task, load_task_modules, registry
-from service.threadpool import SlotPool
+from nsqjobs.nsq.admin import create_topics
+from nsqjobs.nsq.publisher import Publisher
+from nsqjobs.nsq.reader import Reader, close_reader, connected_count, unflushed
+from nsqjobs.observability.exposition import observability_routes
+from nsqjobs.observability.metrics import WorkerMetrics
+from nsqjobs.registry import Registry, Task, load_task_modules, registry
+from nsqjobs.worker.slots import SlotPool
 
 log = logging.getLogger("nsqjobs.worker")
 

@@ -1,6 +1,6 @@
 """The ``nsqjobs`` command: ``gateway``, ``worker`` and ``submit``.
 
-Every daemon flag mirrors an ``NSQJOBS_*`` variable (see ``service.config``). Errors print one
+Every daemon flag mirrors an ``NSQJOBS_*`` variable (see ``nsqjobs.config``). Errors print one
 line to stderr and exit non-zero.
 """
 
@@ -18,9 +18,11 @@ import urllib.request
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
-from service import __version__, config, consumer, gateway
-from service.errors import NsqjobsError
-from service.registry import load_task_modules, registry
+from nsqjobs import config
+from nsqjobs.errors import NsqjobsError
+from nsqjobs.names import ENV_EVENT_LOOP, ENV_GATEWAY_URL, GATEWAY_PORT
+from nsqjobs.registry import load_task_modules, registry
+from nsqjobs.version import __version__
 
 log = logging.getLogger("nsqjobs")
 T = TypeVar("T")
@@ -63,7 +65,7 @@ def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
 
     ``NSQJOBS_EVENT_LOOP=asyncio`` forces the standard loop.
     """
-    if os.environ.get("NSQJOBS_EVENT_LOOP", "uvloop") != "asyncio":
+    if os.environ.get(ENV_EVENT_LOOP, "uvloop") != "asyncio":
         try:
             import uvloop
         except ImportError:
@@ -157,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--delay-ms", type=int, default=0, help="deliver after this delay")
     sm.add_argument(
         "--gateway-url",
-        default=os.environ.get("NSQJOBS_GATEWAY_URL", "http://127.0.0.1:8080"),
-        help="gateway base URL [env NSQJOBS_GATEWAY_URL]",
+        default=os.environ.get(ENV_GATEWAY_URL, f"http://127.0.0.1:{GATEWAY_PORT}"),
+        help=f"gateway base URL [env {ENV_GATEWAY_URL}]",
     )
     return parser
 
@@ -168,9 +170,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "gateway":
-            return _daemon(config.GatewayConfig, gateway.serve, args)
+            # Daemons are imported here, not at the top: `nsqjobs --help` and `nsqjobs submit`
+            # never load tornado, pynsq or numba.
+            from nsqjobs.gateway.app import serve as serve_gateway
+
+            return _daemon(config.GatewayConfig, serve_gateway, args)
         if args.command == "worker":
-            return _daemon(config.WorkerConfig, consumer.serve, args)
+            from nsqjobs.worker.daemon import serve as serve_worker
+
+            return _daemon(config.WorkerConfig, serve_worker, args)
         return _submit(args)
     except (NsqjobsError, ImportError, OSError) as exc:
         print(f"nsqjobs {args.command}: {exc}", file=sys.stderr)

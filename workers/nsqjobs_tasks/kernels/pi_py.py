@@ -1,6 +1,6 @@
 """Pure-Python reference for ``pi.estimate``: count splitmix64 points inside the quarter circle."""
 
-from workers.kernels.splitmix_py import mix, next_state
+from nsqjobs_tasks.kernels.splitmix_py import mix, next_state
 
 # Each coordinate is the top 31 bits of a 64-bit output: an integer in [0, 2**31), so x*x + y*y
 # is below 2**63 and the quarter-circle test is exact integer arithmetic, bit-identical everywhere.

@@ -15,8 +15,8 @@ from typing import Any, get_type_hints
 
 import msgspec
 
-from service.constants import DEFAULT_QUEUE
-from service.errors import FieldError, InvalidArgumentsError, UnknownTaskError
+from nsqjobs.errors import FieldError, InvalidArgumentsError, UnknownTaskError
+from nsqjobs.names import DEFAULT_QUEUE
 
 _TASK_NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # nsqd allows dots; we keep them out
@@ -35,6 +35,8 @@ class Task:
     description: str = ""
     warm_up: Callable[[], None] | None = None
     schema: dict[str, Any] = field(default_factory=dict)
+    # Exceptions that cannot succeed on another attempt: the job is dead-lettered at once.
+    throws: tuple[type[Exception], ...] = ()
 
     def validate(self, args: Any, where: str = "args") -> Any:
         """Convert plain JSON data to the typed arguments, or raise with the failing fields."""
@@ -114,9 +116,16 @@ def task(
     time_limit_s: float = 300.0,
     max_attempts: int = 5,
     warm_up: Callable[[], None] | None = None,
+    throws: tuple[type[Exception], ...] = (),
     target: Registry | None = None,
 ) -> Callable[[Callable[[Any], Any]], Callable[[Any], Any]]:
-    """Register a one-argument function as a task; the argument's annotation is its schema."""
+    """Register a one-argument function as a task; the argument's annotation is its schema.
+
+    ``throws``: exception types the task raises when retrying cannot help (bad input found deep
+    in the work, a missing file...); a job failing with one is dead-lettered at once.
+    """
+    if not all(isinstance(t, type) and issubclass(t, Exception) for t in throws):
+        raise TypeError("throws must be a tuple of Exception subclasses")
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
     if time_limit_s <= 0:
@@ -139,6 +148,7 @@ def task(
                 description=(fn.__doc__ or "").strip().split("\n")[0],
                 warm_up=warm_up,
                 schema=msgspec.json.schema(args_type),
+                throws=tuple(throws),
             )
         )
         return fn

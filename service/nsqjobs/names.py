@@ -12,15 +12,17 @@ GATEWAY_CHANNEL_PREFIX: Final = "gateway"
 # Default ports of the local stack (each can be changed by its environment variable).
 NSQD_TCP_PORT: Final = 4150
 NSQD_HTTP_PORT: Final = 4151
-LOOKUPD_TCP_PORT: Final = 4160
 LOOKUPD_HTTP_PORT: Final = 4161
-NSQADMIN_HTTP_PORT: Final = 4171
 GATEWAY_PORT: Final = 8080
 WORKER_METRICS_PORT: Final = 9101
 
+# Environment variables. The daemons' settings derive theirs from the field names in
+# nsqjobs.config (NSQJOBS_ + FIELD); these are the ones read outside a config class.
 ENV_PREFIX: Final = "NSQJOBS_"
 ENV_KERNEL_IMPL: Final = "NSQJOBS_KERNEL_IMPL"
 ENV_DEBUG_TASKS: Final = "NSQJOBS_DEBUG_TASKS"
+ENV_EVENT_LOOP: Final = "NSQJOBS_EVENT_LOOP"
+ENV_GATEWAY_URL: Final = "NSQJOBS_GATEWAY_URL"
 
 METRIC_PREFIX: Final = "nsqjobs"
 
@@ -29,6 +31,7 @@ WIRE_VERSION: Final = 1
 MAX_JOB_ID_LENGTH: Final = 128
 MAX_DELAY_MS: Final = 3_600_000  # nsqd's default --max-req-timeout; above it nsqd drops the conn
 MAX_WAIT_SECONDS: Final = 60.0
+MAX_EXPIRES_S: Final = 366 * 86400.0  # a year: any longer is a typo
 MAX_BATCH_JOBS: Final = 1000
 
 PROBLEM_CONTENT_TYPE: Final = "application/problem+json"

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-ENV_KERNEL_IMPL = "NSQJOBS_KERNEL_IMPL"  # mirrors service.constants; kernels import nothing of ours
+from nsqjobs.names import ENV_KERNEL_IMPL
+
 IMPLS = ("numba", "cython", "python")
 # Fastest first, as measured by `python -m bench.kernels` (bench/results/kernels.md).
 PREFERENCE = ("cython", "numba", "python")
@@ -33,7 +34,7 @@ def module_name(kernel: str, impl: str) -> str:
             f"{ENV_KERNEL_IMPL}={impl!r}: expected one of {', '.join(IMPLS)}"
         )
     leaf = f"_{kernel}_cy" if impl == "cython" else f"{kernel}_{'py' if impl == 'python' else impl}"
-    return f"workers.kernels.{leaf}"
+    return f"nsqjobs_tasks.kernels.{leaf}"
 
 
 def load(kernel: str, impl: str) -> ModuleType:

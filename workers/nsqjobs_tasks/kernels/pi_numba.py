@@ -3,7 +3,7 @@
 import numba
 import numpy as np
 
-from workers.kernels.splitmix_numba import mix, next_state
+from nsqjobs_tasks.kernels.splitmix_numba import mix, next_state
 
 # uint64 constants throughout: an int64 operand next to a uint64 one would promote to float64.
 SHIFT = np.uint64(33)

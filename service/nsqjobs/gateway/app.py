@@ -24,10 +24,14 @@ import tornado.httputil
 import tornado.web
 from prometheus_client import CollectorRegistry
 
-from service import wire
-from service.accept import Accepted, Acceptor, BatchAccepted, BatchRequest, SubmitRequest
-from service.config import GatewayConfig
-from service.constants import (
+from nsqjobs import wire
+from nsqjobs.api import Accepted, BatchAccepted, BatchRequest, SubmitRequest
+from nsqjobs.config import GatewayConfig
+from nsqjobs.errors import DecodeError, InvalidArgumentsError, PublishError, UnknownTaskError
+from nsqjobs.gateway.openapi import openapi_document
+from nsqjobs.gateway.submit import Acceptor
+from nsqjobs.http.server import HTTPServer
+from nsqjobs.names import (
     DEAD_LETTER_TOPIC,
     GATEWAY_CHANNEL_PREFIX,
     MAX_WAIT_SECONDS,
@@ -36,12 +40,12 @@ from service.constants import (
     READER_OUTPUT_BUFFER_TIMEOUT_MS,
     RESULTS_TOPIC,
 )
-from service.errors import DecodeError, InvalidArgumentsError, PublishError, UnknownTaskError
-from service.httpserver import HTTPServer
-from service.metrics import GatewayMetrics, observability_routes
-from service.nsqio import Publisher, Reader, close_reader, connected_count, create_topics
-from service.openapi import openapi_document
-from service.registry import Registry, field_error, validation_errors
+from nsqjobs.nsq.admin import create_topics
+from nsqjobs.nsq.publisher import Publisher
+from nsqjobs.nsq.reader import Reader, close_reader, connected_count
+from nsqjobs.observability.exposition import observability_routes
+from nsqjobs.observability.metrics import GatewayMetrics
+from nsqjobs.registry import Registry, field_error, validation_errors
 
 log = logging.getLogger("nsqjobs.gateway")
 _json = msgspec.json.Encoder()

@@ -9,7 +9,7 @@ import numba
 import numpy as np
 import numpy.typing as npt
 
-from workers.kernels.splitmix_numba import mix, next_state
+from nsqjobs_tasks.kernels.splitmix_numba import mix, next_state
 
 # Same constants as diffusion_py. The shift is a uint64: an int64 operand would promote to float.
 UNIT = 1.0 / 9007199254740992.0

@@ -15,8 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
-from service import constants as c
-from service.errors import ConfigError
+from nsqjobs import names as c
+from nsqjobs.errors import ConfigError
 
 C = TypeVar("C")
 
@@ -141,7 +141,7 @@ class NsqConfig:
         "nsqlookupd HTTP addresses to discover producers (empty: read from --nsqd-tcp-address)",
     )
     lookupd_poll_interval: int = setting(10, "seconds between nsqlookupd polls")
-    task_module: tuple[str, ...] = setting(["workers.tasks"], "modules that register tasks")
+    task_module: tuple[str, ...] = setting(["nsqjobs_tasks.builtin"], "modules that register tasks")
     log_level: str = setting("INFO", "log level (DEBUG, INFO, WARNING, ERROR)")
 
     def check(self) -> None:

@@ -1,27 +1,14 @@
-"""Every daemon's metrics and its health endpoints, in one module.
-
-Each daemon builds its metrics on an explicit registry (tests use a fresh one) and serves
-``/healthz``, ``/readyz`` and ``/metrics`` through :func:`observability_routes`.
-"""
+"""Every daemon's metric instruments, built on an explicit registry (tests use a fresh one)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import tornado.web
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from service import __version__
-from service.constants import METRIC_PREFIX as P
+from nsqjobs.names import METRIC_PREFIX as P
+from nsqjobs.version import __version__
 
 # Publishes take ~100 us on loopback; jobs run from microseconds to hours.
 PUBLISH_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
@@ -198,47 +185,3 @@ class WorkerMetrics(_PublishingMetrics):
                 duration_succeeded=self.duration.labels(task, "succeeded"),
             )
         return found
-
-
-class _Base(tornado.web.RequestHandler):
-    def initialize(self, **kwargs: Any) -> None:
-        self.opts = kwargs
-
-    def check_xsrf_cookie(self) -> None:  # an API, never a browser form
-        return None
-
-
-class HealthHandler(_Base):
-    """``/healthz``: the process is alive and its IOLoop answers."""
-
-    def get(self) -> None:
-        self.finish({"status": "ok"})
-
-
-class ReadyHandler(_Base):
-    """``/readyz``: 200 when the daemon can do its work now, else 503 with the reasons."""
-
-    def get(self) -> None:
-        problems: list[str] = self.opts["check"]()
-        if problems:
-            self.set_status(503)
-        self.finish({"status": "ok" if not problems else "unavailable", "problems": problems})
-
-
-class MetricsHandler(_Base):
-    """``/metrics``: the Prometheus text exposition of the daemon's registry."""
-
-    def get(self) -> None:
-        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.finish(generate_latest(self.opts["registry"]))
-
-
-def observability_routes(
-    registry: CollectorRegistry, ready_check: Callable[[], list[str]]
-) -> list[tuple[str, type[tornado.web.RequestHandler], dict[str, Any]]]:
-    """The three routes every daemon serves."""
-    return [
-        (r"/healthz", HealthHandler, {}),
-        (r"/readyz", ReadyHandler, {"check": ready_check}),
-        (r"/metrics", MetricsHandler, {"registry": registry}),
-    ]

@@ -12,8 +12,8 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
-from service.constants import WIRE_VERSION
-from service.errors import DecodeError
+from nsqjobs.errors import DecodeError
+from nsqjobs.names import WIRE_VERSION
 
 
 class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):

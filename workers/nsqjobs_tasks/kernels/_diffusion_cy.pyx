@@ -9,7 +9,7 @@ import numpy as np
 
 from libc.stdint cimport uint64_t
 
-from workers.kernels.splitmix cimport mix, next_state
+from nsqjobs_tasks.kernels.splitmix cimport mix, next_state
 
 # Same constants as diffusion_py.
 cdef enum:

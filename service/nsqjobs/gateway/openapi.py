@@ -6,10 +6,11 @@ from typing import Any
 
 import msgspec
 
-from service import __version__, wire
-from service.accept import Accepted, BatchAccepted, BatchRequest, SubmitRequest
-from service.constants import MAX_WAIT_SECONDS
-from service.registry import Registry
+from nsqjobs import wire
+from nsqjobs.api import Accepted, BatchAccepted, BatchRequest, SubmitRequest
+from nsqjobs.names import MAX_WAIT_SECONDS
+from nsqjobs.registry import Registry
+from nsqjobs.version import __version__
 
 _REF = "#/components/schemas/{name}"
 

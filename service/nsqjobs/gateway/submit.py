@@ -8,57 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import re
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
 
-import msgspec
-
-from service import wire
-from service.constants import MAX_BATCH_JOBS, MAX_DELAY_MS, MAX_JOB_ID_LENGTH
-from service.errors import FieldError, InvalidArgumentsError, UnknownTaskError
-from service.metrics import GatewayMetrics
-from service.nsqio import Publisher
-from service.registry import Registry, Task
-
-_JOB_ID = re.compile(r"^[A-Za-z0-9._:-]+$")
-
-JobId = Annotated[
-    str, msgspec.Meta(min_length=1, max_length=MAX_JOB_ID_LENGTH, pattern=_JOB_ID.pattern)
-]
-DelayMs = Annotated[int, msgspec.Meta(ge=0, le=MAX_DELAY_MS)]
-
-
-class SubmitRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Body of ``POST /v1/jobs`` and one item of a batch."""
-
-    task: str
-    args: dict[str, Any] = {}
-    id: JobId | None = None
-    delay_ms: DelayMs = 0
-
-
-class BatchRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Body of ``POST /v1/jobs/batch``."""
-
-    jobs: Annotated[list[SubmitRequest], msgspec.Meta(min_length=1, max_length=MAX_BATCH_JOBS)]
-
-
-class Accepted(msgspec.Struct, frozen=True):
-    """The 202 answer for one job."""
-
-    id: str
-    task: str
-    status: str = "queued"
-
-
-class BatchAccepted(msgspec.Struct, frozen=True):
-    """The 202 answer for a batch, ids in request order."""
-
-    ids: list[str]
-    status: str = "queued"
-
+from nsqjobs import wire
+from nsqjobs.api import SubmitRequest
+from nsqjobs.errors import FieldError, InvalidArgumentsError, UnknownTaskError
+from nsqjobs.nsq.publisher import Publisher
+from nsqjobs.observability.metrics import GatewayMetrics
+from nsqjobs.registry import Registry, Task
 
 Recorder = Callable[[list[wire.JobEnvelope]], Awaitable[None]]
 
@@ -86,6 +44,8 @@ class Acceptor:
         created_at: float | None = None,
     ) -> tuple[Task, wire.JobEnvelope]:
         """Validate one request and build its envelope; raises Unknown/InvalidArguments."""
+        if created_at is None:
+            created_at = wire.now()
         task = self.registry.get(req.task)
         # Validated, but sent as given: the worker validates the same data again, and the client's
         # JSON is already plain data (no second conversion on the hot path).
@@ -94,8 +54,9 @@ class Acceptor:
             id=req.id or job_id or wire.new_job_id(),
             task=task.name,
             args=req.args,
-            created_at=created_at or wire.now(),
+            created_at=created_at,
             timeout_s=task.time_limit_s,
+            deadline=None if req.expires_s is None else created_at + req.expires_s,
         )
 
     async def accept(self, req: SubmitRequest) -> wire.JobEnvelope:

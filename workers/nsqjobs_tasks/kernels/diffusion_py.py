@@ -7,7 +7,7 @@ each reduction runs in one accumulator in row-major order. Nothing may reassocia
 (no fastmath, no vectorised numpy reductions) nor fuse ``c + r * lap`` into one FMA.
 """
 
-from workers.kernels.splitmix_py import mix, next_state
+from nsqjobs_tasks.kernels.splitmix_py import mix, next_state
 
 # 2**-53: the top 53 bits of a 64-bit output, scaled, are a double uniform in [0, 1).
 UNIT = 1.0 / 9007199254740992.0

@@ -3,7 +3,7 @@
 
 from libc.stdint cimport uint64_t
 
-from workers.kernels.splitmix cimport mix, next_state
+from nsqjobs_tasks.kernels.splitmix cimport mix, next_state
 
 # Same shift as pi_py: 31-bit coordinates, so x*x + y*y < 2**63 cannot wrap in uint64.
 cdef enum:

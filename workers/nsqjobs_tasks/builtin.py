@@ -10,10 +10,11 @@ from typing import Annotated, Any, Literal
 import msgspec
 import numpy as np
 import numpy.typing as npt
+from nsqjobs.errors import NsqjobsError
+from nsqjobs.names import ENV_DEBUG_TASKS
+from nsqjobs.registry import task
 
-from service.errors import NsqjobsError
-from service.registry import task
-from workers import impl
+from nsqjobs_tasks import impl
 
 MAX_PRIME_BOUND = 10**12
 MAX_PRIME_SPAN = 10**9
@@ -177,6 +178,6 @@ def debug_fail(args: DebugFailArgs) -> None:
     raise DebugFailure("debug.fail asked to fail")
 
 
-if os.environ.get("NSQJOBS_DEBUG_TASKS", "") == "1":
+if os.environ.get(ENV_DEBUG_TASKS, "") == "1":
     task("debug.sleep", time_limit_s=3600)(debug_sleep)
     task("debug.fail", max_attempts=5)(debug_fail)

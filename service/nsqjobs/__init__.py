@@ -1,0 +1,54 @@
+"""nsqjobs: a compute job queue on NSQ.
+
+The public import for task authors and client code. Importing it is cheap: msgspec only, never
+tornado, pynsq or numba (the daemons load those when they start)::
+
+    from nsqjobs import task, Retry
+
+    @task("reports.render", max_attempts=3, throws=(KeyError,))
+    def render(args: RenderArgs) -> dict: ...
+"""
+
+from nsqjobs.api import Accepted, BatchAccepted, BatchRequest, SubmitRequest
+from nsqjobs.errors import (
+    ConfigError,
+    DecodeError,
+    FieldError,
+    InvalidArgumentsError,
+    NsqjobsError,
+    PublishError,
+    PublishRejected,
+    Retry,
+    TaskTimeoutError,
+    UnknownTaskError,
+)
+from nsqjobs.registry import Registry, Task, registry, task
+from nsqjobs.version import __version__
+from nsqjobs.wire import Attempt, DeadLetter, ErrorInfo, JobEnvelope, ResultEnvelope
+
+__all__ = [
+    "Accepted",
+    "Attempt",
+    "BatchAccepted",
+    "BatchRequest",
+    "ConfigError",
+    "DeadLetter",
+    "DecodeError",
+    "ErrorInfo",
+    "FieldError",
+    "InvalidArgumentsError",
+    "JobEnvelope",
+    "NsqjobsError",
+    "PublishError",
+    "PublishRejected",
+    "Registry",
+    "ResultEnvelope",
+    "Retry",
+    "SubmitRequest",
+    "Task",
+    "TaskTimeoutError",
+    "UnknownTaskError",
+    "__version__",
+    "registry",
+    "task",
+]

@@ -1,0 +1,61 @@
+"""The HTTP API's request and answer types (msgspec only): what clients send and get back.
+
+The gateway validates with these types and the OpenAPI document is generated from them, so a
+client built on this module and the server can never disagree about a field.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+import msgspec
+
+from nsqjobs.names import MAX_BATCH_JOBS, MAX_DELAY_MS, MAX_EXPIRES_S, MAX_JOB_ID_LENGTH
+
+JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]+$")
+
+JobId = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=MAX_JOB_ID_LENGTH, pattern=JOB_ID_PATTERN.pattern)
+]
+DelayMs = Annotated[int, msgspec.Meta(ge=0, le=MAX_DELAY_MS)]
+ExpiresS = Annotated[
+    float,
+    msgspec.Meta(
+        gt=0,
+        le=MAX_EXPIRES_S,
+        description="seconds after acceptance past which the job is dead-lettered as expired "
+        "instead of started",
+    ),
+]
+
+
+class SubmitRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Body of ``POST /v1/jobs`` and one item of a batch."""
+
+    task: str
+    args: dict[str, Any] = {}
+    id: JobId | None = None
+    delay_ms: DelayMs = 0
+    expires_s: ExpiresS | None = None
+
+
+class BatchRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Body of ``POST /v1/jobs/batch``."""
+
+    jobs: Annotated[list[SubmitRequest], msgspec.Meta(min_length=1, max_length=MAX_BATCH_JOBS)]
+
+
+class Accepted(msgspec.Struct, frozen=True):
+    """The 202 answer for one job."""
+
+    id: str
+    task: str
+    status: str = "queued"
+
+
+class BatchAccepted(msgspec.Struct, frozen=True):
+    """The 202 answer for a batch, ids in request order."""
+
+    ids: list[str]
+    status: str = "queued"

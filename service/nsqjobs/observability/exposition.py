@@ -1,0 +1,53 @@
+"""``/healthz``, ``/readyz`` and ``/metrics``: what every daemon serves for probes and scrapes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import tornado.web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+
+class _Base(tornado.web.RequestHandler):
+    def initialize(self, **kwargs: Any) -> None:
+        self.opts = kwargs
+
+    def check_xsrf_cookie(self) -> None:  # an API, never a browser form
+        return None
+
+
+class HealthHandler(_Base):
+    """``/healthz``: the process is alive and its IOLoop answers."""
+
+    def get(self) -> None:
+        self.finish({"status": "ok"})
+
+
+class ReadyHandler(_Base):
+    """``/readyz``: 200 when the daemon can do its work now, else 503 with the reasons."""
+
+    def get(self) -> None:
+        problems: list[str] = self.opts["check"]()
+        if problems:
+            self.set_status(503)
+        self.finish({"status": "ok" if not problems else "unavailable", "problems": problems})
+
+
+class MetricsHandler(_Base):
+    """``/metrics``: the Prometheus text exposition of the daemon's registry."""
+
+    def get(self) -> None:
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(generate_latest(self.opts["registry"]))
+
+
+def observability_routes(
+    registry: CollectorRegistry, ready_check: Callable[[], list[str]]
+) -> list[tuple[str, type[tornado.web.RequestHandler], dict[str, Any]]]:
+    """The three routes every daemon serves."""
+    return [
+        (r"/healthz", HealthHandler, {}),
+        (r"/readyz", ReadyHandler, {"check": ready_check}),
+        (r"/metrics", MetricsHandler, {"registry": registry}),
+    ]

@@ -1,1 +1,0 @@
-"""nsqjobs compute tasks: task definitions (``workers.tasks``) and their kernels."""

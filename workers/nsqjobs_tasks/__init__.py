@@ -1,0 +1,1 @@
+"""nsqjobs compute tasks: task definitions (``nsqjobs_tasks.builtin``) and their kernels."""
