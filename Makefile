@@ -27,7 +27,7 @@ export NSQJOBS_NSQ_LOG_LEVEL ?= warn
 help:
 	@echo "make run    set up (venv, NSQ build) and start the local stack in the foreground"
 	@echo "make test   set up and run the whole test suite"
-	@echo "make lint   ruff + mypy --strict"
+	@echo "make lint   ruff + mypy --strict (service, workers, tests, bench)"
 	@echo "make bench  run the benchmarks, figures into bench/results/"
 	@echo "make nsq    build NSQ v1.3.0 into .bin/ (or link binaries found on PATH)"
 
@@ -79,7 +79,7 @@ test: venv nsq
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy --strict service workers
+	$(VENV)/bin/mypy --strict service workers tests bench
 
 bench: venv nsq
 	PATH="$(BIN_DIR):$$PATH" $(VENV)/bin/python -m bench

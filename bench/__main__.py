@@ -18,7 +18,7 @@ ratios are meaningful; the figure reported is the median of the per-round ratios
    FIN: that is part of its real cost. Target: ratio >= 0.8.
 4. End-to-end latency: with one gateway and one worker, noop jobs submitted at 50/s for 10 s to
    ``POST /v1/jobs?wait=5``; p50/p90/p99 of send-to-result. For the record, no target.
-5. ``kernels``: the compute-kernel benchmarks of ``bench/kernels.py`` (Numba and Cython against
+5. ``kernels``: the compute-kernel benchmarks of ``bench/kernels/`` (Numba and Cython against
    C, the pure-Python reference, thread scaling, jobs/s through one or two workers), run after
    the four above once their daemons are stopped; see ``python -m bench.kernels --help``.
 
@@ -41,15 +41,16 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
+from nsqjobs.testing import HarnessError, need_binary, start_nsq, temp_dir
+
 from bench import hey, kernels, report, scenarios
-from bench.procs import ROOT, BenchError, binary, log, start_gateway, start_nsq, temp_dir
+from bench.procs import ROOT, log, start_gateway
 from bench.results_model import Comparison, Latency
 
 PIPELINE = ("gateway_single", "gateway_batch", "worker_dispatch", "latency")
@@ -57,12 +58,7 @@ BENCHMARKS = (*PIPELINE, "kernels")
 
 
 def _command(argv: Sequence[str]) -> str:
-    exe = sys.executable
-    if exe.startswith(str(ROOT) + os.sep):
-        exe = os.path.relpath(exe, ROOT)
-    cmd = shlex.join([exe, "-m", "bench", *argv])
-    if str(ROOT / ".bin") in os.environ.get("PATH", "").split(os.pathsep):
-        cmd = "PATH=.bin:$PATH " + cmd
+    cmd = report.command_line(argv, "bench")
     return f"make bench ({cmd})" if os.environ.get("MAKELEVEL") and not argv else cmd
 
 
@@ -105,9 +101,9 @@ def _pipeline(args: argparse.Namespace, argv: Sequence[str], only: Sequence[str]
     """Run the pipeline benchmarks in ``only`` and write ``pipeline.json`` / ``pipeline.md``."""
     hey.hey_binary()
     try:
-        binary("nsqd")
-        binary("nsqlookupd")
-    except BenchError as exc:
+        need_binary("nsqd")
+        need_binary("nsqlookupd")
+    except HarnessError as exc:
         raise SystemExit(f"bench: {exc}") from None
 
     s = scenarios.Settings.quick() if args.quick else scenarios.Settings()
@@ -129,12 +125,12 @@ def _pipeline(args: argparse.Namespace, argv: Sequence[str], only: Sequence[str]
         log(f"{name} ...")
         try:
             fn()
-        except BenchError as exc:
+        except HarnessError as exc:
             log(f"{name} could not run: {exc}")
             errors[name] = str(exc)
 
     with ExitStack() as stack:
-        work = temp_dir(stack)
+        work = temp_dir(stack, "nsqjobs-bench-")
         log(f"starting nsqlookupd and nsqd (work dir {work})")
         nsq = start_nsq(stack, work)
         header["nsq_version"] = nsq.version

@@ -21,20 +21,10 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from nsqjobs.names import WORKER_CHANNEL
+from nsqjobs.testing import free_port, nsqjobs_command, start_nsq, temp_dir, wait_for, wait_ready
 
 from bench import hey, payloads
-from bench.procs import (
-    free_port,
-    gateway_argv,
-    log,
-    nsqjobs_command,
-    spawn,
-    start_nsq,
-    temp_dir,
-    wait_ready,
-    wait_until,
-    worker_argv,
-)
+from bench.procs import gateway_argv, log, start_process, worker_argv
 from bench.scenarios import GATEWAY_TOPICS, JSON
 
 
@@ -65,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--save", type=Path, help="keep the raw cProfile file here")
     args = parser.parse_args(argv)
     with ExitStack() as stack:
-        work = temp_dir(stack)
+        work = temp_dir(stack, "nsqjobs-bench-")
         nsq = start_nsq(stack, work)
         prof = work / "daemon.prof"
         with ExitStack() as daemon:
@@ -81,20 +71,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                     lookupd=False,
                     port=free_port(),
                 )
-                proc = spawn(daemon, "worker", _profiled(argv_w, prof), work)
+                proc = start_process(daemon, "worker", _profiled(argv_w, prof), work)
 
                 def drained() -> bool:
                     proc.check_alive()
-                    ch = nsq.channel_stats(topic, WORKER_CHANNEL) or {}
+                    ch = nsq.channel(topic, WORKER_CHANNEL) or {}
                     return ch.get("depth") == 0 and ch.get("in_flight_count") == 0
 
                 log(f"worker draining {args.messages:,} jobs under cProfile")
-                wait_until(drained, 600.0, "the worker to drain", interval_s=0.2)
+                wait_for(drained, 600.0, "the worker to drain", interval=0.2)
             else:
                 for topic in GATEWAY_TOPICS:
                     nsq.post("/topic/create", topic=topic)
                 port = free_port()
-                proc = spawn(daemon, "gateway", _profiled(gateway_argv(nsq, port), prof), work)
+                proc = start_process(
+                    daemon, "gateway", _profiled(gateway_argv(nsq, port), prof), work
+                )
                 base = f"http://127.0.0.1:{port}"
                 wait_ready(proc, f"{base}/readyz", 60.0)
                 if args.target == "gateway":

@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
+import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.procs import ROOT
 from bench.results_model import Comparison, Latency
 
 
@@ -21,6 +25,17 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def command_line(argv: Sequence[str], module: str) -> str:
+    """How this run was started (``python -m MODULE ARGV``), for the report."""
+    exe = sys.executable
+    if exe.startswith(str(ROOT) + os.sep):
+        exe = os.path.relpath(exe, ROOT)
+    cmd = shlex.join([exe, "-m", module, *argv])
+    if str(ROOT / ".bin") in os.environ.get("PATH", "").split(os.pathsep):
+        cmd = "PATH=.bin:$PATH " + cmd
+    return cmd
 
 
 def machine() -> dict[str, Any]:
@@ -44,10 +59,11 @@ def write_json(
         "latency": [latency.to_json() for latency in latencies],
         "all_pass": all(c.passed for c in comparisons),
     }
-    _write(path, json.dumps(doc, indent=2) + "\n")
+    write_text(path, json.dumps(doc, indent=2) + "\n")
 
 
-def _write(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
+    """Write a results file whole (through a temporary file), so no reader sees half of it."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
@@ -141,4 +157,4 @@ def write_markdown(
                 + ", ".join(f"({a}, {b})" for a, b in failed)
             )
         out.append("")
-    _write(path, "\n".join(out).rstrip() + "\n")
+    write_text(path, "\n".join(out).rstrip() + "\n")

@@ -13,20 +13,10 @@ from typing import Any
 
 import tornado.httpclient
 from nsqjobs.names import DEAD_LETTER_TOPIC, DEFAULT_QUEUE, RESULTS_TOPIC, WORKER_CHANNEL
+from nsqjobs.testing import Nsq, Proc, free_port, wait_for, wait_ready
 
 from bench import hey, payloads
-from bench.procs import (
-    BenchError,
-    Nsq,
-    Proc,
-    free_port,
-    log,
-    spawn,
-    start_gateway,
-    wait_ready,
-    wait_until,
-    worker_argv,
-)
+from bench.procs import BenchError, log, start_gateway, start_process, worker_argv
 from bench.results_model import Comparison, Latency, Round
 
 JSON = "application/json"
@@ -176,7 +166,7 @@ def gateway_single(nsq: Nsq, gateway: str, s: Settings, work: Path) -> Compariso
     )
     with ExitStack() as stack:
         port = free_port()
-        ceiling = spawn(
+        ceiling = start_process(
             stack,
             "tornado-ceiling",
             [sys.executable, "-m", "bench.tornado_ceiling", "--port", str(port)],
@@ -266,7 +256,7 @@ def _measure_drain(
     while True:
         proc.check_alive()
         before = time.monotonic()
-        ch = nsq.channel_stats(topic, WORKER_CHANNEL)
+        ch = nsq.channel(topic, WORKER_CHANNEL)
         at = (before + time.monotonic()) / 2
         if ch is None:
             raise BenchError(f"channel {topic}/{WORKER_CHANNEL} disappeared")
@@ -291,8 +281,8 @@ def _drain_once(
     n = len(bodies)
     nsq.create_channel(topic, WORKER_CHANNEL)
     nsq.mpub(topic, bodies)
-    wait_until(
-        lambda: (nsq.channel_stats(topic, WORKER_CHANNEL) or {}).get("depth") == n,
+    wait_for(
+        lambda: (nsq.channel(topic, WORKER_CHANNEL) or {}).get("depth") == n,
         30.0,
         f"{n} messages in {topic}/{WORKER_CHANNEL}",
     )
@@ -322,7 +312,7 @@ def _drain_once(
                 "--max-in-flight",
                 str(s.worker_concurrency),
             ]
-        proc = spawn(stack, f"{who}-{topic}", argv, log_dir)
+        proc = start_process(stack, f"{who}-{topic}", argv, log_dir)
         t0, t1, done0, ch = _measure_drain(nsq, proc, topic, n, s.drain_poll_s)
     results = nsq.message_count(RESULTS_TOPIC)
     nsq.delete_topic(topic)
@@ -483,7 +473,7 @@ def end_to_end_latency(
     with ExitStack() as stack:
         gateway = start_gateway(stack, nsq, log_dir, GATEWAY_TOPICS, name="gateway-latency")
         port = free_port()
-        worker = spawn(
+        worker = start_process(
             stack,
             "worker-latency",
             [

@@ -1,13 +1,52 @@
-"""Fixtures: a real nsqd/nsqlookupd pair per test, and daemons that are always stopped."""
+"""Fixtures: a real nsqd/nsqlookupd pair per test, and daemons that are always stopped.
+
+A missing binary (`nsqjobs.testing.MissingBinary`, raised in a fixture or a test) skips the test
+on a laptop and fails it when ``CI`` is set.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import pytest
+from nsqjobs.testing import BIN_DIR_ENV, Daemon, MissingBinary, Nsq, Tail, nsq_pair, start_daemon
 
-from tests.nsqtest import Daemon, Nsq, Tail, nsq_pair, start_daemon, stop_process
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = bool(os.environ.get("CI"))
+
+# `make nsq` builds NSQ into .bin/: look there before PATH, also when pytest runs on its own.
+os.environ.setdefault(BIN_DIR_ENV, str(ROOT / ".bin"))
+
+
+def _missing(exc: MissingBinary) -> None:
+    if IN_CI:
+        pytest.fail(str(exc), pytrace=False)
+    pytest.skip(str(exc))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
+    try:
+        return (yield)
+    except MissingBinary as exc:
+        _missing(exc)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    try:
+        return (yield)
+    except MissingBinary as exc:
+        _missing(exc)
+
+
+class StartDaemon(Protocol):
+    """The ``daemons`` fixture: start ``nsqjobs gateway|worker`` against a pair."""
+
+    def __call__(self, kind: str, nsq: Nsq, *, ready: bool = True, **env: str) -> Daemon: ...
 
 
 @pytest.fixture
@@ -18,18 +57,18 @@ def nsq() -> Iterator[Nsq]:
 
 
 @pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+def daemons(tmp_path: Path) -> Iterator[StartDaemon]:
     """Start ``nsqjobs`` daemons; any still running at teardown get SIGTERM, then SIGKILL."""
     started: list[Daemon] = []
 
-    def start(kind: str, nsq: Nsq, **kwargs: object) -> Daemon:
-        daemon = start_daemon(kind, nsq, tmp_path, **kwargs)  # type: ignore[arg-type]
+    def start(kind: str, nsq: Nsq, *, ready: bool = True, **env: str) -> Daemon:
+        daemon = start_daemon(kind, nsq, tmp_path, env, ready=ready, cwd=ROOT)
         started.append(daemon)
         return daemon
 
     yield start
     for daemon in reversed(started):
-        stop_process(daemon.proc)
+        daemon.stop()
 
 
 @pytest.fixture

@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import base64
+import json
 import math
 import os
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from nsqjobs.names import ENV_KERNEL_IMPL
 from nsqjobs.registry import registry
+from nsqjobs.testing import Daemon, Nsq, http, run_cli
 from nsqjobs_tasks import builtin as tasks
 from nsqjobs_tasks import impl
 
-from tests.nsqtest import ROOT, Daemon, Nsq, http, run_cli
+ROOT = Path(__file__).resolve().parent.parent
 
-JULIA = {
+JULIA: dict[str, Any] = {
     "width": 64,
     "height": 48,
     "x_min": -1.5,
@@ -29,7 +33,7 @@ JULIA = {
     "c_im": 0.156,
     "max_iter": 120,
 }
-DIFFUSION = {"n": 24, "steps": 15, "d": 1.0, "dt": 0.2, "seed": 2**64 - 1}
+DIFFUSION: dict[str, Any] = {"n": 24, "steps": 15, "d": 1.0, "dt": 0.2, "seed": 2**64 - 1}
 
 INVALID = [
     ("pi.estimate", {"samples": 0, "seed": 1}, "args.samples"),
@@ -97,8 +101,15 @@ def test_each_compute_task_end_to_end(nsq: Nsq, daemons: Callable[..., Daemon]) 
     mean, top, checksum = diffusion_py.run(*DIFFUSION.values())
     assert diffusion == {"mean": mean, "max": top, "checksum": checksum}
 
+    ran = {"primes.count": 1, "pi.estimate": 1, "julia.tile": 2, "diffusion.run": 1}
+    for name, jobs in ran.items():
+        assert worker.metric("nsqjobs_jobs_succeeded_total", task=name) == jobs
+        timed = worker.metric("nsqjobs_job_duration_seconds_count", task=name, status="succeeded")
+        assert timed == jobs
+        assert worker.metric("nsqjobs_jobs_failed_total", task=name) == 0
+    # Warm-up (before /readyz) has no metric: its log line is the only trace it leaves.
     log = worker.log()
-    for name in ("primes.count", "pi.estimate", "julia.tile", "diffusion.run"):
+    for name in ran:
         assert f"warmed up {name} in" in log
 
 
@@ -133,9 +144,49 @@ def test_unknown_kernel_implementation_stops_the_worker_with_one_line() -> None:
     assert "NSQJOBS_KERNEL_IMPL='fortran': expected one of numba, cython, python" in out.stderr
 
 
-def test_default_is_the_fastest_available() -> None:
-    assert impl.PREFERENCE[0] in ("cython", "numba")
-    assert impl.chosen("primes") in impl.IMPLS
+def _importable(kernel: str, name: str) -> bool:
+    try:
+        impl.load(kernel, name)
+    except impl.KernelUnavailableError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("kernel", impl.KERNELS)
+def test_default_is_the_first_importable_preference(
+    kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(ENV_KERNEL_IMPL, raising=False)
+    available = [name for name in impl.PREFERENCE[kernel] if _importable(kernel, name)]
+    assert sorted(impl.PREFERENCE[kernel]) == sorted(impl.IMPLS)
+    assert available and impl.chosen(kernel) == available[0]
+
+
+# Same-machine figures of `python -m bench.kernels`; a noisy machine gets 10 % of slack.
+KERNEL_FIGURES = ROOT / "bench" / "results" / "kernels.json"
+NOISE = 1.10
+
+
+@pytest.mark.parametrize("kernel", [*impl.KERNELS, "primes_1e12"])
+def test_preference_puts_the_fastest_measured_first(kernel: str) -> None:
+    if not KERNEL_FIGURES.exists():
+        pytest.skip(f"no {KERNEL_FIGURES.name}: run `python -m bench.kernels`")
+    figures = json.loads(KERNEL_FIGURES.read_text())["kernels"].get(kernel) or {}
+    seconds = {
+        name: float(t["median_s"])
+        for name, t in (figures.get("times") or {}).items()
+        if name in impl.IMPLS and t.get("median_s")
+    }
+    if (figures.get("python") or {}).get("full_input_seconds"):
+        seconds["python"] = float(figures["python"]["full_input_seconds"])
+    if len(seconds) < 2:
+        pytest.skip(f"{KERNEL_FIGURES.name} has no figures to rank for {kernel}")
+    preferred = next(name for name in impl.PREFERENCE[kernel.split("_")[0]] if name in seconds)
+    fastest = min(seconds, key=seconds.__getitem__)
+    assert seconds[preferred] <= NOISE * seconds[fastest], (
+        f"{kernel}: PREFERENCE picks {preferred} ({seconds[preferred] * 1000:.1f} ms) but "
+        f"{fastest} measured {seconds[fastest] * 1000:.1f} ms in {KERNEL_FIGURES.name}"
+    )
 
 
 @pytest.mark.parametrize("kernel", impl.KERNELS)

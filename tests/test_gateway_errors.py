@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from nsqjobs.testing import Daemon, Nsq, free_port, http
 
-from tests.nsqtest import Daemon, Nsq, free_port, http
+from tests.problem_checks import check_problem as problem
 
 pytestmark = pytest.mark.integration
 
@@ -18,16 +19,6 @@ def http_server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     """Every test runs under both HTTP layers the gateway can use (--http-server)."""
     monkeypatch.setenv("NSQJOBS_HTTP_SERVER", request.param)
     return str(request.param)
-
-
-def problem(status: int, headers: dict[str, str], body: object, expect: int, slug: str) -> dict:
-    assert status == expect, body
-    assert headers["Content-Type"] == "application/problem+json"
-    assert headers.get("Date", "").endswith(" GMT"), headers  # RFC 9110: origin servers date
-    assert isinstance(body, dict)
-    assert body["type"] == f"urn:nsqjobs:problem:{slug}" and body["status"] == expect
-    assert body["title"] and body["detail"]
-    return body
 
 
 def test_error_statuses_publish_nothing(nsq: Nsq, daemons: Callable[..., Daemon]) -> None:
@@ -96,6 +87,57 @@ def test_error_statuses_publish_nothing(nsq: Nsq, daemons: Callable[..., Daemon]
     )
 
 
+# Every route and a method it does not take, with the Allow header the 405 must carry: the job
+# routes (the raw delegate), the catalog routes and the observability routes (tornado handlers).
+NOT_ALLOWED = [
+    ("GET", "/v1/jobs", "POST"),
+    ("DELETE", "/v1/jobs", "POST"),
+    ("PUT", "/v1/jobs/batch", "POST"),
+    ("DELETE", "/v1/tasks", "GET"),
+    ("POST", "/openapi.json", "GET"),
+    ("POST", "/healthz", "GET"),
+    ("PUT", "/readyz", "GET"),
+    ("POST", "/metrics", "GET"),
+]
+
+
+def test_every_405_is_a_problem_naming_the_allowed_methods(
+    nsq: Nsq, daemons: Callable[..., Daemon]
+) -> None:
+    gw = daemons("gateway", nsq)
+    for method, path, allow in NOT_ALLOWED:
+        data = b"{}" if method in ("POST", "PUT") else None
+        status, headers, body = http(method, gw.url + path, raw=data)
+        problem(status, headers, body, 405, "method-not-allowed")
+        assert headers["Allow"] == allow, (method, path, headers)
+        assert method in body["detail"], body
+    # HEAD gets the same status and headers, without the body.
+    status, headers, body = http("HEAD", gw.url + "/healthz")
+    assert (status, headers["Allow"], body) == (405, "GET", "")
+    assert headers["Content-Type"] == "application/problem+json"
+    assert nsq.message_count("jobs") == 0
+    # Counted by route template, whichever HTTP stack answered.
+    assert (
+        gw.metric("nsqjobs_http_requests_total", route="/v1/jobs", method="GET", status="405") == 1
+    )
+    assert (
+        gw.metric("nsqjobs_http_requests_total", route="/metrics", method="POST", status="405") == 1
+    )
+
+
+def test_unknown_paths_are_problems_for_every_method(
+    nsq: Nsq, daemons: Callable[..., Daemon]
+) -> None:
+    gw = daemons("gateway", nsq)
+    for method in ("GET", "POST", "PUT", "DELETE"):
+        data = b"{}" if method in ("POST", "PUT") else None
+        body = problem(*http(method, gw.url + "/v1/nowhere", raw=data), 404, "not-found")
+        assert "/v1/nowhere" in body["detail"]
+    assert (
+        gw.metric("nsqjobs_http_requests_total", route="unmatched", method="GET", status="404") == 1
+    )
+
+
 def test_unavailable_when_no_nsqd_accepts(nsq: Nsq, daemons: Callable[..., Daemon]) -> None:
     dead = f"127.0.0.1:{free_port()}"
     gw = daemons(
@@ -106,7 +148,7 @@ def test_unavailable_when_no_nsqd_accepts(nsq: Nsq, daemons: Callable[..., Daemo
         NSQJOBS_NSQD_HTTP_ADDRESS="",
         NSQJOBS_LOOKUPD_HTTP_ADDRESS="",
     )
-    from tests.nsqtest import ping, wait_for
+    from nsqjobs.testing import ping, wait_for
 
     wait_for(lambda: ping(gw.url + "/healthz"), 20, "gateway /healthz")
     status, _, ready = http("GET", gw.url + "/readyz")

@@ -25,8 +25,7 @@ import tornado.httputil
 import tornado.routing
 import tornado.web
 from nsqjobs.http.server import HTTPServer
-
-from tests.nsqtest import wait_for
+from nsqjobs.testing import wait_for
 
 # -- the application under test ------------------------------------------------------------------
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -11,24 +10,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from nsqjobs.testing import Daemon, Nsq, free_port, http, need_binary, ping, wait_for
 
-from tests.nsqtest import IN_CI, ROOT, Daemon, Nsq, free_port, http, need_binary, ping, wait_for
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.integration
 
 
-def need_tool(name: str) -> str:
-    """A tool from the system (e.g. promtool); skip without it, but fail under CI."""
-    path = shutil.which(name)
-    if path is None:
-        if IN_CI:
-            pytest.fail(f"{name} not found (apt-get install prometheus)")
-        pytest.skip(f"{name} not found")
-    return path
-
-
 def test_metrics_pass_promtool(nsq: Nsq, daemons: Callable[..., Daemon]) -> None:
-    promtool = need_tool("promtool")
+    promtool = need_binary("promtool", hint="apt-get install prometheus")
     gw = daemons("gateway", nsq)
     worker = daemons("worker", nsq)
     status, _, _ = http("POST", gw.url + "/v1/jobs?wait=10", {"task": "noop", "args": {}})
@@ -102,12 +92,13 @@ def test_make_run_starts_the_stack_and_stops_it_on_ctrl_c(tmp_path: Path) -> Non
             ),
         ]
         for url in urls:
-            wait_for(
-                lambda url=url: proc.poll() is None and ping(url + "/readyz"),
-                90,
-                f"{url}/readyz\n{log_path.read_text(errors='replace')}",
-                interval=0.2,
-            )
+
+            def ready(url: str = url) -> bool:
+                if proc.poll() is not None:
+                    raise AssertionError(f"make run exited:\n{log_path.read_text()}")
+                return ping(url + "/readyz")
+
+            wait_for(ready, 90, f"{url}/readyz", interval=0.2)
         assert ping(f"http://127.0.0.1:{ports['NSQJOBS_NSQADMIN_PORT']}/ping")
         banner = log_path.read_text()
         assert f"gateway      http://127.0.0.1:{ports['NSQJOBS_GATEWAY_PORT']}" in banner

@@ -33,7 +33,9 @@ def test_jobs_run_in_parallel_up_to_the_pool_size() -> None:
     gate = threading.Barrier(4, timeout=10)  # only passes if 4 jobs run at once
 
     async def main() -> None:
-        assert await asyncio.gather(*(pool.submit(gate.wait) for _ in range(4))) is not None
+        # Barrier.wait() hands each of the 4 waiting threads a distinct index: 4 ran at once.
+        indexes = await asyncio.gather(*(pool.submit(gate.wait) for _ in range(4)))
+        assert sorted(indexes) == [0, 1, 2, 3]
 
     asyncio.run(main())
     pool.shutdown()

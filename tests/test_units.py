@@ -11,10 +11,9 @@ from nsqjobs.cli import main
 from nsqjobs.errors import ConfigError, DecodeError, InvalidArgumentsError, UnknownTaskError
 from nsqjobs.observability.metrics import GatewayMetrics, WorkerMetrics
 from nsqjobs.registry import Registry, task
-from nsqjobs.worker.daemon import backoff_delay
+from nsqjobs.testing import run_cli
+from nsqjobs.worker.outcome import backoff_delay
 from prometheus_client import CollectorRegistry
-
-from tests.nsqtest import run_cli
 
 
 def test_envelopes_round_trip() -> None:
@@ -137,10 +136,26 @@ def test_metrics_use_explicit_registries_and_base_units() -> None:
     reg_a, reg_b = CollectorRegistry(), CollectorRegistry()
     gateway, worker = GatewayMetrics(reg_a), WorkerMetrics(reg_b)  # no duplicate-name clash
     worker.succeeded.labels("noop").inc()
-    gateway.publish_duration.labels("pub").observe(0.001)
     assert reg_b.get_sample_value("nsqjobs_jobs_succeeded_total", {"task": "noop"}) == 1
-    assert reg_a.get_sample_value("nsqjobs_jobs_succeeded_total", {"task": "noop"}) is None
-    assert reg_a.get_sample_value("nsqjobs_publish_duration_seconds_count", {"command": "pub"}) == 1
+    # Both daemons define the publish histogram: each registry holds only its own samples.
+    gateway.publish_duration.labels("pub").observe(0.001)
+    worker.publish_duration.labels("pub")
+    pub = {"command": "pub"}
+    assert reg_a.get_sample_value("nsqjobs_publish_duration_seconds_count", pub) == 1
+    assert reg_b.get_sample_value("nsqjobs_publish_duration_seconds_count", pub) == 0
+    # Requests are counted by route template and status, in seconds; job-route errors are
+    # also rejections, other routes' errors are not.
+    gateway.request_done("/v1/jobs", "POST", 422, 0.002)
+    gateway.request_done("/v1/jobs", "POST", 422, 0.003)
+    gateway.request_done("/metrics", "POST", 405, 0.001)
+    request = {"route": "/v1/jobs", "method": "POST", "status": "422"}
+    assert reg_a.get_sample_value("nsqjobs_http_requests_total", request) == 2
+    duration = reg_a.get_sample_value(
+        "nsqjobs_http_request_duration_seconds_sum", {"route": "/v1/jobs"}
+    )
+    assert duration == pytest.approx(0.005)
+    assert reg_a.get_sample_value("nsqjobs_jobs_rejected_total", {"reason": "422"}) == 2
+    assert reg_a.get_sample_value("nsqjobs_jobs_rejected_total", {"reason": "405"}) is None
 
 
 def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,11 +8,11 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nsqjobs import wire
-
-from tests.nsqtest import Daemon, Nsq, Tail, http, need_binary, nsq_pair, wait_for
+from nsqjobs.testing import Daemon, Nsq, Tail, http, need_binary, nsq_pair, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -38,6 +38,23 @@ def in_flight(nsq: Nsq, n: int) -> Callable[[], bool]:
         return bool(channel and channel["in_flight_count"] == n)
 
     return check
+
+
+def settled(nsq: Nsq) -> Callable[[], bool]:
+    """Nothing queued, in flight or deferred on the workers' channel: no job can still run."""
+
+    def check() -> bool:
+        c = nsq.channel("jobs", "workers")
+        pending = (c["depth"], c["in_flight_count"], c["deferred_count"]) if c else None
+        return pending == (0, 0, 0)
+
+    return check
+
+
+def publish_job(nsq: Nsq, env: wire.JobEnvelope) -> None:
+    """Put a job envelope on the jobs topic directly (no gateway: nothing validated first)."""
+    status, _, body = http("POST", f"http://{nsq.nsqd_http}/pub?topic=jobs", raw=wire.encode(env))
+    assert status == 200, body
 
 
 def test_sigkilled_worker_jobs_complete_elsewhere(
@@ -69,15 +86,23 @@ def test_sigterm_drains_jobs_in_flight(
     worker = daemons("worker", nsq, NSQJOBS_CONCURRENCY="2", NSQJOBS_GRACE_S="10")
     ids = {submit(gw, "debug.sleep", {"seconds": 2}) for _ in range(2)}
     wait_for(in_flight(nsq, 2), 10, "the worker to hold both jobs")
+    wait_for(
+        lambda: worker.metric("nsqjobs_jobs_in_progress", task="debug.sleep") == 2,
+        10,
+        "both jobs to be running when SIGTERM comes",
+    )
     started = time.monotonic()
     worker.proc.send_signal(signal.SIGTERM)
     assert worker.proc.wait(12) == 0
     assert time.monotonic() - started < 10
-    assert {wire.decode_result(b).id for b in results.collect(2, timeout=5)} == ids
+    got = [wire.decode_result(b) for b in results.collect(2, timeout=5)]
+    assert {r.id for r in got} == ids
+    # Both finished here during the drain, first time: none went back to nsqd.
+    assert all((r.status, r.attempts) == ("succeeded", 1) for r in got), got
     channel = nsq.channel("jobs", "workers")
     assert channel is not None
     assert (channel["depth"], channel["in_flight_count"], channel["requeue_count"]) == (0, 0, 0)
-    assert "draining: RDY 0 sent, 2 job(s) running" in worker.log()
+    assert channel["message_count"] == 2
 
 
 def test_sigterm_requeues_what_outlives_the_grace_period(
@@ -93,8 +118,9 @@ def test_sigterm_requeues_what_outlives_the_grace_period(
     assert time.monotonic() - started < 5
     channel = nsq.channel("jobs", "workers")
     assert channel is not None
+    # nsqd counts the REQ the drain sent: the job waits for another worker, not for a timeout.
     assert (channel["depth"], channel["in_flight_count"], channel["requeue_count"]) == (1, 0, 1)
-    assert "requeued 1 unfinished job(s)" in worker.log()
+    assert channel["timeout_count"] == 0
 
 
 def test_failing_task_is_dead_lettered_after_max_attempts_with_backoff(
@@ -119,7 +145,9 @@ def test_failing_task_is_dead_lettered_after_max_attempts_with_backoff(
     result = wire.decode_result(raw)
     assert (result.id, result.status, result.attempts) == (job_id, "failed", 5)
     assert result.error is not None and result.error.type == "DebugFailure"
-    assert results.collect(1, timeout=1) == [] and dead.collect(1, timeout=0.5) == []
+    # Nothing else came, or can come: the job's message is FINed and no retry is deferred.
+    wait_for(settled(nsq), 10, "the jobs channel to hold nothing")
+    assert (nsq.message_count("results"), nsq.message_count("dead_letters")) == (1, 1)
     assert worker.metric("nsqjobs_jobs_retried_total", task="debug.fail") == 4
     assert worker.metric("nsqjobs_jobs_failed_total", task="debug.fail") == 1
     assert (
@@ -154,14 +182,14 @@ def test_garbage_and_unknown_tasks_go_to_dead_letters_at_once(
     (raw,) = dead.collect(1, timeout=20)
     letter = wire.decode_dead_letter(raw)
     assert letter.reason == "unknown_task" and letter.job == env
-    for reason in ("undecodable", "unknown_task"):
-        wait_for(
-            lambda reason=reason: (
-                worker.metric("nsqjobs_jobs_dead_lettered_total", task="-", reason=reason) == 1
-            ),
-            5,
-            f"the {reason} dead letter to be counted",
+
+    def counted(reason: str) -> Callable[[], bool]:
+        return lambda: (
+            worker.metric("nsqjobs_jobs_dead_lettered_total", task="-", reason=reason) == 1
         )
+
+    for reason in ("undecodable", "unknown_task"):
+        wait_for(counted(reason), 5, f"the {reason} dead letter to be counted")
     channel = nsq.channel("jobs", "workers")
     assert channel is not None and channel["requeue_count"] == 0 and channel["depth"] == 0
 
@@ -275,3 +303,143 @@ def test_task_calling_sys_exit_fails_its_attempt_not_the_worker(
     assert letter.reason == "max_attempts" and letter.error.type == "RuntimeError"
     assert "SystemExit(3)" in letter.error.message
     assert worker.proc.poll() is None and http("GET", worker.url + "/healthz")[0] == 200
+
+
+def test_retry_raised_by_a_task_waits_the_delay_it_asks_for(
+    nsq: Nsq, daemons: Callable[..., Daemon], tails: Callable[..., Tail]
+) -> None:
+    nsq.create_channel("dead_letters", "test")
+    dead = tails(nsq, "dead_letters", "test")
+    worker = daemons("worker", nsq, **FAST_RETRY)  # backoff alone would wait 0.1-0.2 s
+    publish_job(
+        nsq,
+        wire.JobEnvelope(id="r1", task="debug.retry", args={"delay": 1.5}, created_at=wire.now()),
+    )
+    (raw,) = dead.collect(1, timeout=30)
+    letter = wire.decode_dead_letter(raw)
+    assert (letter.reason, letter.error.type) == ("max_attempts", "Retry")
+    assert letter.job is not None and [a.attempt for a in letter.job.history] == [1, 2]
+    first, second = letter.job.history
+    assert 1.5 * 0.95 <= second.started_at - first.finished_at < 10
+    # The retry went back as a deferred publish (DPUB), not as nsqd's REQ.
+    wait_for(settled(nsq), 10, "the jobs channel to hold nothing")
+    channel = nsq.channel("jobs", "workers")
+    assert channel is not None and channel["requeue_count"] == 0
+    assert nsq.message_count("jobs") == 2
+    assert worker.metric("nsqjobs_jobs_retried_total", task="debug.retry") == 1
+    assert worker.metric("nsqjobs_job_errors_total", task="debug.retry", error="Retry") == 2
+
+
+def test_job_past_its_deadline_is_dead_lettered_as_expired(
+    nsq: Nsq, daemons: Callable[..., Daemon], tails: Callable[..., Tail]
+) -> None:
+    nsq.create_channel("dead_letters", "test")
+    nsq.create_channel("results", "test")
+    nsq.create_channel("jobs", "workers")  # keeps the job until a worker comes
+    dead, results = tails(nsq, "dead_letters", "test"), tails(nsq, "results", "test")
+    gw = daemons("gateway", nsq)
+    submitted = wire.now()
+    job_id = submit(gw, "debug.sleep", {"seconds": 0}, expires_s=0.5)
+    wait_for(lambda: wire.now() > submitted + 0.6, 5, "the job's deadline to pass")
+    worker = daemons("worker", nsq)
+    (raw,) = dead.collect(1, timeout=20)
+    letter = wire.decode_dead_letter(raw)
+    assert (letter.reason, letter.error.type) == ("expired", "Expired")
+    assert letter.job is not None and letter.job.id == job_id
+    assert letter.job.deadline is not None and letter.job.deadline < letter.at
+    assert letter.job.history == ()  # it never ran
+    (raw,) = results.collect(1, timeout=10)
+    result = wire.decode_result(raw)
+    assert (result.id, result.status, result.attempts) == (job_id, "failed", 0)
+    assert (
+        worker.metric("nsqjobs_jobs_dead_lettered_total", task="debug.sleep", reason="expired") == 1
+    )
+    assert worker.metric("nsqjobs_jobs_succeeded_total", task="debug.sleep") == 0
+
+
+@pytest.mark.parametrize("executor", ["thread", "process"])
+def test_failures_retrying_cannot_fix_are_dead_lettered_after_one_attempt(
+    nsq: Nsq, daemons: Callable[..., Daemon], tails: Callable[..., Tail], executor: str
+) -> None:
+    nsq.create_channel("dead_letters", "test")
+    dead = tails(nsq, "dead_letters", "test")
+    worker = daemons("worker", nsq, NSQJOBS_EXECUTOR=executor, NSQJOBS_CONCURRENCY="2")
+    # A result nsqd refuses (over --max-msg-size) is not here: nsqd closes the connection after
+    # E_BAD_MESSAGE, and which of the two the publisher sees first is a race (see test_hooks).
+    expected: dict[str, tuple[str, dict[str, Any], str]] = {
+        "enc": ("debug.unencodable", {}, "ResultNotEncodable"),
+        "throws": ("debug.throws", {}, "DebugPermanentFailure"),
+        "args": ("debug.sleep", {"seconds": "soon"}, "InvalidArgumentsError"),
+    }
+    for job_id, (task, args, _) in expected.items():
+        publish_job(nsq, wire.JobEnvelope(id=job_id, task=task, args=args, created_at=wire.now()))
+    letters = {
+        letter.job.id: letter
+        for letter in map(wire.decode_dead_letter, dead.collect(3, timeout=30))
+        if letter.job is not None
+    }
+    assert set(letters) == set(expected)
+    for job_id, (_, _, error) in expected.items():
+        letter = letters[job_id]
+        assert (letter.reason, letter.error.type) == ("not_retryable", error), letter
+        assert letter.job is not None and [a.attempt for a in letter.job.history] == [1]
+
+    def counted(task: str) -> Callable[[], bool]:
+        return lambda: (
+            worker.metric("nsqjobs_jobs_dead_lettered_total", task=task, reason="not_retryable")
+            == 1
+        )
+
+    for task, _, _ in expected.values():
+        wait_for(counted(task), 10, f"the {task} dead letter to be counted")
+    wait_for(settled(nsq), 10, "the jobs channel to hold nothing")
+    channel = nsq.channel("jobs", "workers")
+    assert channel is not None and channel["requeue_count"] == 0
+    assert nsq.message_count("jobs") == 3  # nothing republished for a retry
+    assert all(
+        worker.metric("nsqjobs_jobs_retried_total", task=task) == 0
+        for task, _, _ in expected.values()
+    )
+
+
+def test_result_nsqd_does_not_acknowledge_is_requeued_and_the_job_completes(
+    nsq: Nsq, daemons: Callable[..., Daemon], tails: Callable[..., Tail]
+) -> None:
+    nsq.create_channel("results", "test")
+    results = tails(nsq, "results", "test")
+    worker = daemons("worker", nsq, NSQJOBS_CONCURRENCY="1", **FAST_RETRY)
+    publish_job(
+        nsq,
+        wire.JobEnvelope(id="p1", task="debug.sleep", args={"seconds": 1}, created_at=wire.now()),
+    )
+    wait_for(
+        lambda: worker.metric("nsqjobs_jobs_in_progress", task="debug.sleep") == 1,
+        10,
+        "the job to be running",
+    )
+    assert nsq.nsqd is not None
+    nsqd = nsq.nsqd.proc.pid
+    os.kill(nsqd, signal.SIGSTOP)  # the result's PUB gets no answer within the publish timeout
+    try:
+        wait_for(
+            lambda: worker.metric("nsqjobs_publish_errors_total", command="pub") >= 1,
+            20,
+            "the result publish to time out",
+        )
+    finally:
+        os.kill(nsqd, signal.SIGCONT)
+    # nsqd then reads what waited in its socket: the result (so a first copy is published:
+    # at least once) and the REQ, which delivers the job again; that attempt is FINed.
+    got = [wire.decode_result(b) for b in results.collect(2, timeout=30)]
+    assert [(r.id, r.status) for r in got] == [("p1", "succeeded")] * 2
+    assert sorted(r.attempts for r in got) == [1, 2]
+    wait_for(settled(nsq), 10, "the jobs channel to hold nothing")
+    channel = nsq.channel("jobs", "workers")
+    assert channel is not None and channel["requeue_count"] == 1
+    assert channel["timeout_count"] == 0
+    wait_for(
+        lambda: worker.metric("nsqjobs_jobs_succeeded_total", task="debug.sleep") == 1,
+        10,
+        "the second attempt's success to be counted",
+    )
+    assert worker.metric("nsqjobs_jobs_in_progress", task="debug.sleep") == 0

@@ -55,6 +55,10 @@ class PublishRejected(PublishError):
     """nsqd answered the publish with an error (``E_BAD_MESSAGE``...): retrying will not help."""
 
 
+class ResultNotEncodable(NsqjobsError):
+    """A task returned a value the JSON wire format cannot hold; running it again cannot help."""
+
+
 class TaskTimeoutError(NsqjobsError):
     """A task ran past its time limit."""
 

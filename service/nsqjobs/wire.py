@@ -72,7 +72,9 @@ class ResultEnvelope(msgspec.Struct, frozen=True, kw_only=True):
     duration_s: float
 
 
-DeadLetterReason = Literal["max_attempts", "undecodable", "unknown_task", "expired"]
+DeadLetterReason = Literal[
+    "max_attempts", "undecodable", "unknown_task", "expired", "not_retryable"
+]
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 import numpy as np
 import numpy.typing as npt
-from nsqjobs.errors import NsqjobsError
+from nsqjobs.errors import NsqjobsError, Retry
 from nsqjobs.names import ENV_DEBUG_TASKS
 from nsqjobs.registry import task
 
@@ -178,6 +178,46 @@ def debug_fail(args: DebugFailArgs) -> None:
     raise DebugFailure("debug.fail asked to fail")
 
 
+class DebugRetryArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The delay to ask for, in seconds."""
+
+    delay: Annotated[float, msgspec.Meta(ge=0, le=3600)]
+
+
+def debug_retry(args: DebugRetryArgs) -> None:
+    """Ask for another attempt after ``delay`` seconds, every time (``Retry(delay=...)``)."""
+    raise Retry(f"debug.retry asks for a retry in {args.delay:g}s", delay=args.delay)
+
+
+def debug_unencodable(args: dict[str, Any]) -> dict[str, Any]:
+    """Return a value the JSON wire format cannot hold (a complex number)."""
+    return {"value": complex(1, 2)}
+
+
+class DebugBigArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Size of the result string, in bytes."""
+
+    size: Annotated[int, msgspec.Meta(ge=0, le=16 * 1024 * 1024)]
+
+
+def debug_big(args: DebugBigArgs) -> str:
+    """Return a string of ``size`` bytes (past nsqd's --max-msg-size, the result is refused)."""
+    return "x" * args.size
+
+
+class DebugPermanentFailure(NsqjobsError):
+    """The error ``debug.throws`` raises and declares in ``throws=``: retrying cannot help."""
+
+
+def debug_throws(args: dict[str, Any]) -> None:
+    """Raise an exception the task lists in ``throws=``, so the job is dead-lettered at once."""
+    raise DebugPermanentFailure("debug.throws failed for good")
+
+
 if os.environ.get(ENV_DEBUG_TASKS, "") == "1":
     task("debug.sleep", time_limit_s=3600)(debug_sleep)
     task("debug.fail", max_attempts=5)(debug_fail)
+    task("debug.retry", max_attempts=2)(debug_retry)
+    task("debug.unencodable", max_attempts=5)(debug_unencodable)
+    task("debug.big", max_attempts=5)(debug_big)
+    task("debug.throws", max_attempts=5, throws=(DebugPermanentFailure,))(debug_throws)

@@ -1,7 +1,10 @@
-"""Accepting a job, in one place: validate, record, publish. The gateway calls nothing else.
+"""Accepting jobs, in one place: decide the id, validate, record, publish. The gateway's job
+routes call nothing else, for single jobs, ``?wait=`` jobs and batches alike.
 
-A job is accepted only when nsqd has acknowledged it; anything rejected publishes nothing.
-The ``recorder`` hook is where the job ledger will write before publishing.
+Two steps, so a ``?wait=`` request can listen for the result between them (a fast result is not
+missed): :meth:`Acceptor.build` decides the id and validates; :meth:`Acceptor.publish` records
+(the ``recorder`` hook, where the job ledger will write) and publishes. A job is accepted only
+when nsqd has acknowledged it; anything rejected publishes nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from nsqjobs.observability.metrics import GatewayMetrics
 from nsqjobs.registry import Registry, Task
 
 Recorder = Callable[[list[wire.JobEnvelope]], Awaitable[None]]
+# A validated job, ready to publish: its task (for the queue topic) and its envelope.
+Built = tuple[Task, wire.JobEnvelope]
 
 
 class Acceptor:
@@ -36,14 +41,17 @@ class Acceptor:
         self.metrics = metrics
         self.recorder = recorder
 
+    # -- one job --------------------------------------------------------------------------------
+
     def build(
         self,
         req: SubmitRequest,
         where: str = "",
         job_id: str | None = None,
         created_at: float | None = None,
-    ) -> tuple[Task, wire.JobEnvelope]:
-        """Validate one request and build its envelope; raises Unknown/InvalidArguments."""
+    ) -> Built:
+        """Decide the job's id (the client's, else ``job_id``, else a new one), validate, and
+        build the envelope; raises Unknown/InvalidArguments. The only place ids are decided."""
         if created_at is None:
             created_at = wire.now()
         task = self.registry.get(req.task)
@@ -59,23 +67,25 @@ class Acceptor:
             deadline=None if req.expires_s is None else created_at + req.expires_s,
         )
 
-    async def accept(self, req: SubmitRequest) -> wire.JobEnvelope:
-        """Validate, record and publish one job; returns once nsqd acknowledged it."""
-        return await self.submit(req)
-
-    def submit(self, req: SubmitRequest) -> asyncio.Future[wire.JobEnvelope]:
-        """:meth:`accept` for callback code: validates now (raising Unknown/InvalidArguments),
-        then the future resolves to the envelope once nsqd acknowledged it, or to the error.
+    def publish(
+        self, task: Task, env: wire.JobEnvelope, delay_ms: int = 0
+    ) -> asyncio.Future[wire.JobEnvelope]:
+        """Record and publish a built job; the future resolves to the envelope once nsqd
+        acknowledged it, or to the error.
 
         A plain job without a recorder needs no coroutine: its future is the publish itself.
         """
-        task, env = self.build(req)
-        if self.recorder is not None or req.delay_ms:
-            return asyncio.ensure_future(self._record_and_publish(task, env, req.delay_ms))
+        if self.recorder is not None or delay_ms:
+            return asyncio.ensure_future(self._record_and_publish(task, env, delay_ms))
         done: asyncio.Future[wire.JobEnvelope] = asyncio.get_running_loop().create_future()
         acked = self.publisher.enqueue(task.queue, wire.encode(env))
         acked.add_done_callback(functools.partial(self._acked, task, env, done))
         return done
+
+    def submit(self, req: SubmitRequest) -> asyncio.Future[wire.JobEnvelope]:
+        """:meth:`build` then :meth:`publish`, for callback code: validation errors raise now."""
+        task, env = self.build(req)
+        return self.publish(task, env, req.delay_ms)
 
     def _acked(
         self,
@@ -109,9 +119,11 @@ class Acceptor:
         self.metrics.accepted(task.name)
         return env
 
-    def build_batch(self, reqs: list[SubmitRequest]) -> list[tuple[Task, wire.JobEnvelope]]:
-        """Validate a whole batch, collecting every error, so one bad job rejects it all."""
-        built: list[tuple[Task, wire.JobEnvelope]] = []
+    # -- a batch --------------------------------------------------------------------------------
+
+    def build_batch(self, reqs: list[SubmitRequest]) -> list[Built]:
+        """:meth:`build` every job, collecting every error, so one bad job rejects them all."""
+        built: list[Built] = []
         errors: list[FieldError] = []
         seen: set[str] = set()
         ids, created_at = wire.new_job_ids(len(reqs)), wire.now()
@@ -140,9 +152,8 @@ class Acceptor:
             raise InvalidArgumentsError(errors)
         return built
 
-    async def accept_batch(self, reqs: list[SubmitRequest]) -> list[wire.JobEnvelope]:
-        """Validate all, record all, then one atomic MPUB per queue topic."""
-        built = self.build_batch(reqs)
+    async def publish_batch(self, built: list[Built]) -> list[wire.JobEnvelope]:
+        """Record all, then one atomic MPUB per queue topic; the envelopes in request order."""
         envelopes = [env for _, env in built]
         if self.recorder is not None:
             await self.recorder(envelopes)
@@ -154,3 +165,7 @@ class Acceptor:
         for name, count in Counter(task.name for task, _ in built).items():
             self.metrics.accepted(name, count)
         return envelopes
+
+    async def accept_batch(self, reqs: list[SubmitRequest]) -> list[wire.JobEnvelope]:
+        """:meth:`build_batch` then :meth:`publish_batch`."""
+        return await self.publish_batch(self.build_batch(reqs))

@@ -1,4 +1,7 @@
-"""``/healthz``, ``/readyz`` and ``/metrics``: what every daemon serves for probes and scrapes."""
+"""``/healthz``, ``/readyz`` and ``/metrics``: what every daemon serves for probes and scrapes.
+
+Errors (a 405 with ``Allow``, an unknown path) are problem+json, as on every other route.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +11,18 @@ from typing import Any
 import tornado.web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from nsqjobs.http.handlers import NotFoundHandler, ProblemHandler
 
-class _Base(tornado.web.RequestHandler):
+
+class _Base(ProblemHandler):
     def initialize(self, **kwargs: Any) -> None:
         self.opts = kwargs
-
-    def check_xsrf_cookie(self) -> None:  # an API, never a browser form
-        return None
 
 
 class HealthHandler(_Base):
     """``/healthz``: the process is alive and its IOLoop answers."""
+
+    route = "/healthz"
 
     def get(self) -> None:
         self.finish({"status": "ok"})
@@ -26,6 +30,8 @@ class HealthHandler(_Base):
 
 class ReadyHandler(_Base):
     """``/readyz``: 200 when the daemon can do its work now, else 503 with the reasons."""
+
+    route = "/readyz"
 
     def get(self) -> None:
         problems: list[str] = self.opts["check"]()
@@ -36,6 +42,8 @@ class ReadyHandler(_Base):
 
 class MetricsHandler(_Base):
     """``/metrics``: the Prometheus text exposition of the daemon's registry."""
+
+    route = "/metrics"
 
     def get(self) -> None:
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
@@ -51,3 +59,12 @@ def observability_routes(
         (r"/readyz", ReadyHandler, {"check": ready_check}),
         (r"/metrics", MetricsHandler, {"registry": registry}),
     ]
+
+
+def observability_app(
+    registry: CollectorRegistry, ready_check: Callable[[], list[str]]
+) -> tornado.web.Application:
+    """An application serving only the three routes, with a problem+json 404 elsewhere."""
+    return tornado.web.Application(
+        observability_routes(registry, ready_check), default_handler_class=NotFoundHandler
+    )

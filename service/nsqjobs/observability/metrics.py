@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -20,25 +19,30 @@ class _PublishingMetrics:
 
     def __init__(self, registry: CollectorRegistry, daemon: str) -> None:
         self.registry = registry
-        Gauge(
-            f"{P}_build_info",
-            "nsqjobs version and daemon kind",
-            ["version", "daemon"],
-            registry=registry,
-        ).labels(__version__, daemon).set(1)
-        self.publish_duration = Histogram(
-            f"{P}_publish_duration_seconds",
+        self._gauge("build_info", "nsqjobs version and daemon kind", "version", "daemon").labels(
+            __version__, daemon
+        ).set(1)
+        self.publish_duration = self._histogram(
+            "publish_duration_seconds",
             "time from publish to nsqd's OK, by command",
-            ["command"],
-            registry=registry,
+            "command",
             buckets=PUBLISH_BUCKETS,
         )
-        self.publish_errors = Counter(
-            f"{P}_publish_errors_total",
-            "publishes nsqd did not acknowledge, by command",
-            ["command"],
-            registry=registry,
+        self.publish_errors = self._counter(
+            "publish_errors_total", "publishes nsqd did not acknowledge, by command", "command"
         )
+
+    # Every metric is nsqjobs_<name>, on this daemon's registry.
+    def _counter(self, name: str, doc: str, *labels: str) -> Counter:
+        return Counter(f"{P}_{name}", doc, labels, registry=self.registry)
+
+    def _gauge(self, name: str, doc: str, *labels: str) -> Gauge:
+        return Gauge(f"{P}_{name}", doc, labels, registry=self.registry)
+
+    def _histogram(
+        self, name: str, doc: str, *labels: str, buckets: tuple[float, ...]
+    ) -> Histogram:
+        return Histogram(f"{P}_{name}", doc, labels, registry=self.registry, buckets=buckets)
 
 
 class GatewayMetrics(_PublishingMetrics):
@@ -46,38 +50,28 @@ class GatewayMetrics(_PublishingMetrics):
 
     def __init__(self, registry: CollectorRegistry) -> None:
         super().__init__(registry, "gateway")
-        self.requests = Counter(
-            f"{P}_http_requests_total",
+        self.requests = self._counter(
+            "http_requests_total",
             "HTTP requests by route, method and status",
-            ["route", "method", "status"],
-            registry=registry,
+            "route",
+            "method",
+            "status",
         )
-        self.request_duration = Histogram(
-            f"{P}_http_request_duration_seconds",
+        self.request_duration = self._histogram(
+            "http_request_duration_seconds",
             "HTTP request handling time by route",
-            ["route"],
-            registry=registry,
+            "route",
             buckets=JOB_BUCKETS,
         )
-        self.jobs_accepted = Counter(
-            f"{P}_jobs_accepted_total",
-            "jobs acknowledged by nsqd and answered 202/200, by task",
-            ["task"],
-            registry=registry,
+        self.jobs_accepted = self._counter(
+            "jobs_accepted_total", "jobs acknowledged by nsqd and answered 202/200, by task", "task"
         )
-        self.jobs_rejected = Counter(
-            f"{P}_jobs_rejected_total",
-            "job submissions refused, by reason",
-            ["reason"],
-            registry=registry,
+        self.jobs_rejected = self._counter(
+            "jobs_rejected_total", "job submissions refused, by reason", "reason"
         )
-        self.waiting = Gauge(
-            f"{P}_result_waiters", "requests waiting for a result (?wait=)", registry=registry
-        )
-        self.results_seen = Counter(
-            f"{P}_gateway_results_received_total",
-            "result envelopes read from the results topic",
-            registry=registry,
+        self.waiting = self._gauge("result_waiters", "requests waiting for a result (?wait=)")
+        self.results_seen = self._counter(
+            "gateway_results_received_total", "result envelopes read from the results topic"
         )
         # Children resolved once per label set: labels() costs a lock and a lookup per call.
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
@@ -105,83 +99,43 @@ class GatewayMetrics(_PublishingMetrics):
         child.inc(count)
 
 
-@dataclass(frozen=True)
-class TaskMetrics:
-    """One task's labelled children, resolved once (``labels()`` costs a lock and a lookup)."""
-
-    received: Any
-    succeeded: Any
-    in_progress: Any
-    duration_succeeded: Any
-
-
 class WorkerMetrics(_PublishingMetrics):
-    """Job lifecycle metrics of a worker, by task."""
+    """Job lifecycle metrics of a worker, by task (recorded by ``worker_hooks.MetricsHook``)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         super().__init__(registry, "worker")
-        self._tasks: dict[str, TaskMetrics] = {}
-        self.received = Counter(
-            f"{P}_jobs_received_total",
-            "job messages received, by task",
-            ["task"],
-            registry=registry,
+        c = self._counter
+        self.received = c("jobs_received_total", "job messages received, by task", "task")
+        self.succeeded = c(
+            "jobs_succeeded_total", "jobs whose result was published as succeeded", "task"
         )
-        self.succeeded = Counter(
-            f"{P}_jobs_succeeded_total",
-            "jobs whose result was published as succeeded",
-            ["task"],
-            registry=registry,
+        self.failed = c(
+            "jobs_failed_total", "jobs whose final result was published as failed", "task"
         )
-        self.failed = Counter(
-            f"{P}_jobs_failed_total",
-            "jobs whose final result was published as failed",
-            ["task"],
-            registry=registry,
+        self.retried = c("jobs_retried_total", "failed attempts scheduled for another try", "task")
+        self.dead_lettered = c(
+            "jobs_dead_lettered_total", "messages sent to the dead-letter topic", "task", "reason"
         )
-        self.retried = Counter(
-            f"{P}_jobs_retried_total",
-            "failed attempts scheduled for another try",
-            ["task"],
-            registry=registry,
-        )
-        self.dead_lettered = Counter(
-            f"{P}_jobs_dead_lettered_total",
-            "messages sent to the dead-letter topic",
-            ["task", "reason"],
-            registry=registry,
-        )
-        self.errors = Counter(
-            f"{P}_job_errors_total",
+        self.errors = c(
+            "job_errors_total",
             "exceptions raised by tasks, by task and exception type",
-            ["task", "error"],
-            registry=registry,
+            "task",
+            "error",
         )
-        self.duration = Histogram(
-            f"{P}_job_duration_seconds",
+        self.duration = self._histogram(
+            "job_duration_seconds",
             "task run time, by task and outcome",
-            ["task", "status"],
-            registry=registry,
+            "task",
+            "status",
             buckets=JOB_BUCKETS,
         )
-        self.in_progress = Gauge(
-            f"{P}_jobs_in_progress", "jobs running now, by task", ["task"], registry=registry
+        self.in_progress = self._gauge(
+            "jobs_in_progress",
+            "jobs with an attempt under way (running, or publishing its result), by task",
+            "task",
         )
-        self.requeued_on_shutdown = Counter(
-            f"{P}_jobs_requeued_on_shutdown_total",
+        self.requeued_on_shutdown = c(
+            "jobs_requeued_on_shutdown_total",
             "jobs handed back to nsqd unfinished at shutdown",
-            ["task"],
-            registry=registry,
+            "task",
         )
-
-    def for_task(self, task: str) -> TaskMetrics:
-        """The per-job hot-path metrics of ``task``."""
-        found = self._tasks.get(task)
-        if found is None:
-            found = self._tasks[task] = TaskMetrics(
-                received=self.received.labels(task),
-                succeeded=self.succeeded.labels(task),
-                in_progress=self.in_progress.labels(task),
-                duration_succeeded=self.duration.labels(task, "succeeded"),
-            )
-        return found

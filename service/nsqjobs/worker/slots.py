@@ -70,7 +70,8 @@ class SlotPool:
                     if not self._wake_scheduled:
                         self._wake_scheduled = True
                         loop = self._loop
-                        assert loop is not None
+                        if loop is None:  # unreachable: submit() sets it before queueing
+                            raise RuntimeError("SlotPool ran a job submitted off a loop")
                         try:
                             loop.call_soon_threadsafe(self._deliver)
                         except RuntimeError:  # the loop is closed: nobody is waiting

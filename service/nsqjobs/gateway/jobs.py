@@ -1,0 +1,274 @@
+"""``POST /v1/jobs`` (``?wait=``) and ``POST /v1/jobs/batch``: the gateway's hot path.
+
+Written on tornado's message-delegate interface rather than as RequestHandlers: a single job is
+validated when its body ends, published (coalesced with its neighbours into one MPUB), and
+answered from the publish's callback, with no coroutine of its own. Accepting itself is
+``nsqjobs.gateway.submit``'s; errors are rendered by ``nsqjobs.http.problems``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import urllib.parse
+from collections.abc import Coroutine
+from typing import Any, Final
+
+import msgspec
+import tornado.httputil
+
+from nsqjobs import wire
+from nsqjobs.api import Accepted, BatchAccepted, BatchRequest, SubmitRequest
+from nsqjobs.errors import PublishError
+from nsqjobs.gateway.submit import Acceptor
+from nsqjobs.gateway.waiting import ResultWaiter
+from nsqjobs.http.access import AccessLog
+from nsqjobs.http.problems import (
+    Problem,
+    as_problem,
+    internal_error,
+    method_not_allowed,
+    render_problem,
+)
+from nsqjobs.http.responses import JSON_HEADERS, write_response
+from nsqjobs.names import MAX_WAIT_SECONDS
+from nsqjobs.observability.metrics import GatewayMetrics
+from nsqjobs.registry import field_error
+
+log = logging.getLogger("nsqjobs.gateway")
+_json = msgspec.json.Encoder()
+
+SINGLE: Final = "/v1/jobs"
+BATCH: Final = "/v1/jobs/batch"
+
+
+def decode_body(body: bytes, kind: type[Any]) -> Any:
+    """Parse a request body as ``kind``: 400 if it is not JSON, 422 if it has the wrong shape."""
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        err = field_error(str(exc), "body")
+        raise Problem(
+            422,
+            "invalid-arguments",
+            str(exc),
+            errors=[{"field": err.field, "message": err.message}],
+        ) from None
+    except msgspec.DecodeError as exc:
+        raise Problem(400, "malformed-json", f"body is not valid JSON: {exc}") from None
+
+
+class JobRoutes:
+    """What every job request shares; :meth:`start` makes one request's delegate."""
+
+    PATHS: Final = frozenset((SINGLE, BATCH))
+
+    def __init__(
+        self,
+        acceptor: Acceptor,
+        waiter: ResultWaiter,
+        metrics: GatewayMetrics,
+        access: AccessLog,
+        max_body_bytes: int,
+    ) -> None:
+        self.acceptor = acceptor
+        self.waiter = waiter
+        self.metrics = metrics
+        self.access = access
+        self.max_body_bytes = max_body_bytes
+
+    def start(
+        self,
+        conn: tornado.httputil.HTTPConnection,
+        start_line: tornado.httputil.RequestStartLine,
+        path: str,
+        query: str,
+    ) -> JobRequest:
+        """The delegate of one request to ``path`` (one of :attr:`PATHS`)."""
+        return JobRequest(self, conn, start_line, path, query)
+
+
+class JobRequest(tornado.httputil.HTTPMessageDelegate):
+    """One job submission, from its headers to its answer.
+
+    The body limit (413) holds for chunked uploads too, and is checked as the body arrives.
+    """
+
+    def __init__(
+        self,
+        routes: JobRoutes,
+        conn: tornado.httputil.HTTPConnection,
+        start_line: tornado.httputil.RequestStartLine,
+        route: str,
+        query: str,
+    ) -> None:
+        self.routes = routes
+        self.conn = conn
+        self.method = start_line.method
+        self.uri = start_line.path
+        self.route = route
+        self.query = query
+        self.started = time.perf_counter()
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.wait = 0.0
+        self.answered = False
+
+    # -- tornado.httputil.HTTPMessageDelegate ---------------------------------------------------
+
+    def headers_received(
+        self,
+        start_line: tornado.httputil.RequestStartLine | tornado.httputil.ResponseStartLine,
+        headers: tornado.httputil.HTTPHeaders,
+    ) -> None:
+        """Refuse early what the headers already show: method, content type, declared size."""
+        try:
+            self._check(headers)
+        except Problem as problem:
+            self._answer_problem(problem)
+
+    def data_received(self, chunk: bytes) -> None:
+        """Collect the body, refusing it as soon as it passes the limit."""
+        if self.answered:
+            return
+        self.size += len(chunk)
+        if self.size > self.routes.max_body_bytes:
+            self.chunks = []
+            self._answer_problem(self._too_large())
+            return
+        self.chunks.append(chunk)
+
+    def finish(self) -> None:
+        """The body is complete: accept the job(s)."""
+        if self.answered:
+            return
+        body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+        self.chunks = []
+        work: Coroutine[Any, Any, None]
+        try:
+            if self.route == SINGLE:
+                req: SubmitRequest = decode_body(body, SubmitRequest)
+                if not self.wait:  # the hot path: no coroutine, answered from the publish
+                    self.routes.acceptor.submit(req).add_done_callback(self._accepted)
+                    return
+                work = self._accept_and_wait(req)
+            else:
+                batch: BatchRequest = decode_body(body, BatchRequest)
+                work = self._accept_batch(batch)
+            asyncio.ensure_future(work).add_done_callback(self._handled)
+        except Exception as exc:
+            self._answer_exception(exc)
+
+    def on_connection_close(self) -> None:
+        """The client left; anything accepted stays accepted (nsqd has it)."""
+        self.answered = True
+
+    # -- checks ---------------------------------------------------------------------------------
+
+    def _check(self, headers: tornado.httputil.HTTPHeaders) -> None:
+        if self.method != "POST":
+            raise method_not_allowed(self.method, ("POST",))
+        ctype = headers.get("Content-Type", "")
+        if ctype.split(";")[0].strip().lower() != "application/json":
+            raise Problem(
+                415,
+                "unsupported-media-type",
+                f"Content-Type must be application/json, got {ctype or 'none'!r}",
+            )
+        length = headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > self.routes.max_body_bytes:
+            raise self._too_large()
+        if self.route == SINGLE and self.query:
+            self.wait = self._wait_seconds()
+
+    def _too_large(self) -> Problem:
+        return Problem(
+            413,
+            "payload-too-large",
+            f"body is over the {self.routes.max_body_bytes}-byte limit",
+        )
+
+    def _wait_seconds(self) -> float:
+        values = urllib.parse.parse_qs(self.query, keep_blank_values=True).get("wait")
+        if not values:
+            return 0.0
+        raw = values[-1]
+        try:
+            wait = float(raw)
+        except ValueError:
+            wait = -1.0
+        if not 0 <= wait <= MAX_WAIT_SECONDS:
+            raise Problem(
+                400,
+                "bad-request",
+                f"wait must be a number of seconds from 0 to {MAX_WAIT_SECONDS:g}",
+                errors=[{"field": "query.wait", "message": f"got {raw!r}"}],
+            )
+        return wait
+
+    # -- accepting ------------------------------------------------------------------------------
+
+    def _accepted(self, accepted: asyncio.Future[wire.JobEnvelope]) -> None:
+        try:
+            env = accepted.result()
+        except BaseException as exc:
+            self._answer_exception(exc)
+            return
+        self._answer(202, JSON_HEADERS, _json.encode(Accepted(id=env.id, task=env.task)))
+
+    async def _accept_and_wait(self, req: SubmitRequest) -> None:
+        acceptor, waiter, metrics = self.routes.acceptor, self.routes.waiter, self.routes.metrics
+        task, env = acceptor.build(req)
+        # Listen before publishing: a fast result is not missed.
+        fut = waiter.register(env.id)
+        metrics.waiting.inc()
+        try:
+            await acceptor.publish(task, env, req.delay_ms)
+            try:
+                async with asyncio.timeout(self.wait):
+                    result = await fut
+            except TimeoutError:
+                self._answer_json(202, Accepted(id=env.id, task=env.task))
+                return
+            self._answer_json(200, result)
+        finally:
+            waiter.forget(env.id, fut)
+            metrics.waiting.dec()
+
+    async def _accept_batch(self, batch: BatchRequest) -> None:
+        envs = await self.routes.acceptor.accept_batch(batch.jobs)
+        self._answer_json(202, BatchAccepted(ids=[e.id for e in envs]))
+
+    def _handled(self, handler: asyncio.Future[None]) -> None:
+        if handler.cancelled():
+            return
+        exc = handler.exception()
+        if exc is not None:
+            self._answer_exception(exc)
+
+    # -- answers --------------------------------------------------------------------------------
+
+    def _answer_exception(self, exc: BaseException) -> None:
+        problem = as_problem(exc)
+        if problem is None:
+            log.error("internal error on %s", self.route, exc_info=exc)
+            problem = internal_error()
+        elif isinstance(exc, PublishError):
+            log.warning("publish failed: %s", exc)
+        self._answer_problem(problem)
+
+    def _answer_problem(self, problem: Problem) -> None:
+        status, headers, body = render_problem(problem)
+        self._answer(status, headers, body)
+
+    def _answer_json(self, status: int, body: Any) -> None:
+        self._answer(status, JSON_HEADERS, _json.encode(body))
+
+    def _answer(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        if self.answered:
+            return
+        self.answered = True
+        write_response(self.conn, status, headers, body)
+        elapsed = time.perf_counter() - self.started
+        self.routes.access.request_done(self.route, self.method, self.uri, status, elapsed)

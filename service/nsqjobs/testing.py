@@ -1,0 +1,514 @@
+"""Run nsqjobs against real NSQ in tests: nsqd/nsqlookupd and daemons on free ports, always stopped.
+
+Like ``tornado.testing``, this ships with the package so applications can test their own tasks
+end to end. No runtime module imports it, and it does not import pytest: a missing binary raises
+`MissingBinary`, which a test suite's ``conftest.py`` turns into a skip (or a failure under CI).
+
+Everything listens on 127.0.0.1 on ports the kernel hands out; every wait polls a condition
+with a deadline. `Tail` speaks the NSQ TCP protocol directly (not through pynsq), so a test
+checks what is really on a topic independently of the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+__all__ = [
+    "BIN_DIR_ENV",
+    "Daemon",
+    "DeadlineExceeded",
+    "HarnessError",
+    "MissingBinary",
+    "Nsq",
+    "Proc",
+    "ProcessExited",
+    "Tail",
+    "free_port",
+    "http",
+    "need_binary",
+    "nsq_pair",
+    "nsqjobs_command",
+    "ping",
+    "run_cli",
+    "spawn",
+    "start_daemon",
+    "start_nsq",
+    "stop_process",
+    "temp_dir",
+    "wait_for",
+    "wait_ready",
+]
+
+T = TypeVar("T")
+
+#: A directory searched for binaries before PATH (``make`` puts the NSQ build in ``.bin/``).
+BIN_DIR_ENV = "NSQJOBS_BIN_DIR"
+
+
+class HarnessError(Exception):
+    """The harness could not do what a test asked (a process died, a deadline passed)."""
+
+
+class MissingBinary(HarnessError):
+    """A program the harness needs (nsqd, nsqlookupd, promtool) is not installed."""
+
+
+class DeadlineExceeded(HarnessError):
+    """A condition polled by `wait_for` did not hold before its deadline."""
+
+
+class ProcessExited(HarnessError):
+    """A process we started exited while we waited for it; the message holds its log tail."""
+
+
+def need_binary(name: str, hint: str = "run `make nsq`") -> str:
+    """Path of the program ``name`` from ``$NSQJOBS_BIN_DIR`` or PATH, else `MissingBinary`."""
+    bin_dir = os.environ.get(BIN_DIR_ENV)
+    found = (shutil.which(name, path=bin_dir) if bin_dir else None) or shutil.which(name)
+    if found is None:
+        raise MissingBinary(f"{name} not found in ${BIN_DIR_ENV} or on PATH: {hint}")
+    return found
+
+
+def nsqjobs_command() -> list[str]:
+    """The ``nsqjobs`` console script of this interpreter's environment."""
+    script = Path(sys.executable).parent / "nsqjobs"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "nsqjobs.cli"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for(check: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05) -> T:
+    """Poll ``check`` until it returns something truthy and return that; raise at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise DeadlineExceeded(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+def http(
+    method: str,
+    url: str,
+    body: Any = None,
+    *,
+    raw: bytes | None = None,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 30.0,
+) -> tuple[int, dict[str, str], Any]:
+    """One HTTP request (``body`` sent as JSON, or ``raw`` bytes); errors are answers too.
+
+    Returns the status, the headers and the body parsed as JSON, or as text when it is not JSON.
+    """
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    hdrs = {"Content-Type": "application/json"} if data is not None else {}
+    hdrs.update(headers or {})
+    req = urllib.request.Request(url, data=data, method=method, headers=hdrs)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, rh, payload = resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as exc:
+        status, rh, payload = exc.code, dict(exc.headers), exc.read()
+    try:
+        return int(status), rh, json.loads(payload)
+    except ValueError:
+        return int(status), rh, payload.decode("utf-8", "replace")
+
+
+def ping(url: str) -> bool:
+    """True when ``url`` answers 200 within a second."""
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            return bool(resp.status == 200)
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+def temp_dir(stack: ExitStack, prefix: str = "nsqjobs-test-") -> Path:
+    """A temporary directory (on tmpfs when there is one), removed when ``stack`` unwinds."""
+    shm = Path("/dev/shm")
+    base = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+    stack.callback(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int | None:
+    """SIGTERM, then SIGKILL if it is still there after ``timeout``; returns the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    try:
+        return proc.wait(5.0)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+@dataclass
+class Proc:
+    """A process we started, its stdout and stderr going to ``log_path``."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def alive(self) -> bool:
+        """True while the process runs."""
+        return self.proc.poll() is None
+
+    def log(self) -> str:
+        """Everything it wrote so far."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = 15) -> str:
+        """The last lines of its output, for error messages."""
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def check_alive(self) -> None:
+        """Raise `ProcessExited` with the log tail if the process has exited."""
+        if not self.alive():
+            raise ProcessExited(
+                f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}"
+            )
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
+        return stop_process(self.proc, timeout)
+
+
+def spawn(
+    argv: Sequence[str],
+    log_path: Path,
+    *,
+    name: str | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    stack: ExitStack | None = None,
+) -> Proc:
+    """Start ``argv`` with ``env`` over this environment; ``stack`` (if given) stops it."""
+    with open(log_path, "ab") as out:
+        popen = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+        )
+    proc = Proc(name or Path(argv[0]).name, popen, log_path)
+    if stack is not None:
+        stack.callback(proc.stop)
+    return proc
+
+
+def wait_ready(proc: Proc, url: str, timeout: float) -> None:
+    """Wait until ``url`` answers 200 while ``proc`` still runs."""
+
+    def ready() -> bool:
+        proc.check_alive()
+        return ping(url)
+
+    wait_for(ready, timeout, f"{proc.name} at {url}")
+    proc.check_alive()  # a daemon that lost a port race exits, another answered in its place
+
+
+@dataclass
+class Nsq:
+    """A running nsqlookupd + nsqd pair, and nsqd's HTTP API."""
+
+    nsqd_tcp: str
+    nsqd_http: str
+    lookupd_http: str
+    data_dir: Path
+    version: str = "?"
+    nsqd: Proc | None = field(default=None, repr=False, compare=False)
+
+    def url(self, path: str, **query: str) -> str:
+        """A URL of nsqd's HTTP API."""
+        qs = urllib.parse.urlencode(query)
+        return f"http://{self.nsqd_http}{path}" + (f"?{qs}" if qs else "")
+
+    def post(self, path: str, body: bytes = b"", **query: str) -> None:
+        """POST to nsqd's HTTP API; `HarnessError` unless it answers 200."""
+        status, _, answer = http("POST", self.url(path, **query), raw=body, timeout=30.0)
+        if status != 200:
+            raise HarnessError(f"nsqd {path} {query}: {status} {str(answer)[:200]}")
+
+    def stats(self, **query: str) -> dict[str, Any]:
+        """nsqd's /stats as JSON (``topic=``, ``channel=`` narrow it down)."""
+        _, _, body = http("GET", self.url("/stats", format="json", **query))
+        if not isinstance(body, dict):
+            raise HarnessError(f"nsqd /stats is not a JSON object: {str(body)[:200]}")
+        return body
+
+    def topic(self, name: str) -> dict[str, Any] | None:
+        """Stats of one topic, or None if it does not exist."""
+        for t in self.stats(topic=name).get("topics") or []:
+            if t["topic_name"] == name:
+                return dict(t)
+        return None
+
+    def channel(self, topic: str, channel: str) -> dict[str, Any] | None:
+        """Stats of one channel, or None if it does not exist."""
+        for t in self.stats(topic=topic, channel=channel).get("topics") or []:
+            if t["topic_name"] == topic:
+                for c in t.get("channels") or []:
+                    if c["channel_name"] == channel:
+                        return dict(c)
+        return None
+
+    def message_count(self, topic: str) -> int:
+        """Messages ever published to ``topic`` (0 if it does not exist)."""
+        t = self.topic(topic)
+        return int(t["message_count"]) if t else 0
+
+    def create_channel(self, topic: str, channel: str) -> None:
+        """Create a topic and a channel, so every message published from now on is kept."""
+        self.post("/topic/create", topic=topic)
+        self.post("/channel/create", topic=topic, channel=channel)
+
+    def delete_topic(self, topic: str) -> None:
+        """Delete a topic with its messages (nothing if it does not exist)."""
+        http("POST", self.url("/topic/delete", topic=topic), raw=b"", timeout=30.0)
+
+    def mpub(self, topic: str, bodies: Sequence[bytes], per_request: int = 1000) -> None:
+        """Publish ``bodies`` with newline-separated MPUBs of ``per_request`` messages."""
+        for i in range(0, len(bodies), per_request):
+            self.post("/mpub", b"\n".join(bodies[i : i + per_request]), topic=topic)
+
+    def env(self) -> dict[str, str]:
+        """NSQJOBS_* variables pointing a daemon at this pair."""
+        return {
+            "NSQJOBS_NSQD_TCP_ADDRESS": self.nsqd_tcp,
+            "NSQJOBS_NSQD_HTTP_ADDRESS": self.nsqd_http,
+            "NSQJOBS_LOOKUPD_HTTP_ADDRESS": self.lookupd_http,
+        }
+
+
+def start_nsq(stack: ExitStack, work_dir: Path, *, msg_timeout: str = "60s") -> Nsq:
+    """nsqlookupd and nsqd on free ports, data and logs in ``work_dir``; ``stack`` stops them."""
+    nsqd_bin, lookupd_bin = need_binary("nsqd"), need_binary("nsqlookupd")
+    lookupd_tcp, lookupd_http = free_port(), free_port()
+    nsqd_tcp, nsqd_http = free_port(), free_port()
+    lookupd = spawn(
+        [
+            lookupd_bin,
+            f"--tcp-address=127.0.0.1:{lookupd_tcp}",
+            f"--http-address=127.0.0.1:{lookupd_http}",
+            "--broadcast-address=127.0.0.1",
+        ],
+        work_dir / "nsqlookupd.log",
+        stack=stack,
+    )
+    wait_ready(lookupd, f"http://127.0.0.1:{lookupd_http}/ping", 15.0)
+    data = work_dir / "nsqd-data"
+    data.mkdir()
+    started = time.time()
+    nsqd = spawn(
+        [
+            nsqd_bin,
+            f"--tcp-address=127.0.0.1:{nsqd_tcp}",
+            f"--http-address=127.0.0.1:{nsqd_http}",
+            f"--lookupd-tcp-address=127.0.0.1:{lookupd_tcp}",
+            "--broadcast-address=127.0.0.1",
+            f"--data-path={data}",
+            f"--msg-timeout={msg_timeout}",
+        ],
+        work_dir / "nsqd.log",
+        stack=stack,
+    )
+    wait_ready(nsqd, f"http://127.0.0.1:{nsqd_http}/ping", 15.0)
+    # Another nsqd may answer on a port that was free a moment ago: make sure it is ours.
+    _, _, info = http("GET", f"http://127.0.0.1:{nsqd_http}/info")
+    if (
+        not isinstance(info, dict)
+        or info.get("tcp_port") != nsqd_tcp
+        or info.get("start_time", 0) < int(started) - 1
+    ):
+        raise HarnessError(f"the nsqd on port {nsqd_http} is not the one just started: {info}")
+    return Nsq(
+        nsqd_tcp=f"127.0.0.1:{nsqd_tcp}",
+        nsqd_http=f"127.0.0.1:{nsqd_http}",
+        lookupd_http=f"127.0.0.1:{lookupd_http}",
+        data_dir=data,
+        version=str(info.get("version", "?")),
+        nsqd=nsqd,
+    )
+
+
+@contextmanager
+def nsq_pair(msg_timeout: str = "60s") -> Iterator[Nsq]:
+    """nsqlookupd and nsqd in a temporary directory, stopped and removed on exit."""
+    with ExitStack() as stack:
+        yield start_nsq(stack, temp_dir(stack), msg_timeout=msg_timeout)
+
+
+@dataclass
+class Daemon(Proc):
+    """An ``nsqjobs gateway`` or ``worker`` we started, with its HTTP port."""
+
+    port: int
+
+    @property
+    def url(self) -> str:
+        """Base URL of its HTTP server."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def metrics(self) -> list[Metric]:
+        """Its /metrics, parsed by prometheus_client."""
+        _, _, text = http("GET", self.url + "/metrics")
+        return list(text_string_to_metric_families(str(text)))
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of its /metrics by sample name and exact labels (0 when absent)."""
+        for family in self.metrics():
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        return 0.0
+
+
+def start_daemon(
+    kind: str,
+    nsq: Nsq,
+    log_dir: Path,
+    env: Mapping[str, str] | None = None,
+    *,
+    ready: bool = True,
+    stack: ExitStack | None = None,
+    cwd: Path | None = None,
+) -> Daemon:
+    """Run ``nsqjobs gateway|worker`` against ``nsq`` on a free port; ``env`` overrides settings.
+
+    Waits for /readyz unless ``ready`` is false; ``stack`` (if given) stops it.
+    """
+    port = free_port()
+    port_var = "NSQJOBS_GATEWAY_PORT" if kind == "gateway" else "NSQJOBS_WORKER_PORT"
+    full_env = {
+        **nsq.env(),
+        port_var: str(port),
+        "NSQJOBS_DEBUG_TASKS": "1",
+        "NSQJOBS_LOOKUPD_POLL_INTERVAL": "1",
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    }
+    log_path = log_dir / f"{kind}-{port}.log"
+    proc = spawn([*nsqjobs_command(), kind], log_path, name=kind, env=full_env, cwd=cwd)
+    daemon = Daemon(proc.name, proc.proc, log_path, port)
+    if stack is not None:
+        stack.callback(daemon.stop)
+    if ready:
+        wait_ready(daemon, daemon.url + "/readyz", 30.0)
+    return daemon
+
+
+def run_cli(
+    *args: str, env: Mapping[str, str] | None = None, cwd: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run ``nsqjobs ARGS`` to the end, capturing its output; ``env`` is the whole environment."""
+    return subprocess.run(
+        [*nsqjobs_command(), *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+class Tail:
+    """A minimal NSQ consumer over raw TCP: SUB, RDY, collect bodies, FIN each one."""
+
+    def __init__(self, nsqd_tcp: str, topic: str, channel: str, rdy: int = 2500) -> None:
+        host, _, port = nsqd_tcp.rpartition(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=5)
+        self.buf = b""
+        self.sock.sendall(b"  V2")
+        self.sock.sendall(f"SUB {topic} {channel}\n".encode())
+        kind, data = self._frame(5.0)
+        if (kind, data) != (0, b"OK"):
+            self.sock.close()
+            raise HarnessError(f"SUB {topic} {channel}: frame {kind} {data!r}")
+        self.sock.sendall(f"RDY {rdy}\n".encode())
+
+    def _read(self, n: int, deadline: float) -> bytes | None:
+        while len(self.buf) < n:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            self.sock.settimeout(remaining)
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                return None
+            if not chunk:
+                raise ConnectionError("nsqd closed the connection")
+            self.buf += chunk
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def _frame(self, timeout: float) -> tuple[int, bytes]:
+        """One frame (type, data), or (-1, b"") when none started before ``timeout``."""
+        head = self._read(8, time.monotonic() + timeout)
+        if head is None:
+            return -1, b""
+        size, kind = struct.unpack(">ii", head)
+        body = self._read(size - 4, time.monotonic() + 10)
+        if body is None:
+            raise HarnessError("nsqd sent a partial frame")
+        return kind, body
+
+    def collect(self, n: int, timeout: float) -> list[bytes]:
+        """Read until ``n`` messages arrived or ``timeout`` passed; FIN each one."""
+        deadline = time.monotonic() + timeout
+        bodies: list[bytes] = []
+        while len(bodies) < n and time.monotonic() < deadline:
+            kind, data = self._frame(deadline - time.monotonic())
+            if kind == 0 and data == b"_heartbeat_":
+                self.sock.sendall(b"NOP\n")
+            elif kind == 2:
+                msg_id, body = data[10:26], data[26:]
+                self.sock.sendall(b"FIN " + msg_id + b"\n")
+                bodies.append(body)
+            elif kind == 1:
+                raise HarnessError(f"nsqd error: {data!r}")
+        return bodies
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.sock.close()

@@ -1,0 +1,235 @@
+"""The rare endings of a held message: failed attempts, retries, dead letters, requeues.
+
+Each runs as a coroutine in a task of its own (the held message's ``pending``), so drain() can
+cancel it. What to do after a failure is :func:`nsqjobs.worker.outcome.after_failure`'s call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol
+
+import msgspec
+
+from nsqjobs import wire
+from nsqjobs.errors import PublishError, PublishRejected, Retry, TaskTimeoutError
+from nsqjobs.names import DEAD_LETTER_TOPIC, RESULTS_TOPIC
+from nsqjobs.worker.hooks import Hooks, RequeueReason
+from nsqjobs.worker.outcome import RetryAfter, after_failure, backoff_delay
+from nsqjobs.worker.state import Held, Job, Message, Phase, Stray
+
+log = logging.getLogger("nsqjobs.worker")
+
+# How long a dead letter or a retry waits for the publisher to (re)connect before giving up.
+RECONNECT_WAIT_S = 3.0
+
+
+class Publishing(Protocol):
+    """What the worker asks of :class:`nsqjobs.nsq.publisher.Publisher`: each waits for OK."""
+
+    def enqueue(self, topic: str, body: bytes) -> asyncio.Future[None]:
+        """Publish from callback code; the future is nsqd's OK or the error."""
+
+    async def pub(self, topic: str, body: bytes) -> None:
+        """Publish one message."""
+
+    async def dpub(self, topic: str, delay_ms: int, body: bytes) -> None:
+        """Publish one message, delivered after ``delay_ms``."""
+
+    async def wait_connected(self, timeout_s: float) -> bool:
+        """Wait until a connection is open (nsqd closes one after refusing a message)."""
+
+
+class Settler:
+    """Publishes what a held message came to (retry, dead letter), then answers nsqd."""
+
+    def __init__(
+        self,
+        worker_id: str,
+        publisher: Publishing,
+        hooks: Hooks,
+        *,
+        backoff_base_s: float,
+        backoff_cap_s: float,
+        held: dict[bytes, Held],
+        forget: Callable[[Held], None],
+    ) -> None:
+        self.worker_id = worker_id
+        self.publisher = publisher
+        self.hooks = hooks
+        self.backoff_base_s = backoff_base_s
+        self.backoff_cap_s = backoff_cap_s
+        self.held = held
+        self.forget = forget
+
+    # -- synchronous entry points (called from the state machine's callbacks) ---------------------
+
+    def attempt_failed(self, job: Job, exc: Exception) -> None:
+        """The task raised, timed out, or its result was refused: retry or dead-letter."""
+        env, task = job.env, job.task
+        error = wire.ErrorInfo.from_exception(exc)
+        job.hooks.attempt_failed(job, error, time.perf_counter() - job.t0)
+        where = f"job {env.id} {task.name:<14} attempt {job.attempt}/{job.max_attempts}"
+        if isinstance(exc, Retry | TaskTimeoutError):
+            log.warning("%s: %s", where, exc)
+        else:
+            log.warning("%s raised %s: %s", where, error.type, error.message, exc_info=exc)
+        finished = wire.now()
+        history = (
+            *env.history,
+            wire.Attempt(
+                attempt=job.attempt,
+                worker=self.worker_id,
+                started_at=job.started_at,
+                finished_at=finished,
+                error=error,
+            ),
+        )
+        recorded = msgspec.structs.replace(env, attempts=job.attempt, history=history)
+        outcome = after_failure(
+            env,
+            job.attempt,
+            job.max_attempts,
+            exc,
+            task,
+            now=finished,
+            backoff_base_s=self.backoff_base_s,
+            backoff_cap_s=self.backoff_cap_s,
+        )
+        if isinstance(outcome, RetryAfter):
+            self._spawn(job, self._retry(job, recorded, outcome.delay_s))
+        else:
+            self._spawn(
+                job, self._give_up(job, outcome.reason, error, recorded, attempts=job.attempt)
+            )
+
+    def dead_letter(
+        self,
+        held: Held,
+        reason: wire.DeadLetterReason,
+        error: wire.ErrorInfo,
+        raw: str | None = None,
+    ) -> None:
+        """A message that will not run (undecodable, unknown task, refused at admission)."""
+        # Attempts that ran: the earlier deliveries of a job; those recorded, for a stray.
+        if isinstance(held, Job):
+            attempts = held.attempt - 1
+        else:
+            attempts = held.env.attempts if held.env is not None else 0
+        self._spawn(held, self._give_up(held, reason, error, held.env, attempts=attempts, raw=raw))
+
+    def requeue(self, held: Held, detail: str) -> None:
+        """nsqd did not acknowledge a publish: hand the message back, after a backoff."""
+        self._requeue(held, "unacknowledged", detail)
+        self.forget(held)
+
+    def internal_error(self, message: Message, exc: Exception) -> None:
+        """A bug of ours, not the task's: say so, count it, and give the message back."""
+        log.error("internal error handling message %s", message.id.decode(), exc_info=exc)
+        held = self.held.get(message.id) or Stray(message, None, self.hooks.for_task("-"))
+        if held.phase is not Phase.ANSWERED:
+            delay_s = self.backoff_cap_s
+            held.hooks.requeued(held, "internal_error", delay_s)
+            held.answer(finish=False, delay_ms=int(delay_s * 1000))
+        self.forget(held)
+
+    # -- coroutines --------------------------------------------------------------------------------
+
+    def _spawn(self, held: Held, coro: Coroutine[Any, Any, None]) -> None:
+        held.phase = Phase.SETTLING
+        handler = held.pending = asyncio.ensure_future(coro)
+        handler.add_done_callback(functools.partial(self._settled, held))
+
+    def _settled(self, held: Held, handler: asyncio.Future[Any]) -> None:
+        exc = None if handler.cancelled() else handler.exception()
+        if isinstance(exc, Exception):
+            self.internal_error(held.message, exc)
+            return
+        self.forget(held)
+
+    async def _retry(self, job: Job, env: wire.JobEnvelope, delay_s: float) -> None:
+        delay_ms = int(delay_s * 1000)
+        body = wire.encode(env)
+        try:
+            await self._publish(lambda: self.publisher.dpub(job.task.queue, delay_ms, body))
+        except PublishError as exc:
+            # Fall back to nsqd's REQ: the history of this attempt is lost, its count is not.
+            log.warning("job %s: retry republish failed (%s); requeueing instead", env.id, exc)
+            job.hooks.retried(job, delay_s)
+            job.answer(finish=False, delay_ms=delay_ms)
+        else:
+            job.hooks.retried(job, delay_s)
+            job.answer(finish=True)
+        log.info("job %s %-14s retry %d in %.2fs", env.id, job.task.name, job.attempt + 1, delay_s)
+
+    async def _give_up(
+        self,
+        held: Held,
+        reason: wire.DeadLetterReason,
+        error: wire.ErrorInfo,
+        env: wire.JobEnvelope | None,
+        *,
+        attempts: int,
+        raw: str | None = None,
+    ) -> None:
+        """Publish the dead letter and (for a job) its failed result, then FIN."""
+        finished = wire.now()
+        letter = wire.DeadLetter(
+            reason=reason, error=error, worker=self.worker_id, at=finished, job=env, raw=raw
+        )
+        try:
+            letter_body = wire.encode(letter)
+            await self._publish(lambda: self.publisher.pub(DEAD_LETTER_TOPIC, letter_body))
+            if env is not None:
+                started = held.started_at if isinstance(held, Job) else finished
+                result = wire.ResultEnvelope(
+                    id=env.id,
+                    task=env.task,
+                    status="failed",
+                    error=error,
+                    attempts=attempts,
+                    worker=self.worker_id,
+                    started_at=started,
+                    finished_at=finished,
+                    duration_s=max(0.0, finished - started),
+                )
+                result_body = wire.encode(result)
+                await self._publish(lambda: self.publisher.pub(RESULTS_TOPIC, result_body))
+        except PublishError as exc:
+            self._requeue(held, "unacknowledged", f"dead letter not acknowledged ({exc})")
+            return
+        held.hooks.dead_lettered(held, reason, error)
+        held.answer(finish=True)
+        log.error(
+            "%s %-14s failed after %d attempt(s) (%s): %s: %s; sent to %s",
+            held.label,
+            env.task if env is not None else "-",
+            attempts,
+            reason,
+            error.type,
+            error.message,
+            DEAD_LETTER_TOPIC,
+        )
+
+    async def _publish(self, send: Callable[[], Awaitable[None]]) -> None:
+        # nsqd closes a connection that sent a message it refused; the publisher reconnects
+        # within a second: wait for it (once) rather than requeue the job and run it again.
+        await self.publisher.wait_connected(RECONNECT_WAIT_S)
+        try:
+            await send()
+        except PublishRejected:
+            raise
+        except PublishError:
+            if not await self.publisher.wait_connected(RECONNECT_WAIT_S):
+                raise
+            await send()
+
+    def _requeue(self, held: Held, why: RequeueReason, detail: str) -> None:
+        delay_s = backoff_delay(held.message.attempts, self.backoff_base_s, self.backoff_cap_s)
+        log.warning("%s: %s; requeueing in %.2fs", held.label, detail, delay_s)
+        held.hooks.requeued(held, why, delay_s)
+        held.answer(finish=False, delay_ms=int(delay_s * 1000))
