@@ -36,6 +36,11 @@ def env_name(f: dataclasses.Field[Any]) -> str:
     return str(f.metadata.get("env") or c.ENV_PREFIX + f.name.upper())
 
 
+def env_var(cls: type[Any], name: str) -> str:
+    """The environment variable of field ``name`` of config class ``cls``."""
+    return env_name({f.name: f for f in dataclasses.fields(cls)}[name])
+
+
 def flag_name(f: dataclasses.Field[Any]) -> str:
     """The CLI flag of a config field, derived from its environment variable."""
     return "--" + env_name(f).removeprefix(c.ENV_PREFIX).lower().replace("_", "-")

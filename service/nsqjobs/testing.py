@@ -33,6 +33,9 @@ from typing import Any, TypeVar
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from nsqjobs.config import GatewayConfig, NsqConfig, WorkerConfig, env_var
+from nsqjobs.names import ENV_BIN_DIR, ENV_DEBUG_TASKS
+
 __all__ = [
     "BIN_DIR_ENV",
     "Daemon",
@@ -62,7 +65,7 @@ __all__ = [
 T = TypeVar("T")
 
 #: A directory searched for binaries before PATH (``make`` puts the NSQ build in ``.bin/``).
-BIN_DIR_ENV = "NSQJOBS_BIN_DIR"
+BIN_DIR_ENV = ENV_BIN_DIR
 
 
 class HarnessError(Exception):
@@ -314,9 +317,9 @@ class Nsq:
     def env(self) -> dict[str, str]:
         """NSQJOBS_* variables pointing a daemon at this pair."""
         return {
-            "NSQJOBS_NSQD_TCP_ADDRESS": self.nsqd_tcp,
-            "NSQJOBS_NSQD_HTTP_ADDRESS": self.nsqd_http,
-            "NSQJOBS_LOOKUPD_HTTP_ADDRESS": self.lookupd_http,
+            env_var(NsqConfig, "nsqd_tcp_address"): self.nsqd_tcp,
+            env_var(NsqConfig, "nsqd_http_address"): self.nsqd_http,
+            env_var(NsqConfig, "lookupd_http_address"): self.lookupd_http,
         }
 
 
@@ -418,12 +421,12 @@ def start_daemon(
     Waits for /readyz unless ``ready`` is false; ``stack`` (if given) stops it.
     """
     port = free_port()
-    port_var = "NSQJOBS_GATEWAY_PORT" if kind == "gateway" else "NSQJOBS_WORKER_PORT"
+    config = GatewayConfig if kind == "gateway" else WorkerConfig
     full_env = {
         **nsq.env(),
-        port_var: str(port),
-        "NSQJOBS_DEBUG_TASKS": "1",
-        "NSQJOBS_LOOKUPD_POLL_INTERVAL": "1",
+        env_var(config, "port"): str(port),
+        ENV_DEBUG_TASKS: "1",
+        env_var(NsqConfig, "lookupd_poll_interval"): "1",
         "PYTHONUNBUFFERED": "1",
         **(env or {}),
     }

@@ -10,9 +10,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 import numpy as np
 import numpy.typing as npt
-from nsqjobs.errors import NsqjobsError, Retry
+from nsqjobs import NsqjobsError, Retry, task
 from nsqjobs.names import ENV_DEBUG_TASKS
-from nsqjobs.registry import task
 
 from nsqjobs_tasks import impl
 

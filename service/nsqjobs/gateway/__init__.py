@@ -1,0 +1,1 @@
+"""The gateway: HTTP job submissions in, envelopes published to nsqd, results waited for."""

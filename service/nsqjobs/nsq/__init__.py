@@ -1,0 +1,1 @@
+"""NSQ I/O: publish frames, pynsq connections read in bulk, the publisher, readers, nsqd admin."""

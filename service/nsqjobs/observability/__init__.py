@@ -1,0 +1,1 @@
+"""Metric instruments, their exposition (/metrics, /healthz, /readyz), the worker metrics hook."""

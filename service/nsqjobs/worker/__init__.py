@@ -1,0 +1,1 @@
+"""The worker: readers feed a job state machine that runs tasks, publishes results, and settles."""
