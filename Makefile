@@ -15,17 +15,19 @@ export NSQJOBS_LOOKUPD_TCP_PORT ?= 4160
 export NSQJOBS_LOOKUPD_HTTP_PORT ?= 4161
 export NSQJOBS_NSQADMIN_PORT ?= 4171
 export NSQJOBS_GATEWAY_PORT ?= 8080
-export NSQJOBS_WORKER1_PORT ?= 9101
-export NSQJOBS_WORKER2_PORT ?= 9102
+# NSQJOBS_WORKERS local workers; worker N serves metrics on NSQJOBS_WORKER_PORT + N - 1.
+export NSQJOBS_WORKERS ?= 2
+export NSQJOBS_WORKER_PORT ?= 9101
 # Workers drain for NSQJOBS_GRACE_S on Ctrl-C; the whole stack stops within 15 s.
 export NSQJOBS_GRACE_S ?= 10
 # nsqd, nsqlookupd and nsqadmin log level in the local stack (debug, info, warn, error).
 export NSQJOBS_NSQ_LOG_LEVEL ?= warn
 
-.PHONY: help venv nsq run test lint bench clean
+.PHONY: help venv nsq run ctl test lint bench clean
 
 help:
 	@echo "make run    set up (venv, NSQ build) and start the local stack in the foreground"
+	@echo "make ctl    supervisorctl against the running stack (CMD=status by default)"
 	@echo "make test   set up and run the whole test suite"
 	@echo "make lint   ruff + mypy --strict (service, workers, tests, bench)"
 	@echo "make bench  run the benchmarks, figures into bench/results/"
@@ -56,22 +58,38 @@ nsq: $(addprefix .bin/,$(NSQ_APPS))
 		exit 1; \
 	fi
 
+# The environment every supervisord/supervisorctl invocation of the local stack needs.
+STACK_ENV = NSQJOBS_NSQD_TCP_ADDRESS=127.0.0.1:$(NSQJOBS_NSQD_TCP_PORT) \
+	NSQJOBS_NSQD_HTTP_ADDRESS=127.0.0.1:$(NSQJOBS_NSQD_HTTP_PORT) \
+	NSQJOBS_LOOKUPD_HTTP_ADDRESS=127.0.0.1:$(NSQJOBS_LOOKUPD_HTTP_PORT) \
+	NSQJOBS_BIN_DIR=$(BIN_DIR) NSQJOBS_DATA_DIR=$(DATA_DIR) NSQJOBS_VENV=$(CURDIR)/$(VENV) \
+	NSQJOBS_STOP_WAIT_S=$$(( $${NSQJOBS_GRACE_S%.*} + 3 ))
+LAST_WORKER_PORT = $$(( $(NSQJOBS_WORKER_PORT) + $(NSQJOBS_WORKERS) - 1 ))
+
+# A program that cannot start stops the stack (deploy/local/watchdog.py writes why to
+# stack-failed): then `make run` prints that one line and exits 1.
 run: venv nsq
+	@case "$(NSQJOBS_WORKERS)" in ''|*[!0-9]*|0) echo "make run: NSQJOBS_WORKERS must be a whole number >= 1, got '$(NSQJOBS_WORKERS)'" >&2; exit 2;; esac
 	@mkdir -p $(DATA_DIR)/nsqd
+	@rm -f $(DATA_DIR)/stack-failed
 	@echo "nsqjobs local stack"
 	@echo "  gateway      http://127.0.0.1:$(NSQJOBS_GATEWAY_PORT)  (API, /metrics, /openapi.json)"
-	@echo "  workers      metrics http://127.0.0.1:$(NSQJOBS_WORKER1_PORT)/metrics and :$(NSQJOBS_WORKER2_PORT)"
+	@echo "  workers      $(NSQJOBS_WORKERS), metrics on http://127.0.0.1:$(NSQJOBS_WORKER_PORT)/metrics to :$(LAST_WORKER_PORT)"
 	@echo "  nsqd         tcp 127.0.0.1:$(NSQJOBS_NSQD_TCP_PORT), http 127.0.0.1:$(NSQJOBS_NSQD_HTTP_PORT), data $(DATA_DIR)/nsqd"
 	@echo "  nsqlookupd   tcp 127.0.0.1:$(NSQJOBS_LOOKUPD_TCP_PORT), http 127.0.0.1:$(NSQJOBS_LOOKUPD_HTTP_PORT)"
 	@echo "  nsqadmin     http://127.0.0.1:$(NSQJOBS_NSQADMIN_PORT)"
 	@echo "  try:  curl -s -XPOST 'http://127.0.0.1:$(NSQJOBS_GATEWAY_PORT)/v1/jobs?wait=10' -H 'Content-Type: application/json' -d '{\"task\": \"primes.count\", \"args\": {\"start\": 0, \"stop\": 1000000}}'"
+	@echo "  status: make ctl (another terminal)"
 	@echo "  stop: Ctrl-C (workers drain for $(NSQJOBS_GRACE_S)s at most)"
-	@NSQJOBS_NSQD_TCP_ADDRESS=127.0.0.1:$(NSQJOBS_NSQD_TCP_PORT) \
-	 NSQJOBS_NSQD_HTTP_ADDRESS=127.0.0.1:$(NSQJOBS_NSQD_HTTP_PORT) \
-	 NSQJOBS_LOOKUPD_HTTP_ADDRESS=127.0.0.1:$(NSQJOBS_LOOKUPD_HTTP_PORT) \
-	 NSQJOBS_BIN_DIR=$(BIN_DIR) NSQJOBS_DATA_DIR=$(DATA_DIR) NSQJOBS_VENV=$(CURDIR)/$(VENV) \
-	 NSQJOBS_STOP_WAIT_S=$$(( $${NSQJOBS_GRACE_S%.*} + 3 )) \
-	 exec $(VENV)/bin/supervisord -c deploy/local/supervisord.conf
+	@$(STACK_ENV) $(VENV)/bin/supervisord -c deploy/local/supervisord.conf; status=$$?; \
+	 if [ -s $(DATA_DIR)/stack-failed ]; then \
+		echo "make run: stopped: $$(cat $(DATA_DIR)/stack-failed)" >&2; exit 1; \
+	 fi; exit $$status
+
+# supervisorctl against the stack `make run` started: `make ctl`, `make ctl CMD="restart app:worker1"`.
+CMD ?= status
+ctl: venv
+	@$(STACK_ENV) $(VENV)/bin/supervisorctl -c deploy/local/supervisord.conf $(CMD)
 
 test: venv nsq
 	PATH="$(BIN_DIR):$$PATH" $(VENV)/bin/python -m pytest

@@ -9,9 +9,9 @@ from typing import Any, cast
 
 import pytest
 from nsqjobs import wire
-from nsqjobs.api import SubmitRequest
-from nsqjobs.errors import InvalidArgumentsError
-from nsqjobs.gateway.submit import Acceptor
+from nsqjobs.api import BatchJob, SubmitRequest
+from nsqjobs.errors import JobTooLarge, PublishError, PublishTimeout
+from nsqjobs.gateway.submit import Acceptor, BatchPartlyPublished, DuplicateIds
 from nsqjobs.nsq.publisher import Publisher
 from nsqjobs.observability.metrics import GatewayMetrics
 from nsqjobs.registry import Registry, task
@@ -131,7 +131,7 @@ def test_the_accept_path_records_before_it_publishes() -> None:
         one = await acceptor.submit(SubmitRequest(task="demo.echo", id="a"))
         later = await acceptor.submit(SubmitRequest(task="demo.echo", delay_ms=5))
         many = await acceptor.accept_batch(
-            [SubmitRequest(task="demo.echo"), SubmitRequest(task="demo.echo", id="b")]
+            [BatchJob(task="demo.echo"), BatchJob(task="demo.echo", id="b")]
         )
         assert one.id == "a" and many[1].id == "b"
         assert log == [
@@ -162,8 +162,84 @@ def test_the_plain_hot_path_publishes_without_a_coroutine() -> None:
         env = await accepted
         assert env.deadline == pytest.approx(env.created_at + 5)
         assert log == [("pub", env.id)]
-        with pytest.raises(InvalidArgumentsError):
-            acceptor.build_batch([SubmitRequest(task="demo.echo", id="x")] * 2)
+        with pytest.raises(DuplicateIds):
+            acceptor.build_batch([BatchJob(task="demo.echo", id="x")] * 2)
         assert log == [("pub", env.id)]  # a rejected batch publishes nothing
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+# -- issue 8: sizes before publishing, and what a batch spanning queues leaves behind ------------
+
+
+class FailingPublisher(FakePublisher):
+    """MPUBs to ``fail`` raise ``error``; the rest are recorded."""
+
+    def __init__(self, log: list[tuple[str, Any]], fail: str, error: PublishError) -> None:
+        super().__init__(log)
+        self.fail = fail
+        self.error = error
+
+    async def mpub(self, topic: str, bodies: list[bytes]) -> None:
+        if topic == self.fail:
+            raise self.error
+        await super().mpub(topic, bodies)
+
+
+def two_queue_acceptor(publisher: FakePublisher) -> Acceptor:
+    reg = Registry()
+
+    @task("demo.first", queue="first", target=reg)
+    def first(args: dict[str, Any]) -> None: ...
+
+    @task("demo.second", queue="second", target=reg)
+    def second(args: dict[str, Any]) -> None: ...
+
+    return Acceptor(
+        reg, cast(Publisher, publisher), GatewayMetrics(CollectorRegistry()), max_msg_size=2048
+    )
+
+
+@pytest.mark.parametrize("error", [PublishError("closed"), PublishTimeout("no answer")])
+def test_a_batch_failing_after_its_first_queue_says_which_ids_nsqd_has(error: PublishError) -> None:
+    log: list[tuple[str, Any]] = []
+    acceptor = two_queue_acceptor(FailingPublisher(log, "second", error))
+    jobs = [
+        BatchJob(task="demo.first", id="a"),
+        BatchJob(task="demo.second", id="b"),
+        BatchJob(task="demo.first", id="c"),
+    ]
+
+    async def scenario() -> None:
+        with pytest.raises(BatchPartlyPublished) as caught:
+            await acceptor.accept_batch(jobs)
+        assert (caught.value.published, caught.value.unpublished) == (["a", "c"], ["b"])
+        assert caught.value.cause is error
+        assert log == [("mpub", ["a", "c"])]
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+def test_sizes_are_checked_before_the_first_publish() -> None:
+    log: list[tuple[str, Any]] = []
+    acceptor = two_queue_acceptor(FakePublisher(log))
+    acceptor.max_body_size = 4096
+    big = BatchJob(task="demo.second", args={"pad": "x" * 3000})
+
+    async def scenario() -> None:
+        with pytest.raises(JobTooLarge) as caught:  # one message over nsqd's --max-msg-size
+            await acceptor.accept_batch([BatchJob(task="demo.first"), big])
+        assert (caught.value.limit, caught.value.field) == (2048, "jobs[1].args")
+        with pytest.raises(JobTooLarge) as caught:  # the second queue's MPUB over its body size
+            await acceptor.accept_batch(
+                [BatchJob(task="demo.first")]
+                + [BatchJob(task="demo.second", args={"pad": "x" * 1500})] * 3
+            )
+        assert (caught.value.limit, caught.value.field) == (4096, "jobs")
+        with pytest.raises(JobTooLarge):  # a single job, before its PUB
+            acceptor.submit(SubmitRequest(task="demo.first", args={"pad": "x" * 3000}))
+        assert log == []
+        env = await acceptor.submit(SubmitRequest(task="demo.first", delay_ms=1500))
+        assert env.due_at == pytest.approx(env.created_at + 1.5)  # when a delayed job is due
 
     asyncio.run(asyncio.wait_for(scenario(), 10))

@@ -14,6 +14,7 @@ import logging
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -578,10 +579,66 @@ def test_malformed_request_gets_400_and_close(
         assert client.response().status == 200  # the good request before it is answered
         response = client.response()
         assert response.status == 400 and response.headers["connection"] == "close"
-        assert response.body == b""
+        assert_problem(response, 400, "bad-request")
         assert client.at_eof()
     logged = [r for r in caplog.records if r.name == "nsqjobs.http"]
     assert logged and all(r.levelno == logging.INFO for r in logged)
+
+
+def assert_problem(response: Response, status: int, slug: str) -> dict[str, Any]:
+    """``response`` is problem+json ``slug`` with a Date, as every error the server answers."""
+    assert response.status == status, response
+    assert response.headers["content-type"] == "application/problem+json", response.headers
+    assert response.headers["date"].endswith(" GMT"), response.headers
+    body: dict[str, Any] = json.loads(response.body)
+    assert body["type"] == f"urn:nsqjobs:problem:{slug}" and body["status"] == status, body
+    return body
+
+
+# RFC 9112: one Host on an HTTP/1.1 request (3.2); chunked is the only transfer coding we know,
+# and it must come last, once (6.1). Each case: the request, the status, the problem type.
+FRAMING = [
+    (b"GET /json HTTP/1.1\r\n\r\n", 400, "bad-request"),
+    (b"GET /json HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "bad-request"),
+    (
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+        + chunked(b"hello"),
+        501,
+        "not-implemented",
+    ),
+    (
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + chunked(b"hello"),
+        501,
+        "not-implemented",
+    ),
+    (b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: identity\r\n\r\n", 400, "bad-request"),
+    (
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked, chunked\r\n\r\n"
+        + chunked(b"hello"),
+        400,
+        "bad-request",
+    ),
+]
+
+
+@pytest.mark.parametrize(("raw", "status", "slug"), FRAMING)
+def test_framing_rfc9112_is_enforced_as_problems(
+    serve: Servers, raw: bytes, status: int, slug: str
+) -> None:
+    srv = serve()
+    with Client(srv.port) as client:
+        client.send(raw)
+        response = client.response()
+        assert response.headers["connection"] == "close"
+        assert_problem(response, status, slug)
+        assert client.at_eof()
+    with Client(srv.port) as client:  # chunked alone is fine
+        client.send(
+            b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: Chunked\r\n\r\n"
+            + chunked(b"hello")
+        )
+        assert json.loads(client.response().body) == {"length": 5}
 
 
 def test_request_head_size_is_limited(serve: Servers) -> None:
@@ -633,6 +690,55 @@ def test_body_timeout_closes_the_connection(serve: Servers) -> None:
         client.send(request("POST", "/stream?timeout=0.2", headers=headers) + b"x" * 10)
         assert client.at_eof()
     wait_for(lambda: "stream" in srv.state.closed, 5, "on_connection_close of the stream")
+
+
+def test_a_head_trickled_past_the_header_timeout_gets_408(serve: Servers) -> None:
+    srv = serve(header_timeout_s=0.3, idle_timeout_s=30)
+    started = time.monotonic()
+    with Client(srv.port) as client:
+        client.send(b"GET /json HTTP/1.1\r\nHost: t\r\n")
+        client.send(b"X-Slow: 1\r\n")  # more is coming, slowly: the clock does not restart
+        response = client.response()
+        assert_problem(response, 408, "request-timeout")
+        assert client.at_eof()
+    assert time.monotonic() - started < 5
+
+
+def test_a_body_trickled_past_the_body_timeout_gets_408(serve: Servers) -> None:
+    srv = serve(body_timeout_s=0.3, idle_timeout_s=30)
+    started = time.monotonic()
+    with Client(srv.port) as client:
+        client.send(request("POST", "/echo", headers={"Content-Length": "1000"}) + b"x" * 10)
+        client.send(b"x" * 10)
+        response = client.response()
+        assert_problem(response, 408, "request-timeout")
+        assert client.at_eof()
+    assert time.monotonic() - started < 5
+    # A whole request on a keep-alive connection is untouched by either clock.
+    with Client(srv.port) as client:
+        for _ in range(3):
+            client.send(request("POST", "/echo", body=b"x" * 100))
+            assert json.loads(client.response().body) == {"length": 100}
+
+
+def test_incomplete_bodies_are_bounded_across_connections(serve: Servers) -> None:
+    srv = serve(max_incomplete_bytes=100_000)
+    head = request("POST", "/echo", headers={"Content-Length": "80000"})
+    with Client(srv.port) as first, Client(srv.port) as second:
+        first.send(head + b"x" * 60_000)
+        wait_for(lambda: srv.server.incomplete_bytes == 60_000, 5, "the first body held")
+        second.send(head + b"x" * 60_000)  # 120,000 held: over the bound
+        response = second.response()
+        assert_problem(response, 503, "unavailable")
+        assert response.headers["retry-after"] == "1"
+        assert second.at_eof()
+        first.send(b"x" * 20_000)  # the first completes: its bytes are released
+        assert json.loads(first.response().body) == {"length": 80_000}
+        wait_for(lambda: srv.server.incomplete_bytes == 0, 5, "nothing held")
+    with Client(srv.port) as third:  # a cut-short body is released too
+        third.send(head + b"x" * 50_000)
+        wait_for(lambda: srv.server.incomplete_bytes == 50_000, 5, "the third body held")
+    wait_for(lambda: srv.server.incomplete_bytes == 0, 5, "nothing held after the close")
 
 
 def test_idle_keep_alive_connection_is_closed(serve: Servers) -> None:

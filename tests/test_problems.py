@@ -7,7 +7,14 @@ import json
 from collections.abc import Callable
 
 import pytest
-from nsqjobs.errors import FieldError, InvalidArgumentsError, PublishError, UnknownTaskError
+from nsqjobs.errors import (
+    FieldError,
+    InvalidArgumentsError,
+    JobTooLarge,
+    PublishError,
+    PublishTimeout,
+    UnknownTaskError,
+)
 from nsqjobs.http.problems import (
     Problem,
     as_problem,
@@ -56,6 +63,17 @@ def test_domain_errors_map_to_stable_problem_types() -> None:
         503,
         "unavailable",
     )
+    # A publish nsqd never answered may have been stored: not the same as "unavailable".
+    unknown_outcome = as_problem(PublishTimeout("pub jobs: no answer from nsqd in 5s"))
+    assert unknown_outcome is not None
+    assert (unknown_outcome.status_code, unknown_outcome.slug) == (503, "outcome-unknown")
+    assert "may or may not have been stored" in unknown_outcome.detail
+    too_large = as_problem(JobTooLarge("over nsqd's --max-msg-size", 1048576, "args"))
+    assert too_large is not None and (too_large.status_code, too_large.slug) == (
+        413,
+        "message-too-large",
+    )
+    assert too_large.extra["limit"] == 1048576 and "Retry-After" not in render_problem(too_large)[1]
     assert as_problem(ValueError("a bug")) is None
     internal = status_problem(500, ValueError("a bug"), "GET")
     assert (internal.status_code, internal.slug) == (500, "internal")

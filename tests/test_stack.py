@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from nsqjobs.testing import Daemon, Nsq, free_port, http, need_binary, ping, wait_for
+from nsqjobs.testing import (
+    Daemon,
+    DeadlineExceeded,
+    Nsq,
+    free_port,
+    http,
+    need_binary,
+    ping,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,9 +64,25 @@ def _processes_mentioning(needle: str) -> list[str]:
     return found
 
 
-@pytest.mark.slow
-def test_make_run_starts_the_stack_and_stops_it_on_ctrl_c(tmp_path: Path) -> None:
-    need_binary("nsqd")
+def _free_port_run(n: int) -> int:
+    """The first of ``n`` consecutive free ports (local workers listen on base + i)."""
+    for _ in range(50):
+        base = free_port()
+        if base + n < 65536 and all(_port_free(base + i) for i in range(1, n)):
+            return base
+    raise AssertionError(f"no {n} consecutive free ports")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _stack_env(tmp_path: Path, **extra: str) -> tuple[dict[str, str], dict[str, str]]:
     ports = {
         name: str(free_port())
         for name in (
@@ -66,31 +92,42 @@ def test_make_run_starts_the_stack_and_stops_it_on_ctrl_c(tmp_path: Path) -> Non
             "NSQJOBS_LOOKUPD_HTTP_PORT",
             "NSQJOBS_NSQADMIN_PORT",
             "NSQJOBS_GATEWAY_PORT",
-            "NSQJOBS_WORKER1_PORT",
-            "NSQJOBS_WORKER2_PORT",
         )
     }
+    ports["NSQJOBS_WORKER_PORT"] = str(_free_port_run(int(extra.get("NSQJOBS_WORKERS", "2"))))
+    env = {
+        **os.environ,
+        **ports,
+        "DATA_DIR": str(tmp_path / "stack-data"),
+        "NSQJOBS_LOOKUPD_POLL_INTERVAL": "1",
+        **extra,
+    }
+    return env, ports
+
+
+# The stack, not the setup, is under test: never let `make run` reinstall the venv.
+MAKE_RUN = ["make", "--no-print-directory", "-o", ".venv/.installed", "run"]
+
+
+@pytest.mark.slow
+def test_make_run_starts_the_stack_and_stops_it_on_ctrl_c(tmp_path: Path) -> None:
+    need_binary("nsqd")
+    env, ports = _stack_env(tmp_path, NSQJOBS_WORKERS="3")
     data_dir = tmp_path / "stack-data"
-    env = {**os.environ, **ports, "DATA_DIR": str(data_dir), "NSQJOBS_LOOKUPD_POLL_INTERVAL": "1"}
     log_path = tmp_path / "make-run.log"
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(
-            ["make", "--no-print-directory", "run"],
+            MAKE_RUN,
             cwd=ROOT,
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    worker_ports = [int(ports["NSQJOBS_WORKER_PORT"]) + i for i in range(3)]
     gateway = f"http://127.0.0.1:{ports['NSQJOBS_GATEWAY_PORT']}"
     try:
-        urls = [
-            gateway,
-            *(
-                f"http://127.0.0.1:{ports[w]}"
-                for w in ("NSQJOBS_WORKER1_PORT", "NSQJOBS_WORKER2_PORT")
-            ),
-        ]
+        urls = [gateway, *(f"http://127.0.0.1:{port}" for port in worker_ports)]
         for url in urls:
 
             def ready(url: str = url) -> bool:
@@ -103,6 +140,37 @@ def test_make_run_starts_the_stack_and_stops_it_on_ctrl_c(tmp_path: Path) -> Non
         banner = log_path.read_text()
         assert f"gateway      http://127.0.0.1:{ports['NSQJOBS_GATEWAY_PORT']}" in banner
         assert "curl -s -XPOST" in banner
+        # supervisorctl works against the running stack, and sees NSQJOBS_WORKERS workers
+        # (RUNNING once up for startsecs, which may be after /readyz answers).
+        expected = {
+            "app:gateway": "RUNNING",
+            "app:worker1": "RUNNING",
+            "app:worker2": "RUNNING",
+            "app:worker3": "RUNNING",
+            "nsq:nsqadmin": "RUNNING",
+            "nsq:nsqd": "RUNNING",
+            "nsq:nsqlookupd": "RUNNING",
+            "watchdog": "RUNNING",
+        }
+        seen: list[str] = []
+
+        def all_running() -> bool:
+            ctl = subprocess.run(
+                ["make", "--no-print-directory", "-o", ".venv/.installed", "ctl"],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            seen[:] = [ctl.stdout + ctl.stderr]
+            lines = [line.split() for line in ctl.stdout.splitlines() if line.strip()]
+            return dict(line[:2] for line in lines if len(line) >= 2) == expected
+
+        try:
+            wait_for(all_running, 15, "supervisorctl to show every program RUNNING", interval=0.5)
+        except DeadlineExceeded:
+            raise AssertionError(seen) from None
         jobs = [
             ("primes.count", {"start": 0, "stop": 10**6}),
             ("pi.estimate", {"samples": 100_000, "seed": 1}),
@@ -139,11 +207,51 @@ def test_make_run_starts_the_stack_and_stops_it_on_ctrl_c(tmp_path: Path) -> Non
         stopped_in = time.monotonic() - started
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+            # supervisord's programs have process groups of their own: a SIGKILL of make's
+            # group would orphan them, so stop the stack the graceful way first.
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
     log = log_path.read_text(errors="replace")
     assert stopped_in < 15, log
-    assert log.count("worker stopped in") == 2 and "gateway stopped in" in log, log
+    assert log.count("worker stopped in") == 3 and "gateway stopped in" in log, log
     assert _processes_mentioning(str(data_dir)) == []
-    assert _processes_mentioning(f"--worker-port {ports['NSQJOBS_WORKER1_PORT']}") == []
+    assert _processes_mentioning("--worker-id worker1") == []
     assert all(not ping(url + "/healthz") for url in urls)
+
+
+@pytest.mark.slow
+def test_make_run_stops_with_the_reason_when_a_daemon_cannot_start(tmp_path: Path) -> None:
+    need_binary("nsqd")
+    env, _ = _stack_env(tmp_path, NSQJOBS_TASK_MODULE="no_such_task_module")
+    data_dir = tmp_path / "stack-data"
+    started = time.monotonic()
+    proc = subprocess.run(
+        MAKE_RUN,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        start_new_session=True,
+    )
+    took = time.monotonic() - started
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    # The last thing `make run` says is which daemon could not start, and why, on one line.
+    reason = (
+        "could not start: nsqjobs {}: task module 'no_such_task_module' failed to import: "
+        "ModuleNotFoundError: No module named 'no_such_task_module'"
+    )
+    stopped = [line for line in proc.stderr.splitlines() if line.startswith("make run: stopped:")]
+    assert len(stopped) == 1, out
+    assert any(
+        stopped[0] == f"make run: stopped: {name} {reason.format(kind)}"
+        for name, kind in [("gateway", "gateway"), ("worker1", "worker"), ("worker2", "worker")]
+    ), out
+    assert "Traceback" not in out, out
+    assert took < 60, (took, out)
+    assert _processes_mentioning(str(data_dir)) == []

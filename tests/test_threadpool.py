@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from nsqjobs.errors import TaskTimeoutError
 from nsqjobs.worker.slots import SlotPool
 
 
@@ -89,3 +90,27 @@ def test_shutdown_cancels_what_has_not_started_and_stops_threads() -> None:
     while any(t.is_alive() for t in pool._threads) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not any(t.is_alive() for t in pool._threads)
+
+
+def test_a_call_past_its_limit_fails_but_keeps_its_thread_until_it_returns() -> None:
+    pool = SlotPool(1)
+    gate = threading.Event()
+    released: list[asyncio.Future[object]] = []
+    pool.on_release = released.append
+
+    async def main() -> None:
+        fut = pool.submit(gate.wait, 10, limit_s=0.05)
+        with pytest.raises(TaskTimeoutError, match=r"0\.05s time limit"):
+            await fut
+        # The future ended; the thread did not: the slot is not free.
+        assert (pool.idle(), released) == (0, [])
+        gate.set()
+        deadline = time.monotonic() + 5
+        while not released:
+            assert time.monotonic() < deadline, "the thread never came back"
+            await asyncio.sleep(0.005)
+        assert released == [fut] and pool.idle() == 1
+        assert await pool.submit(pow, 3, 2, limit_s=5) == 9  # a timer that never fires
+
+    asyncio.run(main())
+    pool.shutdown()

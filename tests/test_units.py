@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 import msgspec
@@ -9,6 +10,7 @@ import pytest
 from nsqjobs import config, wire
 from nsqjobs.cli import main
 from nsqjobs.errors import ConfigError, DecodeError, InvalidArgumentsError, UnknownTaskError
+from nsqjobs.nsq.publisher import Publisher
 from nsqjobs.observability.metrics import GatewayMetrics, WorkerMetrics
 from nsqjobs.registry import Registry, task
 from nsqjobs.testing import run_cli
@@ -179,3 +181,27 @@ def test_cli_help(command: str) -> None:
     assert proc.returncode == 0 and "usage: nsqjobs" in proc.stdout
     if command != "submit":
         assert "--nsqd-tcp-address" in proc.stdout and "NSQJOBS_NSQD_TCP_ADDRESS" in proc.stdout
+
+
+def test_coalesced_publishes_stay_under_nsqds_body_limit() -> None:
+    # Single PUBs of one loop turn become MPUBs; each must fit nsqd's --max-body-size.
+    async def groups(max_body_size: int) -> list[int]:
+        publisher = Publisher(["127.0.0.1:9"])  # never connects: only the grouping is used
+        sizes: list[int] = []
+
+        def spawn(topic: str, group: list[tuple[bytes, asyncio.Future[None]]]) -> None:
+            sizes.append(4 + sum(4 + len(body) for body, _ in group))
+            for _, fut in group:
+                fut.cancel()
+
+        publisher._spawn = spawn  # type: ignore[method-assign]
+        publisher.limit_group_bytes(max_body_size)
+        futures = [publisher.enqueue("jobs", b"x" * 1000) for _ in range(100)]
+        await asyncio.wait(futures)
+        publisher.close()
+        return sizes
+
+    small = asyncio.run(groups(10_000))
+    assert max(small) <= 10_000 < max(small) + 1004  # full groups: 9 messages each
+    assert len(small) == 12
+    assert asyncio.run(groups(5 * 1024 * 1024)) == [4 + 100 * 1004]

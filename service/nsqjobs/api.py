@@ -7,13 +7,17 @@ client built on this module and the server can never disagree about a field.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar, Final
 
 import msgspec
 
 from nsqjobs.names import MAX_BATCH_JOBS, MAX_DELAY_MS, MAX_EXPIRES_S, MAX_JOB_ID_LENGTH
 
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]+$")
+# How deep a job's ``args`` may nest objects and arrays (``args`` itself is level 1): deeper
+# JSON is refused (422) before anything is published, so no worker is handed what it cannot
+# decode.
+MAX_ARGS_DEPTH: Final = 32
 
 JobId = Annotated[
     str, msgspec.Meta(min_length=1, max_length=MAX_JOB_ID_LENGTH, pattern=JOB_ID_PATTERN.pattern)
@@ -40,10 +44,20 @@ class SubmitRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     expires_s: ExpiresS | None = None
 
 
+class BatchJob(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One job of a batch: a job body without ``delay_ms`` (an MPUB has no delay)."""
+
+    task: str
+    args: dict[str, Any] = {}
+    id: JobId | None = None
+    expires_s: ExpiresS | None = None
+    delay_ms: ClassVar[int] = 0
+
+
 class BatchRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Body of ``POST /v1/jobs/batch``."""
 
-    jobs: Annotated[list[SubmitRequest], msgspec.Meta(min_length=1, max_length=MAX_BATCH_JOBS)]
+    jobs: Annotated[list[BatchJob], msgspec.Meta(min_length=1, max_length=MAX_BATCH_JOBS)]
 
 
 class Accepted(msgspec.Struct, frozen=True):

@@ -20,8 +20,14 @@ from typing import Any, TypeVar
 
 from nsqjobs import config
 from nsqjobs.errors import NsqjobsError
-from nsqjobs.names import ENV_EVENT_LOOP, ENV_GATEWAY_URL, GATEWAY_PORT
-from nsqjobs.registry import load_task_modules, registry
+from nsqjobs.names import (
+    ENV_API_TOKEN,
+    ENV_EVENT_LOOP,
+    ENV_GATEWAY_URL,
+    ENV_SUPERVISOR,
+    GATEWAY_PORT,
+)
+from nsqjobs.registry import load_task_modules, registry, task_modules
 from nsqjobs.version import __version__
 
 log = logging.getLogger("nsqjobs")
@@ -78,9 +84,11 @@ def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
 def _daemon(kind: type[Any], run: Any, args: argparse.Namespace) -> int:
     cfg = config.load(kind, args)
     _setup_logging(cfg.log_level)
-    load_task_modules(cfg.task_module)
+    modules = task_modules(cfg.task_module)
+    load_task_modules(modules)
     if not len(registry):
-        raise NsqjobsError(f"no tasks registered by {', '.join(cfg.task_module)}")
+        raise NsqjobsError(f"no tasks registered by {', '.join(modules)}")
+    log.info("tasks from %s: %s", ", ".join(modules), ", ".join(t.name for t in registry))
     result = run_event_loop(_until_signalled(run, cfg))
     if isinstance(result, int) and result:
         # Abandoned jobs are back in nsqd; their executor threads cannot be killed, and
@@ -103,11 +111,11 @@ def _submit(args: argparse.Namespace) -> int:
     url = args.gateway_url.rstrip("/") + "/v1/jobs"
     if args.wait:
         url += f"?wait={args.wait:g}"
+    headers = {"Content-Type": "application/json"}
+    if token := os.environ.get(ENV_API_TOKEN, ""):
+        headers["Authorization"] = f"Bearer {token}"
     req = urllib.request.Request(
-        url,
-        data=json.dumps(body).encode(),
-        method="POST",
-        headers={"Content-Type": "application/json"},
+        url, data=json.dumps(body).encode(), method="POST", headers=headers
     )
     try:
         with urllib.request.urlopen(req, timeout=args.wait + 10) as resp:
@@ -157,10 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the result")
     sm.add_argument("--id", default=None, help="job id (default: generated)")
     sm.add_argument("--delay-ms", type=int, default=0, help="deliver after this delay")
+    port_var = config.env_var(config.GatewayConfig, "port")
     sm.add_argument(
         "--gateway-url",
-        default=os.environ.get(ENV_GATEWAY_URL, f"http://127.0.0.1:{GATEWAY_PORT}"),
-        help=f"gateway base URL [env {ENV_GATEWAY_URL}]",
+        default=os.environ.get(ENV_GATEWAY_URL)
+        or f"http://127.0.0.1:{os.environ.get(port_var) or GATEWAY_PORT}",
+        help=f"gateway base URL [env {ENV_GATEWAY_URL}, else http://127.0.0.1:${port_var}]",
     )
     return parser
 
@@ -181,7 +191,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _daemon(config.WorkerConfig, serve_worker, args)
         return _submit(args)
     except (NsqjobsError, ImportError, OSError) as exc:
-        print(f"nsqjobs {args.command}: {exc}", file=sys.stderr)
+        # One line, even when the error's own text has several (msgspec's, a task module's).
+        lines = (line.strip() for line in str(exc).splitlines())
+        reason = f"nsqjobs {args.command}: {' '.join(line for line in lines if line)}"
+        print(reason, file=sys.stderr)
+        if os.environ.get(ENV_SUPERVISOR) and args.command != "submit":
+            # Under supervisord (which sets SUPERVISOR_ENABLED) the reason also goes to its
+            # event listeners as PROCESS_COMMUNICATION: the local stack's watchdog stops the
+            # stack with it.
+            print(f"<!--XSUPERVISOR:BEGIN-->{reason}<!--XSUPERVISOR:END-->", flush=True)
         return 1
 
 

@@ -146,8 +146,17 @@ class NsqConfig:
         "nsqlookupd HTTP addresses to discover producers (empty: read from --nsqd-tcp-address)",
     )
     lookupd_poll_interval: int = setting(10, "seconds between nsqlookupd polls")
-    task_module: tuple[str, ...] = setting(["nsqjobs_tasks.builtin"], "modules that register tasks")
+    task_module: tuple[str, ...] = setting(
+        [c.BUILTIN_TASK_MODULE],
+        "modules that register tasks (they replace the built-in ones; "
+        f"{c.ENV_DEBUG_TASKS}=1 adds {c.DEBUG_TASK_MODULE} to them)",
+    )
     log_level: str = setting("INFO", "log level (DEBUG, INFO, WARNING, ERROR)")
+    nsqd_max_msg_size: int = setting(
+        1024 * 1024,
+        "nsqd's --max-msg-size in bytes (its live value is read at start): the gateway answers "
+        "a larger job envelope 413, a worker fails a larger result at once",
+    )
 
     def check(self) -> None:
         """Validate addresses and ranges."""
@@ -157,6 +166,7 @@ class NsqConfig:
         _addresses(self.nsqd_http_address, cls, "nsqd_http_address")
         _addresses(self.lookupd_http_address, cls, "lookupd_http_address")
         _require(self.lookupd_poll_interval >= 1, cls, "lookupd_poll_interval", "must be >= 1")
+        _require(self.nsqd_max_msg_size >= 1024, cls, "nsqd_max_msg_size", "must be >= 1024")
         _require(
             self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
             cls,
@@ -177,6 +187,27 @@ class GatewayConfig(NsqConfig):
         "httptools",
         "HTTP/1.1 connection layer under the tornado app: httptools (fast) or tornado's own",
     )
+    nsqd_max_body_size: int = setting(
+        5 * 1024 * 1024,
+        "nsqd's --max-body-size in bytes: a batch whose MPUB for one queue is larger is "
+        "answered 413 (nsqd's live value is read at start)",
+    )
+    header_timeout_s: float = setting(
+        10.0, "seconds a client has to send a request's line and headers (408 after)"
+    )
+    body_timeout_s: float = setting(
+        30.0, "seconds a client has to send a request's body once its headers are in (408 after)"
+    )
+    idle_timeout_s: float = setting(65.0, "seconds an idle keep-alive connection stays open")
+    max_incomplete_bytes: int = setting(
+        64 * 1024 * 1024,
+        "request body bytes held for requests still arriving, all connections together; a "
+        "request past it is answered 503 and its connection closed",
+    )
+    max_wait_s: float = setting(60.0, "longest ?wait= a client may ask for, in seconds")
+    api_tokens: tuple[str, ...] = setting(
+        [], "bearer tokens every /v1 route requires (comma-separated; empty: no authentication)"
+    )
 
     def check(self) -> None:
         """Validate, including the shared NSQ settings."""
@@ -185,6 +216,27 @@ class GatewayConfig(NsqConfig):
         _require(0 <= self.port < 65536, cls, "port", "must be 0-65535")
         _require(self.max_body_bytes >= 1024, cls, "max_body_bytes", "must be >= 1024")
         _require(self.publish_timeout_s > 0, cls, "publish_timeout_s", "must be > 0")
+        _require(
+            self.nsqd_max_body_size >= self.nsqd_max_msg_size,
+            cls,
+            "nsqd_max_body_size",
+            "must be >= --nsqd-max-msg-size",
+        )
+        for name in ("header_timeout_s", "body_timeout_s", "idle_timeout_s"):
+            _require(getattr(self, name) > 0, cls, name, "must be > 0")
+        _require(
+            self.max_incomplete_bytes >= self.max_body_bytes,
+            cls,
+            "max_incomplete_bytes",
+            "must be >= --max-body-bytes",
+        )
+        _require(0 <= self.max_wait_s <= 3600, cls, "max_wait_s", "must be 0-3600")
+        _require(
+            all(len(t) >= 16 and t.isprintable() and " " not in t for t in self.api_tokens),
+            cls,
+            "api_tokens",
+            "each token must be at least 16 printable characters without spaces",
+        )
 
 
 @dataclass(frozen=True)
@@ -211,7 +263,9 @@ class WorkerConfig(NsqConfig):
         "nsqd batches deliveries for up to this long (25-1000; 0: each message at once, "
         "lower latency, fewer jobs/s)",
     )
-    worker_id: str = setting("", "name in results and logs (default host:pid)")
+    worker_id: str = setting(
+        "", "name in results, logs and nsqd's client list (client_id; default host:pid)"
+    )
 
     def check(self) -> None:
         """Validate, including the shared NSQ settings."""

@@ -13,6 +13,10 @@ class ConfigError(NsqjobsError):
     """A setting is missing or out of range; the message names the flag and variable."""
 
 
+class TaskDefinitionError(NsqjobsError, ValueError):
+    """A task is declared wrongly, or a task module does not import; the message says where."""
+
+
 class DecodeError(NsqjobsError):
     """Bytes that are not a valid envelope. Keeps the raw bytes for the dead-letter topic."""
 
@@ -47,8 +51,27 @@ class InvalidArgumentsError(NsqjobsError):
         return "; ".join(f"{e.field}: {e.message}" for e in self.errors)
 
 
+class JobTooLarge(NsqjobsError):
+    """A job's envelope (or one queue's MPUB of a batch) is over nsqd's size limit, so nsqd would
+    refuse it: answered 413 before anything is published."""
+
+    def __init__(self, message: str, limit: int, field: str = "body") -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.field = field
+
+
 class PublishError(NsqjobsError):
     """No nsqd accepted a publish (not connected, no answer in time, or an error answer)."""
+
+
+class PublishTimeout(PublishError):
+    """nsqd did not answer a publish in time: it may or may not have stored the message."""
+
+
+class PublishConnectionLost(PublishTimeout):
+    """The connection closed after the publish was sent and before nsqd answered: as with a
+    timeout, nsqd may or may not have stored the message."""
 
 
 class PublishRejected(PublishError):
@@ -57,6 +80,10 @@ class PublishRejected(PublishError):
 
 class ResultNotEncodable(NsqjobsError):
     """A task returned a value the JSON wire format cannot hold; running it again cannot help."""
+
+
+class ResultTooLarge(ResultNotEncodable):
+    """A task's encoded result is over nsqd's ``--max-msg-size``: nsqd would refuse it."""
 
 
 class TaskTimeoutError(NsqjobsError):

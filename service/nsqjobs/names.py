@@ -20,12 +20,18 @@ WORKER_METRICS_PORT: Final = 9101
 # nsqjobs.config (NSQJOBS_ + FIELD); these are the ones read outside a config class.
 ENV_PREFIX: Final = "NSQJOBS_"
 ENV_KERNEL_IMPL: Final = "NSQJOBS_KERNEL_IMPL"
-ENV_DEBUG_TASKS: Final = "NSQJOBS_DEBUG_TASKS"
+ENV_DEBUG_TASKS: Final = "NSQJOBS_DEBUG_TASKS"  # 1: add DEBUG_TASK_MODULE to the task modules
 ENV_EVENT_LOOP: Final = "NSQJOBS_EVENT_LOOP"
 ENV_GATEWAY_URL: Final = "NSQJOBS_GATEWAY_URL"
+ENV_API_TOKEN: Final = "NSQJOBS_API_TOKEN"  # the bearer token `nsqjobs submit` sends
 ENV_BIN_DIR: Final = "NSQJOBS_BIN_DIR"  # where make nsq puts the NSQ binaries (.bin/)
+ENV_SUPERVISOR: Final = "SUPERVISOR_ENABLED"  # set by supervisord in the programs it runs
 
 METRIC_PREFIX: Final = "nsqjobs"
+
+# Task modules: the default one, and the debug tasks NSQJOBS_DEBUG_TASKS=1 adds to any list.
+BUILTIN_TASK_MODULE: Final = "nsqjobs_tasks.builtin"
+DEBUG_TASK_MODULE: Final = "nsqjobs_tasks.debug"
 
 # Wire limits.
 WIRE_VERSION: Final = 1

@@ -8,15 +8,24 @@ pointing from ``workers`` to ``service`` and never back.
 from __future__ import annotations
 
 import importlib
+import inspect
+import os
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
 import msgspec
 
-from nsqjobs.errors import FieldError, InvalidArgumentsError, UnknownTaskError
-from nsqjobs.names import DEFAULT_QUEUE
+from nsqjobs.errors import (
+    ConfigError,
+    FieldError,
+    InvalidArgumentsError,
+    NsqjobsError,
+    TaskDefinitionError,
+    UnknownTaskError,
+)
+from nsqjobs.names import DEBUG_TASK_MODULE, DEFAULT_QUEUE, ENV_DEBUG_TASKS
 
 _TASK_NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # nsqd allows dots; we keep them out
@@ -77,11 +86,19 @@ class Registry:
     def add(self, task: Task) -> Task:
         """Register ``task``; a second task with the same name is an error."""
         if not _TASK_NAME.match(task.name):
-            raise ValueError(f"task name {task.name!r} must be dotted lowercase identifiers")
+            raise TaskDefinitionError(
+                f"task name {task.name!r} must be dotted lowercase identifiers (e.g. 'demo.square')"
+            )
         if not _QUEUE_NAME.match(task.queue):
-            raise ValueError(f"queue {task.queue!r} must be 1-64 of [A-Za-z0-9_-]")
-        if task.name in self._tasks and self._tasks[task.name].fn is not task.fn:
-            raise ValueError(f"task {task.name!r} is already registered")
+            raise TaskDefinitionError(
+                f"task {task.name!r}: queue {task.queue!r} must be 1-64 of [A-Za-z0-9_-]"
+            )
+        known = self._tasks.get(task.name)
+        if known is not None and known.fn is not task.fn:
+            raise TaskDefinitionError(
+                f"task {task.name!r} is already registered (by {_where(known.fn)}); "
+                f"{_where(task.fn)} registers it again"
+            )
         self._tasks[task.name] = task
         return task
 
@@ -123,20 +140,32 @@ def task(
 
     ``throws``: exception types the task raises when retrying cannot help (bad input found deep
     in the work, a missing file...); a job failing with one is dead-lettered at once.
+
+    Every mistake in a declaration raises :class:`TaskDefinitionError` with one line naming the
+    task and the function.
     """
-    if not all(isinstance(t, type) and issubclass(t, Exception) for t in throws):
-        raise TypeError("throws must be a tuple of Exception subclasses")
-    if max_attempts < 1:
-        raise ValueError("max_attempts must be at least 1")
-    if time_limit_s <= 0:
-        raise ValueError("time_limit_s must be positive")
+    if not isinstance(throws, tuple | list) or not all(
+        isinstance(t, type) and issubclass(t, Exception) for t in throws
+    ):
+        raise TaskDefinitionError(
+            f"task {name!r}: throws must be a tuple of Exception subclasses, got {throws!r}"
+        )
+    if not isinstance(max_attempts, int) or max_attempts < 1:
+        raise TaskDefinitionError(f"task {name!r}: max_attempts must be at least 1")
+    if not isinstance(time_limit_s, int | float) or time_limit_s <= 0:
+        raise TaskDefinitionError(f"task {name!r}: time_limit_s must be positive")
+    if warm_up is not None and not callable(warm_up):
+        raise TaskDefinitionError(f"task {name!r}: warm_up must be callable")
 
     def decorate(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
-        hints = get_type_hints(fn, include_extras=True)
-        params = [k for k in hints if k != "return"]
-        if len(params) != 1:
-            raise TypeError(f"task {name!r}: the function must take one annotated argument")
-        args_type = hints[params[0]]
+        args_type = _argument_type(name, fn)
+        try:
+            schema = msgspec.json.schema(args_type)
+        except Exception as exc:
+            raise TaskDefinitionError(
+                f"task {name!r} ({_where(fn)}): its argument type {args_type!r} has no JSON "
+                f"schema: {exc}"
+            ) from None
         (target if target is not None else registry).add(
             Task(
                 name=name,
@@ -147,7 +176,7 @@ def task(
                 max_attempts=max_attempts,
                 description=(fn.__doc__ or "").strip().split("\n")[0],
                 warm_up=warm_up,
-                schema=msgspec.json.schema(args_type),
+                schema=schema,
                 throws=tuple(throws),
             )
         )
@@ -156,10 +185,75 @@ def task(
     return decorate
 
 
-def load_task_modules(modules: Iterable[str]) -> None:
-    """Import task modules so their decorators run."""
-    for module in modules:
-        importlib.import_module(module)
+def _where(fn: Any) -> str:
+    module = getattr(fn, "__module__", None) or "?"
+    return f"{module}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def _argument_type(name: str, fn: Any) -> Any:
+    """The annotation of ``fn``'s one argument, or a one-line TaskDefinitionError."""
+    where = f"task {name!r} ({_where(fn)})"
+    if not callable(fn):
+        raise TaskDefinitionError(f"task {name!r}: @task decorates a function, not {fn!r}")
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError) as exc:
+        raise TaskDefinitionError(f"{where}: cannot read its signature: {exc}") from None
+    if len(params) != 1 or params[0].kind not in (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    ):
+        raise TaskDefinitionError(
+            f"{where}: a task function takes exactly one argument (its arguments as one "
+            f"annotated type), not ({', '.join(str(p) for p in params)})"
+        )
+    try:
+        hints = get_type_hints(fn, include_extras=True)
+    except Exception as exc:
+        raise TaskDefinitionError(
+            f"{where}: its annotations do not resolve: {type(exc).__name__}: {exc}"
+        ) from None
+    if params[0].name not in hints:
+        raise TaskDefinitionError(
+            f"{where}: argument {params[0].name!r} needs a type annotation (its arguments' "
+            "type, e.g. a msgspec.Struct, or dict[str, Any] for any object)"
+        )
+    return hints[params[0].name]
+
+
+def debug_tasks_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """True when ``NSQJOBS_DEBUG_TASKS`` asks for the debug tasks (1/true/yes/on)."""
+    raw = (os.environ if environ is None else environ).get(ENV_DEBUG_TASKS, "").strip().lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{ENV_DEBUG_TASKS}: invalid value {raw!r} (expected 1 or 0)")
+
+
+def task_modules(configured: Iterable[str], environ: Mapping[str, str] | None = None) -> list[str]:
+    """The task modules a daemon loads: ``configured`` (``--task-module``), plus the debug
+    tasks' module when ``NSQJOBS_DEBUG_TASKS=1``, whatever ``configured`` is."""
+    modules = list(dict.fromkeys(configured))
+    if debug_tasks_enabled(environ) and DEBUG_TASK_MODULE not in modules:
+        modules.append(DEBUG_TASK_MODULE)
+    return modules
+
+
+def load_task_modules(modules: Iterable[str], environ: Mapping[str, str] | None = None) -> None:
+    """Import task modules so their decorators run (see :func:`task_modules`).
+
+    Any failure, in the import or in a declaration, is one :class:`TaskDefinitionError` line.
+    """
+    for module in task_modules(modules, environ):
+        try:
+            importlib.import_module(module)
+        except NsqjobsError as exc:
+            raise TaskDefinitionError(f"task module {module!r}: {exc}") from None
+        except Exception as exc:
+            raise TaskDefinitionError(
+                f"task module {module!r} failed to import: {type(exc).__name__}: {exc}"
+            ) from None
 
 
 def validation_errors(exc: InvalidArgumentsError) -> list[dict[str, str]]:

@@ -260,6 +260,26 @@ class Nsq:
     data_dir: Path
     version: str = "?"
     nsqd: Proc | None = field(default=None, repr=False, compare=False)
+    nsqd_argv: tuple[str, ...] = field(default=(), repr=False, compare=False)
+    stack: ExitStack | None = field(default=None, repr=False, compare=False)
+
+    def stop_nsqd(self, *, kill: bool = False) -> None:
+        """Stop nsqd: SIGKILL (a crash) or SIGTERM (a clean stop that flushes its queues)."""
+        if self.nsqd is None:
+            raise HarnessError("this pair has no nsqd process to stop")
+        if kill:
+            self.nsqd.proc.kill()
+            self.nsqd.proc.wait(10.0)
+        else:
+            self.nsqd.stop()
+
+    def start_nsqd(self) -> None:
+        """Start nsqd again on the same ports and data path (after `stop_nsqd`)."""
+        if self.nsqd is None or self.nsqd.alive() or not self.nsqd_argv:
+            raise HarnessError("start_nsqd needs a pair whose nsqd was stopped")
+        proc = spawn(self.nsqd_argv, self.nsqd.log_path, stack=self.stack)
+        self.nsqd = proc
+        wait_ready(proc, self.url("/ping"), 15.0)
 
     def url(self, path: str, **query: str) -> str:
         """A URL of nsqd's HTTP API."""
@@ -342,19 +362,16 @@ def start_nsq(stack: ExitStack, work_dir: Path, *, msg_timeout: str = "60s") -> 
     data = work_dir / "nsqd-data"
     data.mkdir()
     started = time.time()
-    nsqd = spawn(
-        [
-            nsqd_bin,
-            f"--tcp-address=127.0.0.1:{nsqd_tcp}",
-            f"--http-address=127.0.0.1:{nsqd_http}",
-            f"--lookupd-tcp-address=127.0.0.1:{lookupd_tcp}",
-            "--broadcast-address=127.0.0.1",
-            f"--data-path={data}",
-            f"--msg-timeout={msg_timeout}",
-        ],
-        work_dir / "nsqd.log",
-        stack=stack,
+    nsqd_argv = (
+        nsqd_bin,
+        f"--tcp-address=127.0.0.1:{nsqd_tcp}",
+        f"--http-address=127.0.0.1:{nsqd_http}",
+        f"--lookupd-tcp-address=127.0.0.1:{lookupd_tcp}",
+        "--broadcast-address=127.0.0.1",
+        f"--data-path={data}",
+        f"--msg-timeout={msg_timeout}",
     )
+    nsqd = spawn(nsqd_argv, work_dir / "nsqd.log", stack=stack)
     wait_ready(nsqd, f"http://127.0.0.1:{nsqd_http}/ping", 15.0)
     # Another nsqd may answer on a port that was free a moment ago: make sure it is ours.
     _, _, info = http("GET", f"http://127.0.0.1:{nsqd_http}/info")
@@ -371,6 +388,8 @@ def start_nsq(stack: ExitStack, work_dir: Path, *, msg_timeout: str = "60s") -> 
         data_dir=data,
         version=str(info.get("version", "?")),
         nsqd=nsqd,
+        nsqd_argv=nsqd_argv,
+        stack=stack,
     )
 
 

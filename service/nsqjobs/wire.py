@@ -52,6 +52,9 @@ class JobEnvelope(msgspec.Struct, frozen=True, kw_only=True):
     created_at: float
     timeout_s: float | None = None
     deadline: float | None = None
+    # When a delayed job is due (Unix seconds); a worker receiving it earlier defers it again
+    # (nsqd keeps a deferred message across a clean restart, but not its delay).
+    due_at: float | None = None
     attempts: int = 0
     history: tuple[Attempt, ...] = ()
 

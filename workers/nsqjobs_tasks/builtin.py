@@ -1,17 +1,15 @@
-"""The built-in tasks. Importing this module registers them (debug ones only if enabled)."""
+"""The built-in tasks. Importing this module registers them (the debug tasks are in
+``nsqjobs_tasks.debug``, loaded when ``NSQJOBS_DEBUG_TASKS=1``)."""
 
 from __future__ import annotations
 
 import base64
-import os
-import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
-from nsqjobs import NsqjobsError, Retry, task
-from nsqjobs.names import ENV_DEBUG_TASKS
+from nsqjobs import task
 
 from nsqjobs_tasks import impl
 
@@ -30,7 +28,7 @@ def _check_seed(seed: int) -> None:
 
 
 class PrimesCountArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Count primes p with start <= p < stop (stop - start <= 10**9)."""
+    """Count primes p with start <= p < stop (rules: start <= stop, stop - start <= 10**9)."""
 
     start: Annotated[int, msgspec.Meta(ge=0, le=MAX_PRIME_BOUND)]
     stop: Annotated[int, msgspec.Meta(ge=0, le=MAX_PRIME_BOUND)]
@@ -72,7 +70,8 @@ Finite = Annotated[float, msgspec.Meta(ge=-1e6, le=1e6)]
 
 
 class JuliaTileArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A grid over the complex plane and the Julia parameter c."""
+    """A grid over the complex plane and the Julia parameter c (rules: width x height <=
+    4,000,000, x_min < x_max, y_min < y_max)."""
 
     width: Annotated[int, msgspec.Meta(ge=2, le=MAX_JULIA_PIXELS // 2)]
     height: Annotated[int, msgspec.Meta(ge=2, le=MAX_JULIA_PIXELS // 2)]
@@ -117,7 +116,8 @@ def julia_tile(args: JuliaTileArgs) -> dict[str, Any]:
 
 
 class DiffusionRunArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Grid size, steps, diffusivity and time step (d * dt <= 0.25 keeps it stable), seed."""
+    """Grid size, steps, diffusivity and time step, seed (rule: d * dt <= 0.25, the stability
+    limit)."""
 
     n: Annotated[int, msgspec.Meta(ge=2, le=4096)]
     steps: Annotated[int, msgspec.Meta(ge=0, le=10_000)]
@@ -146,77 +146,3 @@ def diffusion_run(args: DiffusionRunArgs) -> dict[str, float]:
 def noop(args: dict[str, Any]) -> dict[str, Any]:
     """Return the arguments unchanged (for measuring the pipeline itself)."""
     return args
-
-
-class DebugSleepArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Seconds to sleep."""
-
-    seconds: Annotated[float, msgspec.Meta(ge=0, le=3600)]
-
-
-class DebugFailArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """How to fail: raise an exception, or kill the process running the task."""
-
-    mode: Literal["error", "crash"]
-
-
-class DebugFailure(NsqjobsError):
-    """The error ``debug.fail`` raises on purpose."""
-
-
-def debug_sleep(args: DebugSleepArgs) -> dict[str, float]:
-    """Sleep for ``seconds`` (for timeouts, touches and drains)."""
-    time.sleep(args.seconds)
-    return {"slept": args.seconds}
-
-
-def debug_fail(args: DebugFailArgs) -> None:
-    """Raise (``error``) or kill the process running the task (``crash``)."""
-    if args.mode == "crash":
-        os._exit(70)
-    raise DebugFailure("debug.fail asked to fail")
-
-
-class DebugRetryArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """The delay to ask for, in seconds."""
-
-    delay: Annotated[float, msgspec.Meta(ge=0, le=3600)]
-
-
-def debug_retry(args: DebugRetryArgs) -> None:
-    """Ask for another attempt after ``delay`` seconds, every time (``Retry(delay=...)``)."""
-    raise Retry(f"debug.retry asks for a retry in {args.delay:g}s", delay=args.delay)
-
-
-def debug_unencodable(args: dict[str, Any]) -> dict[str, Any]:
-    """Return a value the JSON wire format cannot hold (a complex number)."""
-    return {"value": complex(1, 2)}
-
-
-class DebugBigArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Size of the result string, in bytes."""
-
-    size: Annotated[int, msgspec.Meta(ge=0, le=16 * 1024 * 1024)]
-
-
-def debug_big(args: DebugBigArgs) -> str:
-    """Return a string of ``size`` bytes (past nsqd's --max-msg-size, the result is refused)."""
-    return "x" * args.size
-
-
-class DebugPermanentFailure(NsqjobsError):
-    """The error ``debug.throws`` raises and declares in ``throws=``: retrying cannot help."""
-
-
-def debug_throws(args: dict[str, Any]) -> None:
-    """Raise an exception the task lists in ``throws=``, so the job is dead-lettered at once."""
-    raise DebugPermanentFailure("debug.throws failed for good")
-
-
-if os.environ.get(ENV_DEBUG_TASKS, "") == "1":
-    task("debug.sleep", time_limit_s=3600)(debug_sleep)
-    task("debug.fail", max_attempts=5)(debug_fail)
-    task("debug.retry", max_attempts=2)(debug_retry)
-    task("debug.unencodable", max_attempts=5)(debug_unencodable)
-    task("debug.big", max_attempts=5)(debug_big)
-    task("debug.throws", max_attempts=5, throws=(DebugPermanentFailure,))(debug_throws)

@@ -21,6 +21,7 @@ import tornado.web
 from prometheus_client import CollectorRegistry
 
 from nsqjobs.config import GatewayConfig
+from nsqjobs.gateway.auth import PROTECTED_PREFIX, Tokens
 from nsqjobs.gateway.catalog import OpenApiHandler, TasksHandler
 from nsqjobs.gateway.jobs import JobRoutes
 from nsqjobs.gateway.openapi import openapi_document
@@ -28,9 +29,11 @@ from nsqjobs.gateway.submit import Acceptor
 from nsqjobs.gateway.waiting import ResultWaiter
 from nsqjobs.http.access import AccessLog
 from nsqjobs.http.handlers import NotFoundHandler
+from nsqjobs.http.problems import Problem, render_problem
+from nsqjobs.http.responses import write_response
 from nsqjobs.http.server import HTTPServer
 from nsqjobs.names import DEAD_LETTER_TOPIC, RESULTS_TOPIC
-from nsqjobs.nsq.admin import create_topics
+from nsqjobs.nsq.admin import create_topics, nsqd_limit
 from nsqjobs.nsq.publisher import Publisher
 from nsqjobs.observability.exposition import observability_routes
 from nsqjobs.observability.metrics import GatewayMetrics
@@ -45,12 +48,22 @@ class GatewayRouter(tornado.httputil.HTTPServerConnectionDelegate):
 
     Routing happens on the request line alone, so a job submission never builds tornado's
     ``HTTPServerRequest`` (whose query parsing and deep copies cost as much as the rest of the
-    request). Works under either HTTP layer (see ``--http-server``).
+    request). Works under either HTTP layer (see ``--http-server``). With ``tokens``, every
+    ``/v1`` route needs a bearer token; ``check_framing`` refuses what RFC 9112 says a server
+    must (no ``Host``, a transfer coding other than chunked), for a layer that does not itself.
     """
 
-    def __init__(self, jobs: JobRoutes, web: tornado.web.Application) -> None:
+    def __init__(
+        self,
+        jobs: JobRoutes,
+        web: tornado.web.Application,
+        tokens: Tokens | None = None,
+        check_framing: bool = False,
+    ) -> None:
         self.jobs = jobs
         self.web = web
+        self.tokens = tokens
+        self.check_framing = check_framing
 
     def start_request(
         self, server_conn: object, request_conn: tornado.httputil.HTTPConnection
@@ -86,7 +99,15 @@ class _Routed(tornado.httputil.HTTPMessageDelegate):
             raise TypeError("a server receives a RequestStartLine")
         path, _, query = start_line.path.partition("?")
         router = self.router
-        if path in router.jobs.PATHS:
+        refusal = None
+        if router.check_framing:
+            refusal = _framing_problem(start_line, headers)
+        if refusal is None and router.tokens is not None and path.startswith(PROTECTED_PREFIX):
+            refusal = router.tokens.refusal(headers.get("Authorization"))
+        if refusal is not None:
+            route = path if path in router.jobs.PATHS or path == "/v1/tasks" else "unmatched"
+            self.target = _Refused(self.conn, refusal, router.jobs.access, route, start_line)
+        elif path in router.jobs.PATHS:
             self.target = router.jobs.start(self.conn, start_line, path, query)
         else:
             self.target = router.web.start_request(self.server_conn, self.conn)
@@ -108,6 +129,60 @@ class _Routed(tornado.httputil.HTTPMessageDelegate):
 _UNROUTED = tornado.httputil.HTTPMessageDelegate()
 
 
+def _framing_problem(
+    start_line: tornado.httputil.RequestStartLine, headers: tornado.httputil.HTTPHeaders
+) -> Problem | None:
+    """RFC 9112: 400 for an HTTP/1.1 request without exactly one Host (3.2), 501 for a transfer
+    coding the server does not know, 400 when chunked is not the one, final coding (6.1)."""
+    if start_line.version == "HTTP/1.1" and len(headers.get_list("Host")) != 1:
+        return Problem(400, "bad-request", "an HTTP/1.1 request needs exactly one Host header")
+    codings = [
+        c.strip().lower() for v in headers.get_list("Transfer-Encoding") for c in v.split(",")
+    ]
+    if not codings or codings == ["chunked"]:
+        return None
+    if codings[-1] != "chunked" or codings.count("chunked") > 1:
+        return Problem(400, "bad-request", "Transfer-Encoding must end in a single chunked")
+    return Problem(
+        501,
+        "not-implemented",
+        f"transfer coding {', '.join(c for c in codings if c != 'chunked')!r} is not "
+        "supported (only chunked)",
+        headers={"Connection": "close"},
+    )
+
+
+class _Refused(tornado.httputil.HTTPMessageDelegate):
+    """Answers a problem as soon as the headers are in; the body, if any, is not read."""
+
+    def __init__(
+        self,
+        conn: tornado.httputil.HTTPConnection,
+        problem: Problem,
+        access: AccessLog,
+        route: str,
+        start_line: tornado.httputil.RequestStartLine,
+    ) -> None:
+        self.conn = conn
+        self.problem = problem
+        self.access = access
+        self.route = route
+        self.start_line = start_line
+
+    def headers_received(
+        self,
+        start_line: tornado.httputil.RequestStartLine | tornado.httputil.ResponseStartLine,
+        headers: tornado.httputil.HTTPHeaders,
+    ) -> None:
+        """Answer the problem."""
+        started = time.perf_counter()
+        status, out, body = render_problem(self.problem)
+        write_response(self.conn, status, out, body)
+        line = self.start_line
+        elapsed = time.perf_counter() - started
+        self.access.request_done(self.route, line.method, line.path, status, elapsed)
+
+
 class GatewayApp:
     """The gateway's state: config, metrics, publisher, acceptor and the result waiter."""
 
@@ -124,9 +199,17 @@ class GatewayApp:
         self.publisher = Publisher(
             config.nsqd_tcp_address, timeout_s=config.publish_timeout_s, metrics=self.metrics
         )
-        self.acceptor = Acceptor(registry, self.publisher, self.metrics)
+        self.acceptor = Acceptor(
+            registry,
+            self.publisher,
+            self.metrics,
+            max_msg_size=config.nsqd_max_msg_size,
+            max_body_size=config.nsqd_max_body_size,
+        )
         self.waiter = ResultWaiter(config, self.metrics)
-        self.openapi = openapi_document(registry)
+        self.openapi = openapi_document(
+            registry, max_wait_s=config.max_wait_s, authenticated=bool(config.api_tokens)
+        )
         self.server: tornado.httpserver.HTTPServer | HTTPServer | None = None
 
     def ready_problems(self) -> list[str]:
@@ -153,27 +236,65 @@ class GatewayApp:
 
     def make_router(self) -> GatewayRouter:
         """Every route: the job routes' delegate, and the tornado application."""
+        config = self.config
         jobs = JobRoutes(
-            self.acceptor, self.waiter, self.metrics, self.access, self.config.max_body_bytes
+            self.acceptor,
+            self.waiter,
+            self.metrics,
+            self.access,
+            config.max_body_bytes,
+            config.max_wait_s,
         )
-        return GatewayRouter(jobs, self.make_app())
+        tokens = Tokens(config.api_tokens) if config.api_tokens else None
+        # Our HTTP layer refuses bad framing itself, as problem+json; tornado's does not.
+        return GatewayRouter(jobs, self.make_app(), tokens, config.http_server == "tornado")
+
+    async def read_nsqd_limits(self) -> None:
+        """Take nsqd's live --max-msg-size and --max-body-size (the least over the configured
+        nsqd), so the gateway refuses what nsqd would; keep the settings when none answers."""
+        config, acceptor = self.config, self.acceptor
+        addresses = config.nsqd_http_address
+        acceptor.max_msg_size = await nsqd_limit(
+            addresses, "max_msg_size", config.nsqd_max_msg_size
+        )
+        acceptor.max_body_size = await nsqd_limit(
+            addresses, "max_body_size", config.nsqd_max_body_size
+        )
+        self.publisher.limit_group_bytes(acceptor.max_body_size)
 
     async def start(self) -> None:
-        """Create topics, connect, and listen."""
+        """Create topics, read nsqd's limits, connect, and listen."""
+        config = self.config
         topics = [*self.registry.queues(), RESULTS_TOPIC, DEAD_LETTER_TOPIC]
-        for failure in await create_topics(self.config.nsqd_http_address, topics):
+        for failure in await create_topics(config.nsqd_http_address, topics):
             log.warning("%s (continuing: the first publish creates it)", failure)
+        await self.read_nsqd_limits()
         self.waiter.start()
         router = self.make_router()
         # A backstop far above the gateway's own limit, which answers problem+json 413 itself.
-        max_body = 4 * self.config.max_body_bytes + 65536
-        if self.config.http_server == "tornado":
-            server = tornado.httpserver.HTTPServer(router, max_body_size=max_body, xheaders=True)
-            server.listen(self.config.port, self.config.host)
+        max_body = 4 * config.max_body_bytes + 65536
+        if config.http_server == "tornado":
+            server = tornado.httpserver.HTTPServer(
+                router,
+                max_body_size=max_body,
+                xheaders=True,
+                # tornado counts the wait for a request's headers from the previous response.
+                idle_connection_timeout=config.idle_timeout_s,
+                body_timeout=config.body_timeout_s,
+            )
+            server.listen(config.port, config.host)
             self.server = server
         else:
-            fast = HTTPServer(router, max_body_size=max_body, xheaders=True)
-            await fast.listen(self.config.port, self.config.host)
+            fast = HTTPServer(
+                router,
+                max_body_size=max_body,
+                xheaders=True,
+                idle_timeout_s=config.idle_timeout_s,
+                header_timeout_s=config.header_timeout_s,
+                body_timeout_s=config.body_timeout_s,
+                max_incomplete_bytes=config.max_incomplete_bytes,
+            )
+            await fast.listen(config.port, config.host)
             self.server = fast
         if not await self.publisher.wait_connected(5.0):
             log.warning(

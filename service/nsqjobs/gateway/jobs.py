@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import urllib.parse
 from collections.abc import Coroutine
@@ -20,8 +21,9 @@ import tornado.httputil
 
 from nsqjobs import wire
 from nsqjobs.api import Accepted, BatchAccepted, BatchRequest, SubmitRequest
-from nsqjobs.errors import PublishError
-from nsqjobs.gateway.submit import Acceptor
+from nsqjobs.errors import PublishError, PublishTimeout
+from nsqjobs.gateway.bodies import decode_batch, decode_submit
+from nsqjobs.gateway.submit import Acceptor, BatchPartlyPublished, DuplicateIds
 from nsqjobs.gateway.waiting import ResultWaiter
 from nsqjobs.http.access import AccessLog
 from nsqjobs.http.problems import (
@@ -34,29 +36,28 @@ from nsqjobs.http.problems import (
 from nsqjobs.http.responses import JSON_HEADERS, write_response
 from nsqjobs.names import MAX_WAIT_SECONDS
 from nsqjobs.observability.metrics import GatewayMetrics
-from nsqjobs.registry import field_error
+from nsqjobs.registry import validation_errors
 
 log = logging.getLogger("nsqjobs.gateway")
 _json = msgspec.json.Encoder()
 
 SINGLE: Final = "/v1/jobs"
 BATCH: Final = "/v1/jobs/batch"
+# A query number as JSON writes one (so "1e-05" and "-0" are, and "1_0", "+1", "inf", ".5" are not).
+_NUMBER: Final = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 
 
-def decode_body(body: bytes, kind: type[Any]) -> Any:
-    """Parse a request body as ``kind``: 400 if it is not JSON, 422 if it has the wrong shape."""
-    try:
-        return msgspec.json.decode(body, type=kind)
-    except msgspec.ValidationError as exc:
-        err = field_error(str(exc), "body")
-        raise Problem(
-            422,
-            "invalid-arguments",
-            str(exc),
-            errors=[{"field": err.field, "message": err.message}],
-        ) from None
-    except msgspec.DecodeError as exc:
-        raise Problem(400, "malformed-json", f"body is not valid JSON: {exc}") from None
+def _partly_published(exc: BatchPartlyPublished) -> Problem:
+    unknown = isinstance(exc.cause, PublishTimeout)
+    return Problem(
+        503,
+        "partially-accepted",
+        "nsqd acknowledged the jobs of some queues of this batch, then a publish failed "
+        f"({exc.cause}): resubmit only `unaccepted_ids`"
+        + (" (their outcome is unknown: nsqd did not answer in time)" if unknown else ""),
+        accepted_ids=exc.published,
+        unaccepted_ids=exc.unpublished,
+    )
 
 
 class JobRoutes:
@@ -71,12 +72,14 @@ class JobRoutes:
         metrics: GatewayMetrics,
         access: AccessLog,
         max_body_bytes: int,
+        max_wait_s: float = MAX_WAIT_SECONDS,
     ) -> None:
         self.acceptor = acceptor
         self.waiter = waiter
         self.metrics = metrics
         self.access = access
         self.max_body_bytes = max_body_bytes
+        self.max_wait_s = max_wait_s
 
     def start(
         self,
@@ -114,6 +117,7 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
         self.size = 0
         self.wait = 0.0
         self.answered = False
+        self.job_id = ""  # once decided: named in an outcome-unknown answer
 
     # -- tornado.httputil.HTTPMessageDelegate ---------------------------------------------------
 
@@ -148,13 +152,16 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
         work: Coroutine[Any, Any, None]
         try:
             if self.route == SINGLE:
-                req: SubmitRequest = decode_body(body, SubmitRequest)
+                req: SubmitRequest = decode_submit(body)
                 if not self.wait:  # the hot path: no coroutine, answered from the publish
-                    self.routes.acceptor.submit(req).add_done_callback(self._accepted)
+                    acceptor = self.routes.acceptor
+                    task, env = acceptor.build(req)
+                    self.job_id = env.id
+                    acceptor.publish(task, env, req.delay_ms).add_done_callback(self._accepted)
                     return
                 work = self._accept_and_wait(req)
             else:
-                batch: BatchRequest = decode_body(body, BatchRequest)
+                batch: BatchRequest = decode_batch(body)
                 work = self._accept_batch(batch)
             asyncio.ensure_future(work).add_done_callback(self._handled)
         except Exception as exc:
@@ -163,6 +170,7 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
     def on_connection_close(self) -> None:
         """The client left; anything accepted stays accepted (nsqd has it)."""
         self.answered = True
+        self.chunks = []  # a body cut short is dropped now, not when its cycle is collected
 
     # -- checks ---------------------------------------------------------------------------------
 
@@ -194,16 +202,14 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
         if not values:
             return 0.0
         raw = values[-1]
-        try:
-            wait = float(raw)
-        except ValueError:
-            wait = -1.0
-        if not 0 <= wait <= MAX_WAIT_SECONDS:
+        limit = self.routes.max_wait_s
+        wait = float(raw) if _NUMBER.fullmatch(raw) else -1.0
+        if len(values) > 1 or not 0 <= wait <= limit:
             raise Problem(
                 400,
                 "bad-request",
-                f"wait must be a number of seconds from 0 to {MAX_WAIT_SECONDS:g}",
-                errors=[{"field": "query.wait", "message": f"got {raw!r}"}],
+                f"wait must be given once, as a decimal number of seconds from 0 to {limit:g}",
+                errors=[{"field": "query.wait", "message": f"got {', '.join(map(repr, values))}"}],
             )
         return wait
 
@@ -220,6 +226,7 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
     async def _accept_and_wait(self, req: SubmitRequest) -> None:
         acceptor, waiter, metrics = self.routes.acceptor, self.routes.waiter, self.routes.metrics
         task, env = acceptor.build(req)
+        self.job_id = env.id
         # Listen before publishing: a fast result is not missed.
         fut = waiter.register(env.id)
         metrics.waiting.inc()
@@ -250,12 +257,25 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
     # -- answers --------------------------------------------------------------------------------
 
     def _answer_exception(self, exc: BaseException) -> None:
-        problem = as_problem(exc)
+        problem: Problem | None
+        if isinstance(exc, BatchPartlyPublished):
+            problem = _partly_published(exc)
+        elif isinstance(exc, DuplicateIds):
+            problem = Problem(
+                409,
+                "duplicate-id",
+                f"jobs of one batch need distinct ids: {exc}",
+                errors=validation_errors(exc),
+            )
+        else:
+            problem = as_problem(exc)
         if problem is None:
             log.error("internal error on %s", self.route, exc_info=exc)
             problem = internal_error()
         elif isinstance(exc, PublishError):
             log.warning("publish failed: %s", exc)
+            if isinstance(exc, PublishTimeout) and self.job_id:
+                problem.extra["id"] = self.job_id
         self._answer_problem(problem)
 
     def _answer_problem(self, problem: Problem) -> None:

@@ -1,25 +1,43 @@
-"""The OpenAPI 3.1 document, generated from the same msgspec types the gateway validates with."""
+"""The OpenAPI 3.1 document, generated from the same msgspec types the gateway validates with.
+
+It describes exactly what the gateway accepts: a job body is one of its tasks (``oneOf`` on
+``task``, each with that task's ``args`` schema), and every status a route can answer is listed
+with its problem+json body. What JSON Schema cannot say (a task's cross-field rules, such as
+``stop - start <= 10**9``) is in that task's ``args`` description, and answered 422.
+"""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import msgspec
 
 from nsqjobs import wire
-from nsqjobs.api import Accepted, BatchAccepted, BatchRequest, SubmitRequest
+from nsqjobs.api import (
+    MAX_ARGS_DEPTH,
+    Accepted,
+    BatchAccepted,
+    BatchJob,
+    BatchRequest,
+    SubmitRequest,
+)
+from nsqjobs.errors import InvalidArgumentsError
 from nsqjobs.names import MAX_WAIT_SECONDS
-from nsqjobs.registry import Registry
+from nsqjobs.registry import Registry, Task
 from nsqjobs.version import __version__
 
 _REF = "#/components/schemas/{name}"
 
 
-def _problem(description: str) -> dict[str, Any]:
-    return {
+def _problem(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    answer: dict[str, Any] = {
         "description": description,
         "content": {"application/problem+json": {"schema": {"$ref": _REF.format(name="Problem")}}},
     }
+    if headers:
+        answer["headers"] = headers
+    return answer
 
 
 def _json(ref: str, description: str) -> dict[str, Any]:
@@ -48,9 +66,42 @@ PROBLEM_SCHEMA: dict[str, Any] = {
     "required": ["type", "title", "status", "detail"],
 }
 
+_RETRY_AFTER = {"Retry-After": {"required": True, "schema": {"type": "string"}}}
 
-def openapi_document(registry: Registry) -> dict[str, Any]:
-    """Build the document; task argument schemas appear as ``<task>.args`` components."""
+
+def _args_required(task: Task) -> bool:
+    try:
+        task.validate({})
+    except InvalidArgumentsError:
+        return True
+    return False
+
+
+def _variants(registry: Registry, base: dict[str, Any]) -> list[dict[str, Any]]:
+    """One schema per task: ``base`` (a job body's schema) with ``task`` fixed to its name and
+    ``args`` to its argument schema."""
+    variants = []
+    for task in registry:
+        schema = copy.deepcopy(base)
+        schema.pop("title", None)
+        schema["description"] = task.description or task.name
+        props = schema["properties"]
+        props["task"] = {"const": task.name}
+        props["args"] = {"$ref": _REF.format(name=f"{task.name}.args")}
+        if _args_required(task):
+            schema["required"] = ["task", "args"]
+        variants.append(schema)
+    return variants
+
+
+def openapi_document(
+    registry: Registry, *, max_wait_s: float = MAX_WAIT_SECONDS, authenticated: bool = False
+) -> dict[str, Any]:
+    """Build the document; task argument schemas appear as ``<task>.args`` components.
+
+    ``max_wait_s`` is the gateway's longest ``?wait=``; ``authenticated``: the ``/v1`` routes
+    need a bearer token.
+    """
     (_, components) = msgspec.json.schema_components(
         [SubmitRequest, BatchRequest, Accepted, BatchAccepted, wire.ResultEnvelope],
         ref_template=_REF,
@@ -61,16 +112,68 @@ def openapi_document(registry: Registry) -> dict[str, Any]:
             [task.args_type], ref_template=_REF
         )
         components.update(task_components)
+        schema = dict(schema)
+        # The argument type's own description (its docstring) states its cross-field rules.
+        schema["description"] = f"Nests at most {MAX_ARGS_DEPTH} levels deep."
         components[f"{task.name}.args"] = schema
-    errors = {
-        "400": _problem("malformed JSON or a bad query parameter"),
-        "404": _problem("unknown task"),
-        "413": _problem("body over the size limit"),
-        "415": _problem("Content-Type is not application/json"),
-        "422": _problem("arguments fail the task's schema (see `errors`)"),
-        "503": _problem("no nsqd acknowledged the publish; retry after `Retry-After`"),
+    # A job body is one of the tasks, each with its own args.
+    components["SubmitRequest"] = {
+        "title": "SubmitRequest",
+        "description": "Body of `POST /v1/jobs`: one of the tasks, with its arguments.",
+        "oneOf": _variants(registry, components["SubmitRequest"]),
     }
-    health = {"200": {"description": "ok"}, "503": {"description": "not ready"}}
+    components["BatchJob"] = {
+        "title": "BatchJob",
+        "description": "One job of a batch: a job body without `delay_ms`.",
+        "oneOf": _variants(registry, components[BatchJob.__name__]),
+    }
+    auth: dict[str, Any] = {}
+    security: dict[str, Any] = {}
+    if authenticated:
+        auth = {
+            "401": _problem(
+                "no bearer token",
+                {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}}},
+            ),
+            "403": _problem("a bearer token this gateway does not accept"),
+        }
+        security = {"security": [{"bearer": []}]}
+        components_security = {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}
+    else:
+        components_security = {}
+    connection = {
+        "400": _problem("malformed HTTP, JSON or query parameter"),
+        "408": _problem("the request did not arrive within the header or body timeout"),
+        "413": _problem("body over the size limit, or a job over nsqd's message size"),
+        "431": _problem("request line and headers over 64 KiB"),
+        "501": _problem("a transfer coding other than chunked"),
+        "503": _problem(
+            "no nsqd acknowledged the publish, its outcome is unknown, or the gateway holds "
+            "too many incomplete requests; retry after `Retry-After`",
+            _RETRY_AFTER,
+        ),
+    }
+    errors = {
+        **connection,
+        **auth,
+        "404": _problem("unknown task"),
+        "405": _problem("method not allowed (see `Allow`)"),
+        "415": _problem("Content-Type is not application/json"),
+        "422": _problem("arguments fail the task's schema or its rules (see `errors`)"),
+    }
+    plain = {
+        "400": connection["400"],
+        "405": _problem("method not allowed (see `Allow`)"),
+        "408": connection["408"],
+        "413": connection["413"],
+        "431": connection["431"],
+        "501": connection["501"],
+    }
+    health = {
+        "200": {"description": "ok"},
+        **plain,
+        "503": {"description": "not ready"},
+    }
     return {
         "openapi": "3.1.0",
         "info": {"title": "nsqjobs gateway", "version": __version__},
@@ -83,10 +186,11 @@ def openapi_document(registry: Registry) -> dict[str, Any]:
                             "name": "wait",
                             "in": "query",
                             "required": False,
-                            "description": "seconds to wait for the result",
-                            "schema": {"type": "number", "minimum": 0, "maximum": MAX_WAIT_SECONDS},
+                            "description": "seconds to wait for the result (a decimal number)",
+                            "schema": {"type": "number", "minimum": 0, "maximum": max_wait_s},
                         }
                     ],
+                    **security,
                     "requestBody": {
                         "required": True,
                         "content": {
@@ -105,6 +209,7 @@ def openapi_document(registry: Registry) -> dict[str, Any]:
             "/v1/jobs/batch": {
                 "post": {
                     "summary": "Submit up to 1000 jobs atomically (one MPUB per queue)",
+                    **security,
                     "requestBody": {
                         "required": True,
                         "content": {
@@ -115,6 +220,7 @@ def openapi_document(registry: Registry) -> dict[str, Any]:
                     },
                     "responses": {
                         "202": _json("BatchAccepted", "all acknowledged by nsqd"),
+                        "409": _problem("two jobs of the batch have the same id"),
                         **errors,
                     },
                 }
@@ -122,7 +228,8 @@ def openapi_document(registry: Registry) -> dict[str, Any]:
             "/v1/tasks": {
                 "get": {
                     "summary": "The task catalog with argument JSON Schemas",
-                    "responses": {"200": {"description": "the catalog"}},
+                    **security,
+                    "responses": {"200": {"description": "the catalog"}, **plain, **auth},
                 }
             },
             "/healthz": {"get": {"summary": "Process is alive", "responses": health}},
@@ -130,9 +237,9 @@ def openapi_document(registry: Registry) -> dict[str, Any]:
             "/metrics": {
                 "get": {
                     "summary": "Prometheus metrics",
-                    "responses": {"200": {"description": "text exposition"}},
+                    "responses": {"200": {"description": "text exposition"}, **plain},
                 }
             },
         },
-        "components": {"schemas": components},
+        "components": {"schemas": components, **components_security},
     }

@@ -4,7 +4,9 @@ routes call nothing else, for single jobs, ``?wait=`` jobs and batches alike.
 Two steps, so a ``?wait=`` request can listen for the result between them (a fast result is not
 missed): :meth:`Acceptor.build` decides the id and validates; :meth:`Acceptor.publish` records
 (the ``recorder`` hook, where the job ledger will write) and publishes. A job is accepted only
-when nsqd has acknowledged it; anything rejected publishes nothing.
+when nsqd has acknowledged it; anything rejected publishes nothing. Whatever nsqd would refuse
+(a message over its ``--max-msg-size``, an MPUB over its ``--max-body-size``) is refused here
+first, before the first publish, so one client's request never costs the shared connection.
 """
 
 from __future__ import annotations
@@ -15,8 +17,15 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from nsqjobs import wire
-from nsqjobs.api import SubmitRequest
-from nsqjobs.errors import FieldError, InvalidArgumentsError, UnknownTaskError
+from nsqjobs.api import BatchJob, SubmitRequest
+from nsqjobs.errors import (
+    FieldError,
+    InvalidArgumentsError,
+    JobTooLarge,
+    PublishError,
+    UnknownTaskError,
+)
+from nsqjobs.gateway.bodies import integral_floats
 from nsqjobs.nsq.publisher import Publisher
 from nsqjobs.observability.metrics import GatewayMetrics
 from nsqjobs.registry import Registry, Task
@@ -24,6 +33,23 @@ from nsqjobs.registry import Registry, Task
 Recorder = Callable[[list[wire.JobEnvelope]], Awaitable[None]]
 # A validated job, ready to publish: its task (for the queue topic) and its envelope.
 Built = tuple[Task, wire.JobEnvelope]
+# nsqd's defaults for --max-msg-size and --max-body-size.
+NSQD_MAX_MSG_SIZE = 1024 * 1024
+NSQD_MAX_BODY_SIZE = 5 * 1024 * 1024
+
+
+class DuplicateIds(InvalidArgumentsError):
+    """Two jobs of one batch name the same id (a conflict between valid jobs: 409)."""
+
+
+class BatchPartlyPublished(PublishError):
+    """A batch spanning queues failed after the MPUBs of some queues were acknowledged."""
+
+    def __init__(self, cause: PublishError, published: list[str], unpublished: list[str]) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.published = published
+        self.unpublished = unpublished
 
 
 class Acceptor:
@@ -35,17 +61,23 @@ class Acceptor:
         publisher: Publisher,
         metrics: GatewayMetrics,
         recorder: Recorder | None = None,
+        *,
+        max_msg_size: int = NSQD_MAX_MSG_SIZE,
+        max_body_size: int = NSQD_MAX_BODY_SIZE,
     ) -> None:
         self.registry = registry
         self.publisher = publisher
         self.metrics = metrics
         self.recorder = recorder
+        # nsqd's limits (the gateway reads the live values at start).
+        self.max_msg_size = max_msg_size
+        self.max_body_size = max_body_size
 
     # -- one job --------------------------------------------------------------------------------
 
     def build(
         self,
-        req: SubmitRequest,
+        req: SubmitRequest | BatchJob,
         where: str = "",
         job_id: str | None = None,
         created_at: float | None = None,
@@ -57,15 +89,38 @@ class Acceptor:
         task = self.registry.get(req.task)
         # Validated, but sent as given: the worker validates the same data again, and the client's
         # JSON is already plain data (no second conversion on the hot path).
-        task.validate(req.args, where=f"{where}args")
+        args = req.args
+        try:
+            task.validate(args, where=f"{where}args")
+        except InvalidArgumentsError:
+            # 1547.0 where the schema says integer is an integer (JSON Schema's rule): sent as
+            # 1547, so the worker's strict validation takes it too.
+            fixed = integral_floats(args)
+            if fixed is args:
+                raise
+            task.validate(fixed, where=f"{where}args")
+            args = fixed
         return task, wire.JobEnvelope(
             id=req.id or job_id or wire.new_job_id(),
             task=task.name,
-            args=req.args,
+            args=args,
             created_at=created_at,
             timeout_s=task.time_limit_s,
             deadline=None if req.expires_s is None else created_at + req.expires_s,
+            due_at=created_at + req.delay_ms / 1000 if req.delay_ms else None,
         )
+
+    def encode(self, env: wire.JobEnvelope, where: str = "") -> bytes:
+        """The envelope's bytes; :class:`JobTooLarge` when nsqd would refuse them."""
+        body = wire.encode(env)
+        if len(body) > self.max_msg_size:
+            raise JobTooLarge(
+                f"{where or 'the job'}: its envelope is {len(body)} bytes, over nsqd's "
+                f"--max-msg-size of {self.max_msg_size}",
+                self.max_msg_size,
+                f"{where}args" if where else "args",
+            )
+        return body
 
     def publish(
         self, task: Task, env: wire.JobEnvelope, delay_ms: int = 0
@@ -74,11 +129,13 @@ class Acceptor:
         acknowledged it, or to the error.
 
         A plain job without a recorder needs no coroutine: its future is the publish itself.
+        Raises :class:`JobTooLarge` at once when nsqd would refuse the envelope.
         """
+        body = self.encode(env)
         if self.recorder is not None or delay_ms:
-            return asyncio.ensure_future(self._record_and_publish(task, env, delay_ms))
+            return asyncio.ensure_future(self._record_and_publish(task, env, body, delay_ms))
         done: asyncio.Future[wire.JobEnvelope] = asyncio.get_running_loop().create_future()
-        acked = self.publisher.enqueue(task.queue, wire.encode(env))
+        acked = self.publisher.enqueue(task.queue, body)
         acked.add_done_callback(functools.partial(self._acked, task, env, done))
         return done
 
@@ -107,11 +164,10 @@ class Acceptor:
         done.set_result(env)
 
     async def _record_and_publish(
-        self, task: Task, env: wire.JobEnvelope, delay_ms: int
+        self, task: Task, env: wire.JobEnvelope, body: bytes, delay_ms: int
     ) -> wire.JobEnvelope:
         if self.recorder is not None:
             await self.recorder([env])
-        body = wire.encode(env)
         if delay_ms:
             await self.publisher.dpub(task.queue, delay_ms, body)
         else:
@@ -121,26 +177,18 @@ class Acceptor:
 
     # -- a batch --------------------------------------------------------------------------------
 
-    def build_batch(self, reqs: list[SubmitRequest]) -> list[Built]:
+    def build_batch(self, reqs: list[BatchJob]) -> list[Built]:
         """:meth:`build` every job, collecting every error, so one bad job rejects them all."""
         built: list[Built] = []
         errors: list[FieldError] = []
+        duplicates: list[FieldError] = []
         seen: set[str] = set()
         ids, created_at = wire.new_job_ids(len(reqs)), wire.now()
         for i, req in enumerate(reqs):
             where = f"jobs[{i}]."
-            if req.delay_ms:
-                errors.append(
-                    FieldError(
-                        f"{where}delay_ms",
-                        "delays are not supported in a batch (MPUB has none); "
-                        "submit delayed jobs one by one",
-                    )
-                )
-                continue
             if req.id is not None:
                 if req.id in seen:
-                    errors.append(FieldError(f"{where}id", f"duplicate id {req.id!r} in batch"))
+                    duplicates.append(FieldError(f"{where}id", f"id {req.id!r} is taken earlier"))
                 seen.add(req.id)
             try:
                 built.append(self.build(req, where, ids[i], created_at))
@@ -149,23 +197,67 @@ class Acceptor:
             except InvalidArgumentsError as exc:
                 errors.extend(exc.errors)
         if errors:
-            raise InvalidArgumentsError(errors)
+            raise InvalidArgumentsError(errors + duplicates)
+        if duplicates:
+            raise DuplicateIds(duplicates)
         return built
 
+    def encode_batch(self, built: list[Built]) -> dict[str, list[bytes]]:
+        """Each queue's MPUB bodies, in request order; :class:`JobTooLarge` when nsqd would
+        refuse a message or a queue's MPUB, so nothing of the batch is published."""
+        by_topic: dict[str, list[bytes]] = {}
+        limit, encode = self.max_msg_size, wire.encode
+        for task, env in built:
+            body = encode(env)
+            if len(body) > limit:
+                i = next(n for n, (_, e) in enumerate(built) if e is env)
+                self.encode(env, f"jobs[{i}].")  # raises, naming the job
+            bodies = by_topic.get(task.queue)
+            if bodies is None:
+                by_topic[task.queue] = [body]
+            else:
+                bodies.append(body)
+        for topic, bodies in by_topic.items():
+            size = 4 + 4 * len(bodies) + sum(map(len, bodies))  # MPUB: count, then size + body
+            if size > self.max_body_size:
+                raise JobTooLarge(
+                    f"the batch's jobs for queue {topic!r} make an MPUB of {size} bytes, over "
+                    f"nsqd's --max-body-size of {self.max_body_size}; send fewer or smaller jobs",
+                    self.max_body_size,
+                    "jobs",
+                )
+        return by_topic
+
     async def publish_batch(self, built: list[Built]) -> list[wire.JobEnvelope]:
-        """Record all, then one atomic MPUB per queue topic; the envelopes in request order."""
+        """Check sizes, record all, then one atomic MPUB per queue topic; the envelopes in
+        request order.
+
+        Everything that can be checked is checked before the first MPUB. A batch spanning
+        queues is still one MPUB per queue: when a later one fails after an earlier one was
+        acknowledged, :class:`BatchPartlyPublished` says which ids nsqd has.
+        """
+        by_topic = self.encode_batch(built)
         envelopes = [env for _, env in built]
         if self.recorder is not None:
             await self.recorder(envelopes)
-        by_topic: dict[str, list[bytes]] = {}
-        for task, env in built:
-            by_topic.setdefault(task.queue, []).append(wire.encode(env))
+        done: list[str] = []
         for topic, bodies in by_topic.items():
-            await self.publisher.mpub(topic, bodies)
+            try:
+                await self.publisher.mpub(topic, bodies)
+            except PublishError as exc:
+                if not done:
+                    raise
+                published = set(done)
+                raise BatchPartlyPublished(
+                    exc,
+                    [env.id for task, env in built if task.queue in published],
+                    [env.id for task, env in built if task.queue not in published],
+                ) from exc
+            done.append(topic)
         for name, count in Counter(task.name for task, _ in built).items():
             self.metrics.accepted(name, count)
         return envelopes
 
-    async def accept_batch(self, reqs: list[SubmitRequest]) -> list[wire.JobEnvelope]:
+    async def accept_batch(self, reqs: list[BatchJob]) -> list[wire.JobEnvelope]:
         """:meth:`build_batch` then :meth:`publish_batch`."""
         return await self.publish_batch(self.build_batch(reqs))

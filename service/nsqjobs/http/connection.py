@@ -2,6 +2,14 @@
 arrive, hands them to the tornado delegate one at a time (pipelined ones wait), applies the
 limits, and answers what cannot reach the delegate (400, 413, 431, 500).
 
+Limits, all answered as problem+json and a close: a request head must be in within
+``header_timeout_s`` of its first byte and its body within ``body_timeout_s`` of its head (408),
+an idle keep-alive connection closes after ``idle_timeout_s``, and the bodies of requests still
+arriving may hold at most ``max_incomplete_bytes`` together (503), so slow clients cannot pile
+up memory. RFC 9112's framing rules are enforced: an HTTP/1.1 request needs exactly one
+``Host`` (400), and chunked is the only transfer coding (501 for another, 400 when chunked is
+not last).
+
 One state machine over one object, so it stays one module past the ~400-line mark: split, its
 halves would import each other. Each request's response framing is ``nsqjobs.http.exchange``'s.
 """
@@ -28,6 +36,8 @@ from tornado.httputil import (
 from tornado.iostream import StreamClosedError
 
 from nsqjobs.http.exchange import NO_DELEGATE, ClientContext, Exchange
+from nsqjobs.http.problems import problem_body
+from nsqjobs.http.responses import http_date
 
 log = logging.getLogger("nsqjobs.http")
 
@@ -43,13 +53,30 @@ _MAX_HEAD_BYTES: Final = 64 * 1024
 _LINGER_S: Final = 2.0
 _CONTINUE: Final = b"HTTP/1.1 100 (Continue)\r\n\r\n"
 _VERSIONS: Final = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
+# What the connection answers itself, as problem+json: (slug, detail) by status.
 _ERRORS: Final = {
-    status: (
-        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
-        "Content-Length: 0\r\nConnection: close\r\n\r\n"
-    ).encode()
-    for status in (400, 413, 431, 500)
+    400: ("bad-request", "malformed HTTP request"),
+    408: ("request-timeout", "the request did not arrive in time"),
+    413: ("payload-too-large", "request body over the server's limit"),
+    431: ("headers-too-large", "request line and headers over 64 KiB"),
+    500: ("internal", "internal error (see the server log)"),
+    501: ("not-implemented", "transfer coding not supported (only chunked)"),
+    503: ("unavailable", "the server holds too many incomplete requests; retry"),
 }
+
+
+def _error_response(status: int, detail: str = "") -> bytes:
+    """A whole problem+json answer that closes the connection."""
+    slug, default = _ERRORS[status]
+    body = problem_body(status, slug, detail or default, {})
+    retry = "Retry-After: 1\r\n" if status == 503 else ""
+    return (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nDate: {http_date()}\r\n"
+        f"Content-Type: application/problem+json\r\nContent-Length: {len(body)}\r\n{retry}"
+        "Connection: close\r\n\r\n"
+    ).encode() + body
+
+
 _UNPARSED: Final = RequestStartLine("-", "-", "HTTP/1.1")
 
 
@@ -61,10 +88,16 @@ class ServerSettings:
     max_body_size: int
     xheaders: bool
     idle_timeout_s: float
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_incomplete_bytes: int = 64 * 1024 * 1024
 
 
 class ConnectionTracker(Protocol):
     """The server's side of a connection's life (``HTTPServer``)."""
+
+    # Body bytes of requests still arriving, every connection together.
+    incomplete_bytes: int
 
     def connection_opened(self, conn: Connection) -> bool:
         """Count ``conn`` in; False when the server is shutting down (close it at once)."""
@@ -105,7 +138,14 @@ class Connection(asyncio.Protocol):
         self._write_paused = False
         self._drain: list[asyncio.Future[None]] = []
         self._idle_since: float | None = None
-        self._timer: asyncio.TimerHandle | None = None  # idle, then linger
+        self._head_since: float | None = None  # a head is arriving (since about then)
+        self._body_since: float | None = None  # a body is arriving
+        self._held = 0  # body bytes of the request arriving, counted in incomplete_bytes
+        self._hosts = 0  # Host header lines of the head in progress
+        self._codings = ""  # its Transfer-Encoding values, comma-joined
+        self._parsing_detail = ""
+        self._timer: asyncio.TimerHandle | None = None  # deadlines, then linger
+        self._timer_at = 0.0
 
     # asyncio.Protocol
 
@@ -127,6 +167,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = self._input_done = True
+        self._release()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -163,6 +204,8 @@ class Connection(asyncio.Protocol):
         self._in_head = True
         self._heads_begun += 1
         self._head_bytes = 0
+        self._hosts = 0
+        self._codings = ""
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -172,6 +215,10 @@ class Connection(asyncio.Protocol):
             return  # a trailer after a chunked body: ignored, as tornado does
         key = name.decode("latin-1")
         text = value.decode("latin-1").rstrip(" \t")
+        if len(name) == 4 and name.lower() == b"host":
+            self._hosts += 1
+        elif len(name) == 17 and name.lower() == b"transfer-encoding":
+            self._codings += "," + text if self._codings else text
         headers = self._headers
         if key in headers:
             headers.add(key, text)
@@ -180,6 +227,7 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._head_since = None
         if self._input_done:
             return
         parser = self._parser
@@ -204,14 +252,44 @@ class Connection(asyncio.Protocol):
             log.info("Unsupported request from %s: %s", self.context, start_line)
             request.error = 400
             self._input_done = True
+        elif (self._hosts != 1 and version == "1.1") or self._codings:
+            request.error = self._framing_error(start_line)
+            request.error_detail = self._parsing_detail
+            self._input_done = request.error != 0
         self._enqueue(request)
+
+    def _framing_error(self, start_line: RequestStartLine) -> int:
+        """RFC 9112: 400 for an HTTP/1.1 request without exactly one Host (3.2); for transfer
+        codings, 400 unless chunked is last and once (6.1), else 501 for any other (6.1)."""
+        if self._hosts != 1 and start_line.version == "HTTP/1.1":
+            log.info("Request without one Host from %s: %s", self.context, start_line)
+            self._parsing_detail = "an HTTP/1.1 request needs exactly one Host header"
+            return 400
+        codings = [c.strip().lower() for c in self._codings.split(",")]
+        if codings == ["chunked"]:
+            return 0
+        log.info("Transfer-Encoding %r from %s refused", self._codings, self.context)
+        if codings[-1] != "chunked" or codings.count("chunked") > 1:
+            self._parsing_detail = "Transfer-Encoding must end in a single chunked"
+            return 400
+        self._parsing_detail = f"transfer coding {self._codings!r} is not supported (only chunked)"
+        return 501
 
     def on_body(self, body: bytes) -> None:
         request = self._parsing
         if self._input_done or request is None:
             return
         request.received += len(body)
-        if request.phase == 2 and request.received > request.max_body_size:
+        self._held += len(body)
+        tracker = self.tracker
+        tracker.incomplete_bytes += len(body)
+        if tracker.incomplete_bytes > self.settings.max_incomplete_bytes:
+            log.warning(
+                "Refusing a request from %s: incomplete bodies over the limit", self.context
+            )
+            self._release()
+            self._reject(request, 503)
+        elif request.phase == 2 and request.received > request.max_body_size:
             self._reject(request, 413)
         elif request.phase != 2 or request.waiting or request.chunks or request.delegate_over:
             request.chunks.append(body)
@@ -224,6 +302,8 @@ class Connection(asyncio.Protocol):
         if self._input_done or request is None:
             return
         self._parsing = None
+        self._body_since = None
+        self._release()
         request.message_done = True
         if request.body_timer is not None:
             request.body_timer.cancel()
@@ -254,7 +334,24 @@ class Connection(asyncio.Protocol):
             self._bad_input(400, exc)
         except httptools.HttpParserError as exc:
             self._bad_input(400, exc)
+        if not self._input_done and (self._in_head or self._parsing is not None):
+            self._receiving()
         self._update_reading()
+
+    def _receiving(self) -> None:
+        """A request is partly in: start the clock on its head or body."""
+        if self._in_head:
+            if self._head_since is None:
+                self._head_since = self.loop.time()
+                self._arm()
+        elif self._body_since is None:
+            self._body_since = self.loop.time()
+            self._arm()
+
+    def _release(self) -> None:
+        if self._held:
+            self.tracker.incomplete_bytes -= self._held
+            self._held = 0
 
     # Requests, one at a time
 
@@ -394,7 +491,10 @@ class Connection(asyncio.Protocol):
     def _bad_input(self, status: int, why: object) -> None:
         if self._input_done:
             return
-        log.info("Malformed HTTP request from %s: %s", self.context, why)
+        if status == 408:
+            log.info("Timeout reading a request from %s: %s", self.context, why)
+        else:
+            log.info("Malformed HTTP request from %s: %s", self.context, why)
         if self._parsing is None:
             settings = self.settings
             request = Exchange(
@@ -429,7 +529,7 @@ class Connection(asyncio.Protocol):
         if request is self._active:
             self._active = None
             if not request.started and not self.closed:
-                self._transport.write(_ERRORS[status])
+                self._transport.write(_error_response(status, request.error_detail))
         request.gone = True
         self._notify_closed(request)
         self.close(linger=True)
@@ -489,22 +589,49 @@ class Connection(asyncio.Protocol):
                 self._transport.pause_reading()
 
     def _become_idle(self) -> None:
-        self._idle_since = now = self.loop.time()
-        if self._timer is None:
-            timeout = self.settings.idle_timeout_s
-            self._timer = self.loop.call_at(now + timeout, self._idle_check)
+        self._idle_since = self.loop.time()
+        self._arm()
 
-    def _idle_check(self) -> None:
-        # One timer per connection, moved on lazily, instead of a new one per request.
-        self._timer = None
-        if self._idle_since is None or self.closed:
+    def _deadline(self) -> float | None:
+        """When what the connection waits for is late: a head, a body, or (idle) the next
+        request."""
+        settings = self.settings
+        if self._head_since is not None:
+            return self._head_since + settings.header_timeout_s
+        if self._body_since is not None:
+            return self._body_since + settings.body_timeout_s
+        if self._idle_since is not None:
+            return self._idle_since + settings.idle_timeout_s
+        return None
+
+    def _arm(self) -> None:
+        # One timer per connection, moved on lazily (fired early, it looks again), instead of a
+        # new one per request: a keep-alive request that arrives whole costs no timer at all.
+        deadline = self._deadline()
+        if deadline is None or self.closed:
             return
-        deadline = self._idle_since + self.settings.idle_timeout_s
-        if self.loop.time() >= deadline - 0.001:  # timers may fire a hair early
+        if self._timer is not None:
+            if self._timer_at <= deadline:
+                return
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self.loop.call_at(deadline, self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        deadline = self._deadline()
+        if deadline is None or self.closed:
+            return
+        if self.loop.time() < deadline - 0.001:  # timers may fire a hair early
+            self._arm()
+        elif self._head_since is not None or self._body_since is not None:
+            what = "head" if self._head_since is not None else "body"
+            self._head_since = self._body_since = None
+            self._bad_input(408, f"request {what} not complete in time")
+            self._update_reading()
+        else:
             log.debug("Closing idle connection from %s", self.context)
             self.close()
-        else:
-            self._timer = self.loop.call_at(deadline, self._idle_check)
 
     def shutdown(self) -> None:
         """Close now if idle, else once the response in progress is out."""
@@ -519,6 +646,7 @@ class Connection(asyncio.Protocol):
         if self.closed:
             return
         self.closed = self._input_done = True
+        self._release()
         if self._active is not None:
             self._active.gone = True
         if not (linger and self._transport.can_write_eof()):

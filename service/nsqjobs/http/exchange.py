@@ -106,6 +106,7 @@ class Exchange(HTTPConnection):
         self.max_body_size = max_body_size
         self.xheaders = xheaders
         self.error = 0  # answer this status instead of handing the request to the delegate
+        self.error_detail = ""  # and why, when the status alone does not say
         self.delegate = NO_DELEGATE
         self.phase = 0  # 0: waiting its turn, 1: headers delivered, 2: body flowing
         self.waiting = False  # an awaitable returned by the delegate is pending

@@ -15,7 +15,13 @@ from typing import Any
 import msgspec
 import tornado.web
 
-from nsqjobs.errors import InvalidArgumentsError, PublishError, UnknownTaskError
+from nsqjobs.errors import (
+    InvalidArgumentsError,
+    JobTooLarge,
+    PublishError,
+    PublishTimeout,
+    UnknownTaskError,
+)
 from nsqjobs.names import PROBLEM_CONTENT_TYPE
 from nsqjobs.registry import validation_errors
 
@@ -90,6 +96,23 @@ def as_problem(exc: BaseException) -> Problem | None:
         return Problem(404, "unknown-task", str(exc), task=exc.task)
     if isinstance(exc, InvalidArgumentsError):
         return Problem(422, "invalid-arguments", str(exc), errors=validation_errors(exc))
+    if isinstance(exc, JobTooLarge):
+        message = str(exc)
+        return Problem(
+            413,
+            "message-too-large",
+            message,
+            limit=exc.limit,
+            errors=[{"field": exc.field, "message": message}],
+        )
+    if isinstance(exc, PublishTimeout):
+        return Problem(
+            503,
+            "outcome-unknown",
+            f"nsqd did not answer in time ({exc}): the job may or may not have been stored. "
+            "Resubmitting with the same `id` is safe once the gateway deduplicates ids; until "
+            "then a resubmission may run the job twice",
+        )
     if isinstance(exc, PublishError):
         return Problem(503, "unavailable", f"no nsqd accepted the job: {exc}")
     return None

@@ -32,12 +32,32 @@ class HTTPServer:
         max_body_size: int = 100 * 1024 * 1024,
         xheaders: bool = False,
         idle_timeout_s: float = 65.0,
+        header_timeout_s: float = 10.0,
+        body_timeout_s: float = 30.0,
+        max_incomplete_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         if max_body_size < 0:
             raise ValueError(f"max_body_size must be >= 0, not {max_body_size}")
-        if idle_timeout_s <= 0:
-            raise ValueError(f"idle_timeout_s must be > 0, not {idle_timeout_s}")
-        self._settings = ServerSettings(delegate, max_body_size, xheaders, idle_timeout_s)
+        for name, value in (
+            ("idle_timeout_s", idle_timeout_s),
+            ("header_timeout_s", header_timeout_s),
+            ("body_timeout_s", body_timeout_s),
+            ("max_incomplete_bytes", max_incomplete_bytes),
+        ):
+            if value <= 0:
+                raise ValueError(f"{name} must be > 0, not {value}")
+        self._settings = ServerSettings(
+            delegate,
+            max_body_size,
+            xheaders,
+            idle_timeout_s,
+            header_timeout_s,
+            body_timeout_s,
+            max_incomplete_bytes,
+        )
+        # Body bytes of requests still arriving, all connections together (the connections
+        # keep it; past max_incomplete_bytes a request is refused).
+        self.incomplete_bytes = 0
         self._connections: set[Connection] = set()
         self._shutting_down = False
         self._servers: list[asyncio.Server] = []

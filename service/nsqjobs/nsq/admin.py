@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import urllib.parse
 from collections.abc import Sequence
 
 import tornado.httpclient
+
+log = logging.getLogger("nsqjobs.nsq")
 
 
 async def create_topics(http_addresses: Sequence[str], topics: Sequence[str]) -> list[str]:
@@ -24,3 +27,29 @@ async def create_topics(http_addresses: Sequence[str], topics: Sequence[str]) ->
             except Exception as exc:
                 failures.append(f"{addr}: create topic {topic}: {exc}")
     return failures
+
+
+async def nsqd_limit(http_addresses: Sequence[str], name: str, configured: int) -> int:
+    """nsqd's live value of the size limit ``name`` (``max_msg_size``, ``max_body_size``), the
+    least over ``http_addresses``, so a daemon refuses what nsqd would; ``configured`` when no
+    nsqd answers. Each difference from ``configured`` is logged once, as a warning."""
+    client = tornado.httpclient.AsyncHTTPClient()
+    flag = "--" + name.replace("_", "-")
+    live = []
+    for addr in http_addresses:
+        try:
+            answer = await client.fetch(f"http://{addr}/config/{name}", request_timeout=2.0)
+            value = int(answer.body)
+        except Exception as exc:
+            log.warning("nsqd %s: cannot read %s (%s)", addr, flag, exc)
+            continue
+        if value > 0:
+            live.append(value)
+    if not live:
+        log.warning("nsqd's %s unknown: keeping the configured %d", flag, configured)
+        return configured
+    if min(live) != configured:
+        log.warning(
+            "nsqd's %s is %d, not the configured %d: using nsqd's", flag, min(live), configured
+        )
+    return min(live)

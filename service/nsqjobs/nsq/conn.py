@@ -1,4 +1,5 @@
-"""pynsq's connection with two changes: frames are read in bulk, commands written once per turn.
+"""pynsq's connection with two changes: frames are read in bulk, commands written once per turn;
+and what every client of ours does when a connection to nsqd is lost (reconnect, say so once).
 
 pynsq reads each frame with two ``read_bytes`` calls and writes each FIN on its own; measured in
 bench/, those per-frame hops cost more than a noop job's whole handling.
@@ -7,8 +8,10 @@ bench/, those per-frame hops cost more than a noop job's whole handling.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -38,6 +41,13 @@ class BulkConn(nsq.AsyncConn):  # type: ignore[misc]
         self._plain = not (self.tls_v1 or self.snappy or self.deflate)
         self._unread = b""
         self._unsent: list[bytes] | None = None
+
+    def _connect_callback(self, fut: Any) -> None:
+        # pynsq calls fut.result() here, so every refused connect logged a tornado traceback at
+        # ERROR. The failed stream is closed already: its close callback tells the client.
+        if fut.exception() is not None:
+            return
+        super()._connect_callback(fut)
 
     def _start_read(self) -> None:
         if not self._plain:
@@ -128,3 +138,103 @@ def silence_pynsq() -> None:
     # Closing connections on purpose makes pynsq log "failed to unpack size" at ERROR a moment
     # later; closing is the last thing a daemon does, so pynsq stays quiet from then on.
     logging.getLogger("nsq").setLevel(logging.CRITICAL)
+
+
+# Reconnecting: the first retry comes at once, then every second at most, so a client is back
+# within about a second of nsqd listening again (pynsq waits for the next nsqlookupd poll, or
+# 15 s, and refuses to dial an address twice within 10 s).
+RECONNECT_FIRST_S = 0.05
+RECONNECT_MAX_S = 1.0
+
+clients_log = logging.getLogger("nsqjobs.nsq")
+
+
+@dataclass
+class _Outage:
+    since: float
+    delay: float
+    attempts: int = 0
+    said_retrying: bool = False
+
+
+class Outages:
+    """One client's lost nsqd addresses: when to dial each again, and one log line per change.
+
+    ``lost`` (WARNING) when an open connection closes, ``retrying`` (INFO) at the first failed
+    dial, ``back`` (INFO) when it is open again. Nothing per attempt, and no tracebacks: nsqd
+    going away is an expected network event.
+    """
+
+    def __init__(self, client: str, give_up_s: float | None = None) -> None:
+        self.client = client
+        self.give_up_s = give_up_s
+        self._outages: dict[str, _Outage] = {}
+
+    def __contains__(self, addr: object) -> bool:
+        return addr in self._outages
+
+    def lost(self, addr: str) -> float:
+        """An open connection closed: the delay before the first dial."""
+        clients_log.warning("%s: lost nsqd %s; reconnecting", self.client, addr)
+        self._outages[addr] = _Outage(time.monotonic(), RECONNECT_FIRST_S)
+        return RECONNECT_FIRST_S
+
+    def failed(self, addr: str, *, static: bool) -> float | None:
+        """A dial failed: the delay before the next, or None to stop (``static``: never stop)."""
+        now = time.monotonic()
+        outage = self._outages.get(addr)
+        if outage is None:  # never connected yet (nsqd not up when the daemon started)
+            outage = self._outages[addr] = _Outage(now, RECONNECT_FIRST_S)
+        outage.attempts += 1
+        if not outage.said_retrying:
+            outage.said_retrying = True
+            clients_log.info(
+                "%s: nsqd %s not answering; retrying every %.0fs at most",
+                self.client,
+                addr,
+                RECONNECT_MAX_S,
+            )
+        if not static and self.give_up_s is not None and now - outage.since > self.give_up_s:
+            del self._outages[addr]
+            clients_log.warning(
+                "%s: nsqd %s still down after %.0fs; leaving it to nsqlookupd to find again",
+                self.client,
+                addr,
+                now - outage.since,
+            )
+            return None
+        outage.delay = min(RECONNECT_MAX_S, outage.delay * 2)
+        return outage.delay
+
+    def back(self, addr: str) -> None:
+        """A connection is open (again)."""
+        outage = self._outages.pop(addr, None)
+        if outage is not None:
+            clients_log.info(
+                "%s: nsqd %s back after %.1fs (%d failed attempt(s))",
+                self.client,
+                addr,
+                time.monotonic() - outage.since,
+                outage.attempts,
+            )
+
+
+class _QuietNetworkNoise(logging.Filter):
+    """Drop pynsq's per-attempt connection lines: `Outages` says the same once per change."""
+
+    NOISE = ("connection closed", "attempting to reconnect", "connecting to nsqd")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg if isinstance(record.msg, str) else ""
+        return not any(noise in msg for noise in self.NOISE)
+
+
+_QUIET = _QuietNetworkNoise()
+
+
+def quiet_pynsq_network_noise() -> None:
+    """Install the filter on pynsq's loggers (idempotent)."""
+    for name in ("nsq.reader", "nsq.writer", "nsq.client", "nsq.conn"):
+        logger = logging.getLogger(name)
+        if _QUIET not in logger.filters:
+            logger.addFilter(_QUIET)

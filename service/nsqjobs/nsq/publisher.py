@@ -7,17 +7,25 @@ awaitable that succeeds only on ``OK``, so "accepted" always means "nsqd has it"
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import nsq
-import nsq.writer
 
-from nsqjobs.errors import PublishError, PublishRejected
+from nsqjobs.errors import (
+    PublishConnectionLost,
+    PublishError,
+    PublishRejected,
+    PublishTimeout,
+)
 from nsqjobs.nsq import frames
-from nsqjobs.nsq.conn import connections_of, silence_pynsq
+from nsqjobs.nsq.conn import BulkConn, Outages, quiet_pynsq_network_noise, silence_pynsq
+
+log = logging.getLogger("nsqjobs.nsq")
 
 
 class PublishMetrics(Protocol):
@@ -27,36 +35,156 @@ class PublishMetrics(Protocol):
     publish_errors: Any
 
 
+class _NotSent(PublishError):
+    """The frame never reached nsqd, or nsqd closed the connection before reading it: safe to
+    send again (nothing can have been stored)."""
+
+
+# nsqd's fatal client errors: it answers the frame that caused one, then closes the connection
+# without reading anything after it (E_PUB_FAILED and the like keep the connection open).
+_FATAL = (b"E_INVALID", b"E_BAD_BODY", b"E_BAD_TOPIC", b"E_BAD_MESSAGE")
+
+
 class _Writer(nsq.Writer):  # type: ignore[misc]
-    """pynsq's Writer on our connections, sending our frames; once closed, it stays closed."""
+    """pynsq's Writer on our connections, sending our frames; once closed, it stays closed.
+
+    Every connection keeps its unanswered frames in order (``conn.waiting``: callback and send
+    time): nsqd answers in order, so an error frame answers the oldest one alone (pynsq failed
+    every waiting frame with it). A lost connection is dialled again at once, then every
+    second at most (``Outages``).
+    """
+
+    def __init__(
+        self, nsqd_tcp_addresses: list[str], client_id: str | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(nsqd_tcp_addresses, **kwargs)
+        quiet_pynsq_network_noise()
+        self.client_id = client_id
+        self.closing = False
+        self.lost_at = 0.0
+        self.outages = Outages("publisher")
+        self._dialing: dict[str, Any] = {}
 
     def connect_to_nsqd(self, host: str, port: int) -> Any:
-        """Connect as pynsq does, with our connection class."""
-        with connections_of(nsq.writer):
-            return super().connect_to_nsqd(host, port)
-
-    closing = False
+        """Connect as pynsq does, with our connection class; one dial per address at a time."""
+        addr = f"{host}:{port}"
+        dialing = self._dialing.get(addr)
+        if self.closing or addr in self.conns or (dialing is not None and dialing.connecting()):
+            return None
+        conn = BulkConn(host, port, **self.conn_kwargs)
+        conn.on("identify", self._on_connection_identify)
+        conn.on("identify_response", self._on_connection_identify_response)
+        conn.on("auth", self._on_connection_auth)
+        conn.on("auth_response", self._on_connection_auth_response)
+        conn.on("error", self._on_connection_error)
+        conn.on("response", self._on_connection_response)
+        conn.on("close", self._on_connection_close)
+        conn.on("ready", self._on_connection_ready)
+        conn.on("heartbeat", self.heartbeat)
+        if self.client_id:
+            conn.short_hostname = self.client_id  # pynsq's IDENTIFY sends it as client_id
+        conn.waiting = deque()
+        conn.refused = False
+        self._dialing[addr] = conn
+        conn.connect()
+        return conn
 
     def send_frame(self, frame: bytes, callback: Callable[[Any, Any], None]) -> None:
-        """Send a ready-made publish frame on a random open connection; ``callback`` gets OK."""
-        conns = [conn for conn in self.conns.values() if conn.connected()]
+        """Send a ready-made publish frame on an open connection; ``callback`` gets the answer.
+
+        Connections nsqd is about to close (after a fatal error) are skipped, and so are
+        stalled ones (an answer overdue) while another is healthy.
+        """
+        conns = self.open_conns()
         if not conns:
-            callback(None, nsq.protocol.SendError("no open connections"))
+            callback(None, _NotSent("no open connection to nsqd"))
             return
         conn = random.choice(conns)
-        conn.callback_queue.append(callback)
+        conn.waiting.append((callback, time.monotonic()))
         try:
             conn.send(frame)
         except Exception as exc:
-            conn.callback_queue.remove(callback)
-            callback(conn, nsq.protocol.SendError("send error", exc))
+            conn.waiting.pop()
+            callback(conn, _NotSent(f"send error: {exc}"))
             conn.close()
 
-    def _on_connection_close(self, conn: Any, **kwargs: Any) -> None:
-        if self.closing:
-            self.conns.pop(conn.id, None)
+    def open_conns(self, stall_s: float | None = None) -> list[Any]:
+        """Connections a frame can go to (without overdue answers, when ``stall_s`` is given)."""
+        conns = [c for c in self.conns.values() if c.connected() and not c.refused]
+        if stall_s is None:
+            return conns
+        now = time.monotonic()
+        return [c for c in conns if not c.waiting or now - c.waiting[0][1] <= stall_s]
+
+    def _on_connection_ready(self, conn: Any, **kwargs: Any) -> None:
+        if self._dialing.get(addr := conn.id) is conn:
+            del self._dialing[addr]
+        if self.closing or conn.id in self.conns:
+            conn.close()
             return
-        super()._on_connection_close(conn, **kwargs)
+        self.conns[conn.id] = conn
+        self.outages.back(conn.id)
+
+    def _on_connection_response(self, conn: Any, data: Any = None, **kwargs: Any) -> None:
+        if conn.waiting:
+            callback, _ = conn.waiting.popleft()
+            callback(conn, data)
+
+    def _on_connection_error(self, conn: Any, error: Any, **kwargs: Any) -> None:
+        if type(error) is nsq.protocol.Error:
+            # An error frame: the answer to the oldest waiting frame.
+            data = error.args[0] if error.args else b""
+            if conn.waiting:
+                callback, _ = conn.waiting.popleft()
+                callback(conn, error)
+            if isinstance(data, bytes) and data.startswith(_FATAL):
+                # nsqd closes the connection now and reads nothing after the refused frame:
+                # stop sending on it, and let the close hand the rest back as not sent.
+                conn.refused = True
+                conn.close()
+            return
+        # The connection broke (a send failed, a garbled frame): it closes, and the close
+        # answers the waiting frames.
+        log.warning("publisher: nsqd %s: %s", conn.id, error)
+        conn.close()
+
+    def _on_connection_close(self, conn: Any, **kwargs: Any) -> None:
+        if self._dialing.get(addr := conn.id) is conn:
+            del self._dialing[addr]
+        registered = self.conns.get(addr)
+        if registered is not None and registered is not conn:
+            return
+        was_up = registered is not None
+        if was_up:
+            del self.conns[addr]
+            self.lost_at = time.monotonic()
+        waiting = getattr(conn, "waiting", None) or ()
+        if waiting:
+            if conn.refused:
+                error: Exception = _NotSent(
+                    "nsqd closed the connection after refusing an earlier frame"
+                )
+            else:
+                error = nsq.protocol.ConnectionClosedError(
+                    "connection to nsqd closed before it answered (the message may be stored)"
+                )
+            for callback, _ in waiting:
+                callback(conn, error)
+            waiting.clear()
+        if self.closing:
+            return
+        if was_up:
+            delay: float | None = self.outages.lost(addr)
+        else:
+            delay = self.outages.failed(addr, static=True)
+        if delay is not None:
+            self.io_loop.call_later(delay, self.connect_to_nsqd, conn.host, conn.port)
+
+    def close(self) -> None:
+        """Close every connection and dial in progress; never reconnect."""
+        self.closing = True
+        for conn in [*self.conns.values(), *self._dialing.values()]:
+            conn.close()
 
 
 class Publisher:
@@ -70,29 +198,45 @@ class Publisher:
     GROUP_BYTES = 4 * 1024 * 1024
     GROUP_MESSAGES = 1000
 
+    # Tries of a frame that never reached nsqd (no connection, or nsqd closed the connection
+    # unread after refusing an earlier frame); a frame that may be stored is never sent again.
+    SEND_TRIES = 3
+    # A connection lost this recently is probably being re-dialled: wait that long for it.
+    RECONNECT_WAIT_S = 2.0
+
     def __init__(
         self,
         nsqd_tcp_addresses: Sequence[str],
         *,
         timeout_s: float = 5.0,
         metrics: PublishMetrics | None = None,
-        reconnect_interval: float = 1.0,
+        client_id: str | None = None,
     ) -> None:
         self.timeout_s = timeout_s
         self.metrics = metrics
-        self._writer = _Writer(list(nsqd_tcp_addresses), reconnect_interval=reconnect_interval)
+        self._writer = _Writer(list(nsqd_tcp_addresses), client_id=client_id)
         self._pending: dict[str, list[tuple[bytes, asyncio.Future[None]]]] = {}
         self._flush_scheduled = False
         self._groups: set[asyncio.Task[None]] = set()
+        self.group_bytes = self.GROUP_BYTES
+
+    def limit_group_bytes(self, max_body_size: int) -> None:
+        """Keep coalesced MPUBs under nsqd's ``--max-body-size`` (when below our 4 MiB)."""
+        # An MPUB body is a 4-byte count, then each message with its 4-byte size.
+        self.group_bytes = max(1, min(self.GROUP_BYTES, max_body_size - 4))
 
     def connected(self) -> int:
-        """How many nsqd connections are open."""
-        return sum(1 for conn in self._writer.conns.values() if conn.connected())
+        """How many nsqd connections can take a publish now.
+
+        A connection whose oldest unanswered publish is older than the publish timeout (nsqd
+        paused, or the network) does not count: readiness says what is true.
+        """
+        return len(self._writer.open_conns(stall_s=self.timeout_s))
 
     async def wait_connected(self, timeout_s: float) -> bool:
         """Poll until at least one connection is open, or ``timeout_s`` passes."""
         deadline = time.monotonic() + timeout_s
-        while not self.connected():
+        while not self._writer.open_conns():
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(0.02)
@@ -128,7 +272,7 @@ class Publisher:
             size = 0
             for item in items:
                 if group and (
-                    size + len(item[0]) > self.GROUP_BYTES or len(group) >= self.GROUP_MESSAGES
+                    size + len(item[0]) + 4 > self.group_bytes or len(group) >= self.GROUP_MESSAGES
                 ):
                     self._spawn(topic, group)
                     group, size = [], 0
@@ -169,21 +313,35 @@ class Publisher:
                 fut.set_exception(error)
 
     async def _send(self, command: str, topic: str, frame: bytes) -> None:
-        # A connection can die between our check and the write; try each open one in turn.
-        tries = max(1, self.connected())
-        for attempt in range(1, tries + 1):
+        # Only a frame nsqd cannot have stored is sent again: after a timeout or a connection
+        # closed while waiting for the answer, nsqd may have it, and a second copy on another
+        # connection would be a silent duplicate.
+        for attempt in range(1, self.SEND_TRIES + 1):
             start = time.perf_counter()
             try:
                 await self._send_once(command, topic, frame)
-            except PublishError:
-                if self.metrics is not None:
-                    self.metrics.publish_errors.labels(command).inc()
-                if attempt == tries:
-                    raise
+            except _NotSent as exc:
+                self._count_error(command)
+                if attempt == self.SEND_TRIES or not await self._reconnected():
+                    raise PublishError(f"{command} {topic}: {exc}") from None
                 continue
+            except PublishError:
+                self._count_error(command)
+                raise
             if self.metrics is not None:
                 self.metrics.publish_duration.labels(command).observe(time.perf_counter() - start)
             return
+
+    def _count_error(self, command: str) -> None:
+        if self.metrics is not None:
+            self.metrics.publish_errors.labels(command).inc()
+
+    async def _reconnected(self) -> bool:
+        """Wait for an open connection if one was lost moments ago (it is being re-dialled)."""
+        if self._writer.open_conns():
+            return True
+        left = self._writer.lost_at + self.RECONNECT_WAIT_S - time.monotonic()
+        return left > 0 and await self.wait_connected(left)
 
     async def _send_once(self, command: str, topic: str, frame: bytes) -> None:
         answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -197,19 +355,21 @@ class Publisher:
             async with asyncio.timeout(self.timeout_s):
                 data = await answer
         except TimeoutError:
-            raise PublishError(
+            raise PublishTimeout(
                 f"{command} {topic}: no answer from nsqd in {self.timeout_s}s"
             ) from None
-        if isinstance(data, nsq.protocol.ConnectionClosedError | nsq.protocol.SendError):
-            raise PublishError(f"{command} {topic}: {data}")
-        if isinstance(data, nsq.Error):
+        if isinstance(data, _NotSent):
+            raise data
+        if type(data) is nsq.protocol.Error:  # an error frame: nsqd refused this one
             raise PublishRejected(f"{command} {topic}: {data}")
+        if isinstance(data, nsq.protocol.ConnectionClosedError):
+            raise PublishConnectionLost(f"{command} {topic}: {data}")
+        if isinstance(data, nsq.Error):
+            raise PublishError(f"{command} {topic}: {data}")
         if data != b"OK":
             raise PublishError(f"{command} {topic}: unexpected answer {data!r}")
 
     def close(self) -> None:
         """Close every connection and stop reconnecting."""
-        self._writer.closing = True
         silence_pynsq()
-        for conn in list(self._writer.conns.values()):
-            conn.close()
+        self._writer.close()

@@ -26,14 +26,15 @@ from nsqjobs.names import (
     RESULTS_TOPIC,
     WORKER_OUTPUT_BUFFER_BYTES,
 )
-from nsqjobs.nsq.admin import create_topics
+from nsqjobs.nsq.admin import create_topics, nsqd_limit
 from nsqjobs.nsq.publisher import Publisher
-from nsqjobs.nsq.reader import Reader, close_reader, connected_count, unflushed
+from nsqjobs.nsq.reader import close_reader, connected_count, unflushed
 from nsqjobs.observability.exposition import observability_app
 from nsqjobs.observability.metrics import WorkerMetrics
 from nsqjobs.observability.worker_hooks import MetricsHook
 from nsqjobs.registry import Registry
 from nsqjobs.worker.executors import make_executor
+from nsqjobs.worker.flow import Flow, SlotReader
 from nsqjobs.worker.hooks import Hooks, WorkerHook
 from nsqjobs.worker.jobs import Machine
 
@@ -57,13 +58,16 @@ class Worker:
         self.tasks = tasks
         self.worker_id = config.worker_id or default_worker_id()
         self.metrics = WorkerMetrics(metrics_registry or CollectorRegistry())
-        self.publisher = Publisher(config.nsqd_tcp_address, metrics=self.metrics)
+        self.publisher = Publisher(
+            config.nsqd_tcp_address, metrics=self.metrics, client_id=self.worker_id
+        )
         self.executor = make_executor(config)
         self.hooks = Hooks([MetricsHook(self.metrics), *hooks])
         self.jobs = Machine(
             config, self.worker_id, tasks, self.executor, self.publisher, self.hooks
         )
-        self.readers: list[Any] = []
+        self.flow = self.jobs.flow = Flow(config.concurrency, self.jobs.used)
+        self.readers: list[Any] = self.flow.readers
         self.server: tornado.httpserver.HTTPServer | None = None
         self._toucher: asyncio.Task[None] | None = None
 
@@ -74,6 +78,7 @@ class Worker:
     async def start(self) -> None:
         """Create topics, serve metrics, and subscribe (call :func:`warm_up` first)."""
         await self.executor.start()
+        await self._read_nsqd_limits()
         queues = self.queues()
         for failure in await create_topics(
             self.config.nsqd_http_address, [*queues, RESULTS_TOPIC, DEAD_LETTER_TOPIC]
@@ -84,19 +89,21 @@ class Worker:
         self.server.listen(self.config.port, self.config.host)
         lookupd = list(self.config.lookupd_http_address)
         self.jobs.accepting = True
-        # One reader per queue; their RDY counts add up to the executor slots (at least 1 each).
-        per_reader = max(1, self.config.concurrency // len(queues))
+        # One reader per queue; the flow gives out RDY across all their connections so that
+        # what nsqd may send adds up to the free executor slots.
         buffering = self.config.delivery_buffer_ms
         for queue in queues:
             self.readers.append(
-                Reader(
+                SlotReader(
+                    self.flow,
+                    self.worker_id,
                     topic=queue,
                     channel=self.config.channel,
                     message_handler=self.jobs.on_message,
                     nsqd_tcp_addresses=None if lookupd else list(self.config.nsqd_tcp_address),
                     lookupd_http_addresses=lookupd or None,
                     lookupd_poll_interval=self.config.lookupd_poll_interval,
-                    max_in_flight=per_reader,
+                    max_in_flight=self.config.concurrency,  # pynsq's own RDY logic is off
                     max_tries=0,  # attempts are counted by the state machine, not by pynsq
                     msg_timeout=self.config.msg_timeout_s,
                     # 0: nsqd sends each message at once (lowest latency); otherwise it batches
@@ -107,6 +114,7 @@ class Worker:
                     output_buffer_timeout=buffering or READER_OUTPUT_BUFFER_TIMEOUT_MS,
                 )
             )
+        self.flow.start()
         self._toucher = asyncio.ensure_future(self._touch_running())
         log.info(
             "worker %s consuming %s on channel %s with %d %s slot(s); metrics on :%d",
@@ -136,8 +144,7 @@ class Worker:
         Returns the number of jobs abandoned to nsqd (their executor work may still be running).
         """
         self.jobs.accepting = False
-        for reader in self.readers:
-            reader.set_max_in_flight(0)
+        self.flow.stop()
         running = self.jobs.watch()
         log.info(
             "draining: RDY 0 sent, %d job(s) running, grace %.1fs",
@@ -146,9 +153,9 @@ class Worker:
         )
         if running:
             await asyncio.wait(running, timeout=self.config.grace_s)
-        abandoned = self.jobs.hand_back()
+        abandoned = await self.jobs.hand_back()
         if abandoned:
-            log.warning("requeued %d unfinished job(s) for another worker", abandoned)
+            log.warning("gave back %d unfinished job(s) for another worker", abandoned)
         if self._toucher is not None:
             self._toucher.cancel()
         await self._flush()
@@ -159,6 +166,14 @@ class Worker:
             self.server.stop()
         self.executor.shutdown()
         return abandoned
+
+    async def _read_nsqd_limits(self) -> None:
+        # The largest message nsqd takes, from nsqd itself; the setting when it cannot say.
+        self.jobs.set_max_msg_size(
+            await nsqd_limit(
+                self.config.nsqd_http_address, "max_msg_size", self.config.nsqd_max_msg_size
+            )
+        )
 
     async def _flush(self, timeout_s: float = 2.0) -> None:
         # FIN/REQ are buffered in the IOStream; closing before they are written would drop them.

@@ -17,7 +17,7 @@ from nsqjobs import wire
 log = logging.getLogger("nsqjobs.worker.hooks")
 
 # Why a message went back to nsqd unanswered (to be delivered again, to this worker or another).
-RequeueReason = Literal["shutdown", "unacknowledged", "internal_error"]
+RequeueReason = Literal["shutdown", "unacknowledged", "internal_error", "not_due"]
 
 
 class JobView(Protocol):
@@ -56,7 +56,9 @@ class TaskHook(Protocol):
     followed by ``retried`` or ``dead_lettered``. Jobs that cannot start (expired, attempts spent
     by crashes, unknown task, undecodable) go straight to ``dead_lettered``. ``requeued`` may come
     at any point: the message went back to nsqd unanswered (shutdown, unacknowledged publish,
-    internal error); ``job.in_progress`` tells whether an attempt was under way.
+    internal error, or ``not_due``: a delayed job that arrived early); ``job.in_progress`` tells
+    whether an attempt was under way. A job given back at shutdown before its attempt ended, or
+    deferred as not due, keeps its attempt: the next delivery runs with the same number.
     """
 
     def received(self, job: JobView) -> None:

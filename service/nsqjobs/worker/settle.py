@@ -26,6 +26,44 @@ log = logging.getLogger("nsqjobs.worker")
 
 # How long a dead letter or a retry waits for the publisher to (re)connect before giving up.
 RECONNECT_WAIT_S = 3.0
+# An error message is cut to this many characters: it travels in every later envelope.
+MAX_ERROR_CHARS = 2000
+
+
+def describe(exc: BaseException) -> wire.ErrorInfo:
+    """The error as it goes on the wire: its type, and its message cut to a bounded length."""
+    error = wire.ErrorInfo.from_exception(exc)
+    if len(error.message) > MAX_ERROR_CHARS:
+        cut = len(error.message) - MAX_ERROR_CHARS
+        error = wire.ErrorInfo(
+            type=error.type, message=f"{error.message[:MAX_ERROR_CHARS]}... [{cut} more chars]"
+        )
+    return error
+
+
+def fit_dead_letter(letter: wire.DeadLetter, limit: int) -> bytes:
+    """Encode a dead letter within nsqd's message size, leaving out what does not fit.
+
+    The job's arguments go first, then its history and the raw body; what was left out is
+    said in the error message, so a dead letter is always published and always readable.
+    """
+    body = wire.encode(letter)
+    if len(body) <= limit:
+        return body
+    left_out = []
+    job, raw = letter.job, letter.raw
+    if job is not None:
+        job = msgspec.structs.replace(job, args={}, history=job.history[-1:])
+        left_out.append("the job's args and early history")
+    if raw is not None and len(raw) > limit // 4:
+        raw = raw[: limit // 4]
+        left_out.append("the raw body past its first part")
+    note = f" [left out to fit nsqd's {limit}-byte messages: {', '.join(left_out)}]"
+    error = wire.ErrorInfo(type=letter.error.type, message=letter.error.message + note)
+    body = wire.encode(msgspec.structs.replace(letter, job=job, raw=raw, error=error))
+    if len(body) <= limit:
+        return body
+    return wire.encode(msgspec.structs.replace(letter, job=None, raw=None, error=error))
 
 
 class Publishing(Protocol):
@@ -57,8 +95,10 @@ class Settler:
         backoff_cap_s: float,
         held: dict[bytes, Held],
         forget: Callable[[Held], None],
+        max_msg_size: int = 1024 * 1024,
     ) -> None:
         self.worker_id = worker_id
+        self.max_msg_size = max_msg_size  # nsqd's --max-msg-size: no larger frame is sent
         self.publisher = publisher
         self.hooks = hooks
         self.backoff_base_s = backoff_base_s
@@ -71,7 +111,7 @@ class Settler:
     def attempt_failed(self, job: Job, exc: Exception) -> None:
         """The task raised, timed out, or its result was refused: retry or dead-letter."""
         env, task = job.env, job.task
-        error = wire.ErrorInfo.from_exception(exc)
+        error = describe(exc)
         job.hooks.attempt_failed(job, error, time.perf_counter() - job.t0)
         where = f"job {env.id} {task.name:<14} attempt {job.attempt}/{job.max_attempts}"
         if isinstance(exc, Retry | TaskTimeoutError):
@@ -122,6 +162,15 @@ class Settler:
             attempts = held.env.attempts if held.env is not None else 0
         self._spawn(held, self._give_up(held, reason, error, held.env, attempts=attempts, raw=raw))
 
+    def give_back(self, job: Job, delay_s: float, why: RequeueReason) -> None:
+        """Back to nsqd in ``delay_s`` without counting this delivery as an attempt.
+
+        nsqd counts every delivery, a REQ'd one included, so the envelope is republished with
+        its recorded attempts set to this delivery's attempt less one, and the message FINed.
+        """
+        job.hooks.requeued(job, why, delay_s)  # now, while in_progress says what it was
+        self._spawn(job, self._give_back(job, delay_s))
+
     def requeue(self, held: Held, detail: str) -> None:
         """nsqd did not acknowledge a publish: hand the message back, after a backoff."""
         self._requeue(held, "unacknowledged", detail)
@@ -151,10 +200,30 @@ class Settler:
             return
         self.forget(held)
 
+    async def _give_back(self, job: Job, delay_s: float) -> None:
+        delay_ms = int(delay_s * 1000)
+        env = msgspec.structs.replace(job.env, attempts=job.attempt - 1)
+        body = wire.encode(env)
+        try:
+            if len(body) > self.max_msg_size:
+                raise PublishError(f"the envelope is {len(body)} bytes, over nsqd's limit")
+            if delay_ms:
+                await self._publish(lambda: self.publisher.dpub(job.task.queue, delay_ms, body))
+            else:
+                await self._publish(lambda: self.publisher.pub(job.task.queue, body))
+        except PublishError as exc:
+            # nsqd's REQ instead: the message comes back, this delivery counted as an attempt.
+            log.warning("job %s: republish failed (%s); requeueing instead", env.id, exc)
+            job.answer(finish=False, delay_ms=delay_ms)
+            return
+        job.answer(finish=True)
+
     async def _retry(self, job: Job, env: wire.JobEnvelope, delay_s: float) -> None:
         delay_ms = int(delay_s * 1000)
         body = wire.encode(env)
         try:
+            if len(body) > self.max_msg_size:  # nsqd would refuse it: never send it
+                raise PublishError(f"the envelope with its history is {len(body)} bytes")
             await self._publish(lambda: self.publisher.dpub(job.task.queue, delay_ms, body))
         except PublishError as exc:
             # Fall back to nsqd's REQ: the history of this attempt is lost, its count is not.
@@ -182,7 +251,7 @@ class Settler:
             reason=reason, error=error, worker=self.worker_id, at=finished, job=env, raw=raw
         )
         try:
-            letter_body = wire.encode(letter)
+            letter_body = fit_dead_letter(letter, self.max_msg_size)
             await self._publish(lambda: self.publisher.pub(DEAD_LETTER_TOPIC, letter_body))
             if env is not None:
                 started = held.started_at if isinstance(held, Job) else finished

@@ -18,7 +18,15 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-_Entry = tuple[asyncio.Future[Any], Callable[..., Any], tuple[Any, ...]]
+from nsqjobs.errors import TaskTimeoutError
+
+_Outcome = tuple[asyncio.Future[Any], bool, Any, asyncio.TimerHandle | None]
+_Entry = tuple[asyncio.Future[Any], Callable[..., Any], tuple[Any, ...], asyncio.TimerHandle | None]
+
+
+def _overrun(fut: asyncio.Future[Any], limit_s: float) -> None:
+    if not fut.done():
+        fut.set_exception(TaskTimeoutError(f"ran past its {limit_s:g}s time limit"))
 
 
 class SlotPool:
@@ -26,8 +34,14 @@ class SlotPool:
 
     def __init__(self, size: int, name: str = "nsqjobs-task") -> None:
         self.size = size
+        # Jobs submitted whose callable has not returned yet (a timed-out one included): a slot
+        # is free again only when its thread is.
+        self.busy = 0
+        # Called on the loop with the future of a job that had already ended (cancelled, or
+        # failed by its time limit) when its thread finally returns: its slot is free again.
+        self.on_release: Callable[[asyncio.Future[Any]], None] | None = None
         self._jobs: queue.SimpleQueue[_Entry | None] = queue.SimpleQueue()
-        self._done: collections.deque[tuple[asyncio.Future[Any], bool, Any]] = collections.deque()
+        self._done: collections.deque[_Outcome] = collections.deque()
         self._lock = threading.Lock()
         self._wake_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -39,16 +53,28 @@ class SlotPool:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
-        """Run ``fn(*args)`` on a free thread; call from the event loop's thread."""
+    def submit(
+        self, fn: Callable[..., Any], *args: Any, limit_s: float | None = None
+    ) -> asyncio.Future[Any]:
+        """Run ``fn(*args)`` on a free thread; call from the event loop's thread.
+
+        With ``limit_s``, the future fails with :class:`TaskTimeoutError` that many seconds
+        after the call (the callable runs on: its thread stays busy until it returns).
+        """
         if self._closed:
             raise RuntimeError("SlotPool is shut down")
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        self._jobs.put((fut, fn, args))
+        timer = None if limit_s is None else loop.call_later(limit_s, _overrun, fut, limit_s)
+        self.busy += 1
+        self._jobs.put((fut, fn, args, timer))
         return fut
+
+    def idle(self) -> int:
+        """Threads free to start a job at once."""
+        return self.size - self.busy
 
     def _work(self) -> None:
         jobs, done = self._jobs, self._done
@@ -56,15 +82,17 @@ class SlotPool:
             entry = jobs.get()
             if entry is None:
                 return
-            fut, fn, args = entry
-            if fut.cancelled():  # read-only peek; the loop owns the future
-                continue
-            try:
-                outcome: tuple[asyncio.Future[Any], bool, Any] = (fut, True, fn(*args))
-            except BaseException as exc:
-                outcome = (fut, False, exc)
+            fut, fn, args, timer = entry
+            outcome: _Outcome
+            if fut.done():  # read-only peek; the loop owns the future
+                outcome = (fut, False, None, timer)  # ended before it started: nothing to run
+            else:
+                try:
+                    outcome = (fut, True, fn(*args), timer)
+                except BaseException as exc:
+                    outcome = (fut, False, exc, timer)
             done.append(outcome)
-            del entry, fut, fn, args, outcome  # no reference to a finished job's data while idle
+            del entry, fut, fn, args, outcome, timer  # no reference to a job's data while idle
             if not self._wake_scheduled:
                 with self._lock:
                     if not self._wake_scheduled:
@@ -83,8 +111,13 @@ class SlotPool:
             self._wake_scheduled = False
         done = self._done
         while done:
-            fut, ok, value = done.popleft()
-            if fut.done():  # cancelled: the job timed out or the worker is draining
+            fut, ok, value, timer = done.popleft()
+            self.busy -= 1
+            if timer is not None:
+                timer.cancel()
+            if fut.done():  # it ended without us: timed out, or the worker is draining
+                if self.on_release is not None:
+                    self.on_release(fut)
                 continue
             if ok:
                 fut.set_result(value)
@@ -102,6 +135,7 @@ class SlotPool:
             except queue.Empty:
                 break
             if entry is not None:
+                self.busy -= 1
                 entry[0].cancel()
         for _ in self._threads:
             self._jobs.put(None)

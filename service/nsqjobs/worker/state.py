@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from nsqjobs import wire
@@ -51,25 +52,28 @@ class Phase(enum.Enum):
     """Where a held message is. A message is answered (FIN or REQ) once, on entering ANSWERED."""
 
     RECEIVED = "received"  # decoded (or not), being admitted
+    WAITING = "waiting"  # admitted; no slot free yet (a message nsqd sent as RDY moved); TOUCHed
     RUNNING = "running"  # in the executor; TOUCHed while so
-    TIMED_OUT = "timed_out"  # past its time limit; the executor's future is being cancelled
     PUBLISHING = "publishing"  # result sent; FIN once nsqd acknowledges it
     SETTLING = "settling"  # a coroutine publishes its retry or dead letter
     ANSWERED = "answered"  # FIN or REQ sent (a requeue at shutdown included)
 
 
-_IN_PROGRESS = frozenset({Phase.RUNNING, Phase.TIMED_OUT, Phase.PUBLISHING})
+_IN_PROGRESS = frozenset({Phase.RUNNING, Phase.PUBLISHING})
 
 
 class _Held:
     """A message this worker holds: its phase, and what drain() may cancel or wait for."""
 
-    __slots__ = ("drained", "hooks", "message", "pending", "phase")
+    __slots__ = ("drained", "hooks", "keep", "message", "pending", "phase")
 
     def __init__(self, message: Message, hooks: TaskHooks) -> None:
         self.message = message
         self.hooks = hooks
         self.phase = Phase.RECEIVED
+        # Set while the job's slot outlives it (a timed-out thread runs on): called before the
+        # answer, so that nsqd's room for this connection does not grow by the freed message.
+        self.keep: Callable[[Message], None] | None = None
         # The executor's future while RUNNING, the settling coroutine's task while SETTLING.
         self.pending: asyncio.Future[Any] | None = None
         self.drained: asyncio.Future[None] | None = None  # made by drain() to wait for the end
@@ -89,6 +93,8 @@ class _Held:
         if self.phase is Phase.ANSWERED or self.message.has_responded():
             return
         self.phase = Phase.ANSWERED
+        if self.keep is not None:
+            self.keep(self.message)
         if finish:
             self.message.finish()
         else:
@@ -122,7 +128,7 @@ class Stray(_Held):
 class Job(_Held):
     """A job of a registered task, admitted or being admitted."""
 
-    __slots__ = ("attempt", "env", "max_attempts", "started_at", "t0", "task", "timer")
+    __slots__ = ("attempt", "env", "max_attempts", "started_at", "t0", "task")
 
     def __init__(
         self,
@@ -139,13 +145,18 @@ class Job(_Held):
         self.phase = Phase.RECEIVED
         self.pending: asyncio.Future[Any] | None = None
         self.drained: asyncio.Future[None] | None = None
+        self.keep: Callable[[Message], None] | None = None
         self.env = env
         self.task = task
         self.attempt = attempt  # the envelope's recorded attempts plus nsqd's deliveries
         self.max_attempts = max_attempts
         self.started_at = wire.now()  # received, then started (wall clock, for the wire)
         self.t0 = time.perf_counter()  # for durations
-        self.timer: asyncio.TimerHandle | None = None  # the time limit, while RUNNING
+
+    def mark_started(self) -> None:
+        """The executor started it only now (it waited for a slot or a child process)."""
+        self.started_at = wire.now()
+        self.t0 = time.perf_counter()
 
     @property
     def job_id(self) -> str:

@@ -1,0 +1,88 @@
+"""Tasks for testing and demonstrating failure handling; never needed in production.
+
+Loaded only when ``NSQJOBS_DEBUG_TASKS=1``, which adds this module to whatever task modules are
+set (``--task-module`` / ``NSQJOBS_TASK_MODULE``), so the debug tasks sit beside an
+application's own tasks as well as the built-in ones.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Annotated, Any, Literal
+
+import msgspec
+from nsqjobs import NsqjobsError, Retry, task
+
+
+class DebugSleepArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Seconds to sleep."""
+
+    seconds: Annotated[float, msgspec.Meta(ge=0, le=3600)]
+
+
+class DebugFailArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How to fail: raise an exception, or kill the process running the task."""
+
+    mode: Literal["error", "crash"]
+
+
+class DebugFailure(NsqjobsError):
+    """The error ``debug.fail`` raises on purpose."""
+
+
+def debug_sleep(args: DebugSleepArgs) -> dict[str, float]:
+    """Sleep for ``seconds`` (for timeouts, touches and drains)."""
+    time.sleep(args.seconds)
+    return {"slept": args.seconds}
+
+
+def debug_fail(args: DebugFailArgs) -> None:
+    """Raise (``error``) or kill the process running the task (``crash``)."""
+    if args.mode == "crash":
+        os._exit(70)
+    raise DebugFailure("debug.fail asked to fail")
+
+
+class DebugRetryArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The delay to ask for, in seconds."""
+
+    delay: Annotated[float, msgspec.Meta(ge=0, le=3600)]
+
+
+def debug_retry(args: DebugRetryArgs) -> None:
+    """Ask for another attempt after ``delay`` seconds, every time (``Retry(delay=...)``)."""
+    raise Retry(f"debug.retry asks for a retry in {args.delay:g}s", delay=args.delay)
+
+
+def debug_unencodable(args: dict[str, Any]) -> dict[str, Any]:
+    """Return a value the JSON wire format cannot hold (a complex number)."""
+    return {"value": complex(1, 2)}
+
+
+class DebugBigArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Size of the result string, in bytes."""
+
+    size: Annotated[int, msgspec.Meta(ge=0, le=16 * 1024 * 1024)]
+
+
+def debug_big(args: DebugBigArgs) -> str:
+    """Return a string of ``size`` bytes (past nsqd's --max-msg-size, the result is refused)."""
+    return "x" * args.size
+
+
+class DebugPermanentFailure(NsqjobsError):
+    """The error ``debug.throws`` raises and declares in ``throws=``: retrying cannot help."""
+
+
+def debug_throws(args: dict[str, Any]) -> None:
+    """Raise an exception the task lists in ``throws=``, so the job is dead-lettered at once."""
+    raise DebugPermanentFailure("debug.throws failed for good")
+
+
+task("debug.sleep", time_limit_s=3600)(debug_sleep)
+task("debug.fail", max_attempts=5)(debug_fail)
+task("debug.retry", max_attempts=2)(debug_retry)
+task("debug.unencodable", max_attempts=5)(debug_unencodable)
+task("debug.big", max_attempts=5)(debug_big)
+task("debug.throws", max_attempts=5, throws=(DebugPermanentFailure,))(debug_throws)
