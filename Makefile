@@ -23,7 +23,7 @@ export NSQJOBS_GRACE_S ?= 10
 # nsqd, nsqlookupd and nsqadmin log level in the local stack (debug, info, warn, error).
 export NSQJOBS_NSQ_LOG_LEVEL ?= warn
 
-.PHONY: help venv nsq run ctl test lint bench clean
+.PHONY: help venv nsq run ctl test lint bench clean images standins compose-test
 
 help:
 	@echo "make run    set up (venv, NSQ build) and start the local stack in the foreground"
@@ -32,6 +32,9 @@ help:
 	@echo "make lint   ruff + mypy --strict (service, workers, tests, bench)"
 	@echo "make bench  run the benchmarks, figures into bench/results/"
 	@echo "make nsq    build NSQ v1.3.0 into .bin/ (or link binaries found on PATH)"
+	@echo "make images        build the nsqjobs image (docker compose build)"
+	@echo "make standins      build local stand-ins for images Docker Hub cannot serve here"
+	@echo "make compose-test  run only the docker compose tests (tests/test_compose.py)"
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard workers/nsqjobs_tasks/kernels/*.pyx workers/nsqjobs_tasks/kernels/*.pxd)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "nsqjobs needs Python >= 3.11 (set PYTHON=...)")'
@@ -101,6 +104,16 @@ lint: venv
 
 bench: venv nsq
 	PATH="$(BIN_DIR):$$PATH" $(VENV)/bin/python -m bench
+
+# Docker: the project image, the stand-ins for official images (no Docker Hub here), the tests.
+images:
+	docker compose build gateway
+
+standins:
+	deploy/standins/build.sh
+
+compose-test: venv
+	$(VENV)/bin/python -m pytest tests/test_compose.py -s
 
 clean:
 	rm -rf build *.egg-info workers/nsqjobs_tasks/kernels/*.c workers/nsqjobs_tasks/kernels/*.so .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""The ``nsqjobs`` command: ``gateway``, ``worker`` and ``submit``.
+"""The ``nsqjobs`` command: ``gateway``, ``worker``, ``exporter``, ``submit`` and ``check``.
 
 Every daemon flag mirrors an ``NSQJOBS_*`` variable (see ``nsqjobs.config``). Errors print one
 line to stderr and exit non-zero.
@@ -98,6 +98,16 @@ def _daemon(kind: type[Any], run: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def _exporter(args: argparse.Namespace) -> int:
+    from nsqjobs.exporter.daemon import serve as serve_exporter
+
+    cfg = config.load(config.ExporterConfig, args)
+    _setup_logging(cfg.log_level)
+    # The exporter runs no tasks: the registry _until_signalled passes is not needed.
+    run_event_loop(_until_signalled(lambda cfg, _tasks, stop: serve_exporter(cfg, stop), cfg))
+    return 0
+
+
 def _submit(args: argparse.Namespace) -> int:
     try:
         task_args = json.loads(args.args)
@@ -135,6 +145,18 @@ def _submit(args: argparse.Namespace) -> int:
     return 1 if status == 200 and answer.get("status") == "failed" else 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    """GET ``args.url``: 0 on 2xx, else 1 with one line why (container health checks; no curl)."""
+    try:
+        with urllib.request.urlopen(args.url, timeout=args.timeout) as resp:
+            resp.read()
+    except urllib.error.HTTPError as exc:
+        raise NsqjobsError(f"{args.url} answered {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise NsqjobsError(f"cannot reach {args.url}: {exc}") from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="nsqjobs", description=__doc__)
@@ -155,6 +177,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config.add_arguments(wk, config.WorkerConfig)
 
+    ex = sub.add_parser(
+        "exporter",
+        help="run the nsqd metrics exporter",
+        description="Serve nsqd's topic and channel stats as Prometheus metrics, read on scrape.",
+    )
+    config.add_arguments(ex, config.ExporterConfig)
+
+    port_var = config.env_var(config.GatewayConfig, "port")
+    ck = sub.add_parser(
+        "check",
+        help="exit 0 when a health URL answers 2xx (for container health checks)",
+        description="GET a URL; exit 0 on 2xx, 1 with a one-line reason otherwise.",
+    )
+    ck.add_argument(
+        "url",
+        nargs="?",
+        default=f"http://127.0.0.1:{os.environ.get(port_var) or GATEWAY_PORT}/readyz",
+        help=f"URL to check [default http://127.0.0.1:${port_var}/readyz]",
+    )
+    ck.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+
     sm = sub.add_parser(
         "submit",
         help="submit one job to a gateway and print the answer",
@@ -165,7 +208,6 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the result")
     sm.add_argument("--id", default=None, help="job id (default: generated)")
     sm.add_argument("--delay-ms", type=int, default=0, help="deliver after this delay")
-    port_var = config.env_var(config.GatewayConfig, "port")
     sm.add_argument(
         "--gateway-url",
         default=os.environ.get(ENV_GATEWAY_URL)
@@ -189,13 +231,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             from nsqjobs.worker.daemon import serve as serve_worker
 
             return _daemon(config.WorkerConfig, serve_worker, args)
+        if args.command == "exporter":
+            return _exporter(args)
+        if args.command == "check":
+            return _check(args)
         return _submit(args)
     except (NsqjobsError, ImportError, OSError) as exc:
         # One line, even when the error's own text has several (msgspec's, a task module's).
         lines = (line.strip() for line in str(exc).splitlines())
         reason = f"nsqjobs {args.command}: {' '.join(line for line in lines if line)}"
         print(reason, file=sys.stderr)
-        if os.environ.get(ENV_SUPERVISOR) and args.command != "submit":
+        if os.environ.get(ENV_SUPERVISOR) and args.command not in ("submit", "check"):
             # Under supervisord (which sets SUPERVISOR_ENABLED) the reason also goes to its
             # event listeners as PROCESS_COMMUNICATION: the local stack's watchdog stops the
             # stack with it.

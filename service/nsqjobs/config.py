@@ -300,3 +300,31 @@ class WorkerConfig(NsqConfig):
             "channel",
             "must be non-empty without dots",
         )
+
+
+@dataclass(frozen=True)
+class ExporterConfig(NsqConfig):
+    """Settings of ``nsqjobs exporter``: nsqd's stats as Prometheus metrics, read on scrape."""
+
+    host: str = setting(
+        "127.0.0.1", "address the metrics/health server binds", env="NSQJOBS_EXPORTER_HOST"
+    )
+    port: int = setting(
+        c.EXPORTER_PORT, "metrics and health HTTP port", env="NSQJOBS_EXPORTER_PORT"
+    )
+    scrape_timeout_s: float = setting(
+        2.0, "seconds each nsqlookupd or nsqd request of a scrape may take"
+    )
+
+    def check(self) -> None:
+        """Validate, including the shared NSQ settings."""
+        super().check()
+        cls = type(self)
+        _require(0 <= self.port < 65536, cls, "port", "must be 0-65535")
+        _require(0 < self.scrape_timeout_s <= 60, cls, "scrape_timeout_s", "must be 0-60")
+        _require(
+            bool(self.lookupd_http_address or self.nsqd_http_address),
+            cls,
+            "lookupd_http_address",
+            "empty: set --nsqd-http-address instead, or the exporter has nothing to read",
+        )

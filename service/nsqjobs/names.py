@@ -15,6 +15,7 @@ NSQD_HTTP_PORT: Final = 4151
 LOOKUPD_HTTP_PORT: Final = 4161
 GATEWAY_PORT: Final = 8080
 WORKER_METRICS_PORT: Final = 9101
+EXPORTER_PORT: Final = 9117
 
 # Environment variables. The daemons' settings derive theirs from the field names in
 # nsqjobs.config (NSQJOBS_ + FIELD); these are the ones read outside a config class.

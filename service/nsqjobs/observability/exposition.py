@@ -5,12 +5,14 @@ Errors (a 405 with ``Allow``, an unknown path) are problem+json, as on every oth
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import tornado.web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from nsqjobs.http.access import AccessLog
 from nsqjobs.http.handlers import NotFoundHandler, ProblemHandler
 
 
@@ -64,7 +66,13 @@ def observability_routes(
 def observability_app(
     registry: CollectorRegistry, ready_check: Callable[[], list[str]]
 ) -> tornado.web.Application:
-    """An application serving only the three routes, with a problem+json 404 elsewhere."""
+    """An application serving only the three routes, with a problem+json 404 elsewhere.
+
+    Requests are logged like the gateway's (a 503 from /readyz while starting is a WARNING, not
+    tornado's ERROR: not ready yet is no fault).
+    """
     return tornado.web.Application(
-        observability_routes(registry, ready_check), default_handler_class=NotFoundHandler
+        observability_routes(registry, ready_check),
+        default_handler_class=NotFoundHandler,
+        log_function=AccessLog(logging.getLogger("nsqjobs.http")).tornado_request_done,
     )

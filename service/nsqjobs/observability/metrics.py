@@ -134,6 +134,9 @@ class WorkerMetrics(_PublishingMetrics):
             "jobs with an attempt under way (running, or publishing its result), by task",
             "task",
         )
+        self.slots = self._gauge(
+            "worker_slots", "executor slots of this worker (its concurrency): jobs it may run"
+        )
         self.requeued_on_shutdown = c(
             "jobs_requeued_on_shutdown_total",
             "jobs handed back to nsqd unfinished at shutdown",

@@ -58,6 +58,7 @@ class Worker:
         self.tasks = tasks
         self.worker_id = config.worker_id or default_worker_id()
         self.metrics = WorkerMetrics(metrics_registry or CollectorRegistry())
+        self.metrics.slots.set(config.concurrency)
         self.publisher = Publisher(
             config.nsqd_tcp_address, metrics=self.metrics, client_id=self.worker_id
         )

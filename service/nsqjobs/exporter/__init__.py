@@ -1,0 +1,1 @@
+"""The nsqd exporter: nsqd topic and channel stats as Prometheus metrics, read on scrape."""

@@ -1,0 +1,277 @@
+"""The docker compose stack, built and run on a real Docker engine.
+
+One stack per module run, under a project name of its own, always taken down. From the host the
+tests talk only to the ports compose publishes on 127.0.0.1 (gateway, Prometheus); anything else
+(a worker replica's own metrics) is reached with ``docker compose exec``. Grafana cannot be had
+here: the stack is started by naming every other service, and Grafana never runs.
+
+Where Docker Hub cannot be reached, the stand-ins of ``deploy/standins/build.sh`` take the
+official images' place (``.ci/run`` builds them); they are used whenever they exist locally.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nsqjobs.testing import DeadlineExceeded, MissingBinary, free_port, http, wait_for
+
+from tests.dashboards import ALL, DASHBOARDS, FAST_FAILURES, check_queries, panels, submit_mix
+
+ROOT = Path(__file__).resolve().parent.parent
+STANDINS = ROOT / "deploy" / "standins" / "standins.env"
+# Every service but grafana (no image here; a bare `up` would fail pulling it).
+SERVICES = ["nsqlookupd", "nsqd", "nsqadmin", "gateway", "worker", "exporter", "prometheus"]
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@dataclass
+class Stack:
+    """A running compose project and its published ports."""
+
+    project: str
+    env: dict[str, str]
+    gateway: str
+    prometheus: str
+    show: Callable[[str], None]
+
+    def compose(self, *args: str, timeout: float = 300.0, check: bool = True) -> str:
+        """Run ``docker compose -p PROJECT ARGS``; the output, or an assertion with it."""
+        done = subprocess.run(
+            ["docker", "compose", "-p", self.project, *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and done.returncode:
+            raise AssertionError(f"docker compose {' '.join(args)}: {done.stderr}{done.stdout}")
+        return done.stdout + done.stderr
+
+    def replica_metric(self, index: int, name: str) -> float:
+        """Sum of metric ``name`` (all labels) in worker replica ``index``'s own /metrics."""
+        script = (
+            "import urllib.request as u;"
+            "print(u.urlopen('http://127.0.0.1:9101/metrics', timeout=5).read().decode())"
+        )
+        text = self.compose(
+            "exec", "-T", "--index", str(index), "worker", "python3", "-c", script, timeout=30
+        )
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name + "{") or line.startswith(name + " ")
+        )
+
+    def worker_targets(self) -> list[dict[str, Any]]:
+        """Prometheus's active targets of job ``worker``."""
+        _, _, body = http("GET", self.prometheus + "/api/v1/targets")
+        assert isinstance(body, dict)
+        return [t for t in body["data"]["activeTargets"] if t["labels"]["job"] == "worker"]
+
+
+def _docker() -> None:
+    if shutil.which("docker") is None:
+        raise MissingBinary("docker not found (apt-get install docker.io; .ci/run does it)")
+    for args, what in ((["info"], "no Docker engine answers"), (["compose", "version"], "")):
+        done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=30)
+        if done.returncode:
+            raise MissingBinary(
+                what
+                or "docker compose is missing (.ci/run builds the plugin)"
+                + f": {done.stderr.strip()[:200]}"
+            )
+
+
+def _image_env() -> dict[str, str]:
+    """The stand-in image names of standins.env, for those that exist locally."""
+    chosen = {}
+    for line in STANDINS.read_text().splitlines():
+        if line and not line.startswith("#"):
+            var, _, image = line.partition("=")
+            inspect = subprocess.run(
+                ["docker", "image", "inspect", image], capture_output=True, timeout=30
+            )
+            if inspect.returncode == 0:
+                chosen[var] = image
+    return chosen
+
+
+@pytest.fixture(scope="module")
+def stack(pytestconfig: pytest.Config) -> Iterator[Stack]:
+    """Build the images, `up --wait` the stack (2 workers), and always `down -v` it."""
+    _docker()
+    capture: Any = pytestconfig.pluginmanager.getplugin("capturemanager")
+
+    def show(text: str) -> None:
+        # Into the run's output even when the test passes: the CI log shows the containers.
+        if capture is None:
+            print(text)
+            return
+        with capture.global_and_fixture_disabled():
+            print(text, flush=True)
+
+    project = f"nsqjobs-test-{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NSQJOBS_")}
+    gateway_port, prometheus_port = free_port(), free_port()
+    env.update(
+        _image_env(),
+        NSQJOBS_IMAGE=f"{project}:latest",
+        GATEWAY_PORT=str(gateway_port),
+        PROMETHEUS_PORT=str(prometheus_port),
+        NSQADMIN_PORT=str(free_port()),
+        NSQJOBS_DEBUG_TASKS="1",
+        NSQJOBS_GRACE_S="30",
+        **FAST_FAILURES,
+    )
+    running = Stack(
+        project,
+        env,
+        f"http://127.0.0.1:{gateway_port}",
+        f"http://127.0.0.1:{prometheus_port}",
+        show,
+    )
+    try:
+        started = time.monotonic()
+        show("\n" + running.compose("build", "gateway", timeout=600).strip()[-600:])
+        built = time.monotonic()
+        running.compose("up", "--detach", "--wait", *SERVICES, timeout=300)
+        show(f"compose: build {built - started:.1f} s, up --wait {time.monotonic() - built:.1f} s")
+        show(running.compose("ps"))
+        yield running
+    finally:
+        running.compose("down", "--volumes", "--timeout", "60", timeout=120, check=False)
+        subprocess.run(
+            ["docker", "image", "rm", "-f", f"{project}:latest"], capture_output=True, timeout=60
+        )
+
+
+def _prime_count(stop: int) -> int:
+    sieve = bytearray([1]) * stop
+    sieve[:2] = b"\0\0"[:stop]
+    for i in range(2, int(stop**0.5) + 1):
+        if sieve[i]:
+            sieve[i * i :: i] = bytes(len(range(i * i, stop, i)))
+    return sum(sieve)
+
+
+def _run_jobs(gateway: str, jobs: list[dict[str, Any]], wait: float = 60) -> list[dict[str, Any]]:
+    def one(job: dict[str, Any]) -> dict[str, Any]:
+        status, _, body = http("POST", f"{gateway}/v1/jobs?wait={wait:g}", job, timeout=wait + 10)
+        assert status == 200, (status, body)
+        assert isinstance(body, dict)
+        return body
+
+    with ThreadPoolExecutor(max_workers=min(32, len(jobs))) as pool:
+        return list(pool.map(one, jobs))
+
+
+@pytest.mark.timeout(900)
+def test_compose_stack(stack: Stack) -> None:
+    """Jobs through the published gateway, scale to 4, dashboards' queries, drain on scale-down."""
+    # 1. Jobs through the published gateway port, every result checked.
+    stops = [1000 + 997 * i for i in range(100)]
+    results = _run_jobs(
+        stack.gateway, [{"task": "primes.count", "args": {"start": 0, "stop": s}} for s in stops]
+    )
+    for stop, result in zip(stops, results, strict=True):
+        assert result["status"] == "succeeded" and result["result"] == _prime_count(stop), result
+
+    # 2. Four replicas, each doing work of its own, each a Prometheus target that is up.
+    began = time.monotonic()
+    stack.compose("up", "--detach", "--wait", "--scale", "worker=4", *SERVICES)
+    stack.show(f"compose: --scale worker=4 {time.monotonic() - began:.1f} s")
+    stack.show(stack.compose("ps", "worker"))
+    stops = [50_000 + 1013 * i for i in range(400)]
+    results = _run_jobs(
+        stack.gateway, [{"task": "primes.count", "args": {"start": 0, "stop": s}} for s in stops]
+    )
+    for stop, result in zip(stops, results, strict=True):
+        assert result["status"] == "succeeded" and result["result"] == _prime_count(stop), result
+    done_by = [stack.replica_metric(i, "nsqjobs_jobs_succeeded_total") for i in range(1, 5)]
+    stack.show(f"jobs succeeded per replica: {done_by}")
+    assert all(n > 0 for n in done_by), done_by
+    assert len({r["worker"] for r in results}) == 4
+    wait_for(
+        lambda: sum(t["health"] == "up" for t in stack.worker_targets()) == 4,
+        timeout=60,
+        what="Prometheus lists 4 worker targets up",
+    )
+    stack.show(
+        f"prometheus worker targets: {[t['labels']['instance'] for t in stack.worker_targets()]}"
+    )
+
+    # 3. Every dashboard query returns data, failures and dead letters included.
+    submit_mix(stack.gateway, rounds=3)
+    failures: list[str] = []
+
+    def queries_pass() -> bool:
+        failures[:] = check_queries(stack.prometheus, DASHBOARDS, ALL)
+        return not failures
+
+    try:
+        wait_for(queries_pass, timeout=120, interval=5, what="every dashboard query has data")
+    except DeadlineExceeded:
+        raise AssertionError("dashboard queries:\n" + "\n".join(failures)) from None
+    count = sum(len(panel.expr) for path in DASHBOARDS for panel in panels(path))
+    stack.show(f"dashboards: all {count} queries of {len(DASHBOARDS)} dashboards returned data")
+
+    # 4. Scale down to 1 while long jobs run: the stopped replicas drain.
+    since = str(int(time.time()) - 1)
+    long_jobs = [{"task": "debug.sleep", "args": {"seconds": 6}} for _ in range(8)]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(_run_jobs, stack.gateway, long_jobs)
+        wait_for(
+            lambda: all(
+                stack.replica_metric(i, "nsqjobs_jobs_in_progress") > 0 for i in range(1, 5)
+            ),
+            timeout=30,
+            what="every replica runs a long job",
+            interval=0.5,
+        )
+        began = time.monotonic()
+        stack.compose("up", "--detach", "--wait", "--scale", "worker=1", *SERVICES)
+        stack.show(f"compose: --scale worker=1 (drain) {time.monotonic() - began:.1f} s")
+        drained = pending.result(timeout=120)
+    assert all(r["status"] == "succeeded" and r["attempts"] == 1 for r in drained), drained
+    assert len({r["worker"] for r in drained}) == 4, drained
+    events = subprocess.run(
+        [
+            "docker", "events", "--since", since, "--until", str(int(time.time()) + 1),
+            "--filter", f"label=com.docker.compose.project={stack.project}",
+            "--filter", "label=com.docker.compose.service=worker",
+            "--filter", "event=die", "--format", "{{json .Actor.Attributes}}",
+        ],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    died = [json.loads(line) for line in events.splitlines() if line]
+    stack.show(f"stopped replicas (name, exit code): {[(d['name'], d['exitCode']) for d in died]}")
+    assert len(died) == 3 and all(d["exitCode"] == "0" for d in died), died
+    ps = stack.compose("ps", "--format", "{{.Service}}", "worker").split()
+    assert ps == ["worker"], ps
+
+    # 5. `down -v` leaves no container, volume or network of the project.
+    stack.compose("down", "--volumes", "--timeout", "60", timeout=120)
+    label = f"label=com.docker.compose.project={stack.project}"
+    for kind in (["ps", "-a"], ["volume", "ls"], ["network", "ls"]):
+        left = subprocess.run(
+            ["docker", *kind, "-q", "--filter", label],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.split()
+        assert not left, (kind, left)
+    stack.show(f"compose: down -v left no container, volume or network of {stack.project}")
