@@ -149,6 +149,22 @@ RECONNECT_MAX_S = 1.0
 clients_log = logging.getLogger("nsqjobs.nsq")
 
 
+def unregister(client: Any, dialing: dict[str, Any], conn: Any) -> bool | None:
+    """A reader's or writer's bookkeeping when ``conn`` closes: forget the dial and the registered
+    connection. ``None`` when ``conn`` is a stale duplicate (the live connection of its address
+    stays registered); else whether it was up (registered) before it closed."""
+    addr = conn.id
+    if dialing.get(addr) is conn:
+        del dialing[addr]
+    registered = client.conns.get(addr)
+    if registered is not None and registered is not conn:
+        return None
+    if registered is not None:
+        del client.conns[addr]
+        return True
+    return False
+
+
 @dataclass
 class _Outage:
     since: float

@@ -23,7 +23,13 @@ from nsqjobs.errors import (
     PublishTimeout,
 )
 from nsqjobs.nsq import frames
-from nsqjobs.nsq.conn import BulkConn, Outages, quiet_pynsq_network_noise, silence_pynsq
+from nsqjobs.nsq.conn import (
+    BulkConn,
+    Outages,
+    quiet_pynsq_network_noise,
+    silence_pynsq,
+    unregister,
+)
 
 log = logging.getLogger("nsqjobs.nsq")
 
@@ -149,14 +155,11 @@ class _Writer(nsq.Writer):  # type: ignore[misc]
         conn.close()
 
     def _on_connection_close(self, conn: Any, **kwargs: Any) -> None:
-        if self._dialing.get(addr := conn.id) is conn:
-            del self._dialing[addr]
-        registered = self.conns.get(addr)
-        if registered is not None and registered is not conn:
+        addr = conn.id
+        was_up = unregister(self, self._dialing, conn)
+        if was_up is None:
             return
-        was_up = registered is not None
         if was_up:
-            del self.conns[addr]
             self.lost_at = time.monotonic()
         waiting = getattr(conn, "waiting", None) or ()
         if waiting:

@@ -14,6 +14,7 @@ from nsqjobs.nsq.conn import (
     connections_of,
     quiet_pynsq_network_noise,
     silence_pynsq,
+    unregister,
 )
 
 # A lost nsqd that nsqlookupd found (not one given with --nsqd-tcp-address) is dialled for this
@@ -71,14 +72,10 @@ class Reader(nsq.Reader):  # type: ignore[misc]
     def _on_connection_close(self, conn: Any, **kwargs: Any) -> None:
         # pynsq's bookkeeping, without its log line and its reconnect in 15 s; and a duplicate
         # connection closing no longer unregisters the live one of the same address.
-        if self._dialing.get(addr := conn.id) is conn:
-            del self._dialing[addr]
-        registered = self.conns.get(addr)
-        if registered is not None and registered is not conn:
+        addr = conn.id
+        was_up = unregister(self, self._dialing, conn)
+        if was_up is None:
             return
-        was_up = registered is not None
-        if was_up:
-            del self.conns[addr]
         self.total_rdy = max(self.total_rdy - conn.rdy, 0)
         if (conn.rdy_timeout or conn.rdy) and (
             len(self.conns) == self.max_in_flight or self.backoff_timer.get_interval()
