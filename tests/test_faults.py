@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -161,7 +160,7 @@ def test_a_refused_frame_fails_alone_and_the_frames_behind_it_are_sent_again(nsq
 def test_a_publish_timeout_is_not_sent_again_and_a_stalled_nsqd_is_not_ready(nsq: Nsq) -> None:
     if nsq.nsqd is None:
         raise AssertionError("the pair has an nsqd process")
-    nsqd = nsq.nsqd.proc
+    nsqd = nsq.nsqd
     port = nsq.nsqd_tcp.rpartition(":")[2]
     nsq.create_channel("stalls", "test")
 
@@ -170,7 +169,7 @@ def test_a_publish_timeout_is_not_sent_again_and_a_stalled_nsqd_is_not_ready(nsq
         publisher = Publisher([nsq.nsqd_tcp, f"localhost:{port}"], timeout_s=0.5)
         try:
             await _connected(publisher, 2)
-            nsqd.send_signal(signal.SIGSTOP)
+            nsqd.pause()
             try:
                 try:
                     await publisher.pub("stalls", b"maybe-stored")
@@ -179,7 +178,7 @@ def test_a_publish_timeout_is_not_sent_again_and_a_stalled_nsqd_is_not_ready(nsq
                     error = exc
                 stalled = publisher.connected()
             finally:
-                nsqd.send_signal(signal.SIGCONT)
+                nsqd.resume()
             await _connected(publisher, 2)  # the late OK arrives: healthy again
             return error, stalled, publisher.connected()
         finally:

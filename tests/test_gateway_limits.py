@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import signal
 import socket
 import time
 from collections.abc import Callable
@@ -213,12 +212,11 @@ def test_a_publish_without_an_answer_is_outcome_unknown(
     status, _, _ = http("POST", gw.url + "/v1/jobs", NOOP)
     assert status == 202
     assert nsq.nsqd is not None
-    pid = nsq.nsqd.proc.pid
-    os.kill(pid, signal.SIGSTOP)  # nsqd holds the connection but answers nothing
+    nsq.nsqd.pause()  # nsqd holds the connection but answers nothing
     try:
         status, headers, body = http("POST", gw.url + "/v1/jobs", {**NOOP, "id": "maybe-1"})
     finally:
-        os.kill(pid, signal.SIGCONT)
+        nsq.nsqd.resume()
     problem(status, headers, body, 503, "outcome-unknown")
     assert body["id"] == "maybe-1" and "may or may not have been stored" in body["detail"]
     assert "same `id`" in body["detail"]

@@ -424,8 +424,7 @@ def test_result_nsqd_does_not_acknowledge_is_requeued_and_the_job_completes(
         "the job to be running",
     )
     assert nsq.nsqd is not None
-    nsqd = nsq.nsqd.proc.pid
-    os.kill(nsqd, signal.SIGSTOP)  # the result's PUB gets no answer within the publish timeout
+    nsq.nsqd.pause()  # the result's PUB gets no answer within the publish timeout
     try:
         wait_for(
             lambda: worker.metric("nsqjobs_publish_errors_total", command="pub") >= 1,
@@ -433,7 +432,7 @@ def test_result_nsqd_does_not_acknowledge_is_requeued_and_the_job_completes(
             "the result publish to time out",
         )
     finally:
-        os.kill(nsqd, signal.SIGCONT)
+        nsq.nsqd.resume()
     # nsqd then reads what waited in its socket: the result (so a first copy is published:
     # at least once) and the REQ, which delivers the job again; that attempt is FINed.
     got = [wire.decode_result(b) for b in results.collect(2, timeout=30)]

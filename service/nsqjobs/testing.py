@@ -213,6 +213,28 @@ class Proc:
         """SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
         return stop_process(self.proc, timeout)
 
+    def pause(self, timeout: float = 5.0) -> None:
+        """SIGSTOP, then wait until every thread of the process is stopped: the signal is
+        delivered asynchronously, and a thread still running could answer one more request."""
+        self.proc.send_signal(signal.SIGSTOP)
+        wait_for(lambda: _stopped(self.proc.pid), timeout, f"{self.name} to stop")
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        self.proc.send_signal(signal.SIGCONT)
+
+
+def _stopped(pid: int) -> bool:
+    # /proc/PID/task/TID/stat: "tid (comm) STATE ..."; T is stopped by a signal.
+    tasks = Path(f"/proc/{pid}/task")
+    states = []
+    for task in tasks.iterdir():
+        try:
+            states.append(task.joinpath("stat").read_text().rpartition(")")[2].split()[0])
+        except (OSError, IndexError):
+            continue
+    return bool(states) and all(state in ("T", "t") for state in states)
+
 
 def spawn(
     argv: Sequence[str],
