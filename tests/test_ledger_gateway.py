@@ -169,3 +169,28 @@ def test_without_a_ledger_nothing_changes(nsq: Nsq, daemons: Callable[..., Daemo
     assert code == 404 and problem["type"].endswith("not-found")
     assert nsq.channel(RESULTS_TOPIC, LEDGER_CHANNEL) is None
     assert "nsqjobs_ledger" not in json.dumps([f.name for f in gateway.metrics()])
+
+
+def test_a_retry_publishes_a_job_nsqd_never_acknowledged(
+    nsq: Nsq, daemons: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    gateway = daemons(
+        "gateway",
+        nsq,
+        NSQJOBS_LEDGER_URL=f"sqlite:///{tmp_path / 'ledger.sqlite3'}",
+        NSQJOBS_PUBLISH_TIMEOUT_S="1",
+    )
+    nsq.stop_nsqd()
+    job = {"id": "retry-me", "task": "noop"}
+    code, _, problem = http("POST", f"{gateway.url}/v1/jobs", job)
+    assert code == 503, problem
+    # Recorded, never acknowledged: the ledger says so.
+    code, _, record = job_status(gateway, "retry-me")
+    assert code == 200 and record["status"] == "queued" and record["published_at"] is None
+    nsq.start_nsqd()
+    wait_for(lambda: http("GET", f"{gateway.url}/readyz")[0] == 200, 30, "the gateway ready")
+    code, _, answer = http("POST", f"{gateway.url}/v1/jobs", job)
+    assert code == 202, answer
+    assert nsq.message_count("jobs") == 1
+    daemons("worker", nsq)
+    assert finished(gateway, "retry-me")["published_at"] is not None
