@@ -208,6 +208,11 @@ class GatewayConfig(NsqConfig):
     api_tokens: tuple[str, ...] = setting(
         [], "bearer tokens every /v1 route requires (comma-separated; empty: no authentication)"
     )
+    ledger_url: str = setting(
+        "",
+        "job ledger: sqlite:///relative/path or sqlite:////absolute/path (empty: no ledger, "
+        "no GET /v1/jobs/{id}, no id deduplication)",
+    )
 
     def check(self) -> None:
         """Validate, including the shared NSQ settings."""
@@ -236,6 +241,13 @@ class GatewayConfig(NsqConfig):
             cls,
             "api_tokens",
             "each token must be at least 16 printable characters without spaces",
+        )
+        _require(
+            not self.ledger_url
+            or (self.ledger_url.startswith(c.LEDGER_SQLITE_SCHEME) and len(self.ledger_url) > 10),
+            cls,
+            "ledger_url",
+            f"must be empty or {c.LEDGER_SQLITE_SCHEME}PATH",
         )
 
 

@@ -8,6 +8,10 @@ RESULTS_TOPIC: Final = "results"
 DEAD_LETTER_TOPIC: Final = "dead_letters"
 WORKER_CHANNEL: Final = "workers"
 GATEWAY_CHANNEL_PREFIX: Final = "gateway"
+# The ledger's durable channel on the results and dead-letter topics: outcomes wait in nsqd for
+# a ledger that is down, and are FINed only once recorded.
+LEDGER_CHANNEL: Final = "ledger"
+LEDGER_SQLITE_SCHEME: Final = "sqlite:///"
 
 # Default ports of the local stack (each can be changed by its environment variable).
 NSQD_TCP_PORT: Final = 4150

@@ -25,6 +25,7 @@ from nsqjobs.gateway.auth import PROTECTED_PREFIX, Tokens
 from nsqjobs.gateway.catalog import OpenApiHandler, TasksHandler
 from nsqjobs.gateway.jobs import JobRoutes
 from nsqjobs.gateway.openapi import openapi_document
+from nsqjobs.gateway.status import JOB_PATTERN, JobStatusHandler
 from nsqjobs.gateway.submit import Acceptor
 from nsqjobs.gateway.waiting import ResultWaiter
 from nsqjobs.http.access import AccessLog
@@ -32,11 +33,13 @@ from nsqjobs.http.handlers import NotFoundHandler
 from nsqjobs.http.problems import Problem, render_problem
 from nsqjobs.http.responses import write_response
 from nsqjobs.http.server import HTTPServer
+from nsqjobs.ledger import Store, open_store
+from nsqjobs.ledger.outcomes import OutcomeRecorder
 from nsqjobs.names import DEAD_LETTER_TOPIC, RESULTS_TOPIC
 from nsqjobs.nsq.admin import create_topics, nsqd_limit
 from nsqjobs.nsq.publisher import Publisher
 from nsqjobs.observability.exposition import observability_routes
-from nsqjobs.observability.metrics import GatewayMetrics
+from nsqjobs.observability.metrics import GatewayMetrics, LedgerMetrics
 from nsqjobs.registry import Registry
 
 log = logging.getLogger("nsqjobs.gateway")
@@ -199,10 +202,24 @@ class GatewayApp:
         self.publisher = Publisher(
             config.nsqd_tcp_address, timeout_s=config.publish_timeout_s, metrics=self.metrics
         )
+        # The job ledger (off by default): jobs recorded before they are published, outcomes
+        # recorded from the results and dead-letter topics.
+        self.store: Store | None = open_store(config.ledger_url) if config.ledger_url else None
+        self.outcomes: OutcomeRecorder | None = None
+        if self.store is not None:
+            self.outcomes = OutcomeRecorder(
+                self.store,
+                LedgerMetrics(self.metrics.registry),
+                config.nsqd_tcp_address,
+                config.lookupd_http_address,
+                config.lookupd_poll_interval,
+            )
         self.acceptor = Acceptor(
             registry,
             self.publisher,
             self.metrics,
+            None if self.store is None else self.store.record_accepted,
+            published=None if self.store is None else self._mark_published,
             max_msg_size=config.nsqd_max_msg_size,
             max_body_size=config.nsqd_max_body_size,
         )
@@ -212,6 +229,10 @@ class GatewayApp:
         )
         self.server: tornado.httpserver.HTTPServer | HTTPServer | None = None
 
+    def _mark_published(self, ids: list[str]) -> None:
+        if self.store is not None:
+            self.store.mark_published(ids).add_done_callback(_log_ledger_failure)
+
     def ready_problems(self) -> list[str]:
         """Empty when the gateway can accept jobs."""
         problems = []
@@ -219,6 +240,8 @@ class GatewayApp:
             problems.append("no nsqd connection for publishing")
         if not self.waiter.connected():
             problems.append("not subscribed to the results topic (wait= will time out)")
+        if self.outcomes is not None and not self.outcomes.connected():
+            problems.append("the ledger is not subscribed to the results and dead-letter topics")
         return problems
 
     def make_app(self) -> tornado.web.Application:
@@ -228,6 +251,8 @@ class GatewayApp:
             (r"/openapi.json", OpenApiHandler, {"document": self.openapi}),
             *observability_routes(self.metrics.registry, self.ready_problems),
         ]
+        if self.store is not None:
+            routes.append((JOB_PATTERN, JobStatusHandler, {"store": self.store}))
         return tornado.web.Application(
             routes,
             default_handler_class=NotFoundHandler,
@@ -270,6 +295,8 @@ class GatewayApp:
             log.warning("%s (continuing: the first publish creates it)", failure)
         await self.read_nsqd_limits()
         self.waiter.start()
+        if self.outcomes is not None:
+            self.outcomes.start()
         router = self.make_router()
         # A backstop far above the gateway's own limit, which answers problem+json 413 itself.
         max_body = 4 * config.max_body_bytes + 65536
@@ -318,7 +345,16 @@ class GatewayApp:
                 # Requests still waiting for results; their jobs are safe in nsqd already.
                 log.warning("closing with requests still open (they were waiting for results)")
         self.waiter.close()
+        if self.outcomes is not None:
+            self.outcomes.close()
         self.publisher.close()
+        if self.store is not None:
+            self.store.close()  # after the last request: its writes are committed first
+
+
+def _log_ledger_failure(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.warning("ledger: could not note a publish: %s", fut.exception())
 
 
 async def serve(config: GatewayConfig, registry: Registry, stop: asyncio.Event) -> None:

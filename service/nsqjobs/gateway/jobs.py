@@ -23,7 +23,13 @@ from nsqjobs import wire
 from nsqjobs.api import Accepted, BatchAccepted, BatchRequest, SubmitRequest
 from nsqjobs.errors import PublishError, PublishTimeout
 from nsqjobs.gateway.bodies import decode_batch, decode_submit
-from nsqjobs.gateway.submit import Acceptor, BatchPartlyPublished, DuplicateIds
+from nsqjobs.gateway.submit import (
+    Acceptor,
+    BatchPartlyPublished,
+    DuplicateIds,
+    IdConflict,
+    JobExists,
+)
 from nsqjobs.gateway.waiting import ResultWaiter
 from nsqjobs.http.access import AccessLog
 from nsqjobs.http.problems import (
@@ -258,6 +264,9 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
 
     def _answer_exception(self, exc: BaseException) -> None:
         problem: Problem | None
+        if isinstance(exc, JobExists):  # not an error: the job as the ledger has it
+            self._answer_json(200, exc.record.view())
+            return
         if isinstance(exc, BatchPartlyPublished):
             problem = _partly_published(exc)
         elif isinstance(exc, DuplicateIds):
@@ -266,6 +275,15 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
                 "duplicate-id",
                 f"jobs of one batch need distinct ids: {exc}",
                 errors=validation_errors(exc),
+            )
+        elif isinstance(exc, IdConflict):
+            problem = Problem(
+                409,
+                "id-conflict",
+                "a job with this id was accepted before with another task or other args",
+                errors=[
+                    {"field": field, "message": "id taken by another job"} for field in exc.fields
+                ],
             )
         else:
             problem = as_problem(exc)

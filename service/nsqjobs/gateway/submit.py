@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from nsqjobs import wire
 from nsqjobs.api import BatchJob, SubmitRequest
@@ -22,15 +22,21 @@ from nsqjobs.errors import (
     FieldError,
     InvalidArgumentsError,
     JobTooLarge,
+    NsqjobsError,
     PublishError,
     UnknownTaskError,
 )
 from nsqjobs.gateway.bodies import integral_floats
+from nsqjobs.ledger import Accepted, JobRecord
 from nsqjobs.nsq.publisher import Publisher
 from nsqjobs.observability.metrics import GatewayMetrics
 from nsqjobs.registry import Registry, Task
 
-Recorder = Callable[[list[wire.JobEnvelope]], Awaitable[None]]
+# Records jobs before they are published: None (all recorded), or per job what the ledger
+# already had under its id (``nsqjobs.ledger.Store.record_accepted``).
+Recorder = Callable[[list[wire.JobEnvelope]], Awaitable[Sequence[Accepted] | None]]
+# Told the ids nsqd acknowledged, after a recorder recorded them.
+Published = Callable[[list[str]], object]
 # A validated job, ready to publish: its task (for the queue topic) and its envelope.
 Built = tuple[Task, wire.JobEnvelope]
 # nsqd's defaults for --max-msg-size and --max-body-size.
@@ -40,6 +46,23 @@ NSQD_MAX_BODY_SIZE = 5 * 1024 * 1024
 
 class DuplicateIds(InvalidArgumentsError):
     """Two jobs of one batch name the same id (a conflict between valid jobs: 409)."""
+
+
+class JobExists(NsqjobsError):
+    """The job's id was accepted before, with the same task and args, and published: nothing
+    is published again (answered 200 with the job as recorded)."""
+
+    def __init__(self, record: JobRecord) -> None:
+        super().__init__(f"job {record.id!r} exists")
+        self.record = record
+
+
+class IdConflict(NsqjobsError):
+    """An id the ledger holds for another task or other args (409); ``fields`` name them."""
+
+    def __init__(self, fields: list[str]) -> None:
+        super().__init__(", ".join(fields))
+        self.fields = fields
 
 
 class BatchPartlyPublished(PublishError):
@@ -62,6 +85,7 @@ class Acceptor:
         metrics: GatewayMetrics,
         recorder: Recorder | None = None,
         *,
+        published: Published | None = None,
         max_msg_size: int = NSQD_MAX_MSG_SIZE,
         max_body_size: int = NSQD_MAX_BODY_SIZE,
     ) -> None:
@@ -69,6 +93,7 @@ class Acceptor:
         self.publisher = publisher
         self.metrics = metrics
         self.recorder = recorder
+        self.published = published
         # nsqd's limits (the gateway reads the live values at start).
         self.max_msg_size = max_msg_size
         self.max_body_size = max_body_size
@@ -167,12 +192,16 @@ class Acceptor:
         self, task: Task, env: wire.JobEnvelope, body: bytes, delay_ms: int
     ) -> wire.JobEnvelope:
         if self.recorder is not None:
-            await self.recorder([env])
+            answers = await self.recorder([env])
+            if answers:
+                _check_existing(answers, [env])
         if delay_ms:
             await self.publisher.dpub(task.queue, delay_ms, body)
         else:
             await self.publisher.pub(task.queue, body)
         self.metrics.accepted(task.name)
+        if self.published is not None:
+            self.published([env.id])
         return env
 
     # -- a batch --------------------------------------------------------------------------------
@@ -239,7 +268,12 @@ class Acceptor:
         by_topic = self.encode_batch(built)
         envelopes = [env for _, env in built]
         if self.recorder is not None:
-            await self.recorder(envelopes)
+            answers = await self.recorder(envelopes)
+            if answers:
+                skip = _check_existing(answers, envelopes)
+                if skip:  # published before: not again
+                    built = [b for b in built if b[1].id not in skip]
+                    by_topic = self.encode_batch(built)
         done: list[str] = []
         for topic, bodies in by_topic.items():
             try:
@@ -248,16 +282,42 @@ class Acceptor:
                 if not done:
                     raise
                 published = set(done)
+                acked = [env.id for task, env in built if task.queue in published]
+                if self.published is not None:
+                    self.published(acked)
                 raise BatchPartlyPublished(
-                    exc,
-                    [env.id for task, env in built if task.queue in published],
-                    [env.id for task, env in built if task.queue not in published],
+                    exc, acked, [env.id for task, env in built if task.queue not in published]
                 ) from exc
             done.append(topic)
         for name, count in Counter(task.name for task, _ in built).items():
             self.metrics.accepted(name, count)
+        if self.published is not None and built:
+            self.published([env.id for _, env in built])
         return envelopes
 
     async def accept_batch(self, reqs: list[BatchJob]) -> list[wire.JobEnvelope]:
         """:meth:`build_batch` then :meth:`publish_batch`."""
         return await self.publish_batch(self.build_batch(reqs))
+
+
+def _check_existing(answers: Sequence[Accepted], envelopes: list[wire.JobEnvelope]) -> set[str]:
+    """The ids to leave unpublished (accepted and published before); raises
+    :class:`IdConflict`, or for a single job :class:`JobExists`.
+
+    A job recorded but never known to be published (its publish failed, or is still under
+    way) is published again: at least once, and the ledger keeps the first outcome.
+    """
+    conflicts = [i for i, a in enumerate(answers) if a.kind == "conflict"]
+    if conflicts:
+        if len(envelopes) == 1:
+            raise IdConflict(["id"])
+        raise IdConflict([f"jobs[{i}].id" for i in conflicts])
+    skip = {
+        a.existing.id
+        for a in answers
+        if a.kind == "same" and a.existing is not None and a.existing.published_at is not None
+    }
+    record = answers[0].existing
+    if skip and len(envelopes) == 1 and record is not None:
+        raise JobExists(record)
+    return skip

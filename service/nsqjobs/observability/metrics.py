@@ -99,6 +99,24 @@ class GatewayMetrics(_PublishingMetrics):
         child.inc(count)
 
 
+class LedgerMetrics:
+    """What the job ledger measures, on the gateway's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.outcomes = Counter(
+            f"{P}_ledger_outcomes_total",
+            "outcome messages read by the ledger, by topic and what they came to (recorded, "
+            "duplicate, unknown: an id the ledger never accepted)",
+            ("topic", "verdict"),
+            registry=registry,
+        )
+        self.duplicate_outcomes = Counter(
+            f"{P}_ledger_duplicate_outcomes_total",
+            "outcomes for a job whose outcome was already recorded (ignored: the first wins)",
+            registry=registry,
+        )
+
+
 class WorkerMetrics(_PublishingMetrics):
     """Job lifecycle metrics of a worker, by task (recorded by ``worker_hooks.MetricsHook``)."""
 

@@ -1,0 +1,38 @@
+"""The job ledger: every accepted job and its first terminal outcome, by id.
+
+The gateway records a job here before publishing it, and records outcomes read from the
+``results`` and ``dead_letters`` topics. Imports point gateway -> ledger, never back.
+"""
+
+from nsqjobs.errors import ConfigError
+from nsqjobs.ledger.sqlite import SqliteStore
+from nsqjobs.ledger.store import (
+    Accepted,
+    JobRecord,
+    JobStatus,
+    LedgerError,
+    OutcomeVerdict,
+    Page,
+    Store,
+)
+from nsqjobs.names import LEDGER_SQLITE_SCHEME
+
+__all__ = [
+    "Accepted",
+    "JobRecord",
+    "JobStatus",
+    "LedgerError",
+    "OutcomeVerdict",
+    "Page",
+    "SqliteStore",
+    "Store",
+    "open_store",
+]
+
+
+def open_store(url: str) -> Store:
+    """The store a ledger URL names: ``sqlite:///PATH`` (relative to the working directory;
+    ``sqlite:////abs/path`` is absolute)."""
+    if url.startswith(LEDGER_SQLITE_SCHEME) and len(url) > len(LEDGER_SQLITE_SCHEME):
+        return SqliteStore(url.removeprefix(LEDGER_SQLITE_SCHEME))
+    raise ConfigError(f"unsupported ledger URL {url!r} (expected {LEDGER_SQLITE_SCHEME}PATH)")

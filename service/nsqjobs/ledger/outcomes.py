@@ -1,0 +1,107 @@
+"""Outcomes into the ledger: the ``results`` and ``dead_letters`` topics, read on a durable
+channel; a message is FINed only once its outcome is committed, so none is lost to a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from nsqjobs import wire
+from nsqjobs.errors import DecodeError
+from nsqjobs.ledger.store import OutcomeVerdict, Store
+from nsqjobs.names import DEAD_LETTER_TOPIC, LEDGER_CHANNEL, RESULTS_TOPIC
+from nsqjobs.nsq.reader import Reader, close_reader, connected_count
+from nsqjobs.observability.metrics import LedgerMetrics
+
+log = logging.getLogger("nsqjobs.ledger")
+# A write that failed is tried again after this long (nsqd redelivers the message).
+REQUEUE_MS = 1000
+MAX_IN_FLIGHT = 500
+
+
+class OutcomeRecorder:
+    """Records the first terminal outcome per job id; later ones are counted and ignored."""
+
+    def __init__(
+        self,
+        store: Store,
+        metrics: LedgerMetrics,
+        nsqd_tcp_addresses: Sequence[str],
+        lookupd_http_addresses: Sequence[str] = (),
+        lookupd_poll_interval: float = 15.0,
+    ) -> None:
+        self.store = store
+        self.metrics = metrics
+        self._reader_args: dict[str, Any] = {
+            "nsqd_tcp_addresses": list(nsqd_tcp_addresses),
+            "lookupd_http_addresses": list(lookupd_http_addresses) or None,
+            "lookupd_poll_interval": lookupd_poll_interval,
+            "max_in_flight": MAX_IN_FLIGHT,
+            "max_tries": 0,
+        }
+        self.readers: list[Any] = []
+
+    def start(self) -> None:
+        """Subscribe to both topics (after they exist, so the first lookup finds them)."""
+        self.readers = [
+            Reader(
+                topic=topic,
+                channel=LEDGER_CHANNEL,
+                message_handler=functools.partial(self._on_message, topic, record),
+                **self._reader_args,
+            )
+            for topic, record in (
+                (RESULTS_TOPIC, self._record_result),
+                (DEAD_LETTER_TOPIC, self._record_dead_letter),
+            )
+        ]
+
+    def _record_result(self, body: bytes) -> asyncio.Future[OutcomeVerdict]:
+        return self.store.record_result(wire.decode_result(body))
+
+    def _record_dead_letter(self, body: bytes) -> asyncio.Future[OutcomeVerdict]:
+        return self.store.record_dead_letter(wire.decode_dead_letter(body))
+
+    def _on_message(
+        self,
+        topic: str,
+        record: Callable[[bytes], asyncio.Future[OutcomeVerdict]],
+        message: Any,
+    ) -> bool | None:
+        try:
+            written = record(message.body)
+        except DecodeError as exc:
+            log.warning("ledger: dropping an undecodable %s message %s: %s", topic, message.id, exc)
+            self.metrics.outcomes.labels(topic, "undecodable").inc()
+            return True
+        message.enable_async()
+        written.add_done_callback(functools.partial(self._written, topic, message))
+        return None
+
+    def _written(self, topic: str, message: Any, written: asyncio.Future[OutcomeVerdict]) -> None:
+        if written.cancelled() or written.exception() is not None:
+            log.warning(
+                "ledger: %s message %s not recorded (%s); nsqd redelivers it",
+                topic,
+                message.id,
+                "cancelled" if written.cancelled() else written.exception(),
+            )
+            message.requeue(backoff=False, time_ms=REQUEUE_MS)
+            return
+        verdict = written.result()
+        self.metrics.outcomes.labels(topic, verdict).inc()
+        if verdict == "duplicate":
+            self.metrics.duplicate_outcomes.inc()
+        message.finish()
+
+    def connected(self) -> bool:
+        """True when both topics are subscribed on at least one nsqd."""
+        return bool(self.readers) and all(connected_count(r) > 0 for r in self.readers)
+
+    def close(self) -> None:
+        """Close both readers (unFINed messages go back to nsqd)."""
+        for reader in self.readers:
+            close_reader(reader)

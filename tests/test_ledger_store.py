@@ -1,0 +1,208 @@
+"""The SQLite ledger store on its own: durability, schema, idempotent accepts, first outcome
+wins, listing."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from nsqjobs import wire
+from nsqjobs.ledger import LedgerError, SqliteStore
+from nsqjobs.ledger.sqlite import SCHEMA_VERSION
+
+T = TypeVar("T")
+pytestmark = pytest.mark.timeout(30)
+
+
+def run(path: Path, body: Callable[[SqliteStore], Awaitable[T]]) -> T:
+    """Open a store on ``path``, run ``body`` in an event loop, close the store."""
+
+    async def main() -> T:
+        store = SqliteStore(path)
+        try:
+            return await asyncio.wait_for(body(store), 10)
+        finally:
+            store.close()
+
+    return asyncio.run(main())
+
+
+def job(job_id: str, task: str = "noop", **args: Any) -> wire.JobEnvelope:
+    return wire.JobEnvelope(id=job_id, task=task, args=args, created_at=1000.0)
+
+
+def result(job_id: str, status: str = "succeeded", value: Any = 1, attempts: int = 1) -> Any:
+    error = None if status == "succeeded" else wire.ErrorInfo(type="ValueError", message="bad")
+    return wire.ResultEnvelope(
+        id=job_id,
+        task="noop",
+        status=status,  # type: ignore[arg-type]
+        result=value if status == "succeeded" else None,
+        error=error,
+        attempts=attempts,
+        worker="w1",
+        started_at=1001.0,
+        finished_at=1002.0,
+        duration_s=1.0,
+    )
+
+
+def test_schema_is_migrated_wal_and_full_sync(tmp_path: Path) -> None:
+    path = tmp_path / "data" / "ledger.sqlite3"
+    run(path, lambda store: store.get("nothing"))
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        conn.close()
+    # Opening again migrates nothing and keeps what is there.
+    run(path, lambda store: store.get("nothing"))
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(LedgerError, match="newer"):
+        SqliteStore(path)
+
+
+def test_accepted_jobs_survive_a_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+
+    async def accept(store: SqliteStore) -> list[str]:
+        answers = await store.record_accepted([job("a", n=1), job("b", n=2)])
+        return [a.kind for a in answers]
+
+    assert run(path, accept) == ["new", "new"]
+    got = run(path, lambda store: store.get("b"))
+    assert got is not None
+    assert (got.id, got.task, got.args, got.status, got.attempts) == (
+        "b",
+        "noop",
+        {"n": 2},
+        "queued",
+        0,
+    )
+    assert got.published_at is None and got.finished_at is None
+
+
+def test_same_id_same_job_is_same_and_other_args_conflict_all_or_none(tmp_path: Path) -> None:
+    async def body(store: SqliteStore) -> None:
+        await store.record_accepted([job("a", x=1, y=[1, 2])])
+        # The same arguments in another key order are the same job.
+        same = await store.record_accepted(
+            [wire.JobEnvelope(id="a", task="noop", args={"y": [1, 2], "x": 1}, created_at=5.0)]
+        )
+        assert same[0].kind == "same" and same[0].existing is not None
+        assert same[0].existing.args == {"x": 1, "y": [1, 2]}
+        answers = await store.record_accepted([job("new1"), job("a", x=2), job("new2")])
+        assert [a.kind for a in answers] == ["new", "conflict", "new"]
+        # A conflict records nothing of its batch.
+        assert await store.get("new1") is None and await store.get("new2") is None
+        other_task = await store.record_accepted([job("a", task="sleep", x=1, y=[1, 2])])
+        assert other_task[0].kind == "conflict"
+
+    run(tmp_path / "l.sqlite3", body)
+
+
+def test_first_result_wins_and_duplicates_are_counted(tmp_path: Path) -> None:
+    async def body(store: SqliteStore) -> None:
+        await store.record_accepted([job("a"), job("b")])
+        await store.mark_published(["a"])
+        assert await store.record_result(result("a", value=42)) == "recorded"
+        assert await store.record_result(result("a", "failed", attempts=3)) == "duplicate"
+        assert await store.record_result(result("zzz")) == "unknown"
+        a = await store.get("a")
+        assert a is not None
+        assert (a.status, a.result, a.error, a.attempts, a.worker) == (
+            "succeeded",
+            42,
+            None,
+            1,
+            "w1",
+        )
+        assert a.published_at is not None and a.finished_at == 1002.0
+        # A dead letter makes the job dead, whichever of its two messages came first.
+        letter = wire.DeadLetter(
+            reason="max_attempts",
+            error=wire.ErrorInfo(type="ValueError", message="bad"),
+            worker="w1",
+            at=1003.0,
+            job=job("b"),
+        )
+        assert await store.record_dead_letter(letter) == "recorded"
+        assert await store.record_dead_letter(letter) == "duplicate"
+        assert await store.record_result(result("b", "failed", attempts=3)) == "recorded"
+        b = await store.get("b")
+        assert b is not None
+        assert (b.status, b.dead_reason, b.attempts) == ("dead", "max_attempts", 3)
+        assert b.error == wire.ErrorInfo(type="ValueError", message="bad")
+        no_job = wire.DeadLetter(
+            reason="undecodable", error=letter.error, worker="w", at=1.0, raw="x"
+        )
+        assert await store.record_dead_letter(no_job) == "unknown"
+
+    run(tmp_path / "l.sqlite3", body)
+
+
+def test_listing_by_status_and_task_with_a_cursor(tmp_path: Path) -> None:
+    async def body(store: SqliteStore) -> None:
+        await store.record_accepted(
+            [job(f"j{i}", task="noop" if i % 2 else "sleep") for i in range(7)]
+        )
+        for i in (1, 3, 4):
+            await store.record_result(result(f"j{i}"))
+        page = await store.list_jobs(limit=3)
+        assert [j.id for j in page.jobs] == ["j0", "j1", "j2"] and page.cursor is not None
+        page = await store.list_jobs(limit=3, cursor=page.cursor)
+        assert [j.id for j in page.jobs] == ["j3", "j4", "j5"]
+        page = await store.list_jobs(limit=3, cursor=page.cursor)
+        assert [j.id for j in page.jobs] == ["j6"] and page.cursor is None
+        done = await store.list_jobs(status="succeeded")
+        assert [j.id for j in done.jobs] == ["j1", "j3", "j4"]
+        assert [j.id for j in (await store.list_jobs(status="queued", task="noop")).jobs] == ["j5"]
+        for bad in ({"cursor": "x"}, {"limit": 0}, {"status": "nope"}):
+            with pytest.raises(LedgerError):
+                store.list_jobs(**bad)
+
+    run(tmp_path / "l.sqlite3", body)
+
+
+def test_one_loop_turn_is_one_transaction_on_one_thread(tmp_path: Path) -> None:
+    threads: set[str] = set()
+    commits: list[int] = []
+
+    async def body(store: SqliteStore) -> None:
+        conn = store._conn
+
+        def trace(sql: str) -> None:
+            if sql == "COMMIT":
+                threads.add(threading.current_thread().name)
+                commits.append(1)
+
+        conn.set_trace_callback(trace)
+        futs = [store.record_accepted([job(f"j{i}")]) for i in range(200)]
+        answers = await asyncio.gather(*futs)
+        assert all(a[0].kind == "new" for a in answers)
+
+    run(tmp_path / "l.sqlite3", body)
+    assert threads == {"nsqjobs-ledger"}
+    assert len(commits) == 1
+
+
+def test_a_closed_store_refuses_work(tmp_path: Path) -> None:
+    async def body() -> None:
+        store = SqliteStore(tmp_path / "l.sqlite3")
+        store.close()
+        with pytest.raises(LedgerError, match="closed"):
+            await store.get("a")
+
+    asyncio.run(body())
