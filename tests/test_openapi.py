@@ -24,13 +24,19 @@ TOKEN = "schemathesis-token-0123456789"
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("tokens", [False, True], ids=["open", "bearer"])
+@pytest.mark.parametrize(
+    ("tokens", "ledger"),
+    [(False, False), (True, False), (False, True)],
+    ids=["open", "bearer", "ledger"],
+)
 def test_schemathesis_finds_no_failure_against_the_served_document(
-    nsq: Nsq, daemons: Callable[..., Daemon], tmp_path: Path, tokens: bool
+    nsq: Nsq, daemons: Callable[..., Daemon], tmp_path: Path, tokens: bool, ledger: bool
 ) -> None:
     # ?wait= is bounded by the gateway's setting, which the document states: schema-valid
     # waits of a tenth of a second keep the run short (no worker answers them).
     env = {"NSQJOBS_MAX_WAIT_S": "0.1"}
+    if ledger:  # GET /v1/jobs/{id}, 200 for a known id, 409 for a conflicting one
+        env["NSQJOBS_LEDGER_URL"] = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
     auth: list[str] = []
     if tokens:
         env["NSQJOBS_API_TOKENS"] = TOKEN
@@ -38,6 +44,8 @@ def test_schemathesis_finds_no_failure_against_the_served_document(
     gw = daemons("gateway", nsq, **env)
     _, _, doc = http("GET", gw.url + "/openapi.json")
     assert doc["paths"]["/v1/jobs"]["post"]["parameters"][0]["schema"]["maximum"] == 0.1
+    assert ("/v1/jobs/{id}" in doc["paths"]) is ledger
+    assert ("409" in doc["paths"]["/v1/jobs"]["post"]["responses"]) is ledger
     st = Path(sys.executable).parent / "st"
     run = subprocess.run(
         [

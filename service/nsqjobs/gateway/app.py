@@ -225,7 +225,10 @@ class GatewayApp:
         )
         self.waiter = ResultWaiter(config, self.metrics)
         self.openapi = openapi_document(
-            registry, max_wait_s=config.max_wait_s, authenticated=bool(config.api_tokens)
+            registry,
+            max_wait_s=config.max_wait_s,
+            authenticated=bool(config.api_tokens),
+            ledger=self.store is not None,
         )
         self.server: tornado.httpserver.HTTPServer | HTTPServer | None = None
 

@@ -95,12 +95,17 @@ def _variants(registry: Registry, base: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def openapi_document(
-    registry: Registry, *, max_wait_s: float = MAX_WAIT_SECONDS, authenticated: bool = False
+    registry: Registry,
+    *,
+    max_wait_s: float = MAX_WAIT_SECONDS,
+    authenticated: bool = False,
+    ledger: bool = False,
 ) -> dict[str, Any]:
     """Build the document; task argument schemas appear as ``<task>.args`` components.
 
     ``max_wait_s`` is the gateway's longest ``?wait=``; ``authenticated``: the ``/v1`` routes
-    need a bearer token.
+    need a bearer token; ``ledger``: the job ledger is on (``GET /v1/jobs/{id}``, ids
+    deduplicated).
     """
     (_, components) = msgspec.json.schema_components(
         [SubmitRequest, BatchRequest, Accepted, BatchAccepted, wire.ResultEnvelope],
@@ -174,7 +179,7 @@ def openapi_document(
         **plain,
         "503": {"description": "not ready"},
     }
-    return {
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "nsqjobs gateway", "version": __version__},
         "paths": {
@@ -242,4 +247,82 @@ def openapi_document(
             },
         },
         "components": {"schemas": components, **components_security},
+    }
+    if ledger:
+        _add_ledger(document, security, auth, plain)
+    return document
+
+
+JOB_RECORD_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "A job as the ledger records it.",
+    "properties": {
+        "id": {"type": "string"},
+        "task": {"type": "string"},
+        "args": {"type": "object"},
+        "status": {"enum": ["queued", "succeeded", "failed", "dead"]},
+        "attempts": {"type": "integer"},
+        "worker": {"type": ["string", "null"]},
+        "result": {},
+        "error": {"type": ["object", "null"]},
+        "dead_reason": {"type": ["string", "null"]},
+        **{
+            name: {"type": ["number", "null"], "description": "Unix seconds"}
+            for name in (
+                "created_at",
+                "accepted_at",
+                "published_at",
+                "finished_at",
+                "dead_at",
+            )
+        },
+    },
+    "required": ["id", "task", "status"],
+}
+
+
+def _add_ledger(
+    document: dict[str, Any],
+    security: dict[str, Any],
+    auth: dict[str, Any],
+    plain: dict[str, Any],
+) -> None:
+    # With the ledger on: a job by id, and ids deduplicated on submission.
+    document["components"]["schemas"]["JobRecord"] = JOB_RECORD_SCHEMA
+    record = _json("JobRecord", "the job as recorded")
+    conflict = _problem("the id was accepted before for another task or other args")
+    paths = document["paths"]
+    paths["/v1/jobs"]["post"]["responses"]["200"] = {
+        "description": "the result came within `wait`, or the id was accepted before (the job "
+        "as recorded; nothing is published again)",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "oneOf": [
+                        {"$ref": _REF.format(name="ResultEnvelope")},
+                        {"$ref": _REF.format(name="JobRecord")},
+                    ]
+                }
+            }
+        },
+    }
+    paths["/v1/jobs"]["post"]["responses"]["409"] = conflict
+    paths["/v1/jobs/batch"]["post"]["responses"]["409"] = _problem(
+        "two jobs of the batch have the same id, or an id was accepted before for another task "
+        "or other args"
+    )
+    paths["/v1/jobs/{id}"] = {
+        "get": {
+            "summary": "A job's status, attempts, error, result and timestamps",
+            "parameters": [
+                {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+            **security,
+            "responses": {
+                "200": record,
+                "404": _problem("no job with that id in the ledger"),
+                **plain,
+                **auth,
+            },
+        }
     }

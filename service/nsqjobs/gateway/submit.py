@@ -194,7 +194,7 @@ class Acceptor:
         if self.recorder is not None:
             answers = await self.recorder([env])
             if answers:
-                _check_existing(answers, [env])
+                _check_existing(answers, [env], single=True)
         if delay_ms:
             await self.publisher.dpub(task.queue, delay_ms, body)
         else:
@@ -270,7 +270,7 @@ class Acceptor:
         if self.recorder is not None:
             answers = await self.recorder(envelopes)
             if answers:
-                skip = _check_existing(answers, envelopes)
+                skip = _check_existing(answers, envelopes, single=False)
                 if skip:  # published before: not again
                     built = [b for b in built if b[1].id not in skip]
                     by_topic = self.encode_batch(built)
@@ -300,16 +300,19 @@ class Acceptor:
         return await self.publish_batch(self.build_batch(reqs))
 
 
-def _check_existing(answers: Sequence[Accepted], envelopes: list[wire.JobEnvelope]) -> set[str]:
+def _check_existing(
+    answers: Sequence[Accepted], envelopes: list[wire.JobEnvelope], *, single: bool
+) -> set[str]:
     """The ids to leave unpublished (accepted and published before); raises
-    :class:`IdConflict`, or for a single job :class:`JobExists`.
+    :class:`IdConflict`, or for a single job (``POST /v1/jobs``, not a batch of one)
+    :class:`JobExists`.
 
     A job recorded but never known to be published (its publish failed, or is still under
     way) is published again: at least once, and the ledger keeps the first outcome.
     """
     conflicts = [i for i, a in enumerate(answers) if a.kind == "conflict"]
     if conflicts:
-        if len(envelopes) == 1:
+        if single:
             raise IdConflict(["id"])
         raise IdConflict([f"jobs[{i}].id" for i in conflicts])
     skip = {
@@ -318,6 +321,6 @@ def _check_existing(answers: Sequence[Accepted], envelopes: list[wire.JobEnvelop
         if a.kind == "same" and a.existing is not None and a.existing.published_at is not None
     }
     record = answers[0].existing
-    if skip and len(envelopes) == 1 and record is not None:
+    if skip and single and record is not None:
         raise JobExists(record)
     return skip
