@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+from contextlib import ExitStack
+from pathlib import Path
 from typing import Annotated
 
 import msgspec
 import pytest
-from nsqjobs import config, wire
+from nsqjobs import config, testing, wire
 from nsqjobs.cli import main
 from nsqjobs.errors import ConfigError, DecodeError, InvalidArgumentsError, UnknownTaskError
 from nsqjobs.nsq.publisher import Publisher
@@ -205,3 +208,19 @@ def test_coalesced_publishes_stay_under_nsqds_body_limit() -> None:
     assert max(small) <= 10_000 < max(small) + 1004  # full groups: 9 messages each
     assert len(small) == 12
     assert asyncio.run(groups(5 * 1024 * 1024)) == [4 + 100 * 1004]
+
+
+def test_the_harness_starts_nsq_again_when_a_port_was_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another process takes the port between our choosing it and nsqlookupd binding it.
+    with socket.socket() as taken, ExitStack() as stack:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = iter([taken.getsockname()[1]])
+        real = testing.free_port
+        monkeypatch.setattr(testing, "free_port", lambda: next(ports, None) or real())
+        nsq = testing.start_nsq(stack, tmp_path)
+        assert nsq.stack is stack
+        assert testing.ping(nsq.url("/ping"))
+        assert (tmp_path / "try1" / "nsqlookupd.log").read_text().count("address already in use")

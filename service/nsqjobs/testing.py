@@ -11,6 +11,7 @@ checks what is really on a topic independently of the code under test.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -365,8 +366,32 @@ class Nsq:
         }
 
 
+# A port free a moment ago can be taken before the daemon binds it (another test, a client's
+# ephemeral port): start again on other ports, this many times in all.
+PORT_RACE_TRIES = 3
+
+
 def start_nsq(stack: ExitStack, work_dir: Path, *, msg_timeout: str = "60s") -> Nsq:
-    """nsqlookupd and nsqd on free ports, data and logs in ``work_dir``; ``stack`` stops them."""
+    """nsqlookupd and nsqd on free ports, data and logs in ``work_dir``; ``stack`` stops them.
+
+    A daemon that lost its port to another process in the moment between our choosing it and
+    its binding it is started again on new ports (`PORT_RACE_TRIES` in all).
+    """
+    for attempt in range(1, PORT_RACE_TRIES + 1):
+        with ExitStack() as trial:
+            try:
+                nsq = _start_nsq_once(trial, work_dir / f"try{attempt}", msg_timeout)
+            except ProcessExited as exc:
+                if "address already in use" not in str(exc) or attempt == PORT_RACE_TRIES:
+                    raise
+                continue
+            stack.enter_context(trial.pop_all())
+            return dataclasses.replace(nsq, stack=stack)  # later restarts register there
+    raise HarnessError("unreachable")  # the loop returns or raises
+
+
+def _start_nsq_once(stack: ExitStack, work_dir: Path, msg_timeout: str) -> Nsq:
+    work_dir.mkdir(parents=True)
     nsqd_bin, lookupd_bin = need_binary("nsqd"), need_binary("nsqlookupd")
     lookupd_tcp, lookupd_http = free_port(), free_port()
     nsqd_tcp, nsqd_http = free_port(), free_port()
