@@ -484,25 +484,42 @@ def start_daemon(
 ) -> Daemon:
     """Run ``nsqjobs gateway|worker`` against ``nsq`` on a free port; ``env`` overrides settings.
 
-    Waits for /readyz unless ``ready`` is false; ``stack`` (if given) stops it.
+    Waits for /readyz unless ``ready`` is false; ``stack`` (if given) stops it. A daemon that
+    lost its port to another process before binding it is started again on another port.
     """
-    port = free_port()
     config = GatewayConfig if kind == "gateway" else WorkerConfig
-    full_env = {
-        **nsq.env(),
-        env_var(config, "port"): str(port),
-        ENV_DEBUG_TASKS: "1",
-        env_var(NsqConfig, "lookupd_poll_interval"): "1",
-        "PYTHONUNBUFFERED": "1",
-        **(env or {}),
-    }
-    log_path = log_dir / f"{kind}-{port}.log"
-    proc = spawn([*nsqjobs_command(), kind], log_path, name=kind, env=full_env, cwd=cwd)
-    daemon = Daemon(proc.name, proc.proc, log_path, port)
+    port_var = env_var(config, "port")
+    for attempt in range(1, PORT_RACE_TRIES + 1):
+        port = free_port()
+        full_env = {
+            **nsq.env(),
+            port_var: str(port),
+            ENV_DEBUG_TASKS: "1",
+            env_var(NsqConfig, "lookupd_poll_interval"): "1",
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+        log_path = log_dir / f"{kind}-{port}.log"
+        proc = spawn([*nsqjobs_command(), kind], log_path, name=kind, env=full_env, cwd=cwd)
+        daemon = Daemon(proc.name, proc.proc, log_path, int(full_env[port_var]))
+        if not ready:
+            break
+        try:
+            wait_ready(daemon, daemon.url + "/readyz", 30.0)
+        except ProcessExited as exc:
+            retry = (
+                "address already in use" in str(exc).lower()
+                and port_var not in (env or {})
+                and attempt < PORT_RACE_TRIES
+            )
+            if not retry:
+                if stack is not None:
+                    stack.callback(daemon.stop)
+                raise
+            continue
+        break
     if stack is not None:
         stack.callback(daemon.stop)
-    if ready:
-        wait_ready(daemon, daemon.url + "/readyz", 30.0)
     return daemon
 
 
