@@ -42,13 +42,7 @@ def decode_submit(body: bytes) -> SubmitRequest:
     keys = 1 + (req.id is not None) + (req.delay_ms != 0) + (req.expires_s is not None)
     if args:
         keys += 1 + len(args)
-    if body.count(b"{") + body.count(b"[") != (2 if args else 1):
-        nested = _nested_keys(args)
-        if nested is None:
-            raise _scan_problem(body, SubmitRequest)
-        keys += nested
-    if keys != body.count(b":"):
-        _check_duplicates(body, SubmitRequest)
+    _check_keys(body, SubmitRequest, [args], keys, 2 if args else 1)
     return req
 
 
@@ -70,15 +64,24 @@ def decode_batch(body: bytes) -> BatchRequest:
     with_args = n - sizes.count(0)
     given = n - no_ids + n - list(map(_EXPIRES, jobs)).count(None)
     keys = 1 + n + with_args + sum(sizes) + given
-    if body.count(b"{") + body.count(b"[") != 2 + n + with_args:
-        for job in jobs:
-            nested = _nested_keys(job.args)
+    _check_keys(body, BatchRequest, list(map(_ARGS, jobs)), keys, 2 + n + with_args)
+    return batch
+
+
+def _check_keys(
+    body: bytes, kind: type[Any], args: list[dict[str, Any]], keys: int, brackets: int
+) -> None:
+    # ``keys`` and ``brackets``: what the body holds when nothing nests inside ``args``. More
+    # brackets: count the nested keys (and refuse nesting past the limit). Then as many colons
+    # as keys means no key was given twice; otherwise scan the body to name the repeated one.
+    if body.count(b"{") + body.count(b"[") != brackets:
+        for job_args in args:
+            nested = _nested_keys(job_args)
             if nested is None:
-                raise _scan_problem(body, BatchRequest)
+                raise _scan_problem(body, kind)
             keys += nested
     if keys != body.count(b":"):
-        _check_duplicates(body, BatchRequest)
-    return batch
+        _check_duplicates(body, kind)
 
 
 def integral_floats(value: Any) -> Any:
