@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -29,7 +30,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -100,12 +101,35 @@ def nsqjobs_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "nsqjobs.cli"]
 
 
+def _ephemeral_low() -> int:
+    # The kernel hands out ports from ip_local_port_range to outgoing connections too: a port
+    # chosen there can be taken by any client before our daemon binds it (seen in CI runs).
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_PORTS_FROM: Final = 20000
+_PORTS_TO: Final = max(_PORTS_FROM + 1000, min(_ephemeral_low(), 32768))
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on right now."""
-    with socket.socket() as s:
+    """A TCP port on 127.0.0.1 that nobody listens on right now, chosen below the kernel's
+    ephemeral range so that no outgoing connection takes it before a daemon binds it."""
+    for _ in range(200):
+        port = random.randrange(_PORTS_FROM, _PORTS_TO)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # a crowded range: let the kernel choose
         s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+        chosen: int = s.getsockname()[1]
+        return chosen
 
 
 def wait_for(check: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05) -> T:
