@@ -7,25 +7,37 @@ The gateway records a job here before publishing it, and records outcomes read f
 from nsqjobs.errors import ConfigError
 from nsqjobs.ledger.sqlite import SqliteStore
 from nsqjobs.ledger.store import (
+    STATUSES,
+    UNFINISHED,
     Accepted,
+    Claimed,
     JobRecord,
     JobStatus,
     LedgerError,
+    LedgerStats,
     OutcomeVerdict,
     Page,
+    RedriveReason,
     Store,
+    held,
 )
 from nsqjobs.names import LEDGER_SQLITE_SCHEME
 
 __all__ = [
+    "STATUSES",
+    "UNFINISHED",
     "Accepted",
+    "Claimed",
     "JobRecord",
     "JobStatus",
     "LedgerError",
+    "LedgerStats",
     "OutcomeVerdict",
     "Page",
+    "RedriveReason",
     "SqliteStore",
     "Store",
+    "held",
     "open_store",
 ]
 

@@ -23,11 +23,14 @@ from nsqjobs import wire
 from nsqjobs.ledger.store import (
     STATUSES,
     Accepted,
+    Claimed,
     JobRecord,
     JobStatus,
     LedgerError,
+    LedgerStats,
     OutcomeVerdict,
     Page,
+    held,
 )
 
 log = logging.getLogger("nsqjobs.ledger")
@@ -57,17 +60,37 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX jobs_by_status ON jobs (status, seq)",
         "CREATE INDEX jobs_by_task ON jobs (task, seq)",
     ),
+    (
+        # When a delayed job is due; when its latest publish was sent (a job sent before an
+        # nsqd's start_time was held by the nsqd that restarted); the relay's claim; a worker's
+        # started event; re-drive and replay counts; failed attempts (JSON list of
+        # wire.Attempt); earlier runs, one JSON object per replay.
+        "ALTER TABLE jobs ADD COLUMN due_at REAL",
+        "ALTER TABLE jobs ADD COLUMN sent_at REAL",
+        "ALTER TABLE jobs ADD COLUMN lease_until REAL",
+        "ALTER TABLE jobs ADD COLUMN started_at REAL",
+        "ALTER TABLE jobs ADD COLUMN redrives INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE jobs ADD COLUMN replays INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE jobs ADD COLUMN history TEXT",
+        "ALTER TABLE jobs ADD COLUMN runs TEXT",
+        "UPDATE jobs SET sent_at = accepted_at",
+        "CREATE INDEX jobs_unfinished ON jobs (sent_at) WHERE status IN ('queued', 'running')",
+        "CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 _COLUMNS: Final = (
     "id, task, args, status, created_at, accepted_at, published_at, finished_at, attempts, "
-    "worker, result, error, dead_reason, dead_at, seq"
+    "worker, result, error, dead_reason, dead_at, seq, due_at, started_at, redrives, replays, "
+    "history, runs"
 )
 # Sorted keys, so the same arguments are the same text whatever order the client wrote them in.
 _canonical = msgspec.json.Encoder(order="sorted")
 _json = msgspec.json.Encoder()
 _error_decoder = msgspec.json.Decoder(wire.ErrorInfo)
+_history_decoder = msgspec.json.Decoder(tuple[wire.Attempt, ...])
+_runs_decoder = msgspec.json.Decoder(tuple[dict[str, Any], ...])
 _MAX_VARIABLES: Final = 500
 
 Op = Callable[[sqlite3.Connection], Any]
@@ -113,6 +136,12 @@ def _record(row: Sequence[Any]) -> JobRecord:
         error=error,
         dead_reason=row[12],
         dead_at=row[13],
+        due_at=row[15],
+        started_at=row[16],
+        redrives=row[17],
+        replays=row[18],
+        history=() if row[19] is None else _history_decoder.decode(row[19]),
+        runs=() if row[20] is None else _runs_decoder.decode(row[20]),
     )
 
 
@@ -150,7 +179,16 @@ class SqliteStore:
         """Record jobs as queued, all or none (see the protocol)."""
         now = wire.now()
         rows = [
-            (j.id, j.task, _canonical.encode(j.args).decode(), wire.encode(j), j.created_at, now)
+            (
+                j.id,
+                j.task,
+                _canonical.encode(j.args).decode(),
+                wire.encode(j),
+                j.created_at,
+                now,
+                j.due_at,
+                None if held(j, now) else now,
+            )
             for j in jobs
         ]
         return self._submit(lambda conn: _accept(conn, rows))
@@ -254,6 +292,48 @@ class SqliteStore:
 
         return self._submit(op)
 
+    # -- the relay (stubs: being built) -------------------------------------------------------
+
+    def claim_unpublished(
+        self, *, now: float, grace_s: float, horizon_s: float, lease_s: float, limit: int
+    ) -> asyncio.Future[list[Claimed]]:
+        """See the protocol."""
+        raise NotImplementedError
+
+    def redrive_sent_before(self, started_at: float) -> asyncio.Future[int]:
+        """See the protocol."""
+        raise NotImplementedError
+
+    def prune_finished(self, before: float, limit: int) -> asyncio.Future[int]:
+        """See the protocol."""
+        raise NotImplementedError
+
+    def stats(self) -> asyncio.Future[LedgerStats]:
+        """See the protocol."""
+        raise NotImplementedError
+
+    # -- operations (stubs: being built) --------------------------------------------------------
+
+    def record_started(self, job_id: str, worker: str, at: float) -> asyncio.Future[OutcomeVerdict]:
+        """See the protocol."""
+        raise NotImplementedError
+
+    def cancel(self, job_id: str) -> asyncio.Future[JobRecord | None]:
+        """See the protocol."""
+        raise NotImplementedError
+
+    def replay(
+        self, ids: list[str] | None = None, *, task: str | None = None, limit: int = 1000
+    ) -> asyncio.Future[list[JobRecord]]:
+        """See the protocol."""
+        raise NotImplementedError
+
+    def purge(
+        self, ids: list[str] | None = None, *, task: str | None = None, limit: int = 1000
+    ) -> asyncio.Future[int]:
+        """See the protocol."""
+        raise NotImplementedError
+
     def close(self) -> None:
         """Run what was handed over, stop the writer thread, close the file."""
         if self._closed:
@@ -350,7 +430,7 @@ def _verdict(conn: sqlite3.Connection, changed: int, job_id: str) -> OutcomeVerd
     return "duplicate" if known else "unknown"
 
 
-def _accept(conn: sqlite3.Connection, rows: list[tuple[str, str, str, bytes, float, float]]) -> Any:
+def _accept(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> Any:
     existing: dict[str, tuple[Any, ...]] = {}
     ids = [r[0] for r in rows]
     for i in range(0, len(ids), _MAX_VARIABLES):
@@ -371,8 +451,8 @@ def _accept(conn: sqlite3.Connection, rows: list[tuple[str, str, str, bytes, flo
             answers.append(Accepted("conflict", _record(old)))
     if new and all(a.kind != "conflict" for a in answers):
         conn.executemany(
-            "INSERT INTO jobs (id, task, args, envelope, status, created_at, accepted_at) "
-            "VALUES (?, ?, ?, ?, 'queued', ?, ?)",
+            "INSERT INTO jobs (id, task, args, envelope, status, created_at, accepted_at, due_at, "
+            "sent_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
             new,
         )
     return answers

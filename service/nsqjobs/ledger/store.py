@@ -13,12 +13,26 @@ from typing import Any, Literal, Protocol
 
 from nsqjobs import wire
 from nsqjobs.errors import NsqjobsError
+from nsqjobs.names import MAX_DELAY_MS
 
-JobStatus = Literal["queued", "succeeded", "failed", "dead"]
-STATUSES: tuple[JobStatus, ...] = ("queued", "succeeded", "failed", "dead")
+JobStatus = Literal["queued", "running", "succeeded", "failed", "dead", "cancelled"]
+STATUSES: tuple[JobStatus, ...] = ("queued", "running", "succeeded", "failed", "dead", "cancelled")
+# Not finished: the statuses a re-drive, a cancel or the oldest-unfinished gauge looks at.
+UNFINISHED: tuple[JobStatus, ...] = ("queued", "running")
+# Why a job was published again (the label of nsqjobs_ledger_redrives_total):
+# nsqd_restart: published to an nsqd that restarted since (it lost what it held in memory);
+# unpublished: recorded, but nsqd's acknowledgement never recorded (publish failed, or the
+# gateway died between the two); due: a delay beyond nsqd's limit came due; replay: replayed.
+RedriveReason = Literal["nsqd_restart", "unpublished", "due", "replay"]
 # What recording one outcome came to: recorded, a later duplicate (ignored), or an id the ledger
 # never accepted (a job accepted while the ledger was off, or by another ledger).
 OutcomeVerdict = Literal["recorded", "duplicate", "unknown"]
+
+
+def held(job: wire.JobEnvelope, now: float) -> bool:
+    """True for a job due further away than nsqd can defer (``MAX_DELAY_MS``): the gateway
+    records it without publishing, and the ledger's relay publishes it as it comes due."""
+    return job.due_at is not None and job.due_at - now > MAX_DELAY_MS / 1000
 
 
 class LedgerError(NsqjobsError):
@@ -48,6 +62,15 @@ class JobRecord:
     error: wire.ErrorInfo | None = None
     dead_reason: str | None = None
     dead_at: float | None = None
+    # Schema 2: when a delayed job is due; when a worker reported it started (tasks with
+    # track_started); how often it was re-driven and replayed; its failed attempts (the
+    # latest run's); the earlier runs, one dict per replay (status, attempts, error, ...).
+    due_at: float | None = None
+    started_at: float | None = None
+    redrives: int = 0
+    replays: int = 0
+    history: tuple[wire.Attempt, ...] = ()
+    runs: tuple[dict[str, Any], ...] = ()
 
     def view(self) -> dict[str, Any]:
         """The record as ``GET /v1/jobs/{id}`` answers it."""
@@ -67,6 +90,21 @@ class JobRecord:
             "published_at": self.published_at,
             "finished_at": self.finished_at,
             "dead_at": self.dead_at,
+            "due_at": self.due_at,
+            "started_at": self.started_at,
+            "redrives": self.redrives,
+            "replays": self.replays,
+            "history": [
+                {
+                    "attempt": a.attempt,
+                    "worker": a.worker,
+                    "started_at": a.started_at,
+                    "finished_at": a.finished_at,
+                    "error": {"type": a.error.type, "message": a.error.message},
+                }
+                for a in self.history
+            ],
+            "runs": list(self.runs),
         }
 
 
@@ -85,6 +123,26 @@ class Page:
 
     jobs: list[JobRecord]
     cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A job the relay is to publish now: its queue topic is looked up from ``task``;
+    ``body`` is the job envelope as recorded; ``delay_ms`` what is left of its delay."""
+
+    id: str
+    task: str
+    body: bytes
+    delay_ms: int
+    reason: RedriveReason
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerStats:
+    """The gauges' source: jobs by status, and the oldest unfinished job's acceptance time."""
+
+    by_status: dict[str, int]
+    oldest_unfinished_at: float | None
 
 
 class Store(Protocol):
@@ -120,6 +178,63 @@ class Store(Protocol):
         cursor: str | None = None,
     ) -> asyncio.Future[Page]:
         """Jobs in the order they were accepted, filtered by status and task."""
+        ...
+
+    # -- the relay: re-drive, long delays, retention (nsqjobs.ledger.relay) -------------------
+
+    def claim_unpublished(
+        self, *, now: float, grace_s: float, horizon_s: float, lease_s: float, limit: int
+    ) -> asyncio.Future[list[Claimed]]:
+        """Unfinished jobs that must be published by the relay, claimed for ``lease_s`` (another
+        gateway's relay skips them meanwhile); ``sent_at`` becomes ``now``.
+
+        Claimed are jobs with no recorded acknowledgement (``published_at`` NULL) whose
+        ``sent_at`` is older than ``grace_s`` (an accept path still publishing is left alone),
+        or never sent (a long delay, or a replay), and whose ``due_at`` is NULL or before
+        ``now + horizon_s``. Oldest first.
+        """
+        ...
+
+    def redrive_sent_before(self, started_at: float) -> asyncio.Future[int]:
+        """An nsqd started at ``started_at`` (its /stats ``start_time``): every unfinished job
+        whose latest publish was sent before that loses its ``published_at`` (so the relay
+        publishes it again) and counts a re-drive. How many."""
+        ...
+
+    def prune_finished(self, before: float, limit: int) -> asyncio.Future[int]:
+        """Delete up to ``limit`` succeeded, failed or cancelled jobs finished before ``before``
+        (dead ones stay until replayed or purged). How many."""
+        ...
+
+    def stats(self) -> asyncio.Future[LedgerStats]:
+        """Jobs by status and the oldest unfinished acceptance time."""
+        ...
+
+    # -- operations (API and CLI) ---------------------------------------------------------------
+
+    def record_started(self, job_id: str, worker: str, at: float) -> asyncio.Future[OutcomeVerdict]:
+        """A worker started a job (tasks with ``track_started``): ``queued`` becomes
+        ``running``; anything else is left as it is (``duplicate``)."""
+        ...
+
+    def cancel(self, job_id: str) -> asyncio.Future[JobRecord | None]:
+        """Cancel a job that has not finished: status ``cancelled``, finished now (so any later
+        outcome is a duplicate, and no re-drive publishes it). The job as it now stands (its
+        status says whether the cancel took), or None for an unknown id."""
+        ...
+
+    def replay(
+        self, ids: list[str] | None = None, *, task: str | None = None, limit: int = 1000
+    ) -> asyncio.Future[list[JobRecord]]:
+        """Replay dead jobs (these ids, or up to ``limit`` matching ``task``): each one's run so
+        far is appended to ``runs``, it becomes ``queued`` with a fresh attempt history and no
+        ``published_at``, ``replays`` + 1; the relay publishes it. The jobs replayed."""
+        ...
+
+    def purge(
+        self, ids: list[str] | None = None, *, task: str | None = None, limit: int = 1000
+    ) -> asyncio.Future[int]:
+        """Delete dead jobs (these ids, or up to ``limit`` matching ``task``). How many."""
         ...
 
     def close(self) -> None:
