@@ -12,6 +12,13 @@ GATEWAY_CHANNEL_PREFIX: Final = "gateway"
 # a ledger that is down, and are FINed only once recorded.
 LEDGER_CHANNEL: Final = "ledger"
 LEDGER_SQLITE_SCHEME: Final = "sqlite:///"
+LEDGER_POSTGRES_SCHEMES: Final = ("postgresql://", "postgres://")
+# Cancellations: the gateway publishes a cancelled job's id here; every worker reads it on its
+# own ephemeral channel, skips the job if it arrives, and ends it if it runs in a child process.
+CANCEL_TOPIC: Final = "cancels"
+# Started events (tasks with track_started): workers publish them, the ledger reads them on its
+# durable channel and reports the job as running.
+STARTED_TOPIC: Final = "started"
 
 # Default ports of the local stack (each can be changed by its environment variable).
 NSQD_TCP_PORT: Final = 4150
