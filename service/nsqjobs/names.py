@@ -33,6 +33,9 @@ EXPORTER_PORT: Final = 9117
 ENV_PREFIX: Final = "NSQJOBS_"
 ENV_KERNEL_IMPL: Final = "NSQJOBS_KERNEL_IMPL"
 ENV_DEBUG_TASKS: Final = "NSQJOBS_DEBUG_TASKS"  # 1: add DEBUG_TASK_MODULE to the task modules
+# A file the debug task ``debug.chaos`` appends each job's key to when it starts (the chaos
+# suite counts executions there, independently of NSQ and the ledger).
+ENV_DEBUG_EXECUTIONS_LOG: Final = "NSQJOBS_DEBUG_EXECUTIONS_LOG"
 ENV_EVENT_LOOP: Final = "NSQJOBS_EVENT_LOOP"
 ENV_GATEWAY_URL: Final = "NSQJOBS_GATEWAY_URL"
 ENV_API_TOKEN: Final = "NSQJOBS_API_TOKEN"  # the bearer token `nsqjobs submit` sends

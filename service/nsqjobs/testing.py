@@ -395,8 +395,12 @@ class Nsq:
 PORT_RACE_TRIES = 3
 
 
-def start_nsq(stack: ExitStack, work_dir: Path, *, msg_timeout: str = "60s") -> Nsq:
+def start_nsq(
+    stack: ExitStack, work_dir: Path, *, msg_timeout: str = "60s", nsqd_args: Sequence[str] = ()
+) -> Nsq:
     """nsqlookupd and nsqd on free ports, data and logs in ``work_dir``; ``stack`` stops them.
+
+    ``nsqd_args`` are more nsqd flags (``--mem-queue-size=0``), kept for `Nsq.start_nsqd`.
 
     A daemon that lost its port to another process in the moment between our choosing it and
     its binding it is started again on new ports (`PORT_RACE_TRIES` in all).
@@ -404,7 +408,7 @@ def start_nsq(stack: ExitStack, work_dir: Path, *, msg_timeout: str = "60s") -> 
     for attempt in range(1, PORT_RACE_TRIES + 1):
         with ExitStack() as trial:
             try:
-                nsq = _start_nsq_once(trial, work_dir / f"try{attempt}", msg_timeout)
+                nsq = _start_nsq_once(trial, work_dir / f"try{attempt}", msg_timeout, nsqd_args)
             except ProcessExited as exc:
                 if "address already in use" not in str(exc) or attempt == PORT_RACE_TRIES:
                     raise
@@ -414,7 +418,9 @@ def start_nsq(stack: ExitStack, work_dir: Path, *, msg_timeout: str = "60s") -> 
     raise HarnessError("unreachable")  # the loop returns or raises
 
 
-def _start_nsq_once(stack: ExitStack, work_dir: Path, msg_timeout: str) -> Nsq:
+def _start_nsq_once(
+    stack: ExitStack, work_dir: Path, msg_timeout: str, nsqd_args: Sequence[str]
+) -> Nsq:
     work_dir.mkdir(parents=True)
     nsqd_bin, lookupd_bin = need_binary("nsqd"), need_binary("nsqlookupd")
     lookupd_tcp, lookupd_http = free_port(), free_port()
@@ -441,6 +447,7 @@ def _start_nsq_once(stack: ExitStack, work_dir: Path, msg_timeout: str) -> Nsq:
         "--broadcast-address=127.0.0.1",
         f"--data-path={data}",
         f"--msg-timeout={msg_timeout}",
+        *nsqd_args,
     )
     nsqd = spawn(nsqd_argv, work_dir / "nsqd.log", stack=stack)
     wait_ready(nsqd, f"http://127.0.0.1:{nsqd_http}/ping", 15.0)

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from nsqjobs import NsqjobsError, Retry, task
+from nsqjobs.names import ENV_DEBUG_EXECUTIONS_LOG, MAX_JOB_ID_LENGTH
 
 
 class DebugSleepArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -80,7 +81,31 @@ def debug_throws(args: dict[str, Any]) -> None:
     raise DebugPermanentFailure("debug.throws failed for good")
 
 
+class DebugChaosArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The job's key (the chaos suite uses its id) and how long the job takes."""
+
+    key: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_JOB_ID_LENGTH)]
+    seconds: Annotated[float, msgspec.Meta(ge=0, le=60)] = 0.0
+
+
+def debug_chaos(args: DebugChaosArgs) -> dict[str, str]:
+    """Append ``key`` to the file ``$NSQJOBS_DEBUG_EXECUTIONS_LOG`` names (if set), then sleep
+    ``seconds``: one line per execution, counted by the chaos suite (``bench/chaos``)."""
+    path = os.environ.get(ENV_DEBUG_EXECUTIONS_LOG)
+    if path:
+        # One write() of one short line with O_APPEND: lines from concurrent executions and
+        # processes never interleave, and a SIGKILL after it cannot take the line back.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{args.key}\n".encode())
+        finally:
+            os.close(fd)
+    time.sleep(args.seconds)
+    return {"key": args.key}
+
+
 task("debug.sleep", time_limit_s=3600)(debug_sleep)
+task("debug.chaos", max_attempts=10)(debug_chaos)
 task("debug.fail", max_attempts=5)(debug_fail)
 task("debug.retry", max_attempts=2)(debug_retry)
 task("debug.unencodable", max_attempts=5)(debug_unencodable)

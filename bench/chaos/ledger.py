@@ -1,0 +1,130 @@
+"""The ledger's database as the chaos suite sees it: the URL the gateway is given, a way to
+read every job's row behind the gateway's back, and (for a server) a way to restart it.
+
+The store is a parameter of every scenario: ``sqlite`` (a file, read with ``sqlite3`` in
+read-only mode while the gateway writes: WAL allows it) or ``postgres`` (a private server from
+``nsqjobs.testing.start_postgres``, read with ``psql``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import subprocess
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Protocol
+
+from nsqjobs import testing
+from nsqjobs.testing import HarnessError, MissingBinary
+
+from bench.chaos.check import LedgerRow
+
+STORES = ("sqlite", "postgres")
+_QUERY = "SELECT id, status, finished_at, worker, attempts, redrives FROM jobs"
+
+
+class Ledger(Protocol):
+    """The ledger's storage under test."""
+
+    name: str
+    url: str
+
+    def rows(self) -> list[LedgerRow]:
+        """Every job's row as stored now ([] before the gateway created the schema)."""
+        ...
+
+    def restart(self) -> None:
+        """Stop the database and start it again (a server only)."""
+        ...
+
+
+def _row(values: tuple[Any, ...]) -> LedgerRow:
+    job_id, status, finished_at, worker, attempts, redrives = values
+    return LedgerRow(
+        id=str(job_id),
+        status=str(status),
+        finished_at=None if finished_at in (None, "") else float(finished_at),
+        worker=None if worker in (None, "") else str(worker),
+        attempts=int(attempts or 0),
+        redrives=int(redrives or 0),
+    )
+
+
+class SqliteLedger:
+    """A SQLite file in the run's directory."""
+
+    name = "sqlite"
+
+    def __init__(self, work: Path) -> None:
+        self.path = work / "ledger.sqlite3"
+        self.url = f"sqlite:///{self.path}"  # an absolute path: sqlite:////...
+
+    def rows(self) -> list[LedgerRow]:
+        """Read-only, so a read never holds a write lock the gateway waits for."""
+        if not self.path.exists():
+            return []
+        conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+        try:
+            return [_row(r) for r in conn.execute(_QUERY)]
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return []
+            raise
+        finally:
+            conn.close()
+
+    def restart(self) -> None:
+        """An embedded file has no server to restart."""
+        raise HarnessError("the sqlite ledger has no server to restart: use --store postgres")
+
+    def __repr__(self) -> str:
+        return f"SqliteLedger({self.path})"
+
+
+class PostgresLedger:
+    """A private PostgreSQL server (``nsqjobs.testing.start_postgres``), read with psql."""
+
+    name = "postgres"
+
+    def __init__(self, stack: ExitStack, work: Path) -> None:
+        start = getattr(testing, "start_postgres", None)
+        if start is None:
+            raise MissingBinary(
+                "nsqjobs.testing.start_postgres is not there yet (the PostgreSQL ledger is "
+                "being built): the postgres store cannot run"
+            )
+        self.server: Any = start(stack, work / "postgres")
+        self.url = str(self.server.url)
+        psql = Path(str(getattr(self.server, "bin_dir", ""))) / "psql"
+        found = str(psql) if psql.is_file() else shutil.which("psql")
+        if found is None:
+            raise MissingBinary("psql not found next to the server's binaries or on PATH")
+        self.psql = found
+
+    def rows(self) -> list[LedgerRow]:
+        """One COPY of the jobs table as tab-separated text."""
+        run = subprocess.run(
+            [self.psql, "-X", "-q", "-A", "-t", "-F", "\t", "-d", self.url, "-c", _QUERY],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if run.returncode != 0:
+            if 'relation "jobs" does not exist' in run.stderr:
+                return []
+            raise HarnessError(f"psql: {run.stderr.strip()[:300]}")
+        return [_row(tuple(line.split("\t"))) for line in run.stdout.splitlines() if line]
+
+    def restart(self) -> None:
+        """The server's own stop and start (a fast shutdown, then the same data directory)."""
+        self.server.restart()
+
+
+def open_ledger(store: str, stack: ExitStack, work: Path) -> Ledger:
+    """The ledger of kind ``store`` (one of `STORES`)."""
+    if store == "sqlite":
+        return SqliteLedger(work)
+    if store == "postgres":
+        return PostgresLedger(stack, work)
+    raise HarnessError(f"unknown store {store!r} (one of {', '.join(STORES)})")
