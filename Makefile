@@ -23,7 +23,7 @@ export NSQJOBS_GRACE_S ?= 10
 # nsqd, nsqlookupd and nsqadmin log level in the local stack (debug, info, warn, error).
 export NSQJOBS_NSQ_LOG_LEVEL ?= warn
 
-.PHONY: help venv nsq run ctl test lint bench clean images standins compose-test
+.PHONY: help venv nsq run ctl test lint bench chaos clean images standins compose-test
 
 help:
 	@echo "make run    set up (venv, NSQ build) and start the local stack in the foreground"
@@ -31,6 +31,7 @@ help:
 	@echo "make test   set up and run the whole test suite"
 	@echo "make lint   ruff + mypy --strict (service, workers, tests, bench)"
 	@echo "make bench  run the benchmarks, figures into bench/results/"
+	@echo "make chaos  the chaos suite (faults under load, ~12 min): bench/results/chaos.md"
 	@echo "make nsq    build NSQ v1.3.0 into .bin/ (or link binaries found on PATH)"
 	@echo "make images        build the nsqjobs image (docker compose build)"
 	@echo "make standins      build local stand-ins for images Docker Hub cannot serve here"
@@ -104,6 +105,12 @@ lint: venv
 
 bench: venv nsq
 	PATH="$(BIN_DIR):$$PATH" $(VENV)/bin/python -m bench
+
+# The chaos suite: every scenario at full size (a short version runs in make test).
+# CHAOS_ARGS passes options on, e.g. CHAOS_ARGS="--only nsqd_kill --store postgres".
+CHAOS_ARGS ?=
+chaos: venv nsq
+	PATH="$(BIN_DIR):$$PATH" $(VENV)/bin/python -m bench.chaos $(CHAOS_ARGS)
 
 # Docker: the project image, the stand-ins for official images (no Docker Hub here), the tests.
 images:

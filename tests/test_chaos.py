@@ -146,7 +146,7 @@ def test_the_checker_finds_exactly_the_defects_planted_in_a_real_run() -> None:
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("name", [n for n in SHORT if n != "selftest"])
+@pytest.mark.parametrize("name", [n for n in scenarios.IN_TESTS if n != "selftest"])
 def test_nothing_accepted_is_lost_or_recorded_twice(name: str) -> None:
     result = _run(name)
     v = result.verdict

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +25,16 @@ from bench.procs import ROOT
 
 @dataclass(frozen=True)
 class Setup:
-    """How the cluster is built: workers, their slots, nsqd's flags, extra daemon settings."""
+    """How the cluster is built: workers, their slots, nsqd's flags, extra daemon settings.
+
+    ``msg_timeout_s`` is nsqd's ``--msg-timeout`` (which the gateway's outcome reader gets) and
+    the workers' ``--msg-timeout-s``: how long a SIGKILLed consumer's in-flight messages stay
+    with nsqd before it gives them to another (60 s by default; shorter keeps runs short).
+    """
 
     workers: int = 2
     concurrency: int = 8
+    msg_timeout_s: int = 10
     nsqd_args: tuple[str, ...] = ()
     gateway_env: Mapping[str, str] = field(default_factory=dict)
     worker_env: Mapping[str, str] = field(default_factory=dict)
@@ -42,14 +49,16 @@ class Cluster:
         self.setup = setup
         self.ledger = ledger
         self.executions = work / "executions.log"
-        self.nsq: Nsq = start_nsq(stack, work / "nsq", nsqd_args=setup.nsqd_args)
+        self.nsq: Nsq = start_nsq(
+            stack, work / "nsq", msg_timeout=f"{setup.msg_timeout_s}s", nsqd_args=setup.nsqd_args
+        )
         # The witnesses' channels exist before the first job, so every outcome is kept for them;
         # the workers' channel too, so a job published before a worker subscribes is kept.
         for topic in OUTCOME_TOPICS:
             self.nsq.create_channel(topic, CHANNEL)
         self.nsq.create_channel(DEFAULT_QUEUE, WORKER_CHANNEL)
         self.gateway = self._start_gateway()
-        self.workers = [self._start_worker() for _ in range(setup.workers)]
+        self.workers = self._start_workers(setup.workers)
         self.paused: list[Daemon] = []
         self.kills = 0
 
@@ -64,10 +73,16 @@ class Cluster:
     def _start_worker(self) -> Daemon:
         env = {
             env_var(WorkerConfig, "concurrency"): str(self.setup.concurrency),
+            env_var(WorkerConfig, "msg_timeout_s"): str(self.setup.msg_timeout_s),
             ENV_DEBUG_EXECUTIONS_LOG: str(self.executions),
             **self.setup.worker_env,
         }
         return start_daemon("worker", self.nsq, self.work, env, stack=self.stack, cwd=ROOT)
+
+    def _start_workers(self, n: int) -> list[Daemon]:
+        # Side by side: each spends seconds importing its tasks before it is ready.
+        with ThreadPoolExecutor(n) as pool:
+            return list(pool.map(lambda _: self._start_worker(), range(n)))
 
     # -- faults ---------------------------------------------------------------------------------
 
@@ -89,7 +104,7 @@ class Cluster:
 
     def start_workers(self) -> str:
         """Start the workers again after :meth:`stop_workers`."""
-        self.workers = [self._start_worker() for _ in self.workers]
+        self.workers = self._start_workers(len(self.workers))
         return f"{len(self.workers)} worker(s) started"
 
     def pause_workers(self) -> str:

@@ -114,7 +114,8 @@ def write_markdown(path: Path, header: dict[str, Any], results: list[Result]) ->
             f"### {s.name}: {s.title}",
             "",
             f"- Settings: {s.jobs:,} jobs of `{'debug.chaos'}` ({s.job_seconds:g}s each) at "
-            f"{s.rate:g}/s, {s.setup.workers} workers x {s.setup.concurrency} slots, nsqd "
+            f"{s.rate:g}/s, {s.setup.workers} workers x {s.setup.concurrency} slots, message "
+            f"timeout {s.setup.msg_timeout_s}s, nsqd "
             f"{' '.join(s.setup.nsqd_args) or 'defaults'}, store {s.store}"
             + (
                 ", gateway " + ", ".join(f"{k}={val}" for k, val in s.setup.gateway_env.items())

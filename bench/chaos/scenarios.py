@@ -17,8 +17,6 @@ TASK = "debug.chaos"
 FaultKind = Literal[
     "kill_worker", "kill_nsqd", "stop_nsqd", "kill_gateway", "restart_ledger", "pause_workers"
 ]
-# nsqd's default --msg-timeout in the harness: a worker stopped longer gets its jobs taken back.
-MSG_TIMEOUT_S = 60.0
 # nsqd's default --mem-queue-size: a backlog beyond it goes to disk.
 NSQD_MEM_QUEUE_SIZE = 10000
 
@@ -78,7 +76,9 @@ class Scenario:
         """Worker kills, and pauses long enough for nsqd to take the held jobs back, times the
         workers paused."""
         pauses = sum(
-            1 for f in self.faults if f.kind == "pause_workers" and f.hold_s >= MSG_TIMEOUT_S
+            1
+            for f in self.faults
+            if f.kind == "pause_workers" and f.hold_s >= self.setup.msg_timeout_s
         )
         return self.faults_of("kill_worker") + pauses * self.setup.workers
 
@@ -226,8 +226,13 @@ def full(store: str = "sqlite", scale: float = 1.0) -> list[Scenario]:
 SHORT_GATEWAY = {"NSQJOBS_LEDGER_GRACE_S": "3", "NSQJOBS_PUBLISH_TIMEOUT_S": "1"}
 
 
+# The short scenarios tests/test_chaos.py runs (about a minute and a half in all); the others
+# run with ``python -m bench.chaos --short``.
+IN_TESTS = ("selftest", "combined", "nsqd_kill_mem0", "deep_backlog")
+
+
 def short(store: str = "sqlite") -> list[Scenario]:
-    """The ``make test`` version: the same scenarios, a few seconds of jobs each."""
+    """The ``make test`` sizes: the same scenarios, a few seconds of jobs each."""
     quick = Setup(gateway_env=SHORT_GATEWAY)
     common: dict[str, Any] = {"store": store, "setup": quick, "drain_s": 60.0, "stall_s": 10.0}
     return [
@@ -279,6 +284,21 @@ def short(store: str = "sqlite") -> list[Scenario]:
             1000,
             125.0,
             faults=(Fault(3.0, "kill_gateway"),),
+            **common,
+        ),
+        Scenario(
+            "combined",
+            "all of it: 2 worker SIGKILLs, 2 nsqd SIGKILLs, an nsqd SIGSTOP, a gateway SIGKILL",
+            1500,
+            150.0,
+            faults=(
+                Fault(1.0, "kill_worker"),
+                Fault(2.5, "kill_nsqd"),
+                Fault(4.0, "stop_nsqd", 2.0),
+                Fault(7.0, "kill_gateway"),
+                Fault(8.0, "kill_worker"),
+                Fault(9.0, "kill_nsqd"),
+            ),
             **common,
         ),
         Scenario(

@@ -575,13 +575,16 @@ class Tail:
         host, _, port = nsqd_tcp.rpartition(":")
         self.sock = socket.create_connection((host, int(port)), timeout=5)
         self.buf = b""
-        self.sock.sendall(b"  V2")
-        self.sock.sendall(f"SUB {topic} {channel}\n".encode())
-        kind, data = self._frame(5.0)
-        if (kind, data) != (0, b"OK"):
-            self.sock.close()
-            raise HarnessError(f"SUB {topic} {channel}: frame {kind} {data!r}")
-        self.sock.sendall(f"RDY {rdy}\n".encode())
+        try:
+            self.sock.sendall(b"  V2")
+            self.sock.sendall(f"SUB {topic} {channel}\n".encode())
+            kind, data = self._frame(5.0)
+            if (kind, data) != (0, b"OK"):
+                raise HarnessError(f"SUB {topic} {channel}: frame {kind} {data!r}")
+            self.sock.sendall(f"RDY {rdy}\n".encode())
+        except BaseException:
+            self.sock.close()  # nsqd went away or answered wrong: no socket left behind
+            raise
 
     def _read(self, n: int, deadline: float) -> bytes | None:
         while len(self.buf) < n:
