@@ -3,14 +3,12 @@ read every job's row behind the gateway's back, and (for a server) a way to rest
 
 The store is a parameter of every scenario: ``sqlite`` (a file, read with ``sqlite3`` in
 read-only mode while the gateway writes: WAL allows it) or ``postgres`` (a private server from
-``nsqjobs.testing.start_postgres``, read with ``psql``).
+``nsqjobs.testing.start_postgres``, read with its ``psql``).
 """
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
-import subprocess
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Protocol
@@ -83,7 +81,7 @@ class SqliteLedger:
 
 
 class PostgresLedger:
-    """A private PostgreSQL server (``nsqjobs.testing.start_postgres``), read with psql."""
+    """A private PostgreSQL server (``nsqjobs.testing.start_postgres``), read with its psql."""
 
     name = "postgres"
 
@@ -94,30 +92,22 @@ class PostgresLedger:
                 "nsqjobs.testing.start_postgres is not there yet (the PostgreSQL ledger is "
                 "being built): the postgres store cannot run"
             )
-        self.server: Any = start(stack, work / "postgres")
-        self.url = str(self.server.url)
-        psql = Path(str(getattr(self.server, "bin_dir", ""))) / "psql"
-        found = str(psql) if psql.is_file() else shutil.which("psql")
-        if found is None:
-            raise MissingBinary("psql not found next to the server's binaries or on PATH")
-        self.psql = found
+        self.server: Any = start(work, stack)
+        self.url = str(self.server.url())
 
     def rows(self) -> list[LedgerRow]:
-        """One COPY of the jobs table as tab-separated text."""
-        run = subprocess.run(
-            [self.psql, "-X", "-q", "-A", "-t", "-F", "\t", "-d", self.url, "-c", _QUERY],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        if run.returncode != 0:
-            if 'relation "jobs" does not exist' in run.stderr:
+        """The jobs table, one unaligned line per row (a job id holds no ``|``)."""
+        try:
+            out = str(self.server.psql(_QUERY))
+        except HarnessError as exc:
+            if 'relation "jobs" does not exist' in str(exc):
                 return []
-            raise HarnessError(f"psql: {run.stderr.strip()[:300]}")
-        return [_row(tuple(line.split("\t"))) for line in run.stdout.splitlines() if line]
+            raise
+        return [_row(tuple(line.split("|"))) for line in out.splitlines() if line]
 
     def restart(self) -> None:
-        """The server's own stop and start (a fast shutdown, then the same data directory)."""
+        """A fast shutdown (clients disconnected, everything written out), then a start on
+        the same port and data directory."""
         self.server.restart()
 
 
