@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from nsqjobs.testing import HarnessError, need_binary
+from nsqjobs.testing import HarnessError, MissingBinary, need_binary
 
 from bench.chaos import report, scenarios
 from bench.chaos.ledger import STORES
@@ -72,10 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[Result] = []
     began = time.monotonic()
     for scenario in chosen:
-        if scenario.needs and scenario.store not in scenario.needs:
-            result = Result(scenario, error=f"needs --store {' or '.join(scenario.needs)}")
-        else:
+        try:
             result = run(scenario, log)
+        except MissingBinary as exc:
+            result = Result(scenario, error=str(exc))
         results.append(result)
         print(result.summary(), flush=True)
         if result.verdict is not None:

@@ -14,7 +14,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
-from nsqjobs.testing import HarnessError, temp_dir
+from nsqjobs.testing import HarnessError, MissingBinary, temp_dir
 
 from bench.chaos import selftest
 from bench.chaos.check import Bound, LedgerWatch, Verdict, judge
@@ -288,6 +288,8 @@ def run(scenario: Scenario, log: Callable[[str], None]) -> Result:
             if plants is not None:
                 result.planted = plants.planted
             log(f"{scenario.name}: stopping")
+    except MissingBinary:
+        raise  # a test skips (or fails under CI); the command line reports it
     except HarnessError as exc:
         result.error = str(exc)
     result.duration_s = time.monotonic() - began

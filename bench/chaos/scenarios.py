@@ -61,7 +61,6 @@ class Scenario:
     # The deep backlog's target: no re-drive at all.
     no_redrives: bool = False
     plant: Plant | None = None
-    needs: tuple[str, ...] = ()  # stores this scenario needs (the ledger restart: postgres)
 
     @property
     def submit_s(self) -> float:
@@ -198,7 +197,7 @@ def full(store: str = "sqlite", scale: float = 1.0) -> list[Scenario]:
             5000,
             125.0,
             faults=tuple(ledger_restart),
-            needs=("postgres",),
+            store="postgres",  # the one store with a server to restart
         ),
         Scenario(
             "deep_backlog",
@@ -219,7 +218,10 @@ def full(store: str = "sqlite", scale: float = 1.0) -> list[Scenario]:
             faults=tuple(sorted(combined, key=lambda f: f.at_s)),
         ),
     ]
-    return [_scale(dataclasses.replace(s, store=store), scale) for s in scenarios]
+    return [
+        _scale(s if s.name == "ledger_restart" else dataclasses.replace(s, store=store), scale)
+        for s in scenarios
+    ]
 
 
 # The short runs: the relay's grace and the publish timeout made short so the runs are.
@@ -285,6 +287,14 @@ def short(store: str = "sqlite") -> list[Scenario]:
             125.0,
             faults=(Fault(3.0, "kill_gateway"),),
             **common,
+        ),
+        Scenario(
+            "ledger_restart",
+            "the ledger's PostgreSQL server restarted",
+            1000,
+            125.0,
+            faults=(Fault(3.0, "restart_ledger"),),
+            **{**common, "store": "postgres"},
         ),
         Scenario(
             "combined",
