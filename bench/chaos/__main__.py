@@ -9,6 +9,7 @@ missed a target.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import sys
@@ -38,6 +39,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--store", choices=STORES, default="sqlite", help="the ledger's store")
     parser.add_argument("--short", action="store_true", help="the small sizes make test runs")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the job counts")
+    parser.add_argument("--drain", type=float, help="longest drain, seconds (default per scenario)")
+    parser.add_argument(
+        "--stall", type=float, help="end a drain when nothing moved this long (seconds)"
+    )
+    parser.add_argument(
+        "--keep-failed", type=Path, help="keep a failed scenario's logs and files under DIR"
+    )
     parser.add_argument(
         "--out", type=Path, default=ROOT / "bench" / "results", help="where the figures go"
     )
@@ -56,6 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"chaos: unknown scenario(s) {', '.join(unknown)}")
     chosen = [s for s in catalogue if not names or s.name in names]
+    if args.drain is not None:
+        chosen = [dataclasses.replace(s, drain_s=args.drain) for s in chosen]
+    if args.stall is not None:
+        chosen = [dataclasses.replace(s, stall_s=args.stall) for s in chosen]
     try:
         need_binary("nsqd")
         need_binary("nsqlookupd")
@@ -73,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     began = time.monotonic()
     for scenario in chosen:
         try:
-            result = run(scenario, log)
+            result = run(scenario, log, args.keep_failed)
         except MissingBinary as exc:
             result = Result(scenario, error=str(exc))
         results.append(result)

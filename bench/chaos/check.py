@@ -6,6 +6,7 @@ see it find exactly those. Nothing here talks to a process.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -36,6 +37,9 @@ class LedgerRow:
     worker: str | None = None
     attempts: int = 0
     redrives: int = 0
+    # For the report on a lost job: when nsqd acknowledged its latest publish, when that was sent.
+    published_at: float | None = None
+    sent_at: float | None = None
 
     @property
     def terminal(self) -> bool:
@@ -131,6 +135,7 @@ class Verdict:
     unconfirmed_recorded: int
     rejected: int
     lost: tuple[str, ...]
+    lost_rows: tuple[LedgerRow, ...]
     unrecorded: tuple[str, ...]
     executed: int
     never_executed: int
@@ -180,6 +185,7 @@ class Verdict:
             "rejected": self.rejected,
             "lost": len(self.lost),
             "lost_ids": list(self.lost[:50]),
+            "lost_rows": [dataclasses.asdict(r) for r in self.lost_rows[:50]],
             "unrecorded": len(self.unrecorded),
             "executed": self.executed,
             "never_executed": self.never_executed,
@@ -244,6 +250,7 @@ def judge(
         unconfirmed_recorded=sum(1 for i in unconfirmed if i in rows and rows[i].terminal),
         rejected=sum(1 for s in submitted.values() if s.state == "rejected"),
         lost=lost,
+        lost_rows=tuple(rows[i] for i in lost if i in rows),
         unrecorded=unrecorded,
         executed=len(runs),
         never_executed=sum(1 for i in accepted if executions.get(i, 0) == 0),

@@ -19,7 +19,9 @@ from nsqjobs.testing import HarnessError, MissingBinary
 from bench.chaos.check import LedgerRow
 
 STORES = ("sqlite", "postgres")
-_QUERY = "SELECT id, status, finished_at, worker, attempts, redrives FROM jobs"
+_QUERY = (
+    "SELECT id, status, finished_at, worker, attempts, redrives, published_at, sent_at FROM jobs"
+)
 
 
 class Ledger(Protocol):
@@ -38,15 +40,21 @@ class Ledger(Protocol):
 
 
 def _row(values: tuple[Any, ...]) -> LedgerRow:
-    job_id, status, finished_at, worker, attempts, redrives = values
+    job_id, status, finished_at, worker, attempts, redrives, published_at, sent_at = values
     return LedgerRow(
         id=str(job_id),
         status=str(status),
-        finished_at=None if finished_at in (None, "") else float(finished_at),
+        finished_at=_float(finished_at),
         worker=None if worker in (None, "") else str(worker),
         attempts=int(attempts or 0),
         redrives=int(redrives or 0),
+        published_at=_float(published_at),
+        sent_at=_float(sent_at),
     )
+
+
+def _float(value: Any) -> float | None:
+    return None if value in (None, "") else float(value)
 
 
 class SqliteLedger:

@@ -7,11 +7,13 @@ a poll of a condition with a deadline.
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from nsqjobs.testing import HarnessError, MissingBinary, temp_dir
@@ -108,7 +110,7 @@ class Run:
         self.scenario = scenario
         self.log = log
         self.began = time.monotonic()
-        work = temp_dir(stack, f"nsqjobs-chaos-{scenario.name}-")
+        self.work = work = temp_dir(stack, f"nsqjobs-chaos-{scenario.name}-")
         self.ledger = open_ledger(scenario.store, stack, work)
         self.cluster = Cluster(stack, work, scenario.setup, self.ledger)
         self.tail = OutcomeTail(self.cluster.nsq.nsqd_tcp)
@@ -260,8 +262,9 @@ def _do(cluster: Cluster, act: str) -> str:
     return method()
 
 
-def run(scenario: Scenario, log: Callable[[str], None]) -> Result:
-    """Run one scenario; errors of the harness become a result that says it could not run."""
+def run(scenario: Scenario, log: Callable[[str], None], keep_failed: Path | None = None) -> Result:
+    """Run one scenario; errors of the harness become a result that says it could not run.
+    ``keep_failed``: where a failed run's directory (logs, ledger file, executions) is kept."""
     result = Result(scenario)
     began = time.monotonic()
     try:
@@ -287,6 +290,11 @@ def run(scenario: Scenario, log: Callable[[str], None]) -> Result:
             result.events = r.events
             if plants is not None:
                 result.planted = plants.planted
+            if keep_failed is not None and not result.passed:
+                kept = keep_failed / scenario.name
+                shutil.rmtree(kept, ignore_errors=True)
+                shutil.copytree(r.work, kept, ignore=shutil.ignore_patterns("*.diskqueue.*"))
+                log(f"{scenario.name}: failed; its logs and files are kept in {kept}")
             log(f"{scenario.name}: stopping")
     except MissingBinary:
         raise  # a test skips (or fails under CI); the command line reports it
