@@ -55,8 +55,10 @@ class Scenario:
     store: str = "sqlite"
     # After the last answer: wait at most drain_s for every accepted job's outcome, and stop
     # early when nothing moved for stall_s with nsqd empty (what is missing then stays lost).
-    drain_s: float = 150.0
-    stall_s: float = 45.0
+    # stall_s outlasts the relay's grace (30 s) plus its claim lease (15 s: a killed gateway's
+    # claims keep other relays off those jobs that long) plus a poll.
+    drain_s: float = 180.0
+    stall_s: float = 60.0
     give_up_s: float = 60.0
     # The deep backlog's target: no re-drive at all.
     no_redrives: bool = False
@@ -236,7 +238,8 @@ IN_TESTS = ("selftest", "combined", "nsqd_kill_mem0", "deep_backlog")
 def short(store: str = "sqlite") -> list[Scenario]:
     """The ``make test`` sizes: the same scenarios, a few seconds of jobs each."""
     quick = Setup(gateway_env=SHORT_GATEWAY)
-    common: dict[str, Any] = {"store": store, "setup": quick, "drain_s": 60.0, "stall_s": 10.0}
+    # stall_s: the 3 s grace, the relay's 15 s claim lease, polls.
+    common: dict[str, Any] = {"store": store, "setup": quick, "drain_s": 60.0, "stall_s": 25.0}
     return [
         Scenario(
             "selftest",
