@@ -108,11 +108,19 @@ def test_a_terminal_outcome_that_changes_between_reads_is_a_duplicate_recorded_o
 def test_redrives_are_the_ledgers_count_and_the_bound_sums_its_terms() -> None:
     submitted = _submitted(("a", "accepted"), ("b", "accepted"))
     rows = [LedgerRow("a", "succeeded", 1.0, "w", redrives=2), LedgerRow("b", "succeeded", 1.0)]
-    bound = Bound(worker_faults=3, concurrency=4, retried_publishes=5, nsqd_kills_on_disk=1)
+    bound = Bound(
+        worker_faults=3,
+        concurrency=4,
+        retried_publishes=5,
+        requeued_results=7,
+        nsqd_kills_on_disk=1,
+    )
     v = _verdict(submitted, rows, {"a": 1, "b": 1}, bound=bound)
     assert v.redrives == 2
-    assert v.bound.total == 3 * 4 + 5 + 2 + 2500
-    assert v.bound.terms() == "3x4 worker + 5 retried + 2 re-driven + 1x2500 nsqd disk"
+    assert v.bound.total == 3 * 4 + 5 + 7 + 2 + 2500
+    assert v.bound.terms() == (
+        "3x4 worker + 5 retried + 7 results unacknowledged + 2 re-driven + 1x2500 nsqd disk"
+    )
 
 
 # -- real runs ------------------------------------------------------------------------------------

@@ -91,12 +91,15 @@ class Bound:
     """What can make a job run more than once in a run, each counted from what happened:
     a worker SIGKILLed or paused past the message timeout holds at most ``concurrency``
     messages; a publish the client retried after an answer that left it unsure stores the
-    job once more at most; a re-drive publishes it once more; an nsqd that keeps messages on
-    disk re-delivers at most ``--sync-every`` (2500) messages read since its last sync."""
+    job once more at most; a job whose result nsqd did not acknowledge in time is requeued by
+    its worker (the result may still have been stored); a re-drive publishes it once more; an
+    nsqd that keeps messages on disk re-delivers at most ``--sync-every`` (2500) messages
+    read since its last sync."""
 
     worker_faults: int = 0
     concurrency: int = 0
     retried_publishes: int = 0
+    requeued_results: int = 0
     redrives: int = 0
     nsqd_kills_on_disk: int = 0
     sync_every: int = 2500
@@ -107,6 +110,7 @@ class Bound:
         return (
             self.worker_faults * self.concurrency
             + self.retried_publishes
+            + self.requeued_results
             + self.redrives
             + self.nsqd_kills_on_disk * self.sync_every
         )
@@ -116,6 +120,7 @@ class Bound:
         parts = [
             f"{self.worker_faults}x{self.concurrency} worker",
             f"{self.retried_publishes} retried",
+            f"{self.requeued_results} results unacknowledged",
             f"{self.redrives} re-driven",
         ]
         if self.nsqd_kills_on_disk:
@@ -268,6 +273,7 @@ def judge(
             worker_faults=bound.worker_faults,
             concurrency=bound.concurrency,
             retried_publishes=bound.retried_publishes,
+            requeued_results=bound.requeued_results,
             redrives=max(redrives, sum(redrives_by_reason.values())),
             nsqd_kills_on_disk=bound.nsqd_kills_on_disk,
             sync_every=bound.sync_every,

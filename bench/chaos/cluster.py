@@ -22,6 +22,9 @@ from bench.chaos.ledger import Ledger
 from bench.chaos.observe import CHANNEL, OUTCOME_TOPICS
 from bench.procs import ROOT
 
+# What a worker logs when it requeues a job whose result nsqd did not acknowledge.
+REQUEUED_RESULT = "result not acknowledged"
+
 
 @dataclass(frozen=True)
 class Setup:
@@ -166,7 +169,16 @@ class Cluster:
         self.ledger.restart()
         return f"ledger database restarted in {time.monotonic() - started:.1f}s"
 
-    # -- state ----------------------------------------------------------------------------------
+    # -- state ------------------------------------------------------------------------------------
+
+    def requeued_results(self) -> int:
+        """Jobs a worker requeued because nsqd did not acknowledge their result in time (each
+        worker's log, the killed ones' too, says so once per job): such a result may still
+        have been stored, and the job runs again."""
+        return sum(
+            path.read_text(errors="replace").count(REQUEUED_RESULT)
+            for path in self.work.glob("worker-*.log")
+        )
 
     def queued_in_nsqd(self) -> int | None:
         """Jobs nsqd holds for the workers (topic depth + channel depth, in flight, deferred);

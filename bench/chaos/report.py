@@ -101,9 +101,11 @@ def write_markdown(path: Path, header: dict[str, Any], results: list[Result]) ->
         "",
         "The bound on duplicate executions, from what each run did: a SIGKILLed worker held at "
         "most `--concurrency` jobs (its max-in-flight), each may run again; a publish the "
-        "client retried after an unsure answer may have stored the job once more; a re-drive "
-        "publishes a job once more; an nsqd that keeps jobs on disk re-delivers after a "
-        "SIGKILL what it read since its last sync (at most `--sync-every`, 2500).",
+        "client retried after an unsure answer may have stored the job once more; a job whose "
+        "result nsqd did not acknowledge in time is requeued by its worker, though the result "
+        "may have been stored; a re-drive publishes a job once more; an nsqd that keeps jobs "
+        "on disk re-delivers after a SIGKILL what it read since its last sync (at most "
+        "`--sync-every`, 2500).",
         "",
         "## Scenarios",
         "",

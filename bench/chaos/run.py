@@ -226,6 +226,7 @@ class Run:
             worker_faults=s.worker_faults(),
             concurrency=s.setup.concurrency,
             retried_publishes=self.retried,
+            requeued_results=self.cluster.requeued_results(),
             nsqd_kills_on_disk=s.faults_of("kill_nsqd") if s.nsqd_on_disk() else 0,
         )
         return judge(
