@@ -73,14 +73,16 @@ class Cluster:
             env[env_var(GatewayConfig, "port")] = str(port)
         return start_daemon("gateway", self.nsq, self.work, env, stack=self.stack, cwd=ROOT)
 
-    def _start_worker(self) -> Daemon:
+    def _start_worker(self, ready: bool = True) -> Daemon:
         env = {
             env_var(WorkerConfig, "concurrency"): str(self.setup.concurrency),
             env_var(WorkerConfig, "msg_timeout_s"): str(self.setup.msg_timeout_s),
             ENV_DEBUG_EXECUTIONS_LOG: str(self.executions),
             **self.setup.worker_env,
         }
-        return start_daemon("worker", self.nsq, self.work, env, stack=self.stack, cwd=ROOT)
+        return start_daemon(
+            "worker", self.nsq, self.work, env, ready=ready, stack=self.stack, cwd=ROOT
+        )
 
     def _start_workers(self, n: int) -> list[Daemon]:
         # Side by side: each spends seconds importing its tasks before it is ready.
@@ -90,14 +92,27 @@ class Cluster:
     # -- faults ---------------------------------------------------------------------------------
 
     def kill_worker(self) -> str:
-        """SIGKILL the next worker in turn and start another in its place."""
+        """SIGKILL the next worker in turn and start another in its place at once, as a
+        supervisor would (not waiting for it: nsqd may be stopped, and resuming it is the
+        next fault on the schedule; :meth:`supervise` replaces one that exits)."""
         self.kills += 1
         n = self.kills % len(self.workers)
         victim = self.workers[n]
         victim.proc.kill()
         victim.proc.wait(10)
-        self.workers[n] = self._start_worker()
+        self.workers[n] = self._start_worker(ready=False)
         return f"worker {victim.proc.pid} killed, another started"
+
+    def supervise(self) -> list[str]:
+        """Start another worker in place of any that exited on its own (a lost port race)."""
+        events = []
+        for n, worker in enumerate(self.workers):
+            if worker.proc.poll() is not None and worker not in self.paused:
+                self.workers[n] = self._start_worker(ready=False)
+                events.append(
+                    f"worker {worker.proc.pid} exited ({worker.proc.returncode}), another started"
+                )
+        return events
 
     def stop_workers(self) -> str:
         """Stop every worker cleanly (SIGTERM: what they hold goes back to nsqd)."""

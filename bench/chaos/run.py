@@ -177,6 +177,8 @@ class Run:
         if force or now - self._last_metrics >= METRICS_EVERY_S:
             self._last_metrics = now
             self.metrics.scrape(self.cluster.gateway)
+            for event in self.cluster.supervise():
+                self.event(event)
         if force or now - self._last_ledger >= LEDGER_EVERY_S:
             self._last_ledger = now
             self.watch.read(self.ledger.rows())

@@ -74,14 +74,15 @@ class Scenario:
         return sum(1 for f in self.faults if f.kind == kind)
 
     def worker_faults(self) -> int:
-        """Worker kills, and pauses long enough for nsqd to take the held jobs back (with 2 s
-        to spare: a job was delivered a little before the pause), times the workers paused."""
-        pauses = sum(
-            1
-            for f in self.faults
-            if f.kind == "pause_workers" and f.hold_s >= self.setup.msg_timeout_s - 2
+        """How many times a worker's held jobs (at most ``concurrency``) may run again: once
+        per worker kill, and per paused worker once per message timeout the pause lasted
+        (nsqd takes the held jobs back, then sends the stopped worker as many again; 2 s to
+        spare: a job was delivered a little before the pause)."""
+        timeout = self.setup.msg_timeout_s
+        rounds = sum(
+            int((f.hold_s + 2) // timeout) for f in self.faults if f.kind == "pause_workers"
         )
-        return self.faults_of("kill_worker") + pauses * self.setup.workers
+        return self.faults_of("kill_worker") + rounds * self.setup.workers
 
     def nsqd_on_disk(self) -> bool:
         """Whether nsqd may hold this run's jobs on disk (and re-deliver some after a crash)."""
@@ -208,7 +209,10 @@ def full(store: str = "sqlite", scale: float = 1.0) -> list[Scenario]:
             backlog_jobs,
             backlog_rate,
             faults=(Fault(0.0, "pause_workers", backlog_hold),),
-            setup=Setup(gateway_env={"NSQJOBS_LEDGER_GRACE_S": f"{BACKLOG_GRACE_S:g}"}),
+            # nsqd's default message timeout, longer than the pause: held jobs stay held.
+            setup=Setup(
+                msg_timeout_s=60, gateway_env={"NSQJOBS_LEDGER_GRACE_S": f"{BACKLOG_GRACE_S:g}"}
+            ),
             no_redrives=True,
         ),
         Scenario(
