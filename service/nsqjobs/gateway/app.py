@@ -233,6 +233,8 @@ class GatewayApp:
                 # outlives the relay's own attempt at it.
                 lease_s=3 * config.publish_timeout_s + 2 * config.ledger_poll_s,
                 result_ttl_s=config.result_ttl,
+                # A tenth of the retention, so nothing outstays it by much, once a minute at most.
+                prune_every_s=min(60.0, max(config.ledger_poll_s, config.result_ttl / 10)),
             )
         self.acceptor = Acceptor(
             registry,

@@ -52,7 +52,8 @@ class Relay:
     it; ``lease_s``: how long a claim keeps other gateways' relays off a job (a publish that
     failed is tried again when it ends); ``horizon_s``: how close to due a held delayed job is
     published (with DPUB of the rest); ``result_ttl_s``: finished jobs older than this are
-    pruned (0: never). ``clock`` gives Unix seconds (tests move it).
+    pruned (0: never), every ``prune_every_s``. ``clock`` gives Unix seconds and
+    ``read_start_time`` an nsqd's start_time (tests replace both).
     """
 
     # Jobs claimed per store call; a tick claims until a call comes back short.
@@ -75,6 +76,7 @@ class Relay:
         result_ttl_s: float = 7 * 86400.0,
         prune_every_s: float = 60.0,
         clock: Clock = wire.now,
+        read_start_time: Callable[[str, float], Awaitable[int]] = nsqd_start_time,
     ) -> None:
         self.store = store
         self.publisher = publisher
@@ -88,6 +90,7 @@ class Relay:
         self.result_ttl_s = result_ttl_s
         self.prune_every_s = prune_every_s
         self.clock = clock
+        self.read_start_time = read_start_time
         # Per nsqd: the start_time last read, and the re-drive cutoff it implies.
         self.start_times: dict[str, int] = {}
         self.cutoffs: dict[str, float] = {}
@@ -161,7 +164,7 @@ class Relay:
         """Read every nsqd's start_time; re-drive what was sent before the latest restart."""
         now = self.clock()
         times = await asyncio.gather(
-            *(nsqd_start_time(a, min(2.0, max(0.5, self.poll_s))) for a in self.addresses),
+            *(self.read_start_time(a, min(2.0, max(0.5, self.poll_s))) for a in self.addresses),
             return_exceptions=True,
         )
         for address, start_time in zip(self.addresses, times, strict=True):

@@ -1,0 +1,410 @@
+"""The ledger's relay: the store's re-drive, claim, retention and stats methods; the relay with
+a moved clock and a fake publisher; and the whole pipeline (gateway with the ledger, real nsqd,
+worker) through an nsqd SIGKILL, a deep backlog, a job never published, long delays and
+retention."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from nsqjobs import wire
+from nsqjobs.ledger import SqliteStore
+from nsqjobs.ledger.relay import Relay
+from nsqjobs.names import MAX_DELAY_MS
+from nsqjobs.observability.metrics import LedgerMetrics
+from nsqjobs.registry import Registry, task
+from prometheus_client import CollectorRegistry
+
+T = TypeVar("T")
+HOUR = MAX_DELAY_MS / 1000
+
+
+def run(path: Path, body: Callable[[SqliteStore], Awaitable[T]], **kw: Any) -> T:
+    """Open a store on ``path``, run ``body`` in an event loop, close the store."""
+
+    async def main() -> T:
+        store = SqliteStore(path, **kw)
+        try:
+            return await asyncio.wait_for(body(store), 20)
+        finally:
+            store.close()
+
+    return asyncio.run(main())
+
+
+def job(job_id: str, task: str = "noop", due_at: float | None = None) -> wire.JobEnvelope:
+    return wire.JobEnvelope(id=job_id, task=task, args={}, created_at=wire.now(), due_at=due_at)
+
+
+def result(job_id: str, finished_at: float, status: str = "succeeded") -> wire.ResultEnvelope:
+    return wire.ResultEnvelope(
+        id=job_id,
+        task="noop",
+        status=status,  # type: ignore[arg-type]
+        attempts=1,
+        worker="w1",
+        started_at=finished_at - 1,
+        finished_at=finished_at,
+        duration_s=1.0,
+    )
+
+
+def letter(job_id: str, at: float) -> wire.DeadLetter:
+    error = wire.ErrorInfo(type="ValueError", message="bad")
+    return wire.DeadLetter(reason="max_attempts", error=error, worker="w1", at=at, job=job(job_id))
+
+
+def sql(path: Path, statement: str, *params: Any) -> None:
+    """Change the ledger's file behind the store's back (what another gateway would do)."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute(statement, params)
+        conn.commit()
+    finally:
+        conn.close()
+
+
+# -- the store --------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_claims_respect_the_grace_the_lease_and_the_horizon(tmp_path: Path) -> None:
+    async def body(store: SqliteStore) -> None:
+        now = wire.now()
+        kw: dict[str, Any] = {"grace_s": 30.0, "horizon_s": 60.0, "lease_s": 10.0, "limit": 100}
+        await store.record_accepted(
+            [job("plain"), job("soon", due_at=now + 600), job("later", due_at=now + 2 * HOUR)]
+        )
+        # The accept path may still be publishing: nothing within the grace; "later" is held.
+        assert await store.claim_unpublished(now=now + 1, **kw) == []
+        record = await store.get("later")
+        assert record is not None and record.published_at is None
+        # Past the grace: the job the accept path gave up on. "soon" (DPUB'd by the accept
+        # path, not acknowledged) waits in the ledger until its horizon.
+        (plain,) = await store.claim_unpublished(now=now + 31, **kw)
+        assert (plain.id, plain.reason, plain.delay_ms, plain.task) == (
+            "plain",
+            "unpublished",
+            0,
+            "noop",
+        )
+        assert wire.decode_job(plain.body).id == "plain"
+        # Claimed: no one else takes it until the lease ends, then it is tried again.
+        assert await store.claim_unpublished(now=now + 32, **kw) == []
+        again = await store.claim_unpublished(now=now + 42, **kw)
+        assert [(c.id, c.reason) for c in again] == [("plain", "unpublished")]
+        await store.mark_published(["plain"])
+        # Coming due: published with what is left of the delay.
+        due = await store.claim_unpublished(now=now + 560, **kw)
+        assert [(c.id, c.reason) for c in due] == [("soon", "unpublished")]
+        assert 39_000 <= due[0].delay_ms <= 40_000
+        await store.mark_published(["soon"])
+        held = await store.claim_unpublished(now=now + 2 * HOUR - 30, **kw)
+        assert [(c.id, c.reason) for c in held] == [("later", "due")]
+        assert 29_000 <= held[0].delay_ms <= 30_000
+        # Past due: no delay left.
+        sql(store.path, "UPDATE jobs SET sent_at = NULL, lease_until = NULL WHERE id = 'later'")
+        late = await store.claim_unpublished(now=now + 3 * HOUR, **kw)
+        assert [(c.id, c.delay_ms) for c in late] == [("later", 0)]
+        record = await store.get("plain")
+        assert record is not None and record.redrives == 2 and record.published_at is not None
+
+    run(tmp_path / "l.sqlite3", body)
+
+
+@pytest.mark.timeout(30)
+def test_a_restart_re_drives_unfinished_jobs_sent_before_it_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    async def body(store: SqliteStore) -> None:
+        kw: dict[str, Any] = {"grace_s": 30.0, "horizon_s": 60.0, "lease_s": 10.0, "limit": 2}
+        await store.record_accepted([job(f"j{i}") for i in range(5)])
+        await store.mark_published([f"j{i}" for i in range(5)])
+        await store.record_result(result("j0", wire.now()))  # finished: never re-driven
+        sent = wire.now()
+        # An nsqd that started before these were sent lost none of them.
+        assert await store.redrive_sent_before(sent - 100) == 0
+        assert await store.redrive_sent_before(sent + 1) == 4
+        assert await store.redrive_sent_before(sent + 1) == 0  # once per loss
+        # Claimed at once (no grace: the nsqd is known to have lost them), oldest first.
+        first = await store.claim_unpublished(now=sent + 2, **kw)
+        second = await store.claim_unpublished(now=sent + 2, **kw)
+        assert [c.id for c in first + second] == ["j1", "j2", "j3", "j4"]
+        assert {c.reason for c in first + second} == {"nsqd_restart"}
+        # A replayed job (as the api's replay leaves it) is claimed at once, as a replay.
+        sql(
+            store.path,
+            "UPDATE jobs SET published_at = NULL, sent_at = NULL, replays = 1 WHERE id = 'j0'",
+        )
+        sql(store.path, "UPDATE jobs SET status = 'queued', finished_at = NULL WHERE id = 'j0'")
+        (replayed,) = await store.claim_unpublished(now=sent + 3, **kw)
+        assert (replayed.id, replayed.reason) == ("j0", "replay")
+        record = await store.get("j1")
+        assert record is not None and record.redrives == 1
+
+    run(tmp_path / "l.sqlite3", body)
+
+
+@pytest.mark.timeout(30)
+def test_retention_prunes_finished_jobs_but_not_dead_ones(tmp_path: Path) -> None:
+    async def body(store: SqliteStore) -> None:
+        await store.record_accepted([job(f"j{i}") for i in range(6)])
+        for i in range(4):
+            await store.record_result(result(f"j{i}", 1000.0 + i))
+        await store.record_dead_letter(letter("j4", 1000.0))
+        assert await store.prune_finished(1002.0, 100) == 2  # j0, j1
+        assert await store.prune_finished(5000.0, 1) == 1  # the limit holds
+        assert await store.prune_finished(5000.0, 100) == 1
+        left = [j.id for j in (await store.list_jobs()).jobs]
+        assert left == ["j4", "j5"]  # dead, and unfinished
+
+    run(tmp_path / "l.sqlite3", body)
+
+
+@pytest.mark.timeout(30)
+def test_stats_count_by_status_and_the_oldest_runnable_job(tmp_path: Path) -> None:
+    async def body(store: SqliteStore) -> None:
+        empty = await store.stats()
+        assert set(empty.by_status.values()) == {0} and empty.oldest_unfinished_at is None
+        now = wire.now()
+        await store.record_accepted([job("far", due_at=now + 3 * HOUR)])
+        # Only a job not yet due: "oldest" lies ahead (its age is 0).
+        far = await store.stats()
+        assert far.oldest_unfinished_at == pytest.approx(now + 3 * HOUR)
+        await store.record_accepted([job("a"), job("b"), job("c")])
+        await store.record_result(result("a", now))
+        await store.record_result(result("b", now, "failed"))
+        stats = await store.stats()
+        assert stats.by_status == {
+            "queued": 2,
+            "running": 0,
+            "succeeded": 1,
+            "failed": 1,
+            "dead": 0,
+            "cancelled": 0,
+        }
+        assert (
+            stats.oldest_unfinished_at is not None and now <= stats.oldest_unfinished_at < now + 5
+        )
+
+    run(tmp_path / "l.sqlite3", body)
+
+
+@pytest.mark.timeout(30)
+def test_the_first_terminal_outcome_wins(tmp_path: Path) -> None:
+    async def body(store: SqliteStore) -> None:
+        await store.record_accepted([job("a"), job("b"), job("c")])
+        # A failed result, then the dead letter of the same attempt: one outcome, dead.
+        assert await store.record_result(result("a", 1000.0, "failed")) == "recorded"
+        assert await store.record_dead_letter(letter("a", 1000.0)) == "recorded"
+        a = await store.get("a")
+        assert a is not None and (a.status, a.finished_at, a.dead_at) == ("dead", 1000.0, 1000.0)
+        # A success first: a later dead letter (another delivery) is a duplicate.
+        assert await store.record_result(result("b", 1000.0)) == "recorded"
+        assert await store.record_dead_letter(letter("b", 1000.0)) == "duplicate"
+        # A dead letter first: a failed result from another run is a duplicate, and so is a
+        # success.
+        assert await store.record_dead_letter(letter("c", 1000.0)) == "recorded"
+        assert await store.record_result(result("c", 1500.0, "failed")) == "duplicate"
+        assert await store.record_result(result("c", 1600.0)) == "duplicate"
+        c = await store.get("c")
+        assert c is not None and (c.status, c.finished_at, c.result) == ("dead", 1000.0, None)
+
+    run(tmp_path / "l.sqlite3", body)
+
+
+@pytest.mark.timeout(30)
+def test_every_commit_is_timed(tmp_path: Path) -> None:
+    seen: list[float] = []
+
+    async def body(store: SqliteStore) -> None:
+        await asyncio.gather(*(store.record_accepted([job(f"j{i}")]) for i in range(50)))
+        await store.mark_published(["j1"])
+
+    run(tmp_path / "l.sqlite3", body, observe_write=seen.append)
+    assert len(seen) == 2 and all(0 < s < 5 for s in seen)
+
+
+# -- the relay, with a fake publisher and a clock that moves ----------------------------------
+
+
+class FakePublisher:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, int, str]] = []  # topic, delay_ms, job id
+        self.fail = False
+
+    def connected(self) -> int:
+        return 1
+
+    def enqueue(self, topic: str, body: bytes) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.fail:
+            fut.set_exception(ConnectionError("nsqd is down"))
+        else:
+            self.sent.append((topic, 0, wire.decode_job(body).id))
+            fut.set_result(None)
+        return fut
+
+    async def dpub(self, topic: str, delay_ms: int, body: bytes) -> None:
+        if self.fail:
+            raise ConnectionError("nsqd is down")
+        self.sent.append((topic, delay_ms, wire.decode_job(body).id))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = wire.now()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def relay_for(
+    store: SqliteStore, start_times: dict[str, int], clock: Clock, **kw: Any
+) -> tuple[Relay, FakePublisher, CollectorRegistry]:
+    registry = CollectorRegistry()
+
+    async def read_start_time(address: str, timeout_s: float) -> int:
+        return start_times[address]
+
+    tasks = Registry()
+
+    @task("noop", target=tasks)
+    def noop(args: dict[str, Any]) -> None:
+        return None
+
+    publisher = FakePublisher()
+    relay = Relay(
+        store,
+        publisher,
+        tasks,
+        LedgerMetrics(registry),
+        list(start_times),
+        clock=clock,
+        read_start_time=read_start_time,
+        **{"grace_s": 5.0, "lease_s": 10.0, "prune_every_s": 0.0, **kw},
+    )
+    return relay, publisher, registry
+
+
+def redrives(registry: CollectorRegistry, reason: str) -> float:
+    return registry.get_sample_value("nsqjobs_ledger_redrives_total", {"reason": reason}) or 0.0
+
+
+@pytest.mark.timeout(30)
+def test_a_backlog_is_never_re_driven_but_a_restart_re_drives_it(tmp_path: Path) -> None:
+    async def body(store: SqliteStore) -> None:
+        clock = Clock()
+        start_times = {"nsqd:4151": int(clock.now) - 10}
+        relay, publisher, metrics = relay_for(store, start_times, clock)
+        await store.record_accepted([job(f"j{i}") for i in range(30)])
+        await store.mark_published([f"j{i}" for i in range(30)])
+        # Ten minutes of backlog, polled every second: no evidence of loss, no re-drive.
+        for _ in range(5):
+            clock.now += 120
+            await relay.tick()
+        assert publisher.sent == [] and relay.problem is None
+        assert sum(redrives(metrics, r) for r in ("nsqd_restart", "unpublished", "due")) == 0
+        age = metrics.get_sample_value("nsqjobs_ledger_oldest_unfinished_age_seconds")
+        assert age is not None and age >= 590
+        assert metrics.get_sample_value("nsqjobs_ledger_jobs", {"status": "queued"}) == 30
+        # nsqd restarted: every unfinished job is published again, once.
+        await store.record_result(result("j0", clock.now))
+        start_times["nsqd:4151"] = int(clock.now) + 1
+        clock.now += 2
+        await relay.tick()
+        assert sorted(i for _, _, i in publisher.sent) == sorted(f"j{i}" for i in range(1, 30))
+        assert {(t, d) for t, d, _ in publisher.sent} == {("jobs", 0)}
+        assert redrives(metrics, "nsqd_restart") == 29 and redrives(metrics, "unpublished") == 0
+        for _ in range(3):
+            clock.now += 60
+            await relay.tick()
+        assert len(publisher.sent) == 29
+        record = await store.get("j5")
+        assert record is not None and record.published_at is not None and record.redrives == 1
+
+    run(tmp_path / "l.sqlite3", body)
+
+
+@pytest.mark.timeout(30)
+def test_failed_publishes_unknown_tasks_and_long_delays(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def body(store: SqliteStore) -> None:
+        clock = Clock()
+        relay, publisher, metrics = relay_for(store, {}, clock, horizon_s=60.0)
+        await store.record_accepted(
+            [
+                job("lost"),
+                job("alien", task="no.such.task"),
+                job("later", due_at=clock.now + 2 * HOUR),
+            ]
+        )
+        await relay.tick()
+        assert publisher.sent == []  # within the grace
+        publisher.fail = True
+        clock.now += 6
+        with caplog.at_level(logging.WARNING, "nsqjobs.ledger"):
+            await relay.tick()
+        assert "1 of 1 publish(es) failed" in caplog.text
+        assert caplog.text.count("no.such.task") == 1
+        publisher.fail = False
+        clock.now += 5  # the claim has not expired yet
+        await relay.tick()
+        assert publisher.sent == []
+        clock.now += 6
+        with caplog.at_level(logging.WARNING, "nsqjobs.ledger"):
+            await relay.tick()
+        assert publisher.sent == [("jobs", 0, "lost")] and redrives(metrics, "unpublished") == 1
+        assert caplog.text.count("no.such.task") == 1  # said once
+        alien = await store.get("alien")
+        assert alien is not None and alien.status == "queued" and alien.published_at is None
+        # Two hours on, the held job is published with what is left of its delay.
+        clock.now = wire.now() + 2 * HOUR - 20
+        await relay.tick()
+        assert [(i, 19_000 <= d <= 21_000) for _, d, i in publisher.sent[1:]] == [("later", True)]
+        assert redrives(metrics, "due") == 1
+
+    run(tmp_path / "l.sqlite3", body)
+
+
+@pytest.mark.timeout(30)
+def test_the_relay_prunes_past_the_retention_and_wakes_on_a_kick(tmp_path: Path) -> None:
+    async def body(store: SqliteStore) -> None:
+        clock = Clock()
+        relay, publisher, metrics = relay_for(store, {}, clock, result_ttl_s=3600.0, poll_s=30.0)
+        await store.record_accepted([job("done"), job("dead")])
+        await store.record_result(result("done", clock.now))
+        await store.record_dead_letter(letter("dead", clock.now))
+        await relay.tick()
+        assert await store.get("done") is not None
+        clock.now += 3601
+        await relay.tick()
+        assert await store.get("done") is None and await store.get("dead") is not None
+        assert metrics.get_sample_value("nsqjobs_ledger_jobs", {"status": "dead"}) == 1
+        assert metrics.get_sample_value("nsqjobs_ledger_jobs", {"status": "succeeded"}) == 0
+        # A replay is published at once: kick() wakes a relay that polls every 30 s.
+        relay.start()
+        try:
+            await asyncio.sleep(0)  # its first tick
+            sql(
+                store.path,
+                "UPDATE jobs SET status = 'queued', finished_at = NULL, "
+                "published_at = NULL, sent_at = NULL, replays = 1 WHERE id = 'dead'",
+            )
+            relay.kick()
+            deadline = time.monotonic() + 5
+            while not publisher.sent and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert publisher.sent == [("jobs", 0, "dead")] and redrives(metrics, "replay") == 1
+        finally:
+            await relay.stop()
+
+    run(tmp_path / "l.sqlite3", body)
