@@ -20,6 +20,7 @@ from nsqjobs.ledger.relay import Relay
 from nsqjobs.names import MAX_DELAY_MS
 from nsqjobs.observability.metrics import LedgerMetrics
 from nsqjobs.registry import Registry, task
+from nsqjobs.testing import Daemon, Nsq, http, wait_for
 from prometheus_client import CollectorRegistry
 
 T = TypeVar("T")
@@ -408,3 +409,168 @@ def test_the_relay_prunes_past_the_retention_and_wakes_on_a_kick(tmp_path: Path)
             await relay.stop()
 
     run(tmp_path / "l.sqlite3", body)
+
+
+# -- the whole pipeline: gateway with the ledger, real nsqd, worker ----------------------------
+
+FAST = {
+    "NSQJOBS_LEDGER_POLL_S": "0.2",
+    "NSQJOBS_LEDGER_GRACE_S": "1",
+    "NSQJOBS_PUBLISH_TIMEOUT_S": "1",
+}
+
+
+def gateway_with_ledger(daemons: Callable[..., Daemon], nsq: Nsq, path: Path, **env: str) -> Daemon:
+    return daemons("gateway", nsq, NSQJOBS_LEDGER_URL=f"sqlite:///{path}", **{**FAST, **env})
+
+
+def record_of(gateway: Daemon, job_id: str) -> dict[str, Any] | None:
+    code, _, body = http("GET", f"{gateway.url}/v1/jobs/{job_id}")
+    assert code in (200, 404), body
+    return body if code == 200 else None
+
+
+def outcome(gateway: Daemon, job_id: str, status: str = "succeeded") -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        record = record_of(gateway, job_id)
+        return record if record is not None and record["status"] == status else None
+
+    return wait_for(check, 45, f"job {job_id} {status} in the ledger")
+
+
+def submit(gateway: Daemon, body: dict[str, Any], expect: int = 202) -> dict[str, Any]:
+    code, _, answer = http("POST", f"{gateway.url}/v1/jobs", body)
+    assert code == expect, answer
+    assert isinstance(answer, dict)
+    return answer
+
+
+def redriven(gateway: Daemon, reason: str) -> float:
+    return gateway.metric("nsqjobs_ledger_redrives_total", reason=reason)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_jobs_lost_in_an_nsqd_sigkill_are_re_driven_and_all_run(
+    nsq: Nsq, daemons: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    gateway = gateway_with_ledger(daemons, nsq, tmp_path / "ledger.sqlite3")
+    worker = daemons("worker", nsq)
+    worker.pause()  # the jobs wait in nsqd's memory (two of them in flight to the worker)
+    ids = [f"k{i}" for i in range(20)]
+    for job_id in ids:
+        submit(gateway, {"id": job_id, "task": "noop"})
+    assert nsq.message_count("jobs") == 20
+    nsq.stop_nsqd(kill=True)
+    nsq.start_nsqd()  # same ports, same data directory: its memory is gone
+    worker.resume()
+    for job_id in ids:
+        outcome(gateway, job_id)
+    # Every job the worker had not finished was published again, for the restart alone.
+    assert 18 <= redriven(gateway, "nsqd_restart") <= 20
+    assert redriven(gateway, "unpublished") == redriven(gateway, "due") == 0
+    assert nsq.message_count("jobs") >= 18
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(90)
+def test_a_backlog_behind_a_paused_worker_is_not_re_driven(
+    nsq: Nsq, daemons: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    gateway = gateway_with_ledger(daemons, nsq, tmp_path / "ledger.sqlite3")
+    worker = daemons("worker", nsq)
+    worker.pause()
+    ids = [f"b{i}" for i in range(20)]
+    for job_id in ids:
+        submit(gateway, {"id": job_id, "task": "noop"})
+    # The relay polls on while the backlog is three graces old.
+    age = "nsqjobs_ledger_oldest_unfinished_age_seconds"
+    wait_for(lambda: gateway.metric(age) >= 3, 30, "a backlog three seconds old")
+    assert gateway.metric("nsqjobs_ledger_jobs", status="queued") == 20
+    worker.resume()
+    for job_id in ids:
+        outcome(gateway, job_id)
+    for reason in ("nsqd_restart", "unpublished", "due", "replay"):
+        assert redriven(gateway, reason) == 0, reason
+    assert nsq.message_count("jobs") == 20
+    wait_for(lambda: gateway.metric(age) == 0, 10, "no unfinished job left")
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(90)
+def test_jobs_recorded_but_never_published_are_published_by_the_relay(
+    nsq: Nsq, daemons: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    # A gateway that died between recording a job and publishing it left this behind.
+    run(path, lambda store: store.record_accepted([job("orphan")]))
+    gateway = gateway_with_ledger(daemons, nsq, path)
+    daemons("worker", nsq)
+    assert outcome(gateway, "orphan")["published_at"] is not None
+    # nsqd paused past the publish timeout: the accept path gives up (503, outcome unknown).
+    assert nsq.nsqd is not None
+    nsq.nsqd.pause()
+    try:
+        submit(gateway, {"id": "stalled", "task": "noop"}, expect=503)
+    finally:
+        nsq.nsqd.resume()
+    # It runs: from the publish nsqd took in after all, or else from the relay's, past the
+    # grace; either way its outcome is recorded once.
+    outcome(gateway, "stalled")
+    assert redriven(gateway, "unpublished") >= 1 and redriven(gateway, "nsqd_restart") == 0
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_long_delays_are_held_in_the_ledger_and_run_when_due(
+    nsq: Nsq, daemons: Callable[..., Daemon], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain = daemons("gateway", nsq)
+    problem = submit(plain, {"task": "noop", "run_at": time.time() + 2 * HOUR}, expect=422)
+    assert "ledger" in problem["detail"] and problem["errors"][0]["field"] == "body.run_at"
+
+    path = tmp_path / "ledger.sqlite3"
+    gateway = gateway_with_ledger(daemons, nsq, path)
+    run_at = time.time() + 2 * HOUR
+    answer = submit(gateway, {"id": "in-2h", "task": "noop", "run_at": run_at})
+    assert answer["due_at"] == pytest.approx(run_at)
+    answer = submit(gateway, {"id": "in-3h", "task": "noop", "delay_ms": int(3 * HOUR * 1000)})
+    assert answer["due_at"] == pytest.approx(time.time() + 3 * HOUR, abs=30)
+    both = {"task": "noop", "run_at": run_at, "delay_ms": 5}
+    assert submit(gateway, both, expect=422)["errors"][0]["field"] == "body.run_at"
+    record = record_of(gateway, "in-2h")
+    assert record is not None and record["published_at"] is None
+    assert record["due_at"] == pytest.approx(run_at)
+    gateway.stop()
+
+    # Accepted an hour ago, due in a few seconds: what a restarted gateway finds in its ledger.
+    due = time.time() + 4
+    monkeypatch.setattr(wire, "now", lambda: time.time() - HOUR)
+    run(path, lambda store: store.record_accepted([job("due-soon", due_at=due)]))
+    monkeypatch.undo()
+    restarted = gateway_with_ledger(daemons, nsq, path)
+    daemons("worker", nsq)
+    done = outcome(restarted, "due-soon")
+    assert done["finished_at"] >= due - 0.5  # the worker defers a job that comes early
+    assert redriven(restarted, "due") == 1
+    # The far ones stay in the ledger, unpublished, across the restart.
+    assert nsq.message_count("jobs") == 1
+    for job_id in ("in-2h", "in-3h"):
+        record = record_of(restarted, job_id)
+        assert record is not None and record["status"] == "queued"
+        assert record["published_at"] is None
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(90)
+def test_retention_prunes_finished_jobs_and_keeps_dead_ones(
+    nsq: Nsq, daemons: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    gateway = gateway_with_ledger(daemons, nsq, tmp_path / "ledger.sqlite3", NSQJOBS_RESULT_TTL="1")
+    daemons("worker", nsq, NSQJOBS_MAX_ATTEMPTS="1")
+    submit(gateway, {"id": "ok", "task": "noop"})
+    submit(gateway, {"id": "bad", "task": "debug.fail", "args": {"mode": "error"}})
+    outcome(gateway, "bad", "dead")
+    wait_for(lambda: record_of(gateway, "ok") is None, 30, "the finished job pruned")
+    assert outcome(gateway, "bad", "dead")["dead_reason"] == "max_attempts"
+    assert gateway.metric("nsqjobs_ledger_jobs", status="dead") == 1

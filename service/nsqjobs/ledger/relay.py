@@ -186,13 +186,17 @@ class Relay:
         return count
 
     def note_start_time(self, address: str, start_time: int, now: float) -> None:
-        """Take one nsqd's ``start_time``: jobs sent before it (its second, truncated, ends at
-        ``start_time + 1``) were held by a process that is gone. A change seen while running
-        also covers everything sent before ``now``, by this gateway's clock, so a skew between
-        nsqd's clock and ours cannot hide a job sent just before the restart."""
+        """Take one nsqd's ``start_time``: jobs sent before it were held by a process that is
+        gone. It is truncated to the second, so its second ends at ``start_time + 1``, but
+        never past ``now`` (what this relay publishes from now on must not be re-driven
+        again). A change seen while running means a restart since the last poll: everything
+        sent before ``now`` by this gateway's clock, so a skew between nsqd's clock and ours
+        cannot hide a job sent just before the restart."""
         before = self.start_times.get(address)
+        if before == start_time:
+            return  # no news: the cutoff stands
         self.start_times[address] = start_time
-        cutoff = start_time + 1.0
+        cutoff = min(start_time + 1.0, now)
         if before is not None and before != start_time:
             log.warning(
                 "relay: nsqd %s restarted (start_time %d, was %d): re-driving the unfinished "
@@ -201,7 +205,7 @@ class Relay:
                 start_time,
                 before,
             )
-            cutoff = max(cutoff, now)
+            cutoff = now
         self.cutoffs[address] = max(self.cutoffs.get(address, 0.0), cutoff)
 
     async def publish_claimed(self) -> int:
