@@ -7,18 +7,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pytest
 from nsqjobs import wire
+from nsqjobs.api import BatchJob, SubmitRequest
+from nsqjobs.config import GatewayConfig, load
+from nsqjobs.errors import ConfigError, InvalidArgumentsError
+from nsqjobs.gateway.submit import Acceptor
 from nsqjobs.ledger import SqliteStore
 from nsqjobs.ledger.relay import Relay
 from nsqjobs.names import MAX_DELAY_MS
-from nsqjobs.observability.metrics import LedgerMetrics
+from nsqjobs.nsq.publisher import Publisher
+from nsqjobs.observability.metrics import GatewayMetrics, LedgerMetrics
 from nsqjobs.registry import Registry, task
 from nsqjobs.testing import Daemon, Nsq, http, wait_for
 from prometheus_client import CollectorRegistry
@@ -258,6 +264,12 @@ class FakePublisher:
             raise ConnectionError("nsqd is down")
         self.sent.append((topic, delay_ms, wire.decode_job(body).id))
 
+    async def pub(self, topic: str, body: bytes) -> None:
+        await self.enqueue(topic, body)
+
+    async def mpub(self, topic: str, bodies: list[bytes]) -> None:
+        self.sent.extend((topic, 0, wire.decode_job(body).id) for body in bodies)
+
 
 class Clock:
     def __init__(self) -> None:
@@ -265,6 +277,16 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def noop_registry() -> Registry:
+    tasks = Registry()
+
+    @task("noop", target=tasks)
+    def noop(args: dict[str, Any]) -> None:
+        return None
+
+    return tasks
 
 
 def relay_for(
@@ -275,17 +297,11 @@ def relay_for(
     async def read_start_time(address: str, timeout_s: float) -> int:
         return start_times[address]
 
-    tasks = Registry()
-
-    @task("noop", target=tasks)
-    def noop(args: dict[str, Any]) -> None:
-        return None
-
     publisher = FakePublisher()
     relay = Relay(
         store,
         publisher,
-        tasks,
+        noop_registry(),
         LedgerMetrics(registry),
         list(start_times),
         clock=clock,
@@ -409,6 +425,90 @@ def test_the_relay_prunes_past_the_retention_and_wakes_on_a_kick(tmp_path: Path)
             await relay.stop()
 
     run(tmp_path / "l.sqlite3", body)
+
+
+@pytest.mark.timeout(30)
+def test_a_ledger_that_cannot_be_written_makes_the_gateway_unready(tmp_path: Path) -> None:
+    async def body(store: SqliteStore) -> None:
+        relay, _, _ = relay_for(store, {}, Clock())
+        await relay.tick()
+        assert relay.problem is None
+        store.close()
+        await relay.tick()
+        assert relay.problem is not None and "closed" in relay.problem
+
+    run(tmp_path / "l.sqlite3", body)
+
+
+# -- long delays at the accept path ------------------------------------------------------------
+
+
+def acceptor(ledger: bool) -> tuple[Acceptor, FakePublisher, list[str]]:
+    recorded: list[str] = []
+
+    async def recorder(envs: list[wire.JobEnvelope]) -> None:
+        recorded.extend(env.id for env in envs)
+
+    publisher = FakePublisher()
+    accept = Acceptor(
+        noop_registry(),
+        cast(Publisher, publisher),
+        GatewayMetrics(CollectorRegistry()),
+        recorder if ledger else None,
+    )
+    return accept, publisher, recorded
+
+
+@pytest.mark.timeout(30)
+def test_delays_beyond_an_hour_need_the_ledger_which_holds_them() -> None:
+    async def scenario() -> None:
+        now = wire.now()
+        plain, published, _ = acceptor(ledger=False)
+        for req, field in (
+            (SubmitRequest(task="noop", delay_ms=int(2 * HOUR * 1000)), "body.delay_ms"),
+            (SubmitRequest(task="noop", run_at=now + 2 * HOUR), "body.run_at"),
+        ):
+            with pytest.raises(InvalidArgumentsError) as refused:
+                plain.submit(req)
+            (error,) = refused.value.errors
+            assert error.field == field and "ledger" in error.message
+        soon = await plain.submit(SubmitRequest(task="noop", run_at=now + 60))
+        past = await plain.submit(SubmitRequest(task="noop", run_at=now - 60))
+        assert soon.due_at == now + 60 and past.due_at is None
+        assert [(round(d / 1000), i) for _, d, i in published.sent] == [(60, soon.id), (0, past.id)]
+
+        ledger, published, recorded = acceptor(ledger=True)
+        held = await ledger.submit(SubmitRequest(task="noop", run_at=now + 2 * HOUR))
+        longer = await ledger.submit(SubmitRequest(task="noop", delay_ms=int(3 * HOUR * 1000)))
+        assert recorded == [held.id, longer.id] and published.sent == []  # the relay's
+        assert held.due_at == now + 2 * HOUR
+        with pytest.raises(InvalidArgumentsError, match="at most"):
+            ledger.submit(SubmitRequest(task="noop", run_at=now + 400 * 86400))
+        # A batch: due now in the MPUB, due soon on its own with DPUB, held not at all.
+        jobs = await ledger.accept_batch(
+            [
+                BatchJob(task="noop", id="now"),
+                BatchJob(task="noop", id="soon", run_at=now + 30),
+                BatchJob(task="noop", id="far", run_at=now + 2 * HOUR),
+            ]
+        )
+        assert [j.id for j in jobs] == ["now", "soon", "far"]
+        assert recorded[2:] == ["now", "soon", "far"]
+        assert [(i, round(d / 1000)) for _, d, i in published.sent] == [("now", 0), ("soon", 30)]
+
+    asyncio.run(scenario())
+
+
+def test_the_relay_settings_are_validated() -> None:
+    config = load(GatewayConfig, environ={"NSQJOBS_RESULT_TTL": "60", "NSQJOBS_LEDGER_POLL_S": "2"})
+    assert (config.result_ttl, config.ledger_poll_s, config.ledger_grace_s) == (60, 2, 30)
+    for environ, message in (
+        ({"NSQJOBS_LEDGER_GRACE_S": "1"}, "--ledger-grace-s / NSQJOBS_LEDGER_GRACE_S: must be >="),
+        ({"NSQJOBS_LEDGER_POLL_S": "0"}, "NSQJOBS_LEDGER_POLL_S: must be 0.01-60"),
+        ({"NSQJOBS_RESULT_TTL": "-1"}, "--result-ttl / NSQJOBS_RESULT_TTL: must be 0"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load(GatewayConfig, environ=environ)
 
 
 # -- the whole pipeline: gateway with the ledger, real nsqd, worker ----------------------------

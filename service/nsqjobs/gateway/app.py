@@ -235,6 +235,8 @@ class GatewayApp:
                 result_ttl_s=config.result_ttl,
                 # A tenth of the retention, so nothing outstays it by much, once a minute at most.
                 prune_every_s=min(60.0, max(config.ledger_poll_s, config.result_ttl / 10)),
+                # Counting a million jobs takes a second of a core: not every poll.
+                stats_every_s=5 * config.ledger_poll_s,
             )
         self.acceptor = Acceptor(
             registry,

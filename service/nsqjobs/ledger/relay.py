@@ -52,7 +52,8 @@ class Relay:
     it; ``lease_s``: how long a claim keeps other gateways' relays off a job (a publish that
     failed is tried again when it ends); ``horizon_s``: how close to due a held delayed job is
     published (with DPUB of the rest); ``result_ttl_s``: finished jobs older than this are
-    pruned (0: never), every ``prune_every_s``. ``clock`` gives Unix seconds and
+    pruned (0: never), every ``prune_every_s``; the gauges are read every ``stats_every_s``
+    (counting a large ledger takes a while). ``clock`` gives Unix seconds and
     ``read_start_time`` an nsqd's start_time (tests replace both).
     """
 
@@ -75,6 +76,7 @@ class Relay:
         horizon_s: float = 60.0,
         result_ttl_s: float = 7 * 86400.0,
         prune_every_s: float = 60.0,
+        stats_every_s: float = 0.0,
         clock: Clock = wire.now,
         read_start_time: Callable[[str, float], Awaitable[int]] = nsqd_start_time,
     ) -> None:
@@ -89,6 +91,7 @@ class Relay:
         self.horizon_s = horizon_s
         self.result_ttl_s = result_ttl_s
         self.prune_every_s = prune_every_s
+        self.stats_every_s = stats_every_s
         self.clock = clock
         self.read_start_time = read_start_time
         # Per nsqd: the start_time last read, and the re-drive cutoff it implies.
@@ -96,7 +99,7 @@ class Relay:
         self.cutoffs: dict[str, float] = {}
         # Why the ledger cannot be written, from the last tick (None: it can); readiness.
         self.problem: str | None = None
-        self._last_prune = float("-inf")
+        self._last_prune = self._last_stats = float("-inf")
         self._unknown_tasks: set[str] = set()
         self._unreachable: set[str] = set()
         self._wake = asyncio.Event()
@@ -150,7 +153,9 @@ class Relay:
             if self.result_ttl_s > 0 and now - self._last_prune >= self.prune_every_s:
                 self._last_prune = now
                 await self.prune(now - self.result_ttl_s)
-            await self.update_gauges()
+            if now - self._last_stats >= self.stats_every_s:
+                self._last_stats = now
+                await self.update_gauges()
         except NsqjobsError as exc:  # LedgerError: storage failed, or closed
             if self.problem is None:
                 log.error("relay: the ledger cannot be written: %s", exc)
