@@ -97,9 +97,15 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "UPDATE jobs SET sent_at = accepted_at",
         "CREATE INDEX jobs_unfinished ON jobs (sent_at) WHERE status IN ('queued', 'running')",
         "CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL",
+    ),
+    (
         # What the relay looks for every poll: unfinished jobs with no acknowledged publish
         # (a few in flight, plus long delays waiting to come due), without scanning a backlog.
         f"CREATE INDEX jobs_unpublished ON jobs (due_at, seq) WHERE {_UNPUBLISHED}",
+        # Delayed unfinished jobs by when they are due: the oldest-unfinished gauge reads the
+        # first without counting the rest.
+        "CREATE INDEX jobs_delayed ON jobs (due_at) "
+        "WHERE due_at IS NOT NULL AND status IN ('queued', 'running')",
     ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
@@ -371,7 +377,8 @@ class SqliteStore:
 
         ``oldest_unfinished_at`` is when the oldest unfinished job became runnable: accepted,
         or due for a delayed one (a job due next month is not late, and an alert on the
-        oldest unfinished age must not fire for it; one not yet due gives a time ahead)."""
+        oldest unfinished age must not fire for it; one not yet due gives a time ahead). Read
+        from indexes: only the count of jobs by status walks the table."""
         loop = asyncio.get_running_loop()
         if self._closed:
             fut: asyncio.Future[LedgerStats] = loop.create_future()
@@ -393,15 +400,28 @@ class SqliteStore:
                 conn.execute("BEGIN")  # one snapshot for both queries
                 try:
                     counts = dict(conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status"))
-                    oldest = conn.execute(
-                        "SELECT MIN(MAX(accepted_at, COALESCE(due_at, 0))) FROM jobs "
-                        "WHERE status IN ('queued', 'running')"
-                    ).fetchone()[0]
+                    # Acceptance order is seq order: the first undelayed job of each status,
+                    # and the delayed job due first.
+                    firsts = [
+                        conn.execute(
+                            "SELECT accepted_at FROM jobs WHERE status = ? AND due_at IS NULL "
+                            "ORDER BY seq LIMIT 1",
+                            (status,),
+                        ).fetchone()
+                        for status in ("queued", "running")
+                    ]
+                    firsts.append(
+                        conn.execute(
+                            "SELECT MIN(due_at) FROM jobs INDEXED BY jobs_delayed WHERE due_at "
+                            "IS NOT NULL AND status IN ('queued', 'running')"
+                        ).fetchone()
+                    )
                 finally:
                     conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise LedgerError(f"the ledger could not be read: {exc}") from exc
-        return LedgerStats({s: int(counts.get(s, 0)) for s in STATUSES}, oldest)
+        times = [row[0] for row in firsts if row is not None and row[0] is not None]
+        return LedgerStats({s: int(counts.get(s, 0)) for s in STATUSES}, min(times, default=None))
 
     # -- operations (stubs: being built) --------------------------------------------------------
 
