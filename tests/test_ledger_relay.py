@@ -19,7 +19,7 @@ from nsqjobs import wire
 from nsqjobs.api import BatchJob, SubmitRequest
 from nsqjobs.config import GatewayConfig, load
 from nsqjobs.errors import ConfigError, InvalidArgumentsError
-from nsqjobs.gateway.submit import Acceptor
+from nsqjobs.gateway.submit import Acceptor, BatchPartlyPublished
 from nsqjobs.ledger import SqliteStore
 from nsqjobs.ledger.relay import Relay
 from nsqjobs.names import MAX_DELAY_MS
@@ -495,6 +495,20 @@ def test_delays_beyond_an_hour_need_the_ledger_which_holds_them() -> None:
         assert [j.id for j in jobs] == ["now", "soon", "far"]
         assert recorded[2:] == ["now", "soon", "far"]
         assert [(i, round(d / 1000)) for _, d, i in published.sent] == [("now", 0), ("soon", 30)]
+        # A DPUB refused: the batch is partly accepted (the MPUB'd and the held jobs).
+        published.fail = True
+        with pytest.raises(BatchPartlyPublished) as partly:
+            await ledger.accept_batch(
+                [
+                    BatchJob(task="noop", id="now-2"),
+                    BatchJob(task="noop", id="soon-2", run_at=now + 30),
+                    BatchJob(task="noop", id="far-2", run_at=now + 2 * HOUR),
+                ]
+            )
+        assert (partly.value.published, partly.value.unpublished) == (
+            ["now-2", "far-2"],
+            ["soon-2"],
+        )
 
     asyncio.run(scenario())
 

@@ -335,9 +335,9 @@ class Acceptor:
                 acked = [env.id for task, env in built if task.queue in published]
                 if self.published is not None:
                     self.published(acked)
-                raise BatchPartlyPublished(
-                    exc, acked, [env.id for task, env in built if task.queue not in published]
-                ) from exc
+                unpublished = [env.id for task, env in built if task.queue not in published]
+                unpublished += [env.id for _, env in later]  # not sent yet
+                raise BatchPartlyPublished(exc, acked, unpublished) from exc
             done.append(topic)
         if later:
             await self._publish_later(built, later)
