@@ -408,17 +408,21 @@ def test_the_relay_prunes_past_the_retention_and_wakes_on_a_kick(tmp_path: Path)
         assert metrics.get_sample_value("nsqjobs_ledger_jobs", {"status": "dead"}) == 1
         assert metrics.get_sample_value("nsqjobs_ledger_jobs", {"status": "succeeded"}) == 0
         # A replay is published at once: kick() wakes a relay that polls every 30 s.
+        ticks = relay.ticks
         relay.start()
         try:
-            await asyncio.sleep(0)  # its first tick
+            deadline = time.monotonic() + 10
+            while relay.ticks == ticks and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)  # its first pass, then nothing for 30 s
             sql(
                 store.path,
                 "UPDATE jobs SET status = 'queued', finished_at = NULL, "
                 "published_at = NULL, sent_at = NULL, replays = 1 WHERE id = 'dead'",
             )
             relay.kick()
-            deadline = time.monotonic() + 5
-            while not publisher.sent and time.monotonic() < deadline:
+            # Counted once the publish is acknowledged and noted in the ledger.
+            deadline = time.monotonic() + 10
+            while not redrives(metrics, "replay") and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
             assert publisher.sent == [("jobs", 0, "dead")] and redrives(metrics, "replay") == 1
         finally:

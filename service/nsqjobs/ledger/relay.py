@@ -99,6 +99,7 @@ class Relay:
         self.cutoffs: dict[str, float] = {}
         # Why the ledger cannot be written, from the last tick (None: it can); readiness.
         self.problem: str | None = None
+        self.ticks = 0  # passes completed
         self._last_prune = self._last_stats = float("-inf")
         self._unknown_tasks: set[str] = set()
         self._unreachable: set[str] = set()
@@ -164,6 +165,7 @@ class Relay:
         if self.problem is not None:
             log.info("relay: the ledger can be written again")
         self.problem = None
+        self.ticks += 1
 
     async def redrive(self) -> int:
         """Read every nsqd's start_time; re-drive what was sent before the latest restart."""
