@@ -308,7 +308,8 @@ def _check_existing(
     :class:`JobExists`.
 
     A job recorded but never known to be published (its publish failed, or is still under
-    way) is published again: at least once, and the ledger keeps the first outcome.
+    way) is published again: at least once, and the ledger keeps the first outcome; unless it
+    is finished already (cancelled before it was ever published, say).
     """
     conflicts = [i for i, a in enumerate(answers) if a.kind == "conflict"]
     if conflicts:
@@ -318,7 +319,9 @@ def _check_existing(
     skip = {
         a.existing.id
         for a in answers
-        if a.kind == "same" and a.existing is not None and a.existing.published_at is not None
+        if a.kind == "same"
+        and a.existing is not None
+        and (a.existing.published_at is not None or a.existing.finished_at is not None)
     }
     record = answers[0].existing
     if skip and single and record is not None:
