@@ -71,7 +71,7 @@ def test_listing_with_filters_cursors_and_query_errors(
     nsq: Nsq, daemons: Callable[..., Daemon], tmp_path: Path
 ) -> None:
     gateway = ledger_gateway(daemons, nsq, tmp_path / "ledger.sqlite3")
-    jobs = [
+    jobs: list[dict[str, Any]] = [
         {"id": f"j{i}", "task": "noop"}
         if i % 2
         else {"id": f"j{i}", "task": "primes.count", "args": {"start": 0, "stop": 10}}
