@@ -319,3 +319,21 @@ def test_a_ledger_that_cannot_write_is_a_503(
     problem(get(gateway, "/v1/jobs/y"), 404, "unknown-job")
     assert get(gateway, "/v1/jobs/x")[2]["status"] == "queued"
     assert nsq.message_count(DEFAULT_QUEUE) == 1
+
+
+def test_without_a_ledger_its_routes_are_absent(nsq: Nsq, daemons: Callable[..., Daemon]) -> None:
+    gateway = daemons("gateway", nsq)
+    for method, path in [
+        ("GET", "/v1/dead-letters"),
+        ("DELETE", "/v1/dead-letters"),
+        ("POST", "/v1/dead-letters/replay"),
+        ("POST", "/v1/dead-letters/x/replay"),
+        ("DELETE", "/v1/dead-letters/x"),
+        ("DELETE", "/v1/jobs/x"),
+        ("GET", "/v1/jobs/x"),
+    ]:
+        problem(http(method, gateway.url + path), 404, "not-found")
+    # /v1/jobs exists (for POST): listing it needs the ledger.
+    code, headers, _ = get(gateway, "/v1/jobs")
+    assert code == 405 and headers["Allow"] == "POST"
+    assert http("POST", f"{gateway.url}/v1/jobs?wait=0.1", {"task": "noop"})[0] == 202

@@ -30,6 +30,7 @@ EXIT_TIMEOUT: Final = 3  # not finished within --wait
 EXIT_UNKNOWN: Final = 4  # could not tell: unknown id, gateway unreachable or refusing
 POLL_S: Final = (0.1, 0.2, 0.5, 1.0)  # `result` polls the job this often, then every second
 ERROR_WIDTH: Final = 60
+NO_ROUTE: Final = "urn:nsqjobs:problem:not-found"  # a gateway without the route (no ledger)
 
 
 class CommandFailed(NsqjobsError):
@@ -84,6 +85,8 @@ class Gateway:
                 f"{e.get('field')}: {e.get('message')}" for e in errors or [] if isinstance(e, dict)
             )
             detail = problem.get("detail") if isinstance(problem, dict) else None
+            if isinstance(problem, dict) and problem.get("type") == NO_ROUTE:
+                detail = f"{detail} (is the gateway's job ledger on? see NSQJOBS_LEDGER_URL)"
             raise CommandFailed(f"gateway answered {exc.code}: {fields or detail}") from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             raise CommandFailed(f"cannot reach the gateway at {self.url}: {exc}") from None

@@ -387,7 +387,7 @@ def _add_ledger(
             "summary": summary,
             "parameters": parameters,
             **security,
-            "responses": {"200": answer, **errors, **more, "503": unavailable},
+            "responses": {"200": answer, **errors, "503": unavailable, **more},
         }
 
     paths = document["paths"]
@@ -441,6 +441,11 @@ def _add_ledger(
             **{
                 "404": unknown,
                 "409": _problem("the job has finished already (`job_status` says how)"),
+                "503": _problem(
+                    "the ledger could not be read or written, or the job is cancelled but "
+                    "workers could not be told to skip it; retry",
+                    _RETRY_AFTER,
+                ),
             },
         ),
     }
