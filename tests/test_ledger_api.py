@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from nsqjobs import wire
 from nsqjobs.names import CANCEL_TOPIC, DEFAULT_QUEUE
-from nsqjobs.testing import Daemon, Nsq, http, wait_for
+from nsqjobs.testing import Daemon, Nsq, http, nsq_pair, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 PROBLEM = "application/problem+json"
@@ -272,6 +272,26 @@ def test_wait_is_answered_from_the_ledger(
     code, _, record = http("POST", f"{gateway.url}/v1/jobs?wait=20", job)
     assert code == 200 and record["status"] == "succeeded" and record["result"] == 25
     assert time.monotonic() - started < 5
+    assert nsq.message_count(DEFAULT_QUEUE) == 1
+
+
+def test_a_replica_that_never_sees_the_result_answers_its_wait_from_the_ledger(
+    nsq: Nsq, daemons: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    # Two gateways on one ledger; the second reads results from another nsqd, so no result
+    # message ever reaches its waiters: only the ledger, written by the first, can answer.
+    path = tmp_path / "ledger.sqlite3"
+    first = ledger_gateway(daemons, nsq, path)
+    job = {"id": "r1", "task": "debug.sleep", "args": {"seconds": 1.5}}
+    assert http("POST", f"{first.url}/v1/jobs", job)[0] == 202
+    with nsq_pair() as elsewhere:
+        second = ledger_gateway(daemons, elsewhere, path)
+        daemons("worker", nsq)
+        started = time.monotonic()
+        code, _, outcome = http("POST", f"{second.url}/v1/jobs?wait=20", job)
+        assert code == 200 and outcome["status"] == "succeeded", outcome
+        assert outcome["result"] == {"slept": 1.5} and time.monotonic() - started < 15
+        assert elsewhere.message_count(DEFAULT_QUEUE) == 0
     assert nsq.message_count(DEFAULT_QUEUE) == 1
 
 
