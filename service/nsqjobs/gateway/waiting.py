@@ -35,7 +35,7 @@ log = logging.getLogger("nsqjobs.gateway")
 # How a wait ends: the result message, or (from the ledger) the job's terminal record.
 Outcome = wire.ResultEnvelope | JobRecord
 LEDGER_POLL_S: Final = 0.5
-LEDGER_POLL_MAX: Final = 1000  # lookups per poll; the longest waiting first
+LEDGER_POLL_MAX: Final = 1000  # lookups per poll, taking turns
 
 
 class ResultWaiter:
@@ -124,6 +124,7 @@ class ResultWaiter:
         loop = asyncio.get_running_loop()
         due = loop.time() - self.poll_s
         for job_id in [i for i, since in self._since.items() if since <= due][:LEDGER_POLL_MAX]:
+            self._since[job_id] = self._since.pop(job_id)  # to the back: others' turn next
             self.store.get(job_id).add_done_callback(functools.partial(self._looked_up, job_id))
         self._poll = loop.call_later(self.poll_s, self._poll_ledger)
 
