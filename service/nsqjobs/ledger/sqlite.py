@@ -266,12 +266,7 @@ class SqliteStore:
 
     def get(self, job_id: str) -> asyncio.Future[JobRecord | None]:
         """The job with this id, or None."""
-
-        def op(conn: sqlite3.Connection) -> JobRecord | None:
-            row = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            return None if row is None else _record(row)
-
-        return self._submit(op)
+        return self._submit(lambda conn: _get(conn, job_id))
 
     def list_jobs(
         self,
@@ -430,20 +425,66 @@ class SqliteStore:
         raise NotImplementedError
 
     def cancel(self, job_id: str) -> asyncio.Future[JobRecord | None]:
-        """See the protocol."""
-        raise NotImplementedError
+        """Cancel a queued or running job (see the protocol); the job as it now stands."""
+        now = wire.now()
+
+        def op(conn: sqlite3.Connection) -> JobRecord | None:
+            conn.execute(
+                "UPDATE jobs SET status = 'cancelled', finished_at = ?, lease_until = NULL "
+                "WHERE id = ? AND status IN ('queued', 'running') AND finished_at IS NULL",
+                (now, job_id),
+            )
+            return _get(conn, job_id)
+
+        return self._submit(op)
 
     def replay(
         self, ids: list[str] | None = None, *, task: str | None = None, limit: int = 1000
     ) -> asyncio.Future[list[JobRecord]]:
-        """See the protocol."""
-        raise NotImplementedError
+        """Replay dead jobs (see the protocol): the run so far goes to ``runs``, the job is
+        queued again with a fresh history, unpublished and never sent (the relay sends it)."""
+        now = wire.now()
+
+        def op(conn: sqlite3.Connection) -> list[JobRecord]:
+            rows = _dead(conn, ids, task, limit)
+            updates = []
+            for row in rows:
+                record = _record(row)
+                run = {
+                    "status": record.status,
+                    "attempts": record.attempts,
+                    "error": msgspec.to_builtins(record.error),
+                    "dead_reason": record.dead_reason,
+                    "finished_at": record.finished_at,
+                    "dead_at": record.dead_at,
+                    "history": msgspec.to_builtins(record.history),
+                    "replayed_at": now,
+                }
+                runs = _json.encode([*record.runs, run]).decode()
+                updates.append((runs, _replayed_envelope(row[21], now), row[14]))
+            conn.executemany(
+                "UPDATE jobs SET status = 'queued', runs = ?, envelope = ?, "
+                "replays = replays + 1, attempts = 0, worker = NULL, result = NULL, "
+                "error = NULL, dead_reason = NULL, dead_at = NULL, finished_at = NULL, "
+                "started_at = NULL, history = NULL, published_at = NULL, sent_at = NULL, "
+                "lease_until = NULL WHERE seq = ?",
+                updates,
+            )
+            return [r for r in (_get(conn, row[0]) for row in rows) if r is not None]
+
+        return self._submit(op)
 
     def purge(
         self, ids: list[str] | None = None, *, task: str | None = None, limit: int = 1000
     ) -> asyncio.Future[int]:
-        """See the protocol."""
-        raise NotImplementedError
+        """Delete dead jobs (see the protocol). How many."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            rows = _dead(conn, ids, task, limit)
+            conn.executemany("DELETE FROM jobs WHERE seq = ?", [(row[14],) for row in rows])
+            return len(rows)
+
+        return self._submit(op)
 
     def close(self) -> None:
         """Run what was handed over, stop the writer thread, close the file."""
@@ -546,6 +587,40 @@ def _verdict(conn: sqlite3.Connection, changed: int, job_id: str) -> OutcomeVerd
         return "recorded"
     known = conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone()
     return "duplicate" if known else "unknown"
+
+
+def _get(conn: sqlite3.Connection, job_id: str) -> JobRecord | None:
+    row = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    return None if row is None else _record(row)
+
+
+def _dead(
+    conn: sqlite3.Connection, ids: list[str] | None, task: str | None, limit: int
+) -> list[Any]:
+    """Dead jobs' rows with their envelope (index 21), oldest first: those of ``ids`` (all of
+    them), or else up to ``limit`` of ``task`` (or of every task)."""
+    select = f"SELECT {_COLUMNS}, envelope FROM jobs WHERE status = 'dead'"
+    task_clause, task_params = (" AND task = ?", [task]) if task is not None else ("", [])
+    if ids is None:
+        sql = f"{select}{task_clause} ORDER BY seq LIMIT ?"
+        return conn.execute(sql, (*task_params, limit)).fetchall()
+    rows: list[Any] = []
+    unique = list(dict.fromkeys(ids))
+    for i in range(0, len(unique), _MAX_VARIABLES):
+        chunk = unique[i : i + _MAX_VARIABLES]
+        marks = ",".join("?" * len(chunk))
+        sql = f"{select} AND id IN ({marks}){task_clause}"
+        rows.extend(conn.execute(sql, (*chunk, *task_params)))
+    return sorted(rows, key=lambda row: int(row[14]))
+
+
+def _replayed_envelope(envelope: bytes, now: float) -> bytes:
+    """The envelope a replay publishes: as accepted, less an expiry that has passed (the job
+    would only expire again)."""
+    job = wire.decode_job(envelope)
+    if job.deadline is not None and job.deadline <= now:
+        return wire.encode(msgspec.structs.replace(job, deadline=None))
+    return envelope
 
 
 def _accept(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> Any:
