@@ -137,6 +137,9 @@ class Recorder:
     def requeued(self, job: JobView, why: RequeueReason, delay_s: float) -> None:
         self.events.append(("requeued", job.task_name, why))
 
+    def cancelled(self, job: JobView) -> None:
+        self.events.append(("cancelled", job.task_name, job.in_progress))
+
 
 class Broken:
     """A hook whose every transition raises."""
@@ -148,6 +151,7 @@ class Broken:
         raise RuntimeError("hook bug")
 
     received = started = succeeded = attempt_failed = retried = dead_lettered = requeued = _boom
+    cancelled = _boom
 
 
 def run_machine(

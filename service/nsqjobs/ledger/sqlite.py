@@ -216,13 +216,14 @@ class SqliteStore:
             result.attempts,
             result.worker,
             result.finished_at,
+            _history(result.history),
             result.id,
         )
 
         def op(conn: sqlite3.Connection) -> OutcomeVerdict:
             cur = conn.execute(
                 "UPDATE jobs SET status = CASE status WHEN 'dead' THEN 'dead' ELSE ? END, "
-                "result = ?, error = ?, attempts = ?, worker = ?, finished_at = ? "
+                "result = ?, error = ?, attempts = ?, worker = ?, finished_at = ?, history = ? "
                 "WHERE id = ? AND finished_at IS NULL",
                 params,
             )
@@ -239,12 +240,13 @@ class SqliteStore:
             fut: asyncio.Future[OutcomeVerdict] = loop.create_future()
             fut.set_result("unknown")
             return fut
-        params = (letter.reason, letter.at, _json.encode(letter.error).decode(), job.id)
+        error = _json.encode(letter.error).decode()
+        params = (letter.reason, letter.at, error, _history(job.history), job.id)
 
         def op(conn: sqlite3.Connection) -> OutcomeVerdict:
             cur = conn.execute(
                 "UPDATE jobs SET status = 'dead', dead_reason = ?, dead_at = ?, "
-                "error = COALESCE(error, ?) WHERE id = ? AND dead_at IS NULL",
+                "error = COALESCE(error, ?), history = ? WHERE id = ? AND dead_at IS NULL",
                 params,
             )
             return _verdict(conn, cur.rowcount, job.id)
@@ -315,8 +317,17 @@ class SqliteStore:
     # -- operations (stubs: being built) --------------------------------------------------------
 
     def record_started(self, job_id: str, worker: str, at: float) -> asyncio.Future[OutcomeVerdict]:
-        """See the protocol."""
-        raise NotImplementedError
+        """A worker started the job: ``queued`` becomes ``running``, anything else stays."""
+
+        def op(conn: sqlite3.Connection) -> OutcomeVerdict:
+            cur = conn.execute(
+                "UPDATE jobs SET status = 'running', started_at = ?, worker = ? "
+                "WHERE id = ? AND status = 'queued'",
+                (at, worker, job_id),
+            )
+            return _verdict(conn, cur.rowcount, job_id)
+
+        return self._submit(op)
 
     def cancel(self, job_id: str) -> asyncio.Future[JobRecord | None]:
         """See the protocol."""
@@ -421,6 +432,11 @@ def _resolve(futures: list[asyncio.Future[Any]], results: list[tuple[bool, Any]]
             fut.set_result(value)
         else:
             fut.set_exception(value)
+
+
+def _history(history: tuple[wire.Attempt, ...]) -> str | None:
+    """Failed attempts as the ``history`` column holds them (NULL: none)."""
+    return _json.encode(history).decode() if history else None
 
 
 def _verdict(conn: sqlite3.Connection, changed: int, job_id: str) -> OutcomeVerdict:

@@ -15,17 +15,21 @@ import logging
 import time
 from typing import Any
 
+import msgspec
+
 from nsqjobs import wire
 from nsqjobs.config import WorkerConfig
 from nsqjobs.errors import (
     DecodeError,
+    JobCancelled,
     PublishRejected,
     ResultNotEncodable,
     ResultTooLarge,
     UnknownTaskError,
 )
-from nsqjobs.names import MAX_DELAY_MS, RESULTS_TOPIC
+from nsqjobs.names import MAX_DELAY_MS, RESULTS_TOPIC, STARTED_TOPIC
 from nsqjobs.registry import Registry
+from nsqjobs.worker.cancels import CancelledIds
 from nsqjobs.worker.executors import Executor
 from nsqjobs.worker.flow import Flow
 from nsqjobs.worker.hooks import Hooks
@@ -71,6 +75,7 @@ class Machine:
         self.orphans = 0  # slots taken by such threads after their message was answered
         self.flow: Flow | None = None
         self.accepting = False
+        self.cancelled = CancelledIds()
         self.settler = Settler(
             worker_id,
             publisher,
@@ -135,6 +140,9 @@ class Machine:
             self.settler.give_back(job, 0.0, "shutdown")
             return
         job.hooks.received(job)
+        if env.id in self.cancelled:
+            self._skip(job, "on arrival")
+            return
         refused = admit(env, job.attempt, job.max_attempts, job.started_at)
         if refused is not None:
             self.settler.dead_letter(job, refused.reason, refused.error)
@@ -158,6 +166,8 @@ class Machine:
         )
         job.hooks.started(job)
         job.phase = Phase.RUNNING
+        if task.track_started:
+            self._announce(job)
         ran = job.pending = self.executor.run(
             task,
             env.args,
@@ -195,20 +205,23 @@ class Machine:
             failure = ran.exception()
         body = b""
         if failure is None:
+            result = wire.ResultEnvelope(
+                id=job.env.id,
+                task=job.task.name,
+                status="succeeded",
+                result=ran.result(),
+                attempts=job.attempt,
+                worker=self.worker_id,
+                started_at=job.started_at,
+                finished_at=wire.now(),
+                duration_s=time.perf_counter() - job.t0,
+                history=job.env.history,  # the attempts that failed before this one
+            )
             try:
-                body = wire.encode(
-                    wire.ResultEnvelope(
-                        id=job.env.id,
-                        task=job.task.name,
-                        status="succeeded",
-                        result=ran.result(),
-                        attempts=job.attempt,
-                        worker=self.worker_id,
-                        started_at=job.started_at,
-                        finished_at=wire.now(),
-                        duration_s=time.perf_counter() - job.t0,
-                    )
-                )
+                body = wire.encode(result)
+                if len(body) > self.max_msg_size and result.history:
+                    # The history is the ledger's record, not the result: it goes first.
+                    body = wire.encode(msgspec.structs.replace(result, history=()))
             except Exception as exc:  # msgspec cannot encode the result (type, range...)
                 kind = type(ran.result()).__name__
                 failure = ResultNotEncodable(f"result of type {kind}: {exc}")
@@ -227,12 +240,59 @@ class Machine:
                 if self.flow is not None:
                     job.keep = self.flow.keep_slot
             if job.phase is Phase.RUNNING:
-                self.settler.attempt_failed(job, failure)
+                if isinstance(failure, JobCancelled) or job.env.id in self.cancelled:
+                    self._skip(job, "while running")  # no retry, no dead letter
+                else:
+                    self.settler.attempt_failed(job, failure)
             return
         duration = time.perf_counter() - job.t0
         job.phase = Phase.PUBLISHING
         acked = self.publisher.enqueue(RESULTS_TOPIC, body)
         acked.add_done_callback(functools.partial(self._result_acked, job, duration, len(body)))
+
+    def _announce(self, job: Job) -> None:
+        # Fire and forget: the job does not wait for nsqd's OK, and a lost event only leaves
+        # the ledger saying queued until the outcome comes.
+        body = wire.encode(wire.Started(id=job.env.id, worker=self.worker_id, at=wire.now()))
+        self.publisher.enqueue(STARTED_TOPIC, body).add_done_callback(_announced)
+
+    def on_cancel(self, message: Any) -> bool:
+        """The cancel reader's handler: remember the id, and end what this worker holds of it.
+
+        A job waiting for a slot is skipped; one running in a child process has its child
+        killed (it ends without a result); one running in a thread runs on to its end, and
+        the ledger, which already says cancelled, ignores its result.
+        """
+        try:
+            job_id = wire.decode_cancel(message.body).id
+        except DecodeError as exc:
+            log.warning("dropping a message on the cancels topic: %s", exc)
+            return True
+        if not self.cancelled.add(job_id):
+            return True  # heard before (another nsqd, or a second cancel)
+        for held in list(self.held.values()):
+            if not isinstance(held, Job) or held.env.id != job_id:
+                continue
+            if held.phase is Phase.WAITING:
+                self._skip(held, "waiting for a slot")
+            elif (
+                held.phase is Phase.RUNNING
+                and held.pending is not None
+                and not self.executor.cancel(held.pending)
+            ):
+                log.info(
+                    "job %s %-14s cancelled while running in a thread: it runs to its end",
+                    job_id,
+                    held.task.name,
+                )
+        return True
+
+    def _skip(self, job: Job, when: str) -> None:
+        """A cancelled job: FIN without a result."""
+        job.hooks.cancelled(job)
+        job.answer(finish=True)
+        log.info("job %s %-14s cancelled %s: FINed, no result", job.env.id, job.task.name, when)
+        self.forget(job)
 
     def _released(self, ran: asyncio.Future[Any]) -> None:
         # A timed-out job's thread returned: its slot is free again.
@@ -329,6 +389,12 @@ class Machine:
         if going:
             await asyncio.wait(going, timeout=timeout_s)
         return back
+
+
+def _announced(sent: asyncio.Future[None]) -> None:
+    error = None if sent.cancelled() else sent.exception()
+    if error is not None:
+        log.debug("a started event was not published (%s): the job shows queued", error)
 
 
 _NOT_RUN = frozenset({Phase.RECEIVED, Phase.WAITING, Phase.RUNNING})
