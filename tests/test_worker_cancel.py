@@ -216,7 +216,7 @@ def read_all(nsq: Nsq, topic: str, channel: str, n: int) -> Callable[[], bool]:
 
     def check() -> bool:
         c = nsq.channel(topic, channel)
-        return bool(c) and (c["message_count"], c["depth"], c["in_flight_count"]) == (n, 0, 0)
+        return c is not None and (c["message_count"], c["depth"], c["in_flight_count"]) == (n, 0, 0)
 
     return check
 
@@ -228,7 +228,11 @@ def running(worker: Daemon, task_name: str) -> Callable[[], bool]:
 def held_none(nsq: Nsq) -> Callable[[], bool]:
     def check() -> bool:
         c = nsq.channel("jobs", "workers")
-        return bool(c) and (c["depth"], c["in_flight_count"], c["deferred_count"]) == (0, 0, 0)
+        return c is not None and (c["depth"], c["in_flight_count"], c["deferred_count"]) == (
+            0,
+            0,
+            0,
+        )
 
     return check
 
