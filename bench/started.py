@@ -21,19 +21,36 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 from nsqjobs import wire
-from nsqjobs.names import ENV_DEBUG_TASKS, STARTED_TOPIC
-from nsqjobs.testing import HarnessError, Nsq, need_binary, start_nsq, temp_dir
+from nsqjobs.names import (
+    ENV_DEBUG_TASKS,
+    LEDGER_CHANNEL,
+    RESULTS_TOPIC,
+    STARTED_TOPIC,
+    WORKER_CHANNEL,
+)
+from nsqjobs.testing import (
+    HarnessError,
+    Nsq,
+    free_port,
+    need_binary,
+    start_nsq,
+    temp_dir,
+    wait_for,
+    wait_ready,
+)
 
 from bench import payloads, report, scenarios
-from bench.procs import ROOT, BenchError, log
+from bench.procs import ROOT, BenchError, log, start_process, worker_argv
 from bench.results_model import Comparison, Round
 
 ARMS = ("untracked", "tracked", "bare")
+LEDGER_MAX_IN_FLIGHT = 500  # as nsqjobs.ledger.outcomes
 TASKS = {"untracked": "debug.noop", "tracked": "debug.noop_tracked", "bare": "debug.noop"}
 
 
@@ -48,18 +65,113 @@ def envelopes(task: str, n: int) -> list[bytes]:
     ]
 
 
+@dataclass
+class Run:
+    """One arm's drain: its rate, and the CPU the consumer and nsqd spent per message."""
+
+    rate: float
+    consumer_us: float
+    nsqd_us: float
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bare_argv(nsq: Nsq, topic: str, channel: str, max_in_flight: int) -> list[str]:
+    """A bare pynsq Reader that FINs everything on ``topic``/``channel``."""
+    return [
+        sys.executable,
+        "-m",
+        "bench.bare_reader",
+        "--nsqd-tcp-address",
+        nsq.nsqd_tcp,
+        "--topic",
+        topic,
+        "--channel",
+        channel,
+        "--max-in-flight",
+        str(max_in_flight),
+    ]
+
+
+def consumer_argv(nsq: Nsq, arm: str, topic: str, s: scenarios.Settings, port: int) -> list[str]:
+    """The worker, or the bare Reader, on ``topic``."""
+    if arm == "bare":
+        return bare_argv(nsq, topic, WORKER_CHANNEL, s.worker_concurrency)
+    return worker_argv(
+        nsq,
+        concurrency=s.worker_concurrency,
+        queue=topic,
+        channel=WORKER_CHANNEL,
+        lookupd=False,
+        port=port,
+    )
+
+
+def subscribed(nsq: Nsq, topic: str, channel: str) -> Callable[[], bool]:
+    """Some client is subscribed to ``topic``/``channel``."""
+    return lambda: bool((nsq.channel(topic, channel) or {}).get("clients"))
+
+
 def drain(
     nsq: Nsq, arm: str, round_no: int, bodies: list[bytes], s: scenarios.Settings, work: Path
-) -> tuple[float, int]:
-    """One arm's drain rate, and the started events it published."""
-    who = "bare" if arm == "bare" else "worker"
-    got = scenarios._drain_once(nsq, who, f"bench_started_{round_no}_{arm}", bodies, s, work)
+) -> Run:
+    """Start the consumer on a paused channel, pre-fill it, then time the drain.
+
+    The consumer is connected and idle before the messages come, so the CPU it spends from
+    the unpause to the end is the drain's alone (start-up excluded).
+    """
+    n, topic = len(bodies), f"bench_started_{round_no}_{arm}"
+    nsq.create_channel(topic, WORKER_CHANNEL)
+    nsq.post("/channel/pause", topic=topic, channel=WORKER_CHANNEL)
+    if nsq.nsqd is None:
+        raise BenchError("no nsqd process to measure")
+    nsqd_pid = nsq.nsqd.proc.pid
+    with ExitStack() as stack:
+        # The ledger's part: a reader of the started events on its durable channel, in every
+        # arm (idle in two), so nsqd delivers the events rather than keeping them.
+        ledger = bare_argv(nsq, STARTED_TOPIC, LEDGER_CHANNEL, LEDGER_MAX_IN_FLIGHT)
+        start_process(stack, f"ledger-{topic}", ledger, work)
+        wait_for(subscribed(nsq, STARTED_TOPIC, LEDGER_CHANNEL), 60, "the events' reader")
+        port = free_port()
+        argv = consumer_argv(nsq, arm, topic, s, port)
+        proc = start_process(stack, f"{arm}-{topic}", argv, work)
+        if arm == "bare":
+            wait_for(subscribed(nsq, topic, WORKER_CHANNEL), 60, "the bare Reader")
+        else:
+            wait_ready(proc, f"http://127.0.0.1:{port}/readyz", 90.0)
+        nsq.mpub(topic, bodies)
+        wait_for(
+            lambda: (nsq.channel(topic, WORKER_CHANNEL) or {}).get("depth") == n,
+            30.0,
+            f"{n} messages in {topic}/{WORKER_CHANNEL}",
+        )
+        consumer0, nsqd0 = cpu_s(proc.proc.pid), cpu_s(nsqd_pid)
+        nsq.post("/channel/unpause", topic=topic, channel=WORKER_CHANNEL)
+        t0, t1, done0, _ = scenarios._measure_drain(nsq, proc, topic, n, s.drain_poll_s)
+        consumer1, nsqd1 = cpu_s(proc.proc.pid), cpu_s(nsqd_pid)
+        wait_for(
+            lambda: (nsq.channel(STARTED_TOPIC, LEDGER_CHANNEL) or {}).get("depth") == 0,
+            30,
+            "the started events read",
+        )
+    results = nsq.message_count(RESULTS_TOPIC)
     events = nsq.message_count(STARTED_TOPIC)
-    nsq.delete_topic(STARTED_TOPIC)  # nobody reads it here: do not let it grow
-    expected = len(bodies) if arm == "tracked" else 0
-    if events != expected:
-        raise BenchError(f"{arm}: {events} started events for {len(bodies)} jobs")
-    return got.rate, events
+    for done in (topic, RESULTS_TOPIC, STARTED_TOPIC):  # nobody reads them: do not let them grow
+        nsq.delete_topic(done)
+    if arm != "bare" and results != n:
+        raise BenchError(f"{arm}: the worker published {results} results for {n} jobs")
+    if events != (n if arm == "tracked" else 0):
+        raise BenchError(f"{arm}: {events} started events for {n} jobs")
+    seconds = t1 - t0
+    return Run(
+        rate=(n - done0) / seconds if seconds > 0 else 0.0,
+        consumer_us=(consumer1 - consumer0) / n * 1e6,
+        nsqd_us=(nsqd1 - nsqd0) / n * 1e6,
+    )
 
 
 def comparisons(s: scenarios.Settings, n: int) -> dict[str, Comparison]:
@@ -109,19 +221,33 @@ def run(s: scenarios.Settings, n: int, work: Path, nsq: Nsq) -> dict[str, Compar
     found = comparisons(s, n)
     for r in range(s.rounds):
         order = ARMS[r % 3 :] + ARMS[: r % 3]
-        rates = {arm: drain(nsq, arm, r, bodies[arm], s, work)[0] for arm in order}
+        runs = {arm: drain(nsq, arm, r, bodies[arm], s, work) for arm in order}
         for key, (subject, baseline) in {
             "tracked_vs_untracked": ("tracked", "untracked"),
             "untracked_vs_bare": ("untracked", "bare"),
             "tracked_vs_bare": ("tracked", "bare"),
         }.items():
+            a, b = runs[subject], runs[baseline]
             found[key].rounds.append(
-                Round(subject=rates[subject], baseline=rates[baseline], order=",".join(order))
+                Round(
+                    subject=a.rate,
+                    baseline=b.rate,
+                    order=",".join(order),
+                    detail={
+                        "subject_cpu_us_per_job": round(a.consumer_us, 2),
+                        "baseline_cpu_us_per_job": round(b.consumer_us, 2),
+                        "nsqd_cpu_us_per_job_subject": round(a.nsqd_us, 2),
+                        "nsqd_cpu_us_per_job_baseline": round(b.nsqd_us, 2),
+                    },
+                )
             )
         log(
-            f"round {r + 1} ({','.join(order)}): untracked {rates['untracked']:,.0f} jobs/s, "
-            f"tracked {rates['tracked']:,.0f}, bare {rates['bare']:,.0f}; tracked/untracked "
-            f"{rates['tracked'] / rates['untracked']:.3f}"
+            f"round {r + 1} ({','.join(order)}): "
+            + "; ".join(
+                f"{arm} {run.rate:,.0f} jobs/s, {run.consumer_us:.1f} us CPU/job "
+                f"(nsqd {run.nsqd_us:.1f})"
+                for arm, run in runs.items()
+            )
         )
     return found
 
@@ -149,13 +275,41 @@ def write_markdown(path: Path, header: dict[str, object], found: dict[str, Compa
             f"| {comp.title} | {comp.subject_median:,.0f} jobs/s | "
             f"{comp.baseline_median:,.0f} jobs/s | **{comp.ratio:.3f}** | {per_round} |"
         )
-    cost = [1 / r.subject - 1 / r.baseline for r in c.rounds if r.subject and r.baseline]
-    if cost:
-        out += [
-            "",
-            "Extra worker time per tracked job (1/tracked - 1/untracked, median of the rounds): "
-            f"**{statistics.median(cost) * 1e6:.1f} us**.",
-        ]
+
+    def median(comp: Comparison, key: str) -> float:
+        return statistics.median(float(r.detail[key]) for r in comp.rounds)
+
+    bare = found["untracked_vs_bare"]
+    cpu = {
+        "debug.noop (untracked)": (
+            median(c, "baseline_cpu_us_per_job"),
+            median(c, "nsqd_cpu_us_per_job_baseline"),
+        ),
+        "debug.noop_tracked (tracked)": (
+            median(c, "subject_cpu_us_per_job"),
+            median(c, "nsqd_cpu_us_per_job_subject"),
+        ),
+        "bare Reader": (
+            median(bare, "baseline_cpu_us_per_job"),
+            median(bare, "nsqd_cpu_us_per_job_baseline"),
+        ),
+    }
+    out += [
+        "",
+        "CPU time per job during the drain (user + system, from /proc; median of the rounds): "
+        "less noisy than the rates on a shared machine.",
+        "",
+        "| Consumer | its CPU per job | nsqd's CPU per job |",
+        "|---|---:|---:|",
+        *[f"| {name} | {us:.1f} us | {nsqd:.1f} us |" for name, (us, nsqd) in cpu.items()],
+    ]
+    tracked, untracked = cpu["debug.noop_tracked (tracked)"], cpu["debug.noop (untracked)"]
+    out += [
+        "",
+        f"A started event costs the worker **{tracked[0] - untracked[0]:.1f} us** of CPU per "
+        f"job ({(tracked[0] / untracked[0] - 1) * 100:.0f}% of a noop job's "
+        f"{untracked[0]:.1f} us), and nsqd {tracked[1] - untracked[1]:.1f} us.",
+    ]
     out += [
         "",
         "- The subjects and baselines:",
@@ -163,6 +317,9 @@ def write_markdown(path: Path, header: dict[str, object], found: dict[str, Compa
         "- A started event is published fire and forget (nsqd's OK is not waited for), in the "
         "same loop turn's batch as other publishes to the `started` topic; every run checks "
         "that nsqd received one event per tracked job and none for the others.",
+        "- In every arm a bare pynsq Reader reads the `started` topic on the ledger's channel "
+        "(max_in_flight 500, as the ledger), so nsqd hands the events on as it would to a "
+        "ledger rather than keeping them; it idles in the two arms without events.",
         "- Each run drains a fresh topic pre-filled by MPUB; the clock runs from the first "
         "message drained to depth, in-flight and deferred all 0 on nsqd's /stats "
         "(bench/scenarios.py).",

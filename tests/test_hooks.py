@@ -96,6 +96,9 @@ class FakePublisher:
     async def dpub(self, topic: str, delay_ms: int, body: bytes) -> None:
         self.sent.append((topic, delay_ms, body))
 
+    async def mpub(self, topic: str, bodies: list[bytes]) -> None:
+        self.sent.extend((topic, 0, body) for body in bodies)
+
     async def wait_connected(self, timeout_s: float) -> bool:
         return True
 

@@ -27,7 +27,7 @@ from nsqjobs.errors import (
     ResultTooLarge,
     UnknownTaskError,
 )
-from nsqjobs.names import MAX_DELAY_MS, RESULTS_TOPIC, STARTED_TOPIC
+from nsqjobs.names import MAX_DELAY_MS, RESULTS_TOPIC
 from nsqjobs.registry import Registry
 from nsqjobs.worker.cancels import CancelledIds
 from nsqjobs.worker.executors import Executor
@@ -35,6 +35,7 @@ from nsqjobs.worker.flow import Flow
 from nsqjobs.worker.hooks import Hooks
 from nsqjobs.worker.outcome import admit
 from nsqjobs.worker.settle import Publishing, Settler, describe
+from nsqjobs.worker.started import StartedEvents
 from nsqjobs.worker.state import Held, Job, Message, Phase, Stray
 
 log = logging.getLogger("nsqjobs.worker")
@@ -76,6 +77,7 @@ class Machine:
         self.flow: Flow | None = None
         self.accepting = False
         self.cancelled = CancelledIds()
+        self.started = StartedEvents(publisher, worker_id)
         self.settler = Settler(
             worker_id,
             publisher,
@@ -167,7 +169,7 @@ class Machine:
         job.hooks.started(job)
         job.phase = Phase.RUNNING
         if task.track_started:
-            self._announce(job)
+            self.started.announce(job.env.id)  # fire and forget
         ran = job.pending = self.executor.run(
             task,
             env.args,
@@ -249,12 +251,6 @@ class Machine:
         job.phase = Phase.PUBLISHING
         acked = self.publisher.enqueue(RESULTS_TOPIC, body)
         acked.add_done_callback(functools.partial(self._result_acked, job, duration, len(body)))
-
-    def _announce(self, job: Job) -> None:
-        # Fire and forget: the job does not wait for nsqd's OK, and a lost event only leaves
-        # the ledger saying queued until the outcome comes.
-        body = wire.encode(wire.Started(id=job.env.id, worker=self.worker_id, at=wire.now()))
-        self.publisher.enqueue(STARTED_TOPIC, body).add_done_callback(_announced)
 
     def on_cancel(self, message: Any) -> bool:
         """The cancel reader's handler: remember the id, and end what this worker holds of it.
@@ -389,12 +385,6 @@ class Machine:
         if going:
             await asyncio.wait(going, timeout=timeout_s)
         return back
-
-
-def _announced(sent: asyncio.Future[None]) -> None:
-    error = None if sent.cancelled() else sent.exception()
-    if error is not None:
-        log.debug("a started event was not published (%s): the job shows queued", error)
 
 
 _NOT_RUN = frozenset({Phase.RECEIVED, Phase.WAITING, Phase.RUNNING})
