@@ -50,7 +50,6 @@ from bench.procs import ROOT, BenchError, log, start_process, worker_argv
 from bench.results_model import Comparison, Round
 
 ARMS = ("untracked", "tracked", "bare")
-LEDGER_MAX_IN_FLIGHT = 500  # as nsqjobs.ledger.outcomes
 TASKS = {"untracked": "debug.noop", "tracked": "debug.noop_tracked", "bare": "debug.noop"}
 
 
@@ -72,6 +71,7 @@ class Run:
     rate: float
     consumer_us: float
     nsqd_us: float
+    event_messages: int  # messages on the started topic (each holds one loop turn's events)
 
 
 def cpu_s(pid: int) -> float:
@@ -81,7 +81,7 @@ def cpu_s(pid: int) -> float:
 
 
 def bare_argv(nsq: Nsq, topic: str, channel: str, max_in_flight: int) -> list[str]:
-    """A bare pynsq Reader that FINs everything on ``topic``/``channel``."""
+    """The baseline: a bare pynsq Reader that FINs everything on ``topic``/``channel``."""
     return [
         sys.executable,
         "-m",
@@ -111,6 +111,16 @@ def consumer_argv(nsq: Nsq, arm: str, topic: str, s: scenarios.Settings, port: i
     )
 
 
+def events_read(nsq: Nsq) -> Callable[[], bool]:
+    """Nothing left on the ledger's channel of the started topic, queued or in flight."""
+
+    def check() -> bool:
+        c = nsq.channel(STARTED_TOPIC, LEDGER_CHANNEL)
+        return c is not None and (c["depth"], c["in_flight_count"]) == (0, 0)
+
+    return check
+
+
 def subscribed(nsq: Nsq, topic: str, channel: str) -> Callable[[], bool]:
     """Some client is subscribed to ``topic``/``channel``."""
     return lambda: bool((nsq.channel(topic, channel) or {}).get("clients"))
@@ -133,8 +143,17 @@ def drain(
     with ExitStack() as stack:
         # The ledger's part: a reader of the started events on its durable channel, in every
         # arm (idle in two), so nsqd delivers the events rather than keeping them.
-        ledger = bare_argv(nsq, STARTED_TOPIC, LEDGER_CHANNEL, LEDGER_MAX_IN_FLIGHT)
-        start_process(stack, f"ledger-{topic}", ledger, work)
+        count_file = work / f"events-{topic}.txt"
+        ledger = [
+            sys.executable,
+            "-m",
+            "bench.events_reader",
+            "--nsqd-tcp-address",
+            nsq.nsqd_tcp,
+            "--count-file",
+            str(count_file),
+        ]
+        events_reader = start_process(stack, f"events-{topic}", ledger, work)
         wait_for(subscribed(nsq, STARTED_TOPIC, LEDGER_CHANNEL), 60, "the events' reader")
         port = free_port()
         argv = consumer_argv(nsq, arm, topic, s, port)
@@ -153,13 +172,12 @@ def drain(
         nsq.post("/channel/unpause", topic=topic, channel=WORKER_CHANNEL)
         t0, t1, done0, _ = scenarios._measure_drain(nsq, proc, topic, n, s.drain_poll_s)
         consumer1, nsqd1 = cpu_s(proc.proc.pid), cpu_s(nsqd_pid)
-        wait_for(
-            lambda: (nsq.channel(STARTED_TOPIC, LEDGER_CHANNEL) or {}).get("depth") == 0,
-            30,
-            "the started events read",
-        )
+        wait_for(events_read(nsq), 30, "the started events read")
+        if events_reader.stop() != 0:
+            raise BenchError(f"the events reader failed: {events_reader.log_tail()}")
+        events = int(count_file.read_text())
     results = nsq.message_count(RESULTS_TOPIC)
-    events = nsq.message_count(STARTED_TOPIC)
+    messages = nsq.message_count(STARTED_TOPIC)
     for done in (topic, RESULTS_TOPIC, STARTED_TOPIC):  # nobody reads them: do not let them grow
         nsq.delete_topic(done)
     if arm != "bare" and results != n:
@@ -171,6 +189,7 @@ def drain(
         rate=(n - done0) / seconds if seconds > 0 else 0.0,
         consumer_us=(consumer1 - consumer0) / n * 1e6,
         nsqd_us=(nsqd1 - nsqd0) / n * 1e6,
+        event_messages=messages,
     )
 
 
@@ -238,6 +257,7 @@ def run(s: scenarios.Settings, n: int, work: Path, nsq: Nsq) -> dict[str, Compar
                         "baseline_cpu_us_per_job": round(b.consumer_us, 2),
                         "nsqd_cpu_us_per_job_subject": round(a.nsqd_us, 2),
                         "nsqd_cpu_us_per_job_baseline": round(b.nsqd_us, 2),
+                        "subject_event_messages": a.event_messages,
                     },
                 )
             )
@@ -309,17 +329,25 @@ def write_markdown(path: Path, header: dict[str, object], found: dict[str, Compa
         f"A started event costs the worker **{tracked[0] - untracked[0]:.1f} us** of CPU per "
         f"job ({(tracked[0] / untracked[0] - 1) * 100:.0f}% of a noop job's "
         f"{untracked[0]:.1f} us), and nsqd {tracked[1] - untracked[1]:.1f} us.",
+        "",
+        "Started events per message (one message per worker loop turn), per round: "
+        + ", ".join(
+            f"{int(c.settings['messages_per_run']) / int(r.detail['subject_event_messages']):.1f}"
+            for r in c.rounds
+            if r.detail["subject_event_messages"]
+        )
+        + ".",
     ]
     out += [
         "",
         "- The subjects and baselines:",
         *[f"  - {comp.title}: {comp.subject} / {comp.baseline}" for comp in found.values()],
-        "- A started event is published fire and forget (nsqd's OK is not waited for), in the "
-        "same loop turn's batch as other publishes to the `started` topic; every run checks "
-        "that nsqd received one event per tracked job and none for the others.",
-        "- In every arm a bare pynsq Reader reads the `started` topic on the ledger's channel "
-        "(max_in_flight 500, as the ledger), so nsqd hands the events on as it would to a "
-        "ledger rather than keeping them; it idles in the two arms without events.",
+        "- Started events are published fire and forget (nsqd's OK is not waited for): the "
+        "events of one worker loop turn travel as one message (a JSON array).",
+        "- In every arm a reader (bench/events_reader.py, max_in_flight 500 as the ledger's) "
+        "reads the `started` topic on the ledger's channel and decodes every message, as the "
+        "ledger would (without its SQLite writes); it idles in the two arms without events. "
+        "Every run checks that it counted one event per tracked job and none for the others.",
         "- Each run drains a fresh topic pre-filled by MPUB; the clock runs from the first "
         "message drained to depth, in-flight and deferred all 0 on nsqd's /stats "
         "(bench/scenarios.py).",

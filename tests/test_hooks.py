@@ -96,9 +96,6 @@ class FakePublisher:
     async def dpub(self, topic: str, delay_ms: int, body: bytes) -> None:
         self.sent.append((topic, delay_ms, body))
 
-    async def mpub(self, topic: str, bodies: list[bytes]) -> None:
-        self.sent.extend((topic, 0, body) for body in bodies)
-
     async def wait_connected(self, timeout_s: float) -> bool:
         return True
 
@@ -161,10 +158,11 @@ def run_machine(
     hooks: list[WorkerHook],
     scenario: Callable[[Machine, FakePublisher], Awaitable[None]],
     publisher: FakePublisher | None = None,
+    executor_size: int = 2,
 ) -> FakePublisher:
     """Build a machine over a thread executor and run ``scenario`` on a fresh loop."""
     pub = publisher or FakePublisher()
-    executor = ThreadExecutor(2)
+    executor = ThreadExecutor(executor_size)
     machine = Machine(CONFIG, "test-worker", TASKS, executor, pub, Hooks(hooks))
     machine.accepting = True
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from nsqjobs import wire
+from nsqjobs.errors import DecodeError
 from nsqjobs.names import CANCEL_TOPIC, RESULTS_TOPIC, STARTED_TOPIC
 from nsqjobs.observability.metrics import WorkerMetrics
 from nsqjobs.observability.worker_hooks import MetricsHook
@@ -167,11 +168,34 @@ def test_tracked_tasks_announce_their_start_and_results_carry_the_history() -> N
     pub = run_machine([], scenario)
     topics = [t for t, _, _ in pub.sent]
     assert topics == [STARTED_TOPIC, RESULTS_TOPIC, RESULTS_TOPIC]  # none for the plain task
-    started = wire.decode_started(pub.sent[0][2])
+    (started,) = wire.decode_started(pub.sent[0][2])
     assert (started.id, started.worker) == ("t1", "test-worker") and started.at > 0
     result = wire.decode_result(pub.sent[1][2])
     assert (result.attempts, result.history) == (2, (earlier,))
     assert wire.decode_result(pub.sent[2][2]).history == ()
+
+
+def test_the_starts_of_one_loop_turn_travel_as_one_message() -> None:
+    messages = [FakeMessage(job("t.tracked", f"b{i}"), msg_id=b"%016d" % i) for i in range(5)]
+
+    async def scenario(machine: Machine, pub: FakePublisher) -> None:
+        machine.tasks = SLOW
+        machine.capacity = 5
+        for message in messages:  # one turn: five deliveries
+            machine.on_message(message)
+        deadline = time.monotonic() + 10
+        while machine.held:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+
+    pub = run_machine([], scenario, executor_size=5)
+    events = [wire.decode_started(b) for t, _, b in pub.sent if t == STARTED_TOPIC]
+    assert len(events) == 1 and [e.id for e in events[0]] == [f"b{i}" for i in range(5)]
+    # One event on its own (another producer's) decodes as a list of one.
+    single = wire.encode(wire.Started(id="x", worker="w", at=1.0))
+    assert wire.decode_started(single) == [wire.Started(id="x", worker="w", at=1.0)]
+    with pytest.raises(DecodeError):
+        wire.decode_started(b'[{"v":2,"id":"x","worker":"w","at":1.0}]')
 
 
 def test_old_results_without_history_still_decode() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
 
 import msgspec
@@ -105,7 +106,11 @@ class Cancel(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Started(msgspec.Struct, frozen=True, kw_only=True):
-    """A worker started a job of a task with ``track_started``: the ledger reports it running."""
+    """A worker started a job of a task with ``track_started``: the ledger reports it running.
+
+    A message on the started topic is a JSON array of these (the events of one worker's event
+    loop turn: one message for many jobs), or a single one.
+    """
 
     v: int = WIRE_VERSION
     id: str
@@ -118,10 +123,10 @@ _job_decoder = msgspec.json.Decoder(JobEnvelope)
 _result_decoder = msgspec.json.Decoder(ResultEnvelope)
 _dead_decoder = msgspec.json.Decoder(DeadLetter)
 _cancel_decoder = msgspec.json.Decoder(Cancel)
-_started_decoder = msgspec.json.Decoder(Started)
+_started_decoder = msgspec.json.Decoder(Started | list[Started])
 
 Envelope = JobEnvelope | ResultEnvelope | DeadLetter | Cancel | Started
-E = TypeVar("E", JobEnvelope, ResultEnvelope, DeadLetter, Cancel, Started)
+E = TypeVar("E", JobEnvelope, ResultEnvelope, DeadLetter, Cancel)
 
 
 def encode(envelope: Envelope) -> bytes:
@@ -159,9 +164,22 @@ def decode_cancel(raw: bytes) -> Cancel:
     return _decode(_cancel_decoder, raw, "cancel")
 
 
-def decode_started(raw: bytes) -> Started:
-    """Parse a started event; raises :class:`DecodeError` if it is not one."""
-    return _decode(_started_decoder, raw, "started")
+def encode_started(events: Sequence[Started]) -> bytes:
+    """Started events as one message: a JSON array."""
+    return _encoder.encode(events)
+
+
+def decode_started(raw: bytes) -> list[Started]:
+    """Parse a started message (an array of events, or one); raises :class:`DecodeError`."""
+    try:
+        decoded = _started_decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise DecodeError(f"not a valid started event: {exc}", raw) from exc
+    events = decoded if isinstance(decoded, list) else [decoded]
+    for event in events:
+        if event.v != WIRE_VERSION:
+            raise DecodeError(f"unsupported started event version {event.v}", raw)
+    return events
 
 
 def new_job_id() -> str:

@@ -71,14 +71,16 @@ class OutcomeRecorder:
     def _record_dead_letter(self, body: bytes) -> asyncio.Future[OutcomeVerdict]:
         return self.store.record_dead_letter(wire.decode_dead_letter(body))
 
-    def _record_started(self, body: bytes) -> asyncio.Future[OutcomeVerdict]:
-        event = wire.decode_started(body)
-        return self.store.record_started(event.id, event.worker, event.at)
+    def _record_started(self, body: bytes) -> asyncio.Future[list[OutcomeVerdict]]:
+        # One message holds the events of a worker's loop turn: one transaction for them all.
+        return asyncio.gather(
+            *(self.store.record_started(e.id, e.worker, e.at) for e in wire.decode_started(body))
+        )
 
     def _on_message(
         self,
         topic: str,
-        record: Callable[[bytes], asyncio.Future[OutcomeVerdict]],
+        record: Callable[[bytes], asyncio.Future[Any]],
         message: Any,
     ) -> bool | None:
         try:
@@ -91,7 +93,7 @@ class OutcomeRecorder:
         written.add_done_callback(functools.partial(self._written, topic, message))
         return None
 
-    def _written(self, topic: str, message: Any, written: asyncio.Future[OutcomeVerdict]) -> None:
+    def _written(self, topic: str, message: Any, written: asyncio.Future[Any]) -> None:
         if written.cancelled() or written.exception() is not None:
             log.warning(
                 "ledger: %s message %s not recorded (%s); nsqd redelivers it",
@@ -101,10 +103,14 @@ class OutcomeRecorder:
             )
             message.requeue(backoff=False, time_ms=REQUEUE_MS)
             return
-        verdict = written.result()
-        self.metrics.outcomes.labels(topic, verdict).inc()
-        if verdict == "duplicate" and topic != STARTED_TOPIC:
-            self.metrics.duplicate_outcomes.inc()
+        verdict: OutcomeVerdict | list[OutcomeVerdict] = written.result()
+        if isinstance(verdict, list):  # started events: counted one by one, never outcomes
+            for each in verdict:
+                self.metrics.outcomes.labels(topic, each).inc()
+        else:
+            self.metrics.outcomes.labels(topic, verdict).inc()
+            if verdict == "duplicate":
+                self.metrics.duplicate_outcomes.inc()
         message.finish()
 
     def connected(self) -> bool:

@@ -138,13 +138,14 @@ class Machine:
         )
         if len(self.held) + self.orphans > self.capacity and self.flow is not None:
             self.flow.rebalance()  # it came without room (RDY moved meanwhile): take room back
+        if env.id in self.cancelled:  # one dict lookup per job; FINed even when draining
+            job.hooks.received(job)
+            self._skip(job, "on arrival")
+            return
         if not self.accepting:  # draining: back to nsqd, this delivery not counted
             self.settler.give_back(job, 0.0, "shutdown")
             return
         job.hooks.received(job)
-        if env.id in self.cancelled:
-            self._skip(job, "on arrival")
-            return
         refused = admit(env, job.attempt, job.max_attempts, job.started_at)
         if refused is not None:
             self.settler.dead_letter(job, refused.reason, refused.error)

@@ -75,9 +75,6 @@ class Publishing(Protocol):
     async def pub(self, topic: str, body: bytes) -> None:
         """Publish one message."""
 
-    async def mpub(self, topic: str, bodies: list[bytes]) -> None:
-        """Publish several messages in one MPUB (started events)."""
-
     async def dpub(self, topic: str, delay_ms: int, body: bytes) -> None:
         """Publish one message, delivered after ``delay_ms``."""
 
