@@ -265,8 +265,7 @@ class Machine:
         except DecodeError as exc:
             log.warning("dropping a message on the cancels topic: %s", exc)
             return True
-        if not self.cancelled.add(job_id):
-            return True  # heard before (another nsqd, or a second cancel)
+        self.cancelled.add(job_id)  # a second cancel of the id refreshes it
         for held in list(self.held.values()):
             if not isinstance(held, Job) or held.env.id != job_id:
                 continue
