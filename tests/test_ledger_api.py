@@ -367,3 +367,30 @@ def test_without_a_ledger_its_routes_are_absent(nsq: Nsq, daemons: Callable[...,
     code, headers, _ = get(gateway, "/v1/jobs")
     assert code == 405 and headers["Allow"] == "POST"
     assert http("POST", f"{gateway.url}/v1/jobs?wait=0.1", {"task": "noop"})[0] == 202
+
+
+def test_a_cancel_through_the_gateway_makes_the_worker_skip_the_job(
+    nsq: Nsq, daemons: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    # One slot, busy: the cancelled job is not delivered before the cancel has reached the
+    # worker, which then skips it (counted) instead of running it.
+    gateway = ledger_gateway(daemons, nsq, tmp_path / "ledger.sqlite3")
+    worker = daemons("worker", nsq, NSQJOBS_CONCURRENCY="1")
+    busy = {"id": "busy", "task": "debug.sleep", "args": {"seconds": 1.5}}
+    assert http("POST", f"{gateway.url}/v1/jobs", busy)[0] == 202
+    status_of(gateway, "busy", "queued")
+    wait_for(
+        lambda: worker.metric("nsqjobs_jobs_received_total", task="debug.sleep") >= 1,
+        20,
+        "the worker to be busy",
+    )
+    assert http("POST", f"{gateway.url}/v1/jobs", {"id": "c2", "task": "noop"})[0] == 202
+    assert http("DELETE", f"{gateway.url}/v1/jobs/c2")[0] == 200
+    status_of(gateway, "busy", "succeeded")
+    wait_for(
+        lambda: worker.metric("nsqjobs_worker_jobs_cancelled_total", task="noop") == 1,
+        20,
+        "the worker to skip the cancelled job",
+    )
+    assert worker.metric("nsqjobs_jobs_succeeded_total", task="noop") == 0
+    assert get(gateway, "/v1/jobs/c2")[2]["status"] == "cancelled"

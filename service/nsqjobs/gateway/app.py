@@ -22,6 +22,7 @@ import tornado.httputil
 import tornado.web
 from prometheus_client import CollectorRegistry
 
+from nsqjobs import wire
 from nsqjobs.config import GatewayConfig
 from nsqjobs.gateway.auth import PROTECTED_PREFIX, Tokens
 from nsqjobs.gateway.catalog import OpenApiHandler, TasksHandler
@@ -287,7 +288,7 @@ class GatewayApp:
         self.server: tornado.httpserver.HTTPServer | HTTPServer | None = None
 
     async def _publish_cancel(self, job_id: str) -> None:
-        await self.publisher.pub(CANCEL_TOPIC, job_id.encode())
+        await self.publisher.pub(CANCEL_TOPIC, wire.encode(wire.Cancel(id=job_id, at=wire.now())))
 
     def _mark_published(self, ids: list[str]) -> None:
         if self.store is not None:

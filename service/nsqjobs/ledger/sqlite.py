@@ -247,7 +247,7 @@ class SqliteStore:
         error = None if result.error is None else _json.encode(result.error).decode()
         # Always text ('null' for None): a non-NULL ``result`` says a result was recorded.
         value = _json.encode(result.result).decode()
-        history = _history(getattr(result, "history", None))
+        history = _history(result.history)
         return self._submit(lambda conn: _record_result(conn, result, value, error, history))
 
     def record_dead_letter(self, letter: wire.DeadLetter) -> asyncio.Future[OutcomeVerdict]:
@@ -418,11 +418,20 @@ class SqliteStore:
         times = [row[0] for row in firsts if row is not None and row[0] is not None]
         return LedgerStats({s: int(counts.get(s, 0)) for s in STATUSES}, min(times, default=None))
 
-    # -- operations (stubs: being built) --------------------------------------------------------
+    # -- operations ----------------------------------------------------------------------------
 
     def record_started(self, job_id: str, worker: str, at: float) -> asyncio.Future[OutcomeVerdict]:
-        """See the protocol."""
-        raise NotImplementedError
+        """A worker started the job: ``queued`` becomes ``running``, anything else stays."""
+
+        def op(conn: sqlite3.Connection) -> OutcomeVerdict:
+            cur = conn.execute(
+                "UPDATE jobs SET status = 'running', started_at = ?, worker = ? "
+                "WHERE id = ? AND status = 'queued'",
+                (at, worker, job_id),
+            )
+            return _verdict(conn, cur.rowcount, job_id)
+
+        return self._submit(op)
 
     def cancel(self, job_id: str) -> asyncio.Future[JobRecord | None]:
         """Cancel a queued or running job (see the protocol); the job as it now stands."""
