@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgspec
 import pytest
 from nsqjobs import wire
 from nsqjobs.ledger import SqliteStore
@@ -101,7 +102,9 @@ def test_replay_keeps_the_run_and_queues_the_job_afresh(tmp_path: Path) -> None:
         assert run["finished_at"] == 2000.0 and run["replayed_at"] >= 2000.0
         assert run["history"] == []
         # Queued again: its next outcome is recorded; a second replay appends a second run.
-        await store.record_dead_letter(dead_letter(job("d1"), "not_retryable"))
+        again = dead_letter(job("d1"), "not_retryable")
+        again = msgspec.structs.replace(again, at=run["replayed_at"] + 1)
+        assert await store.record_dead_letter(again) == "recorded"
         (twice,) = await store.replay(["d1"])
         assert twice.replays == 2 and [r["dead_reason"] for r in twice.runs] == [
             "max_attempts",
@@ -153,3 +156,22 @@ def test_purge_deletes_only_dead_jobs(tmp_path: Path) -> None:
         assert (await store.get("q")) is not None
 
     run(tmp_path / "l.sqlite3", body)
+
+
+def test_a_late_outcome_of_the_run_before_a_replay_is_a_duplicate(tmp_path: Path) -> None:
+    async def body(store: SqliteStore) -> None:
+        env = job("late")
+        await store.record_accepted([env])
+        assert await store.record_dead_letter(dead_letter(env)) == "recorded"
+        (replayed,) = await store.replay(["late"])
+        replayed_at = replayed.runs[-1]["replayed_at"]
+        # The run before's failed result and a redelivered letter arrive after the replay.
+        assert await store.record_result(result("late", "failed")) == "duplicate"
+        assert await store.record_dead_letter(dead_letter(env)) == "duplicate"
+        assert (await store.get("late")).status == "queued"  # type: ignore[union-attr]
+        # The new run's outcome counts.
+        new = msgspec.structs.replace(result("late"), started_at=replayed_at + 1)
+        assert await store.record_result(new) == "recorded"
+        assert (await store.get("late")).status == "succeeded"  # type: ignore[union-attr]
+
+    run(tmp_path / "ledger.sqlite3", body)

@@ -665,6 +665,11 @@ def _history(history: tuple[wire.Attempt, ...] | None) -> str | None:
     return _json.encode(history).decode() if history else None
 
 
+# An outcome of a replayed job counts only when its run started after the latest replay: a
+# late result of the run before (the ledger was behind) is a duplicate, not the new run's.
+_THIS_RUN: Final = "(replays = 0 OR ? >= json_extract(runs, '$[#-1].replayed_at'))"
+
+
 def _record_result(
     conn: sqlite3.Connection,
     result: wire.ResultEnvelope,
@@ -679,7 +684,8 @@ def _record_result(
     finished job is a ``duplicate``."""
     cur = conn.execute(
         "UPDATE jobs SET status = ?, result = ?, error = ?, attempts = ?, worker = ?, "
-        "finished_at = ?, history = COALESCE(?, history) WHERE id = ? AND finished_at IS NULL",
+        "finished_at = ?, history = COALESCE(?, history) WHERE id = ? AND finished_at IS NULL "
+        f"AND {_THIS_RUN}",
         (
             result.status,
             value,
@@ -689,6 +695,7 @@ def _record_result(
             result.finished_at,
             history,
             result.id,
+            result.started_at,
         ),
     )
     if not cur.rowcount and result.status == "failed":
@@ -721,7 +728,7 @@ def _record_dead_letter(
     cur = conn.execute(
         "UPDATE jobs SET status = 'dead', dead_reason = ?, dead_at = ?, finished_at = ?, "
         "error = ?, worker = ?, attempts = MAX(attempts, ?), history = COALESCE(?, history) "
-        "WHERE id = ? AND finished_at IS NULL",
+        f"WHERE id = ? AND finished_at IS NULL AND {_THIS_RUN}",
         (
             letter.reason,
             letter.at,
@@ -731,6 +738,7 @@ def _record_dead_letter(
             job.attempts,
             history,
             job.id,
+            letter.at,
         ),
     )
     if not cur.rowcount:
