@@ -16,6 +16,9 @@ LEDGER_POSTGRES_SCHEMES: Final = ("postgresql://", "postgres://")
 # Cancellations: the gateway publishes a cancelled job's id here; every worker reads it on its
 # own ephemeral channel, skips the job if it arrives, and ends it if it runs in a child process.
 CANCEL_TOPIC: Final = "cancels"
+# Each worker process reads it on a channel of its own: prefix, worker id, random suffix.
+CANCEL_CHANNEL_PREFIX: Final = "cancel"
+EPHEMERAL_SUFFIX: Final = "#ephemeral"  # nsqd drops such a channel when its last client goes
 # Started events (tasks with track_started): workers publish them, the ledger reads them on its
 # durable channel and reports the job as running.
 STARTED_TOPIC: Final = "started"
@@ -54,6 +57,8 @@ MAX_JOB_ID_LENGTH: Final = 128
 MAX_DELAY_MS: Final = 3_600_000  # nsqd's default --max-req-timeout; above it nsqd drops the conn
 MAX_WAIT_SECONDS: Final = 60.0
 MAX_EXPIRES_S: Final = 366 * 86400.0  # a year: any longer is a typo
+# The longest delay the job ledger holds (delay_ms or run_at): a year, like MAX_EXPIRES_S.
+MAX_LEDGER_DELAY_S: Final = 366 * 86400
 MAX_BATCH_JOBS: Final = 1000
 
 PROBLEM_CONTENT_TYPE: Final = "application/problem+json"

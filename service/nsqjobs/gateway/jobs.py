@@ -23,6 +23,7 @@ from nsqjobs import wire
 from nsqjobs.api import Accepted, BatchAccepted, BatchRequest, SubmitRequest
 from nsqjobs.errors import PublishError, PublishTimeout
 from nsqjobs.gateway.bodies import decode_batch, decode_submit
+from nsqjobs.gateway.status import ledger_unavailable
 from nsqjobs.gateway.submit import (
     Acceptor,
     BatchPartlyPublished,
@@ -40,6 +41,7 @@ from nsqjobs.http.problems import (
     render_problem,
 )
 from nsqjobs.http.responses import JSON_HEADERS, write_response
+from nsqjobs.ledger import UNFINISHED, LedgerError
 from nsqjobs.names import MAX_WAIT_SECONDS
 from nsqjobs.observability.metrics import GatewayMetrics
 from nsqjobs.registry import validation_errors
@@ -64,6 +66,13 @@ def _partly_published(exc: BatchPartlyPublished) -> Problem:
         accepted_ids=exc.published,
         unaccepted_ids=exc.unpublished,
     )
+
+
+def _accepted(env: wire.JobEnvelope) -> Accepted:
+    """The 202 answer: the job's id and task, and when it is due if it is delayed."""
+    if env.due_at is None:
+        return Accepted(id=env.id, task=env.task)
+    return Accepted(id=env.id, task=env.task, due_at=env.due_at)
 
 
 class JobRoutes:
@@ -163,7 +172,7 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
                     acceptor = self.routes.acceptor
                     task, env = acceptor.build(req)
                     self.job_id = env.id
-                    acceptor.publish(task, env, req.delay_ms).add_done_callback(self._accepted)
+                    acceptor.publish(task, env).add_done_callback(self._accepted)
                     return
                 work = self._accept_and_wait(req)
             else:
@@ -227,7 +236,7 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
         except BaseException as exc:
             self._answer_exception(exc)
             return
-        self._answer(202, JSON_HEADERS, _json.encode(Accepted(id=env.id, task=env.task)))
+        self._answer(202, JSON_HEADERS, _json.encode(_accepted(env)))
 
     async def _accept_and_wait(self, req: SubmitRequest) -> None:
         acceptor, waiter, metrics = self.routes.acceptor, self.routes.waiter, self.routes.metrics
@@ -237,14 +246,26 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
         fut = waiter.register(env.id)
         metrics.waiting.inc()
         try:
-            await acceptor.publish(task, env, req.delay_ms)
+            # Nothing published for a known id: its outcome, when the ledger has it, is the
+            # answer now; else the wait is for the earlier submission's outcome.
+            exists = None
+            try:
+                await acceptor.publish(task, env)
+            except JobExists as exc:
+                if exc.record.status not in UNFINISHED:
+                    raise
+                exists = exc
             try:
                 async with asyncio.timeout(self.wait):
-                    result = await fut
+                    outcome = await fut
             except TimeoutError:
-                self._answer_json(202, Accepted(id=env.id, task=env.task))
+                if exists is not None:
+                    raise exists from None
+                self._answer_json(202, _accepted(env))
                 return
-            self._answer_json(200, result)
+            self._answer_json(
+                200, outcome if isinstance(outcome, wire.ResultEnvelope) else outcome.view()
+            )
         finally:
             waiter.forget(env.id, fut)
             metrics.waiting.dec()
@@ -269,6 +290,9 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
             return
         if isinstance(exc, BatchPartlyPublished):
             problem = _partly_published(exc)
+        elif isinstance(exc, LedgerError):
+            log.warning("ledger: %s", exc)
+            problem = ledger_unavailable(exc)
         elif isinstance(exc, DuplicateIds):
             problem = Problem(
                 409,
