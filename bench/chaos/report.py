@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.chaos.run import Result
+from bench.chaos.scenarios import TASK
 from bench.procs import ROOT
 from bench.report import write_text
 
@@ -74,7 +75,7 @@ def write_markdown(path: Path, header: dict[str, Any], results: list[Result]) ->
         "",
         "| Scenario | Store | Faults | Jobs at rate | Accepted | Unconfirmed | **Lost** "
         "| **Dup. recorded outcomes** | Dup. executions (bound) | Dup. outcomes ignored "
-        "| Re-drives | Client retries | Time | Result |",
+        "| Re-drives | Accepted after retry | Time | Result |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for r in results:
@@ -115,7 +116,7 @@ def write_markdown(path: Path, header: dict[str, Any], results: list[Result]) ->
         out += [
             f"### {s.name}: {s.title}",
             "",
-            f"- Settings: {s.jobs:,} jobs of `{'debug.chaos'}` ({s.job_seconds:g}s each) at "
+            f"- Settings: {s.jobs:,} jobs of `{TASK}` ({s.job_seconds:g}s each) at "
             f"{s.rate:g}/s, {s.setup.workers} workers x {s.setup.concurrency} slots, message "
             f"timeout {s.setup.msg_timeout_s}s, nsqd "
             f"{' '.join(s.setup.nsqd_args) or 'defaults'}, store {s.store}"
