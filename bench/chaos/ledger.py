@@ -70,13 +70,16 @@ class SqliteLedger:
         """Read-only, so a read never holds a write lock the gateway waits for."""
         if not self.path.exists():
             return []
-        conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+        try:
+            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+        except sqlite3.Error as exc:
+            raise HarnessError(f"cannot open {self.path}: {exc}") from exc
         try:
             return [_row(r) for r in conn.execute(_QUERY)]
-        except sqlite3.OperationalError as exc:
+        except sqlite3.Error as exc:
             if "no such table" in str(exc):
                 return []
-            raise
+            raise HarnessError(f"cannot read {self.path}: {exc}") from exc
         finally:
             conn.close()
 

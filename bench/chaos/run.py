@@ -8,7 +8,6 @@ a poll of a condition with a deadline.
 from __future__ import annotations
 
 import shutil
-import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -19,7 +18,7 @@ from typing import Any
 from nsqjobs.testing import HarnessError, MissingBinary, temp_dir
 
 from bench.chaos import selftest
-from bench.chaos.check import Bound, LedgerWatch, Verdict, judge
+from bench.chaos.check import Bound, LedgerWatch, Submitted, Verdict, judge
 from bench.chaos.client import Submitter
 from bench.chaos.cluster import Cluster
 from bench.chaos.ledger import open_ledger
@@ -120,7 +119,7 @@ class Run:
         self.watch = LedgerWatch()
         self.metrics = MetricsWatch()
         self.events: list[str] = []
-        self.submitted: dict[str, Any] = {}
+        self.submitted: dict[str, Submitted] = {}
         self.retried = 0
         self._last_metrics = 0.0
         self._last_ledger = 0.0
@@ -162,14 +161,14 @@ class Run:
                     f"executions {self.executions.total()}, outcomes seen "
                     f"{sum(self.tail.counts().values())}, faults left {len(actions)}"
                 )
-            threading.Event().wait(TICK_S)
+            time.sleep(TICK_S)  # the pace of this poll loop
         client.stop()
         self.submitted.update(client.results)
         for s in client.results.values():
             # Publishes that may have been stored, then tried again: each can store it twice.
             tries = s.answers if s.state != "accepted" else s.answers[:-1]
             self.retried += sum(1 for a in tries if a != "refused")
-        return max(client.finished, time.monotonic()) - client.started
+        return (client.finished or time.monotonic()) - client.started
 
     def tick(self, force: bool = False) -> None:
         """Scrape the gateway's metrics and read the ledger, each at its own pace."""
@@ -181,7 +180,12 @@ class Run:
                 self.event(event)
         if force or now - self._last_ledger >= LEDGER_EVERY_S:
             self._last_ledger = now
-            self.watch.read(self.ledger.rows())
+            try:
+                rows = self.ledger.rows()
+            except HarnessError as exc:  # the database is being restarted: read next time
+                self.log(f"{self.scenario.name}: ledger not read: {exc}")
+            else:
+                self.watch.read(rows)
 
     def drain(self, deadline_s: float, stall_s: float) -> bool:
         """Wait until every accepted job has a recorded outcome and nsqd holds nothing more
@@ -218,7 +222,7 @@ class Run:
                     f"{self.scenario.name} draining {waited:4.0f}s: {left} accepted unfinished, "
                     f"{queued} queued in nsqd, {pending} outcomes pending, {runs} executions"
                 )
-            threading.Event().wait(1.0)
+            time.sleep(1.0)  # the pace of this poll loop
 
     def verdict(self) -> Verdict:
         """Judge what the witnesses saw."""
