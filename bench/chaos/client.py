@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -179,7 +180,8 @@ def _post(conn: http.client.HTTPConnection, payload: bytes) -> tuple[str, float 
     if status >= 500:
         kind = ""
         with contextlib.suppress(ValueError, AttributeError):
-            kind = str(json.loads(raw).get("type", "")).rsplit("/", 1)[-1]
+            # The problem type's last part: urn:nsqjobs:problem:outcome-unknown -> outcome-unknown.
+            kind = re.split(r"[/:]", str(json.loads(raw).get("type", "")))[-1]
         try:
             wait = float(resp.headers.get("Retry-After") or 1)
         except ValueError:
