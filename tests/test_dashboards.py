@@ -135,6 +135,7 @@ def test_alert_rules_pass_promtool() -> None:
         "GatewayErrorRatio",
         "DaemonDown",
         "NsqdDown",
+        "NsqjobsOldestUnfinishedJob",
     ]
     assert alerts.count("runbook:") == len(names)
     tests = (PROMETHEUS_DIR / "alerts_test.yml").read_text()
