@@ -96,7 +96,8 @@ def _stack_env(tmp_path: Path, **extra: str) -> tuple[dict[str, str], dict[str, 
     }
     ports["NSQJOBS_WORKER_PORT"] = str(_free_port_run(int(extra.get("NSQJOBS_WORKERS", "2"))))
     env = {
-        **os.environ,
+        # The stack's own ledger default (SQLite in DATA_DIR) is under test, not the caller's.
+        **{k: v for k, v in os.environ.items() if k != "NSQJOBS_LEDGER_URL"},
         **ports,
         "DATA_DIR": str(tmp_path / "stack-data"),
         "NSQJOBS_LOOKUPD_POLL_INTERVAL": "1",
@@ -140,6 +141,7 @@ def test_make_run_starts_the_stack_and_stops_it_on_ctrl_c(tmp_path: Path) -> Non
         banner = log_path.read_text()
         assert f"gateway      http://127.0.0.1:{ports['NSQJOBS_GATEWAY_PORT']}" in banner
         assert "curl -s -XPOST" in banner
+        assert f"ledger       sqlite:///{data_dir}/ledger.sqlite3" in banner
         # supervisorctl works against the running stack, and sees NSQJOBS_WORKERS workers
         # (RUNNING once up for startsecs, which may be after /readyz answers).
         expected = {
@@ -197,10 +199,14 @@ def test_make_run_starts_the_stack_and_stops_it_on_ctrl_c(tmp_path: Path) -> Non
             )
             assert status == 200 and body["status"] == "succeeded", body
             results[task] = body["result"]
+            # The ledger is on (SQLite in the data directory): the job can be read by id.
+            status, _, record = http("GET", f"{gateway}/v1/jobs/{body['id']}")
+            assert status == 200 and record["status"] == "succeeded", record
         assert results["primes.count"] == 78498
         assert abs(results["pi.estimate"]["estimate"] - 3.14) < 0.05
         assert sum(results["julia.tile"]["histogram"]) == 32 * 24
         assert 0 < results["diffusion.run"]["mean"] < 1
+        assert (data_dir / "ledger.sqlite3").is_file()
         started = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         proc.wait(20)
