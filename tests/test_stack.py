@@ -50,6 +50,14 @@ def test_metrics_pass_promtool(nsq: Nsq, daemons: Callable[..., Daemon]) -> None
     assert gw.metric("nsqjobs_publish_duration_seconds_count", command="pub") == 1
 
 
+def _wait_status(url: str, expected: str) -> None:
+    def reached() -> bool:
+        _, _, record = http("GET", url)
+        return isinstance(record, dict) and record.get("status") == expected
+
+    wait_for(reached, 10, f"{url} to be {expected}")
+
+
 def _processes_mentioning(needle: str) -> list[str]:
     found = []
     for entry in Path("/proc").iterdir():
@@ -199,9 +207,9 @@ def test_make_run_starts_the_stack_and_stops_it_on_ctrl_c(tmp_path: Path) -> Non
             )
             assert status == 200 and body["status"] == "succeeded", body
             results[task] = body["result"]
-            # The ledger is on (SQLite in the data directory): the job can be read by id.
-            status, _, record = http("GET", f"{gateway}/v1/jobs/{body['id']}")
-            assert status == 200 and record["status"] == "succeeded", record
+            # The ledger is on (SQLite in the data directory): the job can be read by id, with
+            # its outcome once the ledger read it (its own channel: maybe after ?wait= answered).
+            _wait_status(f"{gateway}/v1/jobs/{body['id']}", "succeeded")
         assert results["primes.count"] == 78498
         assert abs(results["pi.estimate"]["estimate"] - 3.14) < 0.05
         assert sum(results["julia.tile"]["histogram"]) == 32 * 24
