@@ -344,6 +344,29 @@ def test_compose_stack(stack: Stack) -> None:
         raise AssertionError("dashboard queries:\n" + "\n".join(failures)) from None
     count = sum(len(panel.expr) for path in DASHBOARDS for panel in panels(path))
     stack.show(f"dashboards: all {count} queries of {len(DASHBOARDS)} dashboards returned data")
+    # The ledger panels show the one shared ledger: every job that ran, through either gateway,
+    # counted (not once per replica: max), and its commits timed.
+    ran = 100 + 1 + 20 + 400
+
+    seen: list[float] = []
+
+    def ledger_counts() -> tuple[float, float] | None:
+        ok_jobs, jobs = query(stack.prometheus, 'max(nsqjobs_ledger_jobs{status="succeeded"})')
+        ok_writes, writes = query(stack.prometheus, "sum(nsqjobs_ledger_write_seconds_count)")
+        if not (ok_jobs and ok_writes and jobs and writes):
+            return None
+        seen[:] = [float(jobs[0]["value"][1]), float(writes[0]["value"][1])]
+        return (seen[0], seen[1]) if seen[0] >= ran and seen[1] > 0 else None
+
+    try:
+        succeeded, commits = wait_for(ledger_counts, timeout=30, what="the ledger's gauges")
+    except DeadlineExceeded:
+        raise AssertionError(
+            f"ledger: {ran} succeeded jobs and some commits timed expected, (succeeded, commits)"
+            f" = {seen}"
+        ) from None
+    assert succeeded < 2 * ran, succeeded
+    stack.show(f"ledger: {succeeded:.0f} jobs succeeded, {commits:.0f} commits timed")
 
     # 4. Scale down to 1 while long jobs run: the stopped replicas drain.
     since = str(int(time.time()) - 1)
