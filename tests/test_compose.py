@@ -1,9 +1,10 @@
 """The docker compose stack, built and run on a real Docker engine.
 
 One stack per module run, under a project name of its own, always taken down. From the host the
-tests talk only to the ports compose publishes on 127.0.0.1 (gateway, Prometheus); anything else
-(a worker replica's own metrics) is reached with ``docker compose exec``. Grafana cannot be had
-here: the stack is started by naming every other service, and Grafana never runs.
+tests talk only to the ports compose publishes on 127.0.0.1 (the nginx proxy in front of the
+gateway replicas, Prometheus); anything else (a worker replica's own metrics, one gateway replica,
+PostgreSQL) is reached with ``docker compose exec``. Grafana cannot be had here: the stack is
+started by naming every other service, and Grafana never runs.
 
 Where Docker Hub cannot be reached, the stand-ins of ``deploy/standins/build.sh`` take the
 official images' place (``.ci/run`` builds them); they are used whenever they exist locally.
