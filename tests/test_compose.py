@@ -107,13 +107,15 @@ class Stack(Project):
     prometheus: str
     show: Callable[[str], None]
 
-    def replica_metric(self, index: int, name: str) -> float:
-        """Sum of metric ``name`` (all labels) in worker replica ``index``'s own /metrics."""
+    def replica_metric(
+        self, index: int, name: str, service: str = "worker", port: int = 9101
+    ) -> float:
+        """Sum of metric ``name`` (all labels) in replica ``index``'s own /metrics."""
         script = (
             "import urllib.request as u;"
-            "print(u.urlopen('http://127.0.0.1:9101/metrics', timeout=5).read().decode())"
+            f"print(u.urlopen('http://127.0.0.1:{port}/metrics', timeout=5).read().decode())"
         )
-        text = self.exec_python("worker", index, script)
+        text = self.exec_python(service, index, script)
         return sum(
             float(line.rsplit(" ", 1)[1])
             for line in text.splitlines()
@@ -208,6 +210,11 @@ def stack(pytestconfig: pytest.Config) -> Iterator[Stack]:
         )
 
 
+def _scale(workers: int) -> list[str]:
+    """``up`` arguments after the first step: three gateway replicas, ``workers`` workers."""
+    return ["--scale", "gateway=3", "--scale", f"worker={workers}"]
+
+
 def _prime_count(stop: int) -> int:
     sieve = bytearray([1]) * stop
     sieve[:2] = b"\0\0"[:stop]
@@ -280,8 +287,8 @@ def _proxy_skips_a_stopped_gateway(stack: Stack) -> None:
 
 @pytest.mark.timeout(900)
 def test_compose_stack(stack: Stack) -> None:
-    """Jobs through the proxy to two gateways sharing PostgreSQL, scale to 4, dashboards'
-    queries, drain on scale-down."""
+    """Jobs through the proxy to two gateways sharing PostgreSQL, scale workers to 4 and
+    gateways to 3, dashboards' queries, drain on scale-down."""
     # 1. Jobs through the published port (nginx, two gateway replicas), every result checked;
     #    both replicas took some, both are scraped.
     stops = [1000 + 997 * i for i in range(100)]
@@ -307,11 +314,12 @@ def test_compose_stack(stack: Stack) -> None:
     _gateways_share_the_ledger(stack)
     _proxy_skips_a_stopped_gateway(stack)
 
-    # 2. Four replicas, each doing work of its own, each a Prometheus target that is up.
+    # 2. Four worker replicas, each doing work of its own, each a Prometheus target that is up;
+    #    a third gateway, found by the proxy and Prometheus without a reload.
     began = time.monotonic()
-    stack.compose("up", "--detach", "--wait", "--scale", "worker=4", *SERVICES)
-    stack.show(f"compose: --scale worker=4 {time.monotonic() - began:.1f} s")
-    stack.show(stack.compose("ps", "worker"))
+    stack.compose("up", "--detach", "--wait", *_scale(workers=4), *SERVICES)
+    stack.show(f"compose: --scale worker=4 gateway=3 {time.monotonic() - began:.1f} s")
+    stack.show(stack.compose("ps", "worker", "gateway"))
     stops = [50_000 + 1013 * i for i in range(400)]
     results = _run_jobs(
         stack.gateway, [{"task": "primes.count", "args": {"start": 0, "stop": s}} for s in stops]
@@ -330,6 +338,14 @@ def test_compose_stack(stack: Stack) -> None:
     stack.show(
         f"prometheus worker targets: {[t['labels']['instance'] for t in stack.targets('worker')]}"
     )
+    wait_for(
+        lambda: sum(t["health"] == "up" for t in stack.targets("gateway")) == 3,
+        timeout=30,
+        what="Prometheus lists 3 gateway targets up",
+    )
+    third = stack.replica_metric(3, "nsqjobs_jobs_accepted_total", "gateway", 8080)
+    stack.show(f"jobs accepted by the third gateway replica: {third:.0f}")
+    assert third > 0
 
     # 3. Every dashboard query returns data, failures and dead letters included.
     submit_mix(stack.gateway, rounds=3)
@@ -383,7 +399,7 @@ def test_compose_stack(stack: Stack) -> None:
             interval=0.5,
         )
         began = time.monotonic()
-        stack.compose("up", "--detach", "--wait", "--scale", "worker=1", *SERVICES)
+        stack.compose("up", "--detach", "--wait", *_scale(workers=1), *SERVICES)
         stack.show(f"compose: --scale worker=1 (drain) {time.monotonic() - began:.1f} s")
         drained = pending.result(timeout=120)
     assert all(r["status"] == "succeeded" and r["attempts"] == 1 for r in drained), drained
