@@ -130,21 +130,24 @@ def test_first_result_wins_and_duplicates_are_counted(tmp_path: Path) -> None:
             "w1",
         )
         assert a.published_at is not None and a.finished_at == 1002.0
-        # A dead letter makes the job dead, whichever of its two messages came first.
+        # A worker that dead-letters a job publishes the letter and the failed result of the
+        # same final attempt (same worker, same time): one outcome, in either order.
         letter = wire.DeadLetter(
             reason="max_attempts",
             error=wire.ErrorInfo(type="ValueError", message="bad"),
             worker="w1",
-            at=1003.0,
+            at=1002.0,
             job=job("b"),
         )
         assert await store.record_dead_letter(letter) == "recorded"
         assert await store.record_dead_letter(letter) == "duplicate"
         assert await store.record_result(result("b", "failed", attempts=3)) == "recorded"
+        assert await store.record_result(result("b", "failed", attempts=3)) == "duplicate"
         b = await store.get("b")
         assert b is not None
         assert (b.status, b.dead_reason, b.attempts) == ("dead", "max_attempts", 3)
         assert b.error == wire.ErrorInfo(type="ValueError", message="bad")
+        assert b.finished_at == 1002.0
         no_job = wire.DeadLetter(
             reason="undecodable", error=letter.error, worker="w", at=1.0, raw="x"
         )

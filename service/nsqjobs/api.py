@@ -11,7 +11,13 @@ from typing import Annotated, Any, ClassVar, Final
 
 import msgspec
 
-from nsqjobs.names import MAX_BATCH_JOBS, MAX_DELAY_MS, MAX_EXPIRES_S, MAX_JOB_ID_LENGTH
+from nsqjobs.names import (
+    MAX_BATCH_JOBS,
+    MAX_DELAY_MS,
+    MAX_EXPIRES_S,
+    MAX_JOB_ID_LENGTH,
+    MAX_LEDGER_DELAY_S,
+)
 
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]+$")
 # How deep a job's ``args`` may nest objects and arrays (``args`` itself is level 1): deeper
@@ -22,7 +28,26 @@ MAX_ARGS_DEPTH: Final = 32
 JobId = Annotated[
     str, msgspec.Meta(min_length=1, max_length=MAX_JOB_ID_LENGTH, pattern=JOB_ID_PATTERN.pattern)
 ]
-DelayMs = Annotated[int, msgspec.Meta(ge=0, le=MAX_DELAY_MS)]
+# nsqd defers a message at most MAX_DELAY_MS; the job ledger holds longer delays (the gateway
+# refuses them without one, naming the ledger).
+DelayMs = Annotated[
+    int,
+    msgspec.Meta(
+        ge=0,
+        le=MAX_LEDGER_DELAY_S * 1000,
+        description=f"milliseconds before the job may start; over {MAX_DELAY_MS} (nsqd's "
+        "limit) only with the job ledger on",
+    ),
+]
+RunAt = Annotated[
+    float,
+    msgspec.Meta(
+        ge=0,
+        description="Unix seconds at which the job may start (not with `delay_ms`; a time "
+        f"past is now); more than {MAX_DELAY_MS // 1000} s ahead only with the job ledger on, "
+        f"and then at most {MAX_LEDGER_DELAY_S} s ahead",
+    ),
+]
 ExpiresS = Annotated[
     float,
     msgspec.Meta(
@@ -42,15 +67,18 @@ class SubmitRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     id: JobId | None = None
     delay_ms: DelayMs = 0
     expires_s: ExpiresS | None = None
+    run_at: RunAt | None = None
 
 
 class BatchJob(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One job of a batch: a job body without ``delay_ms`` (an MPUB has no delay)."""
+    """One job of a batch: a job body without ``delay_ms`` (one batch shares one acceptance
+    time); a ``run_at`` ahead is published on its own, with DPUB."""
 
     task: str
     args: dict[str, Any] = {}
     id: JobId | None = None
     expires_s: ExpiresS | None = None
+    run_at: RunAt | None = None
     delay_ms: ClassVar[int] = 0
 
 
@@ -61,11 +89,12 @@ class BatchRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Accepted(msgspec.Struct, frozen=True):
-    """The 202 answer for one job."""
+    """The 202 answer for one job; ``due_at`` (Unix seconds) only for a delayed one."""
 
     id: str
     task: str
     status: str = "queued"
+    due_at: float | msgspec.UnsetType = msgspec.UNSET
 
 
 class BatchAccepted(msgspec.Struct, frozen=True):

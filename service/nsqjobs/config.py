@@ -213,6 +213,21 @@ class GatewayConfig(NsqConfig):
         "job ledger: sqlite:///relative/path or sqlite:////absolute/path (empty: no ledger, "
         "no GET /v1/jobs/{id}, no id deduplication)",
     )
+    ledger_poll_s: float = setting(
+        1.0,
+        "seconds between the ledger relay's passes: nsqd restart checks, re-drives, long delays "
+        "coming due, retention, the ledger gauges",
+    )
+    ledger_grace_s: float = setting(
+        30.0,
+        "seconds a recorded job is left to the request that accepted it before the relay "
+        "publishes it (its publish failed, or the gateway died before it ended)",
+    )
+    result_ttl: float = setting(
+        7 * 86400.0,
+        "seconds finished jobs (succeeded, failed, cancelled) stay in the ledger; dead ones "
+        "stay until replayed or purged (0: keep everything)",
+    )
 
     def check(self) -> None:
         """Validate, including the shared NSQ settings."""
@@ -248,6 +263,21 @@ class GatewayConfig(NsqConfig):
             cls,
             "ledger_url",
             f"must be empty or {c.LEDGER_SQLITE_SCHEME}PATH",
+        )
+        _require(0.01 <= self.ledger_poll_s <= 60, cls, "ledger_poll_s", "must be 0.01-60")
+        _require(
+            self.ledger_grace_s >= self.publish_timeout_s,
+            cls,
+            "ledger_grace_s",
+            "must be >= --publish-timeout-s (the relay would publish jobs whose accepting "
+            "request is still waiting for nsqd, and they would run twice)",
+        )
+        _require(self.ledger_grace_s <= 86400, cls, "ledger_grace_s", "must be <= 86400")
+        _require(
+            self.result_ttl == 0 or self.result_ttl >= 1,
+            cls,
+            "result_ttl",
+            "must be 0 (keep everything) or >= 1 second",
         )
 
 

@@ -51,6 +51,8 @@ MAX_JOB_ID_LENGTH: Final = 128
 MAX_DELAY_MS: Final = 3_600_000  # nsqd's default --max-req-timeout; above it nsqd drops the conn
 MAX_WAIT_SECONDS: Final = 60.0
 MAX_EXPIRES_S: Final = 366 * 86400.0  # a year: any longer is a typo
+# The longest delay the job ledger holds (delay_ms or run_at): a year, like MAX_EXPIRES_S.
+MAX_LEDGER_DELAY_S: Final = 366 * 86400
 MAX_BATCH_JOBS: Final = 1000
 
 PROBLEM_CONTENT_TYPE: Final = "application/problem+json"

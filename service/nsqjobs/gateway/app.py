@@ -35,6 +35,7 @@ from nsqjobs.http.responses import write_response
 from nsqjobs.http.server import HTTPServer
 from nsqjobs.ledger import Store, open_store
 from nsqjobs.ledger.outcomes import OutcomeRecorder
+from nsqjobs.ledger.relay import Relay
 from nsqjobs.names import DEAD_LETTER_TOPIC, RESULTS_TOPIC
 from nsqjobs.nsq.admin import create_topics, nsqd_limit
 from nsqjobs.nsq.publisher import Publisher
@@ -204,15 +205,38 @@ class GatewayApp:
         )
         # The job ledger (off by default): jobs recorded before they are published, outcomes
         # recorded from the results and dead-letter topics.
-        self.store: Store | None = open_store(config.ledger_url) if config.ledger_url else None
+        self.store: Store | None = None
         self.outcomes: OutcomeRecorder | None = None
-        if self.store is not None:
+        # Re-drives lost jobs and publishes long delays as they come due.
+        self.relay: Relay | None = None
+        if config.ledger_url:
+            ledger_metrics = LedgerMetrics(self.metrics.registry)
+            self.store = open_store(
+                config.ledger_url, observe_write=ledger_metrics.write_seconds.observe
+            )
             self.outcomes = OutcomeRecorder(
                 self.store,
-                LedgerMetrics(self.metrics.registry),
+                ledger_metrics,
                 config.nsqd_tcp_address,
                 config.lookupd_http_address,
                 config.lookupd_poll_interval,
+            )
+            self.relay = Relay(
+                self.store,
+                self.publisher,
+                registry,
+                ledger_metrics,
+                config.nsqd_http_address,
+                poll_s=config.ledger_poll_s,
+                grace_s=config.ledger_grace_s,
+                # Past every retry of a publish (each up to the publish timeout), so a claim
+                # outlives the relay's own attempt at it.
+                lease_s=3 * config.publish_timeout_s + 2 * config.ledger_poll_s,
+                result_ttl_s=config.result_ttl,
+                # A tenth of the retention, so nothing outstays it by much, once a minute at most.
+                prune_every_s=min(60.0, max(config.ledger_poll_s, config.result_ttl / 10)),
+                # Counting a million jobs takes a second of a core: not every poll.
+                stats_every_s=5 * config.ledger_poll_s,
             )
         self.acceptor = Acceptor(
             registry,
@@ -245,6 +269,8 @@ class GatewayApp:
             problems.append("not subscribed to the results topic (wait= will time out)")
         if self.outcomes is not None and not self.outcomes.connected():
             problems.append("the ledger is not subscribed to the results and dead-letter topics")
+        if self.relay is not None and self.relay.problem is not None:
+            problems.append(self.relay.problem)
         return problems
 
     def make_app(self) -> tornado.web.Application:
@@ -300,6 +326,8 @@ class GatewayApp:
         self.waiter.start()
         if self.outcomes is not None:
             self.outcomes.start()
+        if self.relay is not None:
+            self.relay.start()
         router = self.make_router()
         # A backstop far above the gateway's own limit, which answers problem+json 413 itself.
         max_body = 4 * config.max_body_bytes + 65536
@@ -347,6 +375,8 @@ class GatewayApp:
             except TimeoutError:
                 # Requests still waiting for results; their jobs are safe in nsqd already.
                 log.warning("closing with requests still open (they were waiting for results)")
+        if self.relay is not None:
+            await self.relay.stop()  # its publishes end before the publisher closes
         self.waiter.close()
         if self.outcomes is not None:
             self.outcomes.close()

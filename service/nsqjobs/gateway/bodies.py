@@ -31,6 +31,7 @@ _ENDS_IN_NEWLINE: Final = b'\\n"'
 _ID: Final = operator.attrgetter("id")
 _ARGS: Final = operator.attrgetter("args")
 _EXPIRES: Final = operator.attrgetter("expires_s")
+_RUN_AT: Final = operator.attrgetter("run_at")
 
 
 def decode_submit(body: bytes) -> SubmitRequest:
@@ -38,8 +39,11 @@ def decode_submit(body: bytes) -> SubmitRequest:
     req = _decode(body, SubmitRequest)
     if _ENDS_IN_NEWLINE in body and req.id is not None and req.id[-1] == "\n":
         raise _bad_id("body.id")
+    if req.run_at is not None and req.delay_ms:
+        raise _error("body.run_at", "give delay_ms or run_at, not both")
     args = req.args
     keys = 1 + (req.id is not None) + (req.delay_ms != 0) + (req.expires_s is not None)
+    keys += req.run_at is not None
     if args:
         keys += 1 + len(args)
     _check_keys(body, SubmitRequest, [args], keys, 2 if args else 1)
@@ -59,10 +63,12 @@ def decode_batch(body: bytes) -> BatchRequest:
             if job_id is not None and job_id[-1] == "\n":
                 raise _bad_id(f"body.jobs[{i}].id")
     # Counted in C: the keys each job surely had ("jobs", then per job: task, args and its
-    # keys when args is not empty, id, expires_s), and its brackets if nothing nests in args.
+    # keys when args is not empty, id, expires_s, run_at), and its brackets if nothing nests in
+    # args.
     sizes = list(map(len, map(_ARGS, jobs)))
     with_args = n - sizes.count(0)
     given = n - no_ids + n - list(map(_EXPIRES, jobs)).count(None)
+    given += n - list(map(_RUN_AT, jobs)).count(None)
     keys = 1 + n + with_args + sum(sizes) + given
     _check_keys(body, BatchRequest, list(map(_ARGS, jobs)), keys, 2 + n + with_args)
     return batch
@@ -149,7 +155,7 @@ def _invalid(exc: msgspec.ValidationError) -> Problem:
     err = field_error(str(exc), "body")
     message = err.message
     if err.field.startswith("body.jobs[") and err.field.endswith("].delay_ms"):
-        message = "delays are not supported in a batch (MPUB has none); submit those jobs singly"
+        message = "delay_ms is not taken in a batch: give run_at (Unix seconds) instead"
     return Problem(
         422,
         "invalid-arguments",

@@ -66,6 +66,13 @@ def _partly_published(exc: BatchPartlyPublished) -> Problem:
     )
 
 
+def _accepted(env: wire.JobEnvelope) -> Accepted:
+    """The 202 answer: the job's id and task, and when it is due if it is delayed."""
+    if env.due_at is None:
+        return Accepted(id=env.id, task=env.task)
+    return Accepted(id=env.id, task=env.task, due_at=env.due_at)
+
+
 class JobRoutes:
     """What every job request shares; :meth:`start` makes one request's delegate."""
 
@@ -163,7 +170,7 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
                     acceptor = self.routes.acceptor
                     task, env = acceptor.build(req)
                     self.job_id = env.id
-                    acceptor.publish(task, env, req.delay_ms).add_done_callback(self._accepted)
+                    acceptor.publish(task, env).add_done_callback(self._accepted)
                     return
                 work = self._accept_and_wait(req)
             else:
@@ -227,7 +234,7 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
         except BaseException as exc:
             self._answer_exception(exc)
             return
-        self._answer(202, JSON_HEADERS, _json.encode(Accepted(id=env.id, task=env.task)))
+        self._answer(202, JSON_HEADERS, _json.encode(_accepted(env)))
 
     async def _accept_and_wait(self, req: SubmitRequest) -> None:
         acceptor, waiter, metrics = self.routes.acceptor, self.routes.waiter, self.routes.metrics
@@ -237,12 +244,12 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
         fut = waiter.register(env.id)
         metrics.waiting.inc()
         try:
-            await acceptor.publish(task, env, req.delay_ms)
+            await acceptor.publish(task, env)
             try:
                 async with asyncio.timeout(self.wait):
                     result = await fut
             except TimeoutError:
-                self._answer_json(202, Accepted(id=env.id, task=env.task))
+                self._answer_json(202, _accepted(env))
                 return
             self._answer_json(200, result)
         finally:

@@ -23,7 +23,7 @@ from nsqjobs.api import (
     SubmitRequest,
 )
 from nsqjobs.errors import InvalidArgumentsError
-from nsqjobs.names import MAX_WAIT_SECONDS
+from nsqjobs.names import MAX_DELAY_MS, MAX_WAIT_SECONDS
 from nsqjobs.registry import Registry, Task
 from nsqjobs.version import __version__
 
@@ -121,6 +121,9 @@ def openapi_document(
         # The argument type's own description (its docstring) states its cross-field rules.
         schema["description"] = f"Nests at most {MAX_ARGS_DEPTH} levels deep."
         components[f"{task.name}.args"] = schema
+    if not ledger:  # nsqd's own limit: the ledger holds longer delays
+        delay = components["SubmitRequest"]["properties"]["delay_ms"]
+        delay["maximum"] = MAX_DELAY_MS
     # A job body is one of the tasks, each with its own args.
     components["SubmitRequest"] = {
         "title": "SubmitRequest",
@@ -129,7 +132,7 @@ def openapi_document(
     }
     components["BatchJob"] = {
         "title": "BatchJob",
-        "description": "One job of a batch: a job body without `delay_ms`.",
+        "description": "One job of a batch: a job body without `delay_ms` (`run_at` instead).",
         "oneOf": _variants(registry, components[BatchJob.__name__]),
     }
     auth: dict[str, Any] = {}
@@ -307,6 +310,11 @@ def _add_ledger(
         },
     }
     paths["/v1/jobs"]["post"]["responses"]["409"] = conflict
+    paths["/v1/jobs"]["post"]["responses"]["202"] = _json(
+        "Accepted",
+        "acknowledged by nsqd; or, for a delay beyond nsqd's hour, recorded in the ledger, "
+        "which publishes it when due (`due_at`)",
+    )
     paths["/v1/jobs/batch"]["post"]["responses"]["409"] = _problem(
         "two jobs of the batch have the same id, or an id was accepted before for another task "
         "or other args"

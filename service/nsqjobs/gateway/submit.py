@@ -27,7 +27,8 @@ from nsqjobs.errors import (
     UnknownTaskError,
 )
 from nsqjobs.gateway.bodies import integral_floats
-from nsqjobs.ledger import Accepted, JobRecord
+from nsqjobs.ledger import Accepted, JobRecord, held
+from nsqjobs.names import MAX_DELAY_MS, MAX_LEDGER_DELAY_S
 from nsqjobs.nsq.publisher import Publisher
 from nsqjobs.observability.metrics import GatewayMetrics
 from nsqjobs.registry import Registry, Task
@@ -94,6 +95,8 @@ class Acceptor:
         self.metrics = metrics
         self.recorder = recorder
         self.published = published
+        # nsqd defers a message an hour at most; the ledger holds longer delays (held jobs).
+        self.max_delay_s = MAX_DELAY_MS / 1000 if recorder is None else MAX_LEDGER_DELAY_S
         # nsqd's limits (the gateway reads the live values at start).
         self.max_msg_size = max_msg_size
         self.max_body_size = max_body_size
@@ -125,6 +128,9 @@ class Acceptor:
                 raise
             task.validate(fixed, where=f"{where}args")
             args = fixed
+        due_at = None
+        if req.delay_ms or req.run_at is not None:
+            due_at = self._due_at(req, where, created_at)
         return task, wire.JobEnvelope(
             id=req.id or job_id or wire.new_job_id(),
             task=task.name,
@@ -132,8 +138,42 @@ class Acceptor:
             created_at=created_at,
             timeout_s=task.time_limit_s,
             deadline=None if req.expires_s is None else created_at + req.expires_s,
-            due_at=created_at + req.delay_ms / 1000 if req.delay_ms else None,
+            due_at=due_at,
         )
+
+    def _due_at(self, req: SubmitRequest | BatchJob, where: str, created_at: float) -> float | None:
+        """When a delayed job is due (None: now); raises InvalidArgumentsError for a delay
+        longer than nsqd defers without the ledger, or than the ledger holds with it."""
+        if req.run_at is not None:
+            field, due_at = "run_at", req.run_at
+            if due_at <= created_at:
+                return None
+        else:
+            field, due_at = "delay_ms", created_at + req.delay_ms / 1000
+        ahead = due_at - created_at
+        if ahead <= self.max_delay_s:
+            return due_at
+        if self.recorder is None:
+            limit = f"<= {MAX_DELAY_MS}" if field == "delay_ms" else "at most 3600 s ahead"
+            message = (
+                f"Expected {limit} (nsqd defers a message at most an hour); longer delays are "
+                "held by the job ledger: start the gateway with a ledger (NSQJOBS_LEDGER_URL)"
+            )
+        else:
+            message = f"is {ahead:.0f} s ahead; the ledger holds at most {MAX_LEDGER_DELAY_S} s"
+        raise InvalidArgumentsError([FieldError(f"{where or 'body.'}{field}", message)])
+
+    @staticmethod
+    def delay_ms(env: wire.JobEnvelope) -> int:
+        """The DPUB delay of a built job (0: publish now)."""
+        if env.due_at is None:
+            return 0
+        return max(0, round((env.due_at - env.created_at) * 1000))
+
+    def _held(self, env: wire.JobEnvelope) -> bool:
+        # Judged from the acceptance time, so every job the store records as held (from its
+        # own, later clock) is held here too: never both published here and by the relay.
+        return self.recorder is not None and held(env, env.created_at)
 
     def encode(self, env: wire.JobEnvelope, where: str = "") -> bytes:
         """The envelope's bytes; :class:`JobTooLarge` when nsqd would refuse them."""
@@ -148,15 +188,18 @@ class Acceptor:
         return body
 
     def publish(
-        self, task: Task, env: wire.JobEnvelope, delay_ms: int = 0
+        self, task: Task, env: wire.JobEnvelope, delay_ms: int | None = None
     ) -> asyncio.Future[wire.JobEnvelope]:
         """Record and publish a built job; the future resolves to the envelope once nsqd
-        acknowledged it, or to the error.
+        acknowledged it (or, for a delay beyond nsqd's, once the ledger recorded it: its relay
+        publishes it when due), or to the error. ``delay_ms`` defaults to the job's own.
 
         A plain job without a recorder needs no coroutine: its future is the publish itself.
         Raises :class:`JobTooLarge` at once when nsqd would refuse the envelope.
         """
         body = self.encode(env)
+        if delay_ms is None:
+            delay_ms = self.delay_ms(env) if env.due_at is not None else 0
         if self.recorder is not None or delay_ms:
             return asyncio.ensure_future(self._record_and_publish(task, env, body, delay_ms))
         done: asyncio.Future[wire.JobEnvelope] = asyncio.get_running_loop().create_future()
@@ -167,7 +210,7 @@ class Acceptor:
     def submit(self, req: SubmitRequest) -> asyncio.Future[wire.JobEnvelope]:
         """:meth:`build` then :meth:`publish`, for callback code: validation errors raise now."""
         task, env = self.build(req)
-        return self.publish(task, env, req.delay_ms)
+        return self.publish(task, env)
 
     def _acked(
         self,
@@ -195,6 +238,9 @@ class Acceptor:
             answers = await self.recorder([env])
             if answers:
                 _check_existing(answers, [env], single=True)
+            if self._held(env):  # recorded: the ledger's relay publishes it when due
+                self.metrics.accepted(task.name)
+                return env
         if delay_ms:
             await self.publisher.dpub(task.queue, delay_ms, body)
         else:
@@ -274,6 +320,10 @@ class Acceptor:
                 if skip:  # published before: not again
                     built = [b for b in built if b[1].id not in skip]
                     by_topic = self.encode_batch(built)
+        later = [b for b in built if b[1].due_at is not None]
+        if later:  # each on its own (an MPUB has no delay), or held by the ledger
+            built = [b for b in built if b[1].due_at is None]
+            by_topic = self.encode_batch(built)
         done: list[str] = []
         for topic, bodies in by_topic.items():
             try:
@@ -285,15 +335,40 @@ class Acceptor:
                 acked = [env.id for task, env in built if task.queue in published]
                 if self.published is not None:
                     self.published(acked)
-                raise BatchPartlyPublished(
-                    exc, acked, [env.id for task, env in built if task.queue not in published]
-                ) from exc
+                unpublished = [env.id for task, env in built if task.queue not in published]
+                unpublished += [env.id for _, env in later]  # not sent yet
+                raise BatchPartlyPublished(exc, acked, unpublished) from exc
             done.append(topic)
-        for name, count in Counter(task.name for task, _ in built).items():
+        if later:
+            await self._publish_later(built, later)
+        held_jobs = [b for b in later if self._held(b[1])]
+        for name, count in Counter(task.name for task, _ in built + held_jobs).items():
             self.metrics.accepted(name, count)
         if self.published is not None and built:
             self.published([env.id for _, env in built])
         return envelopes
+
+    async def _publish_later(self, published: list[Built], later: list[Built]) -> None:
+        """DPUB a batch's delayed jobs (held ones are the relay's); adds the acknowledged
+        ones to ``published``; :class:`BatchPartlyPublished` when any failed."""
+        delayed = [b for b in later if not self._held(b[1])]
+        answers = await asyncio.gather(
+            *(self.publisher.dpub(t.queue, self.delay_ms(e), wire.encode(e)) for t, e in delayed),
+            return_exceptions=True,
+        )
+        failed = [e.id for (_, e), a in zip(delayed, answers, strict=True) if a is not None]
+        published += [b for b, a in zip(delayed, answers, strict=True) if a is None]
+        if not failed:
+            return
+        error = next(a for a in answers if a is not None)
+        cause = error if isinstance(error, PublishError) else PublishError(str(error))
+        acked = [e.id for _, e in published]
+        if self.published is not None and acked:
+            self.published(acked)
+        accepted = acked + [e.id for _, e in later if self._held(e)]
+        if not accepted:
+            raise cause
+        raise BatchPartlyPublished(cause, accepted, failed) from cause
 
     async def accept_batch(self, reqs: list[BatchJob]) -> list[wire.JobEnvelope]:
         """:meth:`build_batch` then :meth:`publish_batch`."""
@@ -315,10 +390,17 @@ def _check_existing(
         if single:
             raise IdConflict(["id"])
         raise IdConflict([f"jobs[{i}].id" for i in conflicts])
+    now = wire.now()
     skip = {
         a.existing.id
         for a in answers
-        if a.kind == "same" and a.existing is not None and a.existing.published_at is not None
+        if a.kind == "same"
+        and a.existing is not None
+        and (
+            a.existing.published_at is not None
+            # held: the relay publishes it when due
+            or (a.existing.due_at is not None and a.existing.due_at - now > MAX_DELAY_MS / 1000)
+        )
     }
     record = answers[0].existing
     if skip and single and record is not None:

@@ -4,6 +4,8 @@ The gateway records a job here before publishing it, and records outcomes read f
 ``results`` and ``dead_letters`` topics. Imports point gateway -> ledger, never back.
 """
 
+from collections.abc import Callable
+
 from nsqjobs.errors import ConfigError
 from nsqjobs.ledger.sqlite import SqliteStore
 from nsqjobs.ledger.store import (
@@ -42,9 +44,10 @@ __all__ = [
 ]
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, *, observe_write: Callable[[float], object] | None = None) -> Store:
     """The store a ledger URL names: ``sqlite:///PATH`` (relative to the working directory;
-    ``sqlite:////abs/path`` is absolute)."""
+    ``sqlite:////abs/path`` is absolute). ``observe_write`` is told each commit's duration in
+    seconds (from the store's writer thread)."""
     if url.startswith(LEDGER_SQLITE_SCHEME) and len(url) > len(LEDGER_SQLITE_SCHEME):
-        return SqliteStore(url.removeprefix(LEDGER_SQLITE_SCHEME))
+        return SqliteStore(url.removeprefix(LEDGER_SQLITE_SCHEME), observe_write=observe_write)
     raise ConfigError(f"unsupported ledger URL {url!r} (expected {LEDGER_SQLITE_SCHEME}PATH)")

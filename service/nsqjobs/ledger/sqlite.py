@@ -13,6 +13,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -30,10 +31,30 @@ from nsqjobs.ledger.store import (
     LedgerStats,
     OutcomeVerdict,
     Page,
+    RedriveReason,
     held,
 )
+from nsqjobs.names import MAX_DELAY_MS
 
 log = logging.getLogger("nsqjobs.ledger")
+
+# Unfinished and not known to be in nsqd: the relay's work (the partial index's condition, which
+# a query must repeat word for word for SQLite to use the index).
+_UNPUBLISHED: Final = "published_at IS NULL AND status IN ('queued', 'running')"
+# A job the relay may claim (given :stale, :now): not claimed by a relay, and past the accept
+# path's grace (or never sent: a long delay or a replay); or a relay's claim that expired.
+_CLAIMABLE: Final = (
+    f"{_UNPUBLISHED} AND ((lease_until IS NULL AND (sent_at IS NULL OR sent_at < :stale)) "
+    "OR lease_until <= :now)"
+)
+# sent_at of a job published to an nsqd that restarted since (redrive_sent_before): the relay
+# publishes it at once, and reports it as an nsqd_restart re-drive.
+SENT_TO_LOST_NSQD: Final = 0.0
+# Finished jobs that retention prunes (dead ones stay until replayed or purged).
+_PRUNABLE: Final = "('succeeded', 'failed', 'cancelled')"
+# A dead letter and the failed result a worker publishes with it carry the same time (and
+# worker): they are one outcome, not a duplicate. Slack for stores that round timestamps.
+_SAME_OUTCOME_S: Final = 0.001
 
 # Versioned migrations: MIGRATIONS[n] takes a database from version n to n + 1 (the version is
 # SQLite's user_version). Append only; never edit one that has shipped.
@@ -76,6 +97,15 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "UPDATE jobs SET sent_at = accepted_at",
         "CREATE INDEX jobs_unfinished ON jobs (sent_at) WHERE status IN ('queued', 'running')",
         "CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL",
+    ),
+    (
+        # What the relay looks for every poll: unfinished jobs with no acknowledged publish
+        # (a few in flight, plus long delays waiting to come due), without scanning a backlog.
+        f"CREATE INDEX jobs_unpublished ON jobs (due_at, seq) WHERE {_UNPUBLISHED}",
+        # Delayed unfinished jobs by when they are due: the oldest-unfinished gauge reads the
+        # first without counting the rest.
+        "CREATE INDEX jobs_delayed ON jobs (due_at) "
+        "WHERE due_at IS NOT NULL AND status IN ('queued', 'running')",
     ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
@@ -152,8 +182,13 @@ class SqliteStore:
     start; after that the connection belongs to the writer thread alone.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(
+        self, path: str | Path, *, observe_write: Callable[[float], object] | None = None
+    ) -> None:
         self.path = Path(path)
+        # Told each commit's duration in seconds, from the writer thread (a Prometheus
+        # histogram's observe is thread-safe).
+        self.observe_write = observe_write
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -170,6 +205,8 @@ class SqliteStore:
         self._pending: list[tuple[Op, asyncio.Future[Any]]] = []
         self._queue: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
         self._closed = False
+        self._reader: sqlite3.Connection | None = None
+        self._reader_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="nsqjobs-ledger", daemon=True)
         self._thread.start()
 
@@ -206,50 +243,26 @@ class SqliteStore:
         return self._submit(op)
 
     def record_result(self, result: wire.ResultEnvelope) -> asyncio.Future[OutcomeVerdict]:
-        """Record a result; the first one per id wins."""
+        """Record a result; the first terminal outcome per id wins (see :func:`_record_result`)."""
         error = None if result.error is None else _json.encode(result.error).decode()
-        value = None if result.result is None else _json.encode(result.result).decode()
-        params = (
-            result.status,
-            value,
-            error,
-            result.attempts,
-            result.worker,
-            result.finished_at,
-            result.id,
-        )
-
-        def op(conn: sqlite3.Connection) -> OutcomeVerdict:
-            cur = conn.execute(
-                "UPDATE jobs SET status = CASE status WHEN 'dead' THEN 'dead' ELSE ? END, "
-                "result = ?, error = ?, attempts = ?, worker = ?, finished_at = ? "
-                "WHERE id = ? AND finished_at IS NULL",
-                params,
-            )
-            return _verdict(conn, cur.rowcount, result.id)
-
-        return self._submit(op)
+        # Always text ('null' for None): a non-NULL ``result`` says a result was recorded.
+        value = _json.encode(result.result).decode()
+        history = _history(getattr(result, "history", None))
+        return self._submit(lambda conn: _record_result(conn, result, value, error, history))
 
     def record_dead_letter(self, letter: wire.DeadLetter) -> asyncio.Future[OutcomeVerdict]:
-        """Record a dead letter; the first one per id wins. A letter without a job (its body
-        was undecodable) names no id: ``unknown``."""
+        """Record a dead letter; the first terminal outcome per id wins (see
+        :func:`_record_dead_letter`). A letter without a job (its body was undecodable) names
+        no id: ``unknown``."""
         loop = asyncio.get_running_loop()
         job = letter.job
         if job is None:
             fut: asyncio.Future[OutcomeVerdict] = loop.create_future()
             fut.set_result("unknown")
             return fut
-        params = (letter.reason, letter.at, _json.encode(letter.error).decode(), job.id)
-
-        def op(conn: sqlite3.Connection) -> OutcomeVerdict:
-            cur = conn.execute(
-                "UPDATE jobs SET status = 'dead', dead_reason = ?, dead_at = ?, "
-                "error = COALESCE(error, ?) WHERE id = ? AND dead_at IS NULL",
-                params,
-            )
-            return _verdict(conn, cur.rowcount, job.id)
-
-        return self._submit(op)
+        error = _json.encode(letter.error).decode()
+        history = _history(job.history)
+        return self._submit(lambda conn: _record_dead_letter(conn, letter, job, error, history))
 
     def get(self, job_id: str) -> asyncio.Future[JobRecord | None]:
         """The job with this id, or None."""
@@ -292,25 +305,123 @@ class SqliteStore:
 
         return self._submit(op)
 
-    # -- the relay (stubs: being built) -------------------------------------------------------
+    # -- the relay -----------------------------------------------------------------------------
 
     def claim_unpublished(
         self, *, now: float, grace_s: float, horizon_s: float, lease_s: float, limit: int
     ) -> asyncio.Future[list[Claimed]]:
-        """See the protocol."""
-        raise NotImplementedError
+        """See the protocol. Jobs without a delay first (oldest first), then delayed ones
+        coming due (soonest first); the reason is read from ``sent_at``: 0 (a re-drive after
+        an nsqd restart), NULL (never sent: ``replay`` once replayed, else ``due``), or a time
+        (the accept path's publish failed or never finished: ``unpublished``)."""
+        params = {"now": now, "stale": now - grace_s, "until": now + horizon_s, "limit": limit}
+        columns = "seq, id, task, envelope, due_at, sent_at, replays"
+        # INDEXED BY: without ANALYZE's statistics SQLite would rather walk jobs_by_status,
+        # every queued job of a backlog, every poll.
+        table = "jobs INDEXED BY jobs_unpublished"
+        plain = f"SELECT {columns} FROM {table} WHERE due_at IS NULL AND {_CLAIMABLE} "
+        plain += "ORDER BY seq LIMIT :limit"
+        delayed = f"SELECT {columns} FROM {table} WHERE due_at < :until AND {_CLAIMABLE} "
+        delayed += "ORDER BY due_at LIMIT :limit"
+
+        def op(conn: sqlite3.Connection) -> list[Claimed]:
+            rows = conn.execute(plain, params).fetchall()
+            if len(rows) < limit:
+                rows += conn.execute(delayed, {**params, "limit": limit - len(rows)}).fetchall()
+            claimed = [_claimed(row, now) for row in rows]
+            conn.executemany(
+                "UPDATE jobs SET sent_at = ?, lease_until = ?, redrives = redrives + ? "
+                "WHERE seq = ?",
+                [
+                    (now, now + lease_s, c.reason == "unpublished", row[0])
+                    for row, c in zip(rows, claimed, strict=True)
+                ],
+            )
+            return claimed
+
+        return self._submit(op)
 
     def redrive_sent_before(self, started_at: float) -> asyncio.Future[int]:
-        """See the protocol."""
-        raise NotImplementedError
+        """See the protocol. ``sent_at`` becomes 0 (:data:`SENT_TO_LOST_NSQD`), so the relay
+        claims these at once (no grace: nsqd is known to have lost them)."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "UPDATE jobs INDEXED BY jobs_unfinished SET published_at = NULL, sent_at = ?, "
+                "redrives = redrives + 1 WHERE status IN ('queued', 'running') AND sent_at < ? "
+                "AND published_at IS NOT NULL",
+                (SENT_TO_LOST_NSQD, started_at),
+            )
+            return cur.rowcount
+
+        return self._submit(op)
 
     def prune_finished(self, before: float, limit: int) -> asyncio.Future[int]:
         """See the protocol."""
-        raise NotImplementedError
+
+        def op(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs INDEXED BY jobs_finished "
+                "WHERE finished_at IS NOT "
+                f"NULL AND finished_at < ? AND status IN {_PRUNABLE} ORDER BY finished_at "
+                "LIMIT ?)",
+                (before, limit),
+            )
+            return cur.rowcount
+
+        return self._submit(op)
 
     def stats(self) -> asyncio.Future[LedgerStats]:
-        """See the protocol."""
-        raise NotImplementedError
+        """See the protocol. Read on a connection of its own in a worker thread (WAL readers do
+        not block the writer), so counting a large table never delays a commit.
+
+        ``oldest_unfinished_at`` is when the oldest unfinished job became runnable: accepted,
+        or due for a delayed one (a job due next month is not late, and an alert on the
+        oldest unfinished age must not fire for it; one not yet due gives a time ahead). Read
+        from indexes: only the count of jobs by status walks the table."""
+        loop = asyncio.get_running_loop()
+        if self._closed:
+            fut: asyncio.Future[LedgerStats] = loop.create_future()
+            fut.set_exception(LedgerError("the ledger is closed"))
+            return fut
+        return loop.run_in_executor(None, self._read_stats)
+
+    def _read_stats(self) -> LedgerStats:
+        with self._reader_lock:
+            if self._closed:
+                raise LedgerError("the ledger is closed")
+            try:
+                if self._reader is None:
+                    self._reader = sqlite3.connect(
+                        self.path, isolation_level=None, check_same_thread=False
+                    )
+                    self._reader.execute("PRAGMA busy_timeout=5000")
+                conn = self._reader
+                conn.execute("BEGIN")  # one snapshot for both queries
+                try:
+                    counts = dict(conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status"))
+                    # Acceptance order is seq order: the first undelayed job of each status,
+                    # and the delayed job due first.
+                    firsts = [
+                        conn.execute(
+                            "SELECT accepted_at FROM jobs WHERE status = ? AND due_at IS NULL "
+                            "ORDER BY seq LIMIT 1",
+                            (status,),
+                        ).fetchone()
+                        for status in ("queued", "running")
+                    ]
+                    firsts.append(
+                        conn.execute(
+                            "SELECT MIN(due_at) FROM jobs INDEXED BY jobs_delayed WHERE due_at "
+                            "IS NOT NULL AND status IN ('queued', 'running')"
+                        ).fetchone()
+                    )
+                finally:
+                    conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise LedgerError(f"the ledger could not be read: {exc}") from exc
+        times = [row[0] for row in firsts if row is not None and row[0] is not None]
+        return LedgerStats({s: int(counts.get(s, 0)) for s in STATUSES}, min(times, default=None))
 
     # -- operations (stubs: being built) --------------------------------------------------------
 
@@ -343,6 +454,10 @@ class SqliteStore:
         self._queue.put(None)
         self._thread.join()
         self._conn.close()
+        with self._reader_lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
 
     # -- batching -------------------------------------------------------------------------------
 
@@ -386,10 +501,13 @@ class SqliteStore:
         conn = self._conn
         outcomes: list[list[tuple[bool, Any]]] = []
         try:
+            started = time.perf_counter()
             conn.execute("BEGIN IMMEDIATE")
             for _, batch in batches:
                 outcomes.append([_call(op, conn) for op, _ in batch])
             conn.execute("COMMIT")
+            if self.observe_write is not None:
+                self.observe_write(time.perf_counter() - started)
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -456,3 +574,106 @@ def _accept(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> Any:
             new,
         )
     return answers
+
+
+def _history(history: tuple[wire.Attempt, ...] | None) -> str | None:
+    """Failed attempts as the ``history`` column holds them (None: none reported)."""
+    return _json.encode(history).decode() if history else None
+
+
+def _record_result(
+    conn: sqlite3.Connection,
+    result: wire.ResultEnvelope,
+    value: str,
+    error: str | None,
+    history: str | None,
+) -> OutcomeVerdict:
+    """The first terminal outcome wins. A failed result may still complete a dead letter
+    recorded first: a worker that dead-letters a job publishes the letter and then a failed
+    result of the same final attempt, with the same worker and time, so that pair is one
+    outcome (the job stays ``dead``, the result adds its attempts); anything else for a
+    finished job is a ``duplicate``."""
+    cur = conn.execute(
+        "UPDATE jobs SET status = ?, result = ?, error = ?, attempts = ?, worker = ?, "
+        "finished_at = ?, history = COALESCE(?, history) WHERE id = ? AND finished_at IS NULL",
+        (
+            result.status,
+            value,
+            error,
+            result.attempts,
+            result.worker,
+            result.finished_at,
+            history,
+            result.id,
+        ),
+    )
+    if not cur.rowcount and result.status == "failed":
+        cur = conn.execute(
+            "UPDATE jobs SET result = ?, attempts = ?, history = COALESCE(?, history) "
+            "WHERE id = ? AND status = 'dead' AND result IS NULL AND worker = ? "
+            "AND ABS(dead_at - ?) < ?",
+            (
+                value,
+                result.attempts,
+                history,
+                result.id,
+                result.worker,
+                result.finished_at,
+                _SAME_OUTCOME_S,
+            ),
+        )
+    return _verdict(conn, cur.rowcount, result.id)
+
+
+def _record_dead_letter(
+    conn: sqlite3.Connection,
+    letter: wire.DeadLetter,
+    job: wire.JobEnvelope,
+    error: str,
+    history: str | None,
+) -> OutcomeVerdict:
+    """The first terminal outcome wins; a dead letter arriving after the failed result of the
+    same final attempt (same worker and time, see :func:`_record_result`) makes it ``dead``."""
+    cur = conn.execute(
+        "UPDATE jobs SET status = 'dead', dead_reason = ?, dead_at = ?, finished_at = ?, "
+        "error = ?, worker = ?, attempts = MAX(attempts, ?), history = COALESCE(?, history) "
+        "WHERE id = ? AND finished_at IS NULL",
+        (
+            letter.reason,
+            letter.at,
+            letter.at,
+            error,
+            letter.worker,
+            job.attempts,
+            history,
+            job.id,
+        ),
+    )
+    if not cur.rowcount:
+        cur = conn.execute(
+            "UPDATE jobs SET status = 'dead', dead_reason = ?, dead_at = ?, "
+            "history = COALESCE(?, history) WHERE id = ? AND status = 'failed' "
+            "AND dead_at IS NULL AND worker = ? AND ABS(finished_at - ?) < ?",
+            (letter.reason, letter.at, history, job.id, letter.worker, letter.at, _SAME_OUTCOME_S),
+        )
+    return _verdict(conn, cur.rowcount, job.id)
+
+
+def _claimed(row: Sequence[Any], now: float) -> Claimed:
+    """A claimed row as the relay publishes it (see ``SqliteStore.claim_unpublished``)."""
+    _, job_id, task, body, due_at, sent_at, replays = row
+    reason: RedriveReason
+    if sent_at is None:
+        reason = "replay" if replays else "due"
+    elif sent_at == SENT_TO_LOST_NSQD:
+        reason = "nsqd_restart"
+    else:
+        reason = "unpublished"
+    return Claimed(job_id, task, bytes(body), _delay_ms(due_at, now), reason)
+
+
+def _delay_ms(due_at: float | None, now: float) -> int:
+    """What is left of a job's delay, within what nsqd defers."""
+    if due_at is None or due_at <= now:
+        return 0
+    return min(MAX_DELAY_MS, int((due_at - now) * 1000))

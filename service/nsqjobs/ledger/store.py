@@ -139,7 +139,8 @@ class Claimed:
 
 @dataclass(frozen=True, slots=True)
 class LedgerStats:
-    """The gauges' source: jobs by status, and the oldest unfinished job's acceptance time."""
+    """The gauges' source: jobs by status, and when the oldest unfinished job became runnable
+    (its acceptance, or its due time when delayed)."""
 
     by_status: dict[str, int]
     oldest_unfinished_at: float | None
@@ -158,11 +159,15 @@ class Store(Protocol):
         ...
 
     def record_result(self, result: wire.ResultEnvelope) -> asyncio.Future[OutcomeVerdict]:
-        """Record a job's result; the first one wins, later ones are ``duplicate``."""
+        """Record a job's result; the first terminal outcome (result, dead letter, cancel) wins
+        and sets ``finished_at``, later ones are ``duplicate``. One exception: a worker that
+        dead-letters a job publishes the letter and a failed result of the same final attempt
+        (same worker, same time): whichever comes second completes the first (the job is
+        ``dead``, with the result's attempts) and is ``recorded``, once."""
         ...
 
     def record_dead_letter(self, letter: wire.DeadLetter) -> asyncio.Future[OutcomeVerdict]:
-        """Record that a job was dead-lettered; the first letter wins."""
+        """Record that a job was dead-lettered (see :meth:`record_result`)."""
         ...
 
     def get(self, job_id: str) -> asyncio.Future[JobRecord | None]:
@@ -191,14 +196,17 @@ class Store(Protocol):
         Claimed are jobs with no recorded acknowledgement (``published_at`` NULL) whose
         ``sent_at`` is older than ``grace_s`` (an accept path still publishing is left alone),
         or never sent (a long delay, or a replay), and whose ``due_at`` is NULL or before
-        ``now + horizon_s``. Oldest first.
+        ``now + horizon_s``; or whose earlier claim's lease ended. Oldest first. Each one's
+        reason: ``nsqd_restart`` when :meth:`redrive_sent_before` took it, ``replay`` or
+        ``due`` when never sent (replayed or not), else ``unpublished``.
         """
         ...
 
     def redrive_sent_before(self, started_at: float) -> asyncio.Future[int]:
         """An nsqd started at ``started_at`` (its /stats ``start_time``): every unfinished job
-        whose latest publish was sent before that loses its ``published_at`` (so the relay
-        publishes it again) and counts a re-drive. How many."""
+        whose latest publish was sent before that, and whose publish was acknowledged, loses
+        its ``published_at`` (so the relay publishes it again, at once: no grace) and counts a
+        re-drive. How many. Calling it again with the same time changes nothing more."""
         ...
 
     def prune_finished(self, before: float, limit: int) -> asyncio.Future[int]:
@@ -207,7 +215,8 @@ class Store(Protocol):
         ...
 
     def stats(self) -> asyncio.Future[LedgerStats]:
-        """Jobs by status and the oldest unfinished acceptance time."""
+        """Jobs by status, and when the oldest unfinished job became runnable (accepted, or
+        due when delayed; a time ahead when none is due yet)."""
         ...
 
     # -- operations (API and CLI) ---------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import urllib.parse
 from collections.abc import Sequence
@@ -53,3 +54,19 @@ async def nsqd_limit(http_addresses: Sequence[str], name: str, configured: int) 
             "nsqd's %s is %d, not the configured %d: using nsqd's", flag, min(live), configured
         )
     return min(live)
+
+
+async def nsqd_start_time(http_address: str, timeout_s: float = 2.0) -> int:
+    """When the nsqd at ``http_address`` started (its /stats ``start_time``, Unix seconds,
+    truncated); raises when it does not answer. The filter names no topic (a topic name
+    cannot hold a space), so the answer stays small however many topics nsqd has."""
+    client = tornado.httpclient.AsyncHTTPClient()
+    url = (
+        f"http://{http_address}/stats?format=json&topic=%20&include_clients=false&include_mem=false"
+    )
+    answer = await client.fetch(url, request_timeout=timeout_s)
+    stats = json.loads(answer.body)
+    start_time = stats.get("start_time") if isinstance(stats, dict) else None
+    if type(start_time) is not int:
+        raise ValueError(f"nsqd {http_address}: /stats has no start_time: {answer.body[:200]!r}")
+    return start_time
