@@ -137,6 +137,9 @@ class Recorder:
     def requeued(self, job: JobView, why: RequeueReason, delay_s: float) -> None:
         self.events.append(("requeued", job.task_name, why))
 
+    def cancelled(self, job: JobView) -> None:
+        self.events.append(("cancelled", job.task_name, job.in_progress))
+
 
 class Broken:
     """A hook whose every transition raises."""
@@ -148,16 +151,18 @@ class Broken:
         raise RuntimeError("hook bug")
 
     received = started = succeeded = attempt_failed = retried = dead_lettered = requeued = _boom
+    cancelled = _boom
 
 
 def run_machine(
     hooks: list[WorkerHook],
     scenario: Callable[[Machine, FakePublisher], Awaitable[None]],
     publisher: FakePublisher | None = None,
+    executor_size: int = 2,
 ) -> FakePublisher:
     """Build a machine over a thread executor and run ``scenario`` on a fresh loop."""
     pub = publisher or FakePublisher()
-    executor = ThreadExecutor(2)
+    executor = ThreadExecutor(executor_size)
     machine = Machine(CONFIG, "test-worker", TASKS, executor, pub, Hooks(hooks))
     machine.accepting = True
 

@@ -1,4 +1,5 @@
-"""The ``nsqjobs`` command: ``gateway``, ``worker``, ``exporter``, ``submit`` and ``check``.
+"""The ``nsqjobs`` command: ``gateway``, ``worker``, ``exporter``, ``check``, and the gateway's
+clients ``submit``, ``status``, ``result``, ``jobs``, ``dlq`` and ``cancel`` (``nsqjobs.client``).
 
 Every daemon flag mirrors an ``NSQJOBS_*`` variable (see ``nsqjobs.config``). Errors print one
 line to stderr and exit non-zero.
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -18,15 +18,9 @@ import urllib.request
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
-from nsqjobs import config
+from nsqjobs import client, config
 from nsqjobs.errors import NsqjobsError
-from nsqjobs.names import (
-    ENV_API_TOKEN,
-    ENV_EVENT_LOOP,
-    ENV_GATEWAY_URL,
-    ENV_SUPERVISOR,
-    GATEWAY_PORT,
-)
+from nsqjobs.names import ENV_EVENT_LOOP, ENV_SUPERVISOR, GATEWAY_PORT
 from nsqjobs.registry import load_task_modules, registry, task_modules
 from nsqjobs.version import __version__
 
@@ -108,43 +102,6 @@ def _exporter(args: argparse.Namespace) -> int:
     return 0
 
 
-def _submit(args: argparse.Namespace) -> int:
-    try:
-        task_args = json.loads(args.args)
-    except json.JSONDecodeError as exc:
-        raise NsqjobsError(f"--args is not valid JSON: {exc}") from None
-    body: dict[str, Any] = {"task": args.task, "args": task_args}
-    if args.id:
-        body["id"] = args.id
-    if args.delay_ms:
-        body["delay_ms"] = args.delay_ms
-    url = args.gateway_url.rstrip("/") + "/v1/jobs"
-    if args.wait:
-        url += f"?wait={args.wait:g}"
-    headers = {"Content-Type": "application/json"}
-    if token := os.environ.get(ENV_API_TOKEN, ""):
-        headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(
-        url, data=json.dumps(body).encode(), method="POST", headers=headers
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=args.wait + 10) as resp:
-            status, answer = resp.status, json.load(resp)
-    except urllib.error.HTTPError as exc:
-        try:
-            problem = json.load(exc)
-        except ValueError:
-            problem = {"detail": exc.reason}
-        fields = "; ".join(f"{e['field']}: {e['message']}" for e in problem.get("errors", []))
-        raise NsqjobsError(
-            f"gateway answered {exc.code}: {fields or problem.get('detail')}"
-        ) from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise NsqjobsError(f"cannot reach the gateway at {args.gateway_url}: {exc}") from None
-    print(json.dumps(answer, indent=2 if sys.stdout.isatty() else None))
-    return 1 if status == 200 and answer.get("status") == "failed" else 0
-
-
 def _check(args: argparse.Namespace) -> int:
     """GET ``args.url``: 0 on 2xx, else 1 with one line why (container health checks; no curl)."""
     try:
@@ -208,12 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the result")
     sm.add_argument("--id", default=None, help="job id (default: generated)")
     sm.add_argument("--delay-ms", type=int, default=0, help="deliver after this delay")
-    sm.add_argument(
-        "--gateway-url",
-        default=os.environ.get(ENV_GATEWAY_URL)
-        or f"http://127.0.0.1:{os.environ.get(port_var) or GATEWAY_PORT}",
-        help=f"gateway base URL [env {ENV_GATEWAY_URL}, else http://127.0.0.1:${port_var}]",
-    )
+    default_url = f"http://127.0.0.1:{os.environ.get(port_var) or GATEWAY_PORT}"
+    client.add_gateway_arguments(sm, default_url)
+    client.add_commands(sub, default_url)
     return parser
 
 
@@ -235,18 +189,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _exporter(args)
         if args.command == "check":
             return _check(args)
-        return _submit(args)
+        return client.COMMANDS[args.command](args)
     except (NsqjobsError, ImportError, OSError) as exc:
         # One line, even when the error's own text has several (msgspec's, a task module's).
         lines = (line.strip() for line in str(exc).splitlines())
         reason = f"nsqjobs {args.command}: {' '.join(line for line in lines if line)}"
         print(reason, file=sys.stderr)
-        if os.environ.get(ENV_SUPERVISOR) and args.command not in ("submit", "check"):
+        if os.environ.get(ENV_SUPERVISOR) and args.command in ("gateway", "worker", "exporter"):
             # Under supervisord (which sets SUPERVISOR_ENABLED) the reason also goes to its
             # event listeners as PROCESS_COMMUNICATION: the local stack's watchdog stops the
             # stack with it.
             print(f"<!--XSUPERVISOR:BEGIN-->{reason}<!--XSUPERVISOR:END-->", flush=True)
-        return 1
+        return exc.exit_code if isinstance(exc, client.CommandFailed) else 1
 
 
 if __name__ == "__main__":

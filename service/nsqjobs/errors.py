@@ -90,6 +90,10 @@ class TaskTimeoutError(NsqjobsError):
     """A task ran past its time limit."""
 
 
+class JobCancelled(NsqjobsError):
+    """A running job was cancelled and its child process ended: no result, no retry."""
+
+
 class Retry(NsqjobsError):
     """Raised by a task to ask for another attempt, optionally after ``delay`` seconds."""
 

@@ -16,6 +16,9 @@ LEDGER_POSTGRES_SCHEMES: Final = ("postgresql://", "postgres://")
 # Cancellations: the gateway publishes a cancelled job's id here; every worker reads it on its
 # own ephemeral channel, skips the job if it arrives, and ends it if it runs in a child process.
 CANCEL_TOPIC: Final = "cancels"
+# Each worker process reads it on a channel of its own: prefix, worker id, random suffix.
+CANCEL_CHANNEL_PREFIX: Final = "cancel"
+EPHEMERAL_SUFFIX: Final = "#ephemeral"  # nsqd drops such a channel when its last client goes
 # Started events (tasks with track_started): workers publish them, the ledger reads them on its
 # durable channel and reports the job as running.
 STARTED_TOPIC: Final = "started"

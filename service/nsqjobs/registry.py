@@ -46,6 +46,8 @@ class Task:
     schema: dict[str, Any] = field(default_factory=dict)
     # Exceptions that cannot succeed on another attempt: the job is dead-lettered at once.
     throws: tuple[type[Exception], ...] = ()
+    # Publish a started event when a job begins, so the ledger can report it as running.
+    track_started: bool = False
 
     def validate(self, args: Any, where: str = "args") -> Any:
         """Convert plain JSON data to the typed arguments, or raise with the failing fields."""
@@ -134,12 +136,17 @@ def task(
     max_attempts: int = 5,
     warm_up: Callable[[], None] | None = None,
     throws: tuple[type[Exception], ...] = (),
+    track_started: bool = False,
     target: Registry | None = None,
 ) -> Callable[[Callable[[Any], Any]], Callable[[Any], Any]]:
     """Register a one-argument function as a task; the argument's annotation is its schema.
 
     ``throws``: exception types the task raises when retrying cannot help (bad input found deep
     in the work, a missing file...); a job failing with one is dead-lettered at once.
+
+    ``track_started``: the worker publishes a small started event when each attempt begins,
+    and the job ledger reports the job as ``running`` until its outcome (off by default: one
+    more publish per job; a lost event only leaves the job reported ``queued``).
 
     Every mistake in a declaration raises :class:`TaskDefinitionError` with one line naming the
     task and the function.
@@ -154,6 +161,8 @@ def task(
         raise TaskDefinitionError(f"task {name!r}: max_attempts must be at least 1")
     if not isinstance(time_limit_s, int | float) or time_limit_s <= 0:
         raise TaskDefinitionError(f"task {name!r}: time_limit_s must be positive")
+    if not isinstance(track_started, bool):
+        raise TaskDefinitionError(f"task {name!r}: track_started must be True or False")
     if warm_up is not None and not callable(warm_up):
         raise TaskDefinitionError(f"task {name!r}: warm_up must be callable")
 
@@ -178,6 +187,7 @@ def task(
                 warm_up=warm_up,
                 schema=schema,
                 throws=tuple(throws),
+                track_started=track_started,
             )
         )
         return fn

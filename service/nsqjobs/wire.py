@@ -1,4 +1,5 @@
-"""The one wire contract: job, result and dead-letter envelopes as frozen, versioned structs.
+"""The one wire contract: job, result and dead-letter envelopes, cancels and started events, as
+frozen, versioned structs.
 
 JSON via msgspec (typed, validating, fast). Never pickle: any process in any language can read
 a topic with a JSON parser.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
 
 import msgspec
@@ -73,6 +75,9 @@ class ResultEnvelope(msgspec.Struct, frozen=True, kw_only=True):
     started_at: float
     finished_at: float
     duration_s: float
+    # The attempts that failed before this outcome (a success adds none; a failed result
+    # includes its last attempt). Empty in results from before this field existed.
+    history: tuple[Attempt, ...] = ()
 
 
 DeadLetterReason = Literal[
@@ -92,13 +97,36 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     raw: str | None = None  # the undecodable body, as text with replacement characters
 
 
+class Cancel(msgspec.Struct, frozen=True, kw_only=True):
+    """A job cancelled through the API: workers skip it, and end it if it runs in a child."""
+
+    v: int = WIRE_VERSION
+    id: str
+    at: float = 0.0  # when it was cancelled (Unix seconds; 0 if the sender did not say)
+
+
+class Started(msgspec.Struct, frozen=True, kw_only=True):
+    """A worker started a job of a task with ``track_started``: the ledger reports it running.
+
+    A message on the started topic is a JSON array of these (the events of one worker's event
+    loop turn: one message for many jobs), or a single one.
+    """
+
+    v: int = WIRE_VERSION
+    id: str
+    worker: str
+    at: float
+
+
 _encoder = msgspec.json.Encoder()
 _job_decoder = msgspec.json.Decoder(JobEnvelope)
 _result_decoder = msgspec.json.Decoder(ResultEnvelope)
 _dead_decoder = msgspec.json.Decoder(DeadLetter)
+_cancel_decoder = msgspec.json.Decoder(Cancel)
+_started_decoder = msgspec.json.Decoder(Started | list[Started])
 
-Envelope = JobEnvelope | ResultEnvelope | DeadLetter
-E = TypeVar("E", JobEnvelope, ResultEnvelope, DeadLetter)
+Envelope = JobEnvelope | ResultEnvelope | DeadLetter | Cancel | Started
+E = TypeVar("E", JobEnvelope, ResultEnvelope, DeadLetter, Cancel)
 
 
 def encode(envelope: Envelope) -> bytes:
@@ -129,6 +157,29 @@ def decode_result(raw: bytes) -> ResultEnvelope:
 def decode_dead_letter(raw: bytes) -> DeadLetter:
     """Parse a dead-letter envelope; raises :class:`DecodeError` if it is not one."""
     return _decode(_dead_decoder, raw, "dead-letter")
+
+
+def decode_cancel(raw: bytes) -> Cancel:
+    """Parse a cancel message; raises :class:`DecodeError` if it is not one."""
+    return _decode(_cancel_decoder, raw, "cancel")
+
+
+def encode_started(events: Sequence[Started]) -> bytes:
+    """Started events as one message: a JSON array."""
+    return _encoder.encode(events)
+
+
+def decode_started(raw: bytes) -> list[Started]:
+    """Parse a started message (an array of events, or one); raises :class:`DecodeError`."""
+    try:
+        decoded = _started_decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise DecodeError(f"not a valid started event: {exc}", raw) from exc
+    events = decoded if isinstance(decoded, list) else [decoded]
+    for event in events:
+        if event.v != WIRE_VERSION:
+            raise DecodeError(f"unsupported started event version {event.v}", raw)
+    return events
 
 
 def new_job_id() -> str:

@@ -8,6 +8,7 @@ application's own tasks as well as the built-in ones.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Annotated, Any, Literal
 
@@ -80,7 +81,41 @@ def debug_throws(args: dict[str, Any]) -> None:
     raise DebugPermanentFailure("debug.throws failed for good")
 
 
+class DebugFlakyArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Fail the first ``fails`` calls for ``key`` in this process, then succeed."""
+
+    key: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    fails: Annotated[int, msgspec.Meta(ge=0, le=100)]
+
+
+_flaky_calls: dict[str, int] = {}
+_flaky_lock = threading.Lock()
+_FLAKY_KEYS = 10_000  # a debug task still keeps its memory bounded
+
+
+def debug_flaky(args: DebugFlakyArgs) -> dict[str, int]:
+    """Raise for the first ``fails`` calls with this ``key`` (counted per process), then
+    return the number of calls: a job that fails, is retried, and succeeds."""
+    with _flaky_lock:
+        if args.key not in _flaky_calls and len(_flaky_calls) >= _FLAKY_KEYS:
+            _flaky_calls.clear()
+        calls = _flaky_calls[args.key] = _flaky_calls.get(args.key, 0) + 1
+    if calls <= args.fails:
+        raise DebugFailure(f"debug.flaky call {calls} of {args.key}: failing as asked")
+    return {"calls": calls}
+
+
+def debug_noop(args: dict[str, Any]) -> dict[str, Any]:
+    """Return the arguments unchanged (``debug.noop_tracked``: the same, with track_started)."""
+    return args
+
+
 task("debug.sleep", time_limit_s=3600)(debug_sleep)
+task("debug.sleep_tracked", time_limit_s=3600, track_started=True)(debug_sleep)
+task("debug.flaky", max_attempts=5)(debug_flaky)
+# The pair the track_started benchmark (bench/started.py) compares.
+task("debug.noop", time_limit_s=10)(debug_noop)
+task("debug.noop_tracked", time_limit_s=10, track_started=True)(debug_noop)
 task("debug.fail", max_attempts=5)(debug_fail)
 task("debug.retry", max_attempts=2)(debug_retry)
 task("debug.unencodable", max_attempts=5)(debug_unencodable)

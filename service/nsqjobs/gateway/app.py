@@ -2,7 +2,9 @@
 
 Routes: ``POST /v1/jobs`` (``?wait=`` for the result) and ``POST /v1/jobs/batch``
 (``nsqjobs.gateway.jobs``), ``GET /v1/tasks`` and ``GET /openapi.json``
-(``nsqjobs.gateway.catalog``), and the observability routes. Every error is
+(``nsqjobs.gateway.catalog``), and the observability routes. With the job ledger: ``GET
+/v1/jobs``, ``GET|DELETE /v1/jobs/{id}`` (``nsqjobs.gateway.status``) and the dead-letter routes
+(``nsqjobs.gateway.deadletters``). Every error is
 ``application/problem+json`` (``nsqjobs.http.problems``). This module wires them together and
 runs the gateway's lifecycle.
 """
@@ -20,12 +22,29 @@ import tornado.httputil
 import tornado.web
 from prometheus_client import CollectorRegistry
 
+from nsqjobs import wire
 from nsqjobs.config import GatewayConfig
 from nsqjobs.gateway.auth import PROTECTED_PREFIX, Tokens
 from nsqjobs.gateway.catalog import OpenApiHandler, TasksHandler
-from nsqjobs.gateway.jobs import JobRoutes
+from nsqjobs.gateway.deadletters import (
+    BULK_REPLAY_PATTERN,
+    DEAD_LETTER_PATTERN,
+    DEAD_LETTERS_PATTERN,
+    REPLAY_PATTERN,
+    BulkReplayHandler,
+    DeadLetterHandler,
+    DeadLettersHandler,
+    ReplayHandler,
+)
+from nsqjobs.gateway.jobs import SINGLE, JobRoutes
 from nsqjobs.gateway.openapi import openapi_document
-from nsqjobs.gateway.status import JOB_PATTERN, JobStatusHandler
+from nsqjobs.gateway.status import (
+    JOB_PATTERN,
+    JOBS_PATTERN,
+    JobsHandler,
+    JobStatusHandler,
+    LedgerOps,
+)
 from nsqjobs.gateway.submit import Acceptor
 from nsqjobs.gateway.waiting import ResultWaiter
 from nsqjobs.http.access import AccessLog
@@ -36,7 +55,7 @@ from nsqjobs.http.server import HTTPServer
 from nsqjobs.ledger import Store, open_store
 from nsqjobs.ledger.outcomes import OutcomeRecorder
 from nsqjobs.ledger.relay import Relay
-from nsqjobs.names import DEAD_LETTER_TOPIC, RESULTS_TOPIC
+from nsqjobs.names import CANCEL_TOPIC, DEAD_LETTER_TOPIC, RESULTS_TOPIC
 from nsqjobs.nsq.admin import create_topics, nsqd_limit
 from nsqjobs.nsq.publisher import Publisher
 from nsqjobs.observability.exposition import observability_routes
@@ -55,6 +74,8 @@ class GatewayRouter(tornado.httputil.HTTPServerConnectionDelegate):
     request). Works under either HTTP layer (see ``--http-server``). With ``tokens``, every
     ``/v1`` route needs a bearer token; ``check_framing`` refuses what RFC 9112 says a server
     must (no ``Host``, a transfer coding other than chunked), for a layer that does not itself.
+    With ``listing`` (the ledger is on), ``/v1/jobs`` by any method but POST is the tornado
+    Application's (``GET /v1/jobs`` lists jobs).
     """
 
     def __init__(
@@ -63,11 +84,13 @@ class GatewayRouter(tornado.httputil.HTTPServerConnectionDelegate):
         web: tornado.web.Application,
         tokens: Tokens | None = None,
         check_framing: bool = False,
+        listing: bool = False,
     ) -> None:
         self.jobs = jobs
         self.web = web
         self.tokens = tokens
         self.check_framing = check_framing
+        self.listing = listing
 
     def start_request(
         self, server_conn: object, request_conn: tornado.httputil.HTTPConnection
@@ -111,7 +134,9 @@ class _Routed(tornado.httputil.HTTPMessageDelegate):
         if refusal is not None:
             route = path if path in router.jobs.PATHS or path == "/v1/tasks" else "unmatched"
             self.target = _Refused(self.conn, refusal, router.jobs.access, route, start_line)
-        elif path in router.jobs.PATHS:
+        elif path in router.jobs.PATHS and (
+            start_line.method == "POST" or path != SINGLE or not router.listing
+        ):
             self.target = router.jobs.start(self.conn, start_line, path, query)
         else:
             self.target = router.web.start_request(self.server_conn, self.conn)
@@ -247,7 +272,13 @@ class GatewayApp:
             max_msg_size=config.nsqd_max_msg_size,
             max_body_size=config.nsqd_max_body_size,
         )
-        self.waiter = ResultWaiter(config, self.metrics)
+        self.waiter = ResultWaiter(config, self.metrics, self.store)
+        # The ledger's routes; a replay kicks the relay.
+        self.ledger_ops: LedgerOps | None = None
+        if self.store is not None:
+            self.ledger_ops = LedgerOps(self.store, self._publish_cancel)
+            if self.relay is not None:  # a replayed job is published at once, not next poll
+                self.ledger_ops.on_replayed = self.relay.kick
         self.openapi = openapi_document(
             registry,
             max_wait_s=config.max_wait_s,
@@ -255,6 +286,9 @@ class GatewayApp:
             ledger=self.store is not None,
         )
         self.server: tornado.httpserver.HTTPServer | HTTPServer | None = None
+
+    async def _publish_cancel(self, job_id: str) -> None:
+        await self.publisher.pub(CANCEL_TOPIC, wire.encode(wire.Cancel(id=job_id, at=wire.now())))
 
     def _mark_published(self, ids: list[str]) -> None:
         if self.store is not None:
@@ -280,8 +314,16 @@ class GatewayApp:
             (r"/openapi.json", OpenApiHandler, {"document": self.openapi}),
             *observability_routes(self.metrics.registry, self.ready_problems),
         ]
-        if self.store is not None:
-            routes.append((JOB_PATTERN, JobStatusHandler, {"store": self.store}))
+        if self.ledger_ops is not None:
+            ops = {"ops": self.ledger_ops}
+            routes += [
+                (JOBS_PATTERN, JobsHandler, ops),
+                (JOB_PATTERN, JobStatusHandler, ops),
+                (DEAD_LETTERS_PATTERN, DeadLettersHandler, ops),
+                (BULK_REPLAY_PATTERN, BulkReplayHandler, ops),
+                (REPLAY_PATTERN, ReplayHandler, ops),
+                (DEAD_LETTER_PATTERN, DeadLetterHandler, ops),
+            ]
         return tornado.web.Application(
             routes,
             default_handler_class=NotFoundHandler,
@@ -301,7 +343,13 @@ class GatewayApp:
         )
         tokens = Tokens(config.api_tokens) if config.api_tokens else None
         # Our HTTP layer refuses bad framing itself, as problem+json; tornado's does not.
-        return GatewayRouter(jobs, self.make_app(), tokens, config.http_server == "tornado")
+        return GatewayRouter(
+            jobs,
+            self.make_app(),
+            tokens,
+            config.http_server == "tornado",
+            listing=self.store is not None,
+        )
 
     async def read_nsqd_limits(self) -> None:
         """Take nsqd's live --max-msg-size and --max-body-size (the least over the configured
@@ -320,6 +368,8 @@ class GatewayApp:
         """Create topics, read nsqd's limits, connect, and listen."""
         config = self.config
         topics = [*self.registry.queues(), RESULTS_TOPIC, DEAD_LETTER_TOPIC]
+        if self.store is not None:
+            topics.append(CANCEL_TOPIC)
         for failure in await create_topics(config.nsqd_http_address, topics):
             log.warning("%s (continuing: the first publish creates it)", failure)
         await self.read_nsqd_limits()

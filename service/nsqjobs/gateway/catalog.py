@@ -27,6 +27,7 @@ class TasksHandler(ProblemHandler):
                         "queue": t.queue,
                         "time_limit_s": t.time_limit_s,
                         "max_attempts": t.max_attempts,
+                        "track_started": t.track_started,
                         "description": t.description,
                         "args_schema": t.schema,
                     }

@@ -23,6 +23,7 @@ from nsqjobs import wire
 from nsqjobs.api import Accepted, BatchAccepted, BatchRequest, SubmitRequest
 from nsqjobs.errors import PublishError, PublishTimeout
 from nsqjobs.gateway.bodies import decode_batch, decode_submit
+from nsqjobs.gateway.status import ledger_unavailable
 from nsqjobs.gateway.submit import (
     Acceptor,
     BatchPartlyPublished,
@@ -40,6 +41,7 @@ from nsqjobs.http.problems import (
     render_problem,
 )
 from nsqjobs.http.responses import JSON_HEADERS, write_response
+from nsqjobs.ledger import UNFINISHED, LedgerError
 from nsqjobs.names import MAX_WAIT_SECONDS
 from nsqjobs.observability.metrics import GatewayMetrics
 from nsqjobs.registry import validation_errors
@@ -244,14 +246,26 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
         fut = waiter.register(env.id)
         metrics.waiting.inc()
         try:
-            await acceptor.publish(task, env)
+            # Nothing published for a known id: its outcome, when the ledger has it, is the
+            # answer now; else the wait is for the earlier submission's outcome.
+            exists = None
+            try:
+                await acceptor.publish(task, env)
+            except JobExists as exc:
+                if exc.record.status not in UNFINISHED:
+                    raise
+                exists = exc
             try:
                 async with asyncio.timeout(self.wait):
-                    result = await fut
+                    outcome = await fut
             except TimeoutError:
+                if exists is not None:
+                    raise exists from None
                 self._answer_json(202, _accepted(env))
                 return
-            self._answer_json(200, result)
+            self._answer_json(
+                200, outcome if isinstance(outcome, wire.ResultEnvelope) else outcome.view()
+            )
         finally:
             waiter.forget(env.id, fut)
             metrics.waiting.dec()
@@ -276,6 +290,9 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
             return
         if isinstance(exc, BatchPartlyPublished):
             problem = _partly_published(exc)
+        elif isinstance(exc, LedgerError):
+            log.warning("ledger: %s", exc)
+            problem = ledger_unavailable(exc)
         elif isinstance(exc, DuplicateIds):
             problem = Problem(
                 409,

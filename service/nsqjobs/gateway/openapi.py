@@ -23,6 +23,7 @@ from nsqjobs.api import (
     SubmitRequest,
 )
 from nsqjobs.errors import InvalidArgumentsError
+from nsqjobs.ledger import STATUSES
 from nsqjobs.names import MAX_DELAY_MS, MAX_WAIT_SECONDS
 from nsqjobs.registry import Registry, Task
 from nsqjobs.version import __version__
@@ -104,8 +105,8 @@ def openapi_document(
     """Build the document; task argument schemas appear as ``<task>.args`` components.
 
     ``max_wait_s`` is the gateway's longest ``?wait=``; ``authenticated``: the ``/v1`` routes
-    need a bearer token; ``ledger``: the job ledger is on (``GET /v1/jobs/{id}``, ids
-    deduplicated).
+    need a bearer token; ``ledger``: the job ledger is on (jobs by id, listings, cancel, dead
+    letters; ids deduplicated).
     """
     (_, components) = msgspec.json.schema_components(
         [SubmitRequest, BatchRequest, Accepted, BatchAccepted, wire.ResultEnvelope],
@@ -256,32 +257,101 @@ def openapi_document(
     return document
 
 
+_TIME = {"type": ["number", "null"], "description": "Unix seconds"}
+_ERROR = {
+    "type": ["object", "null"],
+    "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+    "required": ["type", "message"],
+}
 JOB_RECORD_SCHEMA: dict[str, Any] = {
     "type": "object",
-    "description": "A job as the ledger records it.",
+    "description": "A job as the ledger records it. `history`: the failed attempts of its "
+    "latest run; `runs`: its earlier runs, one per replay.",
     "properties": {
         "id": {"type": "string"},
         "task": {"type": "string"},
         "args": {"type": "object"},
-        "status": {"enum": ["queued", "succeeded", "failed", "dead"]},
+        "status": {"enum": list(STATUSES)},
         "attempts": {"type": "integer"},
         "worker": {"type": ["string", "null"]},
         "result": {},
-        "error": {"type": ["object", "null"]},
+        "error": _ERROR,
         "dead_reason": {"type": ["string", "null"]},
         **{
-            name: {"type": ["number", "null"], "description": "Unix seconds"}
+            name: _TIME
             for name in (
                 "created_at",
                 "accepted_at",
                 "published_at",
                 "finished_at",
                 "dead_at",
+                "due_at",
+                "started_at",
             )
         },
+        "redrives": {"type": "integer"},
+        "replays": {"type": "integer"},
+        "history": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "attempt": {"type": "integer"},
+                    "worker": {"type": "string"},
+                    "started_at": {"type": "number"},
+                    "finished_at": {"type": "number"},
+                    "error": _ERROR,
+                },
+            },
+        },
+        "runs": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "description": "One earlier run: status, attempts, error, dead_reason, "
+                "finished_at, dead_at, history, replayed_at.",
+            },
+        },
     },
-    "required": ["id", "task", "status"],
+    "required": ["id", "task", "status", "attempts", "created_at", "accepted_at"],
 }
+JOB_PAGE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "One page of a listing, oldest first; `next_cursor` fetches the next "
+    "(null: this was the last).",
+    "properties": {
+        "jobs": {"type": "array", "items": {"$ref": _REF.format(name="JobRecord")}},
+        "next_cursor": {"type": ["string", "null"]},
+    },
+    "required": ["jobs", "next_cursor"],
+}
+
+
+def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": schema,
+    }
+
+
+_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+_TASK = _query(
+    "task", "only jobs of this task", {"type": "string", "minLength": 1, "maxLength": 200}
+)
+_CURSOR = _query(
+    "cursor",
+    "the `next_cursor` of the page before, from the same listing with the same filters (any "
+    "other is a 400)",
+    {"type": "string"},
+)
+
+
+def _limit(default: int) -> dict[str, Any]:
+    schema = {"type": "integer", "minimum": 1, "maximum": 1000, "default": default}
+    return _query("limit", "at most this many jobs", schema)
 
 
 def _add_ledger(
@@ -290,14 +360,45 @@ def _add_ledger(
     auth: dict[str, Any],
     plain: dict[str, Any],
 ) -> None:
-    # With the ledger on: a job by id, and ids deduplicated on submission.
-    document["components"]["schemas"]["JobRecord"] = JOB_RECORD_SCHEMA
+    # With the ledger on: jobs by id, listings, cancel, dead letters; ids deduplicated.
+    schemas = document["components"]["schemas"]
+    schemas["JobRecord"] = JOB_RECORD_SCHEMA
+    schemas["JobPage"] = JOB_PAGE_SCHEMA
+    schemas["Purged"] = {
+        "type": "object",
+        "properties": {"purged": {"type": "integer", "minimum": 0}},
+        "required": ["purged"],
+    }
+    schemas["Replayed"] = {
+        "type": "object",
+        "properties": {"ids": {"type": "array", "items": {"type": "string"}}},
+        "required": ["ids"],
+    }
     record = _json("JobRecord", "the job as recorded")
+    unknown = _problem("no job with that id in the ledger")
     conflict = _problem("the id was accepted before for another task or other args")
+    unavailable = _problem("the ledger could not be read or written; retry", _RETRY_AFTER)
+    errors = {**plain, **auth, "400": _problem("a bad, repeated or unknown query parameter")}
+
+    def operation(
+        summary: str,
+        answer: dict[str, Any],
+        parameters: list[dict[str, Any]],
+        **more: dict[str, Any],
+    ) -> dict[str, Any]:
+        return {
+            "summary": summary,
+            "parameters": parameters,
+            **security,
+            "responses": {"200": answer, **errors, "503": unavailable, **more},
+        }
+
     paths = document["paths"]
-    paths["/v1/jobs"]["post"]["responses"]["200"] = {
-        "description": "the result came within `wait`, or the id was accepted before (the job "
-        "as recorded; nothing is published again)",
+    submit = paths["/v1/jobs"]["post"]["responses"]
+    submit["200"] = {
+        "description": "the result came within `wait` (a result envelope), or the id was "
+        "accepted before (the job as recorded; nothing is published again; with `wait`, once "
+        "it finished or the wait ended)",
         "content": {
             "application/json": {
                 "schema": {
@@ -309,8 +410,13 @@ def _add_ledger(
             }
         },
     }
-    paths["/v1/jobs"]["post"]["responses"]["409"] = conflict
-    paths["/v1/jobs"]["post"]["responses"]["202"] = _json(
+    submit["409"] = conflict
+    submit["503"] = _problem(
+        "no nsqd acknowledged the publish, its outcome is unknown, the ledger could not record "
+        "the job, or the gateway holds too many incomplete requests; retry after `Retry-After`",
+        _RETRY_AFTER,
+    )
+    submit["202"] = _json(
         "Accepted",
         "acknowledged by nsqd; or, for a delay beyond nsqd's hour, recorded in the ledger, "
         "which publishes it when due (`due_at`)",
@@ -319,18 +425,71 @@ def _add_ledger(
         "two jobs of the batch have the same id, or an id was accepted before for another task "
         "or other args"
     )
+    paths["/v1/jobs"]["get"] = operation(
+        "List jobs in the order they were accepted",
+        _json("JobPage", "one page"),
+        [
+            _query("status", "only jobs with this status", {"enum": list(STATUSES)}),
+            _TASK,
+            _limit(100),
+            _CURSOR,
+        ],
+    )
     paths["/v1/jobs/{id}"] = {
-        "get": {
-            "summary": "A job's status, attempts, error, result and timestamps",
-            "parameters": [
-                {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
-            ],
-            **security,
-            "responses": {
-                "200": record,
-                "404": _problem("no job with that id in the ledger"),
-                **plain,
-                **auth,
+        "get": operation(
+            "A job's status, attempts, error, result and timestamps",
+            record,
+            [_ID],
+            **{"404": unknown},
+        ),
+        "delete": operation(
+            "Cancel a queued or running job (workers skip it)",
+            _json("JobRecord", "cancelled (the job as now recorded)"),
+            [_ID],
+            **{
+                "404": unknown,
+                "409": _problem("the job has finished already (`job_status` says how)"),
+                "503": _problem(
+                    "the ledger could not be read or written, or the job is cancelled but "
+                    "workers could not be told to skip it; retry",
+                    _RETRY_AFTER,
+                ),
             },
-        }
+        ),
+    }
+    not_dead = _problem("the job is not dead (`job_status` says what it is)")
+    paths["/v1/dead-letters"] = {
+        "get": operation(
+            "List dead jobs, oldest first, with their reason and error",
+            _json("JobPage", "one page"),
+            [_TASK, _limit(100), _CURSOR],
+        ),
+        "delete": operation(
+            "Purge up to `limit` dead jobs (of `task`), oldest first",
+            _json("Purged", "how many were deleted"),
+            [_TASK, _limit(1000)],
+        ),
+    }
+    paths["/v1/dead-letters/replay"] = {
+        "post": operation(
+            "Replay up to `limit` dead jobs (of `task`), oldest first",
+            _json("Replayed", "the ids replayed"),
+            [_TASK, _limit(1000)],
+        )
+    }
+    paths["/v1/dead-letters/{id}/replay"] = {
+        "post": operation(
+            "Replay a dead job: its run so far is kept in `runs`, it is queued again",
+            _json("JobRecord", "the job as now recorded (queued)"),
+            [_ID],
+            **{"404": unknown, "409": not_dead},
+        )
+    }
+    paths["/v1/dead-letters/{id}"] = {
+        "delete": operation(
+            "Purge a dead job",
+            _json("Purged", "deleted"),
+            [_ID],
+            **{"404": unknown, "409": not_dead},
+        )
     }

@@ -383,7 +383,8 @@ def _check_existing(
     :class:`JobExists`.
 
     A job recorded but never known to be published (its publish failed, or is still under
-    way) is published again: at least once, and the ledger keeps the first outcome.
+    way) is published again: at least once, and the ledger keeps the first outcome; unless it
+    is finished already (cancelled before it was ever published, say).
     """
     conflicts = [i for i, a in enumerate(answers) if a.kind == "conflict"]
     if conflicts:
@@ -398,6 +399,7 @@ def _check_existing(
         and a.existing is not None
         and (
             a.existing.published_at is not None
+            or a.existing.finished_at is not None
             # held: the relay publishes it when due
             or (a.existing.due_at is not None and a.existing.due_at - now > MAX_DELAY_MS / 1000)
         )

@@ -1,19 +1,27 @@
 """The results subscriber that answers ``POST /v1/jobs?wait=``: one ephemeral channel per
-gateway process on the results topic, and the requests waiting for each job id."""
+gateway process on the results topic, and the requests waiting for each job id.
+
+With the job ledger, a wait is also answered from the ledger: a job still unanswered after
+``LEDGER_POLL_S`` is looked up there every ``LEDGER_POLL_S`` (its result may have gone by
+before this replica subscribed, or while it was reconnecting; a cancelled job has no result
+message at all). Fast results never cost a ledger read.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
 import secrets
 import socket
-from typing import Any
+from typing import Any, Final
 
 from nsqjobs import wire
 from nsqjobs.config import GatewayConfig
 from nsqjobs.errors import DecodeError
+from nsqjobs.ledger import UNFINISHED, JobRecord, Store
 from nsqjobs.names import (
     GATEWAY_CHANNEL_PREFIX,
     READER_OUTPUT_BUFFER_BYTES,
@@ -24,6 +32,10 @@ from nsqjobs.nsq.reader import Reader, close_reader, connected_count
 from nsqjobs.observability.metrics import GatewayMetrics
 
 log = logging.getLogger("nsqjobs.gateway")
+# How a wait ends: the result message, or (from the ledger) the job's terminal record.
+Outcome = wire.ResultEnvelope | JobRecord
+LEDGER_POLL_S: Final = 0.5
+LEDGER_POLL_MAX: Final = 1000  # lookups per poll, taking turns
 
 
 class ResultWaiter:
@@ -34,11 +46,21 @@ class ResultWaiter:
     channels' copies).
     """
 
-    def __init__(self, config: GatewayConfig, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        metrics: GatewayMetrics,
+        store: Store | None = None,
+        poll_s: float = LEDGER_POLL_S,
+    ) -> None:
         self.metrics = metrics
-        self._waiting: dict[str, list[asyncio.Future[wire.ResultEnvelope]]] = {}
+        self._waiting: dict[str, list[asyncio.Future[Outcome]]] = {}
         self.config = config
         self.reader: Reader | None = None
+        self.store = store
+        self.poll_s = poll_s
+        self._since: dict[str, float] = {}  # with a store: when each id's wait began
+        self._poll: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         """Subscribe (after the results topic exists, so the first lookup finds it)."""
@@ -65,24 +87,54 @@ class ResultWaiter:
         except DecodeError as exc:
             log.warning("results: dropping undecodable message %s: %s", message.id, exc)
             return True
-        for fut in self._waiting.pop(result.id, ()):
-            if not fut.done():
-                fut.set_result(result)
+        self._settle(result.id, result)
         return True
 
-    def register(self, job_id: str) -> asyncio.Future[wire.ResultEnvelope]:
+    def _settle(self, job_id: str, outcome: Outcome) -> None:
+        self._since.pop(job_id, None)
+        for fut in self._waiting.pop(job_id, ()):
+            if not fut.done():
+                fut.set_result(outcome)
+
+    def register(self, job_id: str) -> asyncio.Future[Outcome]:
         """Start listening for ``job_id`` (before publishing, so a fast result is not missed)."""
-        fut: asyncio.Future[wire.ResultEnvelope] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Outcome] = loop.create_future()
         self._waiting.setdefault(job_id, []).append(fut)
+        if self.store is not None:
+            self._since.setdefault(job_id, loop.time())
+            if self._poll is None:
+                self._poll = loop.call_later(self.poll_s, self._poll_ledger)
         return fut
 
-    def forget(self, job_id: str, fut: asyncio.Future[wire.ResultEnvelope]) -> None:
+    def forget(self, job_id: str, fut: asyncio.Future[Outcome]) -> None:
         """Stop listening (timeout or error)."""
         futs = self._waiting.get(job_id)
         if futs and fut in futs:
             futs.remove(fut)
             if not futs:
                 del self._waiting[job_id]
+                self._since.pop(job_id, None)
+
+    def _poll_ledger(self) -> None:
+        """Look up the jobs waited for longer than a poll; runs while any wait is open."""
+        self._poll = None
+        if self.store is None or not self._waiting:
+            return
+        loop = asyncio.get_running_loop()
+        due = loop.time() - self.poll_s
+        for job_id in [i for i, since in self._since.items() if since <= due][:LEDGER_POLL_MAX]:
+            self._since[job_id] = self._since.pop(job_id)  # to the back: others' turn next
+            self.store.get(job_id).add_done_callback(functools.partial(self._looked_up, job_id))
+        self._poll = loop.call_later(self.poll_s, self._poll_ledger)
+
+    def _looked_up(self, job_id: str, lookup: asyncio.Future[JobRecord | None]) -> None:
+        if lookup.cancelled() or lookup.exception() is not None:
+            log.debug("wait: ledger lookup of %s failed: %s", job_id, lookup)
+            return
+        record = lookup.result()
+        if record is not None and record.status not in UNFINISHED:
+            self._settle(job_id, record)
 
     def connected(self) -> bool:
         """True when subscribed to the results topic on at least one nsqd."""
@@ -90,5 +142,8 @@ class ResultWaiter:
 
     def close(self) -> None:
         """Close the reader's connections."""
+        if self._poll is not None:
+            self._poll.cancel()
+            self._poll = None
         if self.reader is not None:
             close_reader(self.reader)

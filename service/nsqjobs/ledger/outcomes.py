@@ -1,5 +1,6 @@
-"""Outcomes into the ledger: the ``results`` and ``dead_letters`` topics, read on a durable
-channel; a message is FINed only once its outcome is committed, so none is lost to a crash."""
+"""Outcomes into the ledger: the ``results`` and ``dead_letters`` topics (and ``started``
+events), read on a durable channel; a message is FINed only once its outcome is committed, so
+none is lost to a crash."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 from nsqjobs import wire
 from nsqjobs.errors import DecodeError
 from nsqjobs.ledger.store import OutcomeVerdict, Store
-from nsqjobs.names import DEAD_LETTER_TOPIC, LEDGER_CHANNEL, RESULTS_TOPIC
+from nsqjobs.names import DEAD_LETTER_TOPIC, LEDGER_CHANNEL, RESULTS_TOPIC, STARTED_TOPIC
 from nsqjobs.nsq.reader import Reader, close_reader, connected_count
 from nsqjobs.observability.metrics import LedgerMetrics
 
@@ -23,7 +24,11 @@ MAX_IN_FLIGHT = 500
 
 
 class OutcomeRecorder:
-    """Records the first terminal outcome per job id; later ones are counted and ignored."""
+    """Records the first terminal outcome per job id; later ones are counted and ignored.
+
+    Started events (tasks with ``track_started``) move a queued job to running; one that comes
+    after the outcome is a ``duplicate`` too, but not a duplicate outcome.
+    """
 
     def __init__(
         self,
@@ -45,7 +50,7 @@ class OutcomeRecorder:
         self.readers: list[Any] = []
 
     def start(self) -> None:
-        """Subscribe to both topics (after they exist, so the first lookup finds them)."""
+        """Subscribe to the topics (after they exist, so the first lookup finds them)."""
         self.readers = [
             Reader(
                 topic=topic,
@@ -56,6 +61,7 @@ class OutcomeRecorder:
             for topic, record in (
                 (RESULTS_TOPIC, self._record_result),
                 (DEAD_LETTER_TOPIC, self._record_dead_letter),
+                (STARTED_TOPIC, self._record_started),
             )
         ]
 
@@ -65,10 +71,16 @@ class OutcomeRecorder:
     def _record_dead_letter(self, body: bytes) -> asyncio.Future[OutcomeVerdict]:
         return self.store.record_dead_letter(wire.decode_dead_letter(body))
 
+    def _record_started(self, body: bytes) -> asyncio.Future[list[OutcomeVerdict]]:
+        # One message holds the events of a worker's loop turn: one transaction for them all.
+        return asyncio.gather(
+            *(self.store.record_started(e.id, e.worker, e.at) for e in wire.decode_started(body))
+        )
+
     def _on_message(
         self,
         topic: str,
-        record: Callable[[bytes], asyncio.Future[OutcomeVerdict]],
+        record: Callable[[bytes], asyncio.Future[Any]],
         message: Any,
     ) -> bool | None:
         try:
@@ -81,7 +93,7 @@ class OutcomeRecorder:
         written.add_done_callback(functools.partial(self._written, topic, message))
         return None
 
-    def _written(self, topic: str, message: Any, written: asyncio.Future[OutcomeVerdict]) -> None:
+    def _written(self, topic: str, message: Any, written: asyncio.Future[Any]) -> None:
         if written.cancelled() or written.exception() is not None:
             log.warning(
                 "ledger: %s message %s not recorded (%s); nsqd redelivers it",
@@ -91,17 +103,21 @@ class OutcomeRecorder:
             )
             message.requeue(backoff=False, time_ms=REQUEUE_MS)
             return
-        verdict = written.result()
-        self.metrics.outcomes.labels(topic, verdict).inc()
-        if verdict == "duplicate":
-            self.metrics.duplicate_outcomes.inc()
+        verdict: OutcomeVerdict | list[OutcomeVerdict] = written.result()
+        if isinstance(verdict, list):  # started events: counted one by one, never outcomes
+            for each in verdict:
+                self.metrics.outcomes.labels(topic, each).inc()
+        else:
+            self.metrics.outcomes.labels(topic, verdict).inc()
+            if verdict == "duplicate":
+                self.metrics.duplicate_outcomes.inc()
         message.finish()
 
     def connected(self) -> bool:
-        """True when both topics are subscribed on at least one nsqd."""
+        """True when every topic is subscribed on at least one nsqd."""
         return bool(self.readers) and all(connected_count(r) > 0 for r in self.readers)
 
     def close(self) -> None:
-        """Close both readers (unFINed messages go back to nsqd)."""
+        """Close the readers (unFINed messages go back to nsqd)."""
         for reader in self.readers:
             close_reader(reader)

@@ -247,7 +247,7 @@ class SqliteStore:
         error = None if result.error is None else _json.encode(result.error).decode()
         # Always text ('null' for None): a non-NULL ``result`` says a result was recorded.
         value = _json.encode(result.result).decode()
-        history = _history(getattr(result, "history", None))
+        history = _history(result.history)
         return self._submit(lambda conn: _record_result(conn, result, value, error, history))
 
     def record_dead_letter(self, letter: wire.DeadLetter) -> asyncio.Future[OutcomeVerdict]:
@@ -266,12 +266,7 @@ class SqliteStore:
 
     def get(self, job_id: str) -> asyncio.Future[JobRecord | None]:
         """The job with this id, or None."""
-
-        def op(conn: sqlite3.Connection) -> JobRecord | None:
-            row = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            return None if row is None else _record(row)
-
-        return self._submit(op)
+        return self._submit(lambda conn: _get(conn, job_id))
 
     def list_jobs(
         self,
@@ -423,27 +418,82 @@ class SqliteStore:
         times = [row[0] for row in firsts if row is not None and row[0] is not None]
         return LedgerStats({s: int(counts.get(s, 0)) for s in STATUSES}, min(times, default=None))
 
-    # -- operations (stubs: being built) --------------------------------------------------------
+    # -- operations ----------------------------------------------------------------------------
 
     def record_started(self, job_id: str, worker: str, at: float) -> asyncio.Future[OutcomeVerdict]:
-        """See the protocol."""
-        raise NotImplementedError
+        """A worker started the job: ``queued`` becomes ``running``, anything else stays."""
+
+        def op(conn: sqlite3.Connection) -> OutcomeVerdict:
+            cur = conn.execute(
+                "UPDATE jobs SET status = 'running', started_at = ?, worker = ? "
+                "WHERE id = ? AND status = 'queued'",
+                (at, worker, job_id),
+            )
+            return _verdict(conn, cur.rowcount, job_id)
+
+        return self._submit(op)
 
     def cancel(self, job_id: str) -> asyncio.Future[JobRecord | None]:
-        """See the protocol."""
-        raise NotImplementedError
+        """Cancel a queued or running job (see the protocol); the job as it now stands."""
+        now = wire.now()
+
+        def op(conn: sqlite3.Connection) -> JobRecord | None:
+            conn.execute(
+                "UPDATE jobs SET status = 'cancelled', finished_at = ?, lease_until = NULL "
+                "WHERE id = ? AND status IN ('queued', 'running') AND finished_at IS NULL",
+                (now, job_id),
+            )
+            return _get(conn, job_id)
+
+        return self._submit(op)
 
     def replay(
         self, ids: list[str] | None = None, *, task: str | None = None, limit: int = 1000
     ) -> asyncio.Future[list[JobRecord]]:
-        """See the protocol."""
-        raise NotImplementedError
+        """Replay dead jobs (see the protocol): the run so far goes to ``runs``, the job is
+        queued again with a fresh history, unpublished and never sent (the relay sends it)."""
+        now = wire.now()
+
+        def op(conn: sqlite3.Connection) -> list[JobRecord]:
+            rows = _dead(conn, ids, task, limit)
+            updates = []
+            for row in rows:
+                record = _record(row)
+                run = {
+                    "status": record.status,
+                    "attempts": record.attempts,
+                    "error": msgspec.to_builtins(record.error),
+                    "dead_reason": record.dead_reason,
+                    "finished_at": record.finished_at,
+                    "dead_at": record.dead_at,
+                    "history": msgspec.to_builtins(record.history),
+                    "replayed_at": now,
+                }
+                runs = _json.encode([*record.runs, run]).decode()
+                updates.append((runs, _replayed_envelope(row[21], now), row[14]))
+            conn.executemany(
+                "UPDATE jobs SET status = 'queued', runs = ?, envelope = ?, "
+                "replays = replays + 1, attempts = 0, worker = NULL, result = NULL, "
+                "error = NULL, dead_reason = NULL, dead_at = NULL, finished_at = NULL, "
+                "started_at = NULL, history = NULL, published_at = NULL, sent_at = NULL, "
+                "lease_until = NULL WHERE seq = ?",
+                updates,
+            )
+            return [r for r in (_get(conn, row[0]) for row in rows) if r is not None]
+
+        return self._submit(op)
 
     def purge(
         self, ids: list[str] | None = None, *, task: str | None = None, limit: int = 1000
     ) -> asyncio.Future[int]:
-        """See the protocol."""
-        raise NotImplementedError
+        """Delete dead jobs (see the protocol). How many."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            rows = _dead(conn, ids, task, limit)
+            conn.executemany("DELETE FROM jobs WHERE seq = ?", [(row[14],) for row in rows])
+            return len(rows)
+
+        return self._submit(op)
 
     def close(self) -> None:
         """Run what was handed over, stop the writer thread, close the file."""
@@ -548,6 +598,40 @@ def _verdict(conn: sqlite3.Connection, changed: int, job_id: str) -> OutcomeVerd
     return "duplicate" if known else "unknown"
 
 
+def _get(conn: sqlite3.Connection, job_id: str) -> JobRecord | None:
+    row = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    return None if row is None else _record(row)
+
+
+def _dead(
+    conn: sqlite3.Connection, ids: list[str] | None, task: str | None, limit: int
+) -> list[Any]:
+    """Dead jobs' rows with their envelope (index 21), oldest first: those of ``ids`` (all of
+    them), or else up to ``limit`` of ``task`` (or of every task)."""
+    select = f"SELECT {_COLUMNS}, envelope FROM jobs WHERE status = 'dead'"
+    task_clause, task_params = (" AND task = ?", [task]) if task is not None else ("", [])
+    if ids is None:
+        sql = f"{select}{task_clause} ORDER BY seq LIMIT ?"
+        return conn.execute(sql, (*task_params, limit)).fetchall()
+    rows: list[Any] = []
+    unique = list(dict.fromkeys(ids))
+    for i in range(0, len(unique), _MAX_VARIABLES):
+        chunk = unique[i : i + _MAX_VARIABLES]
+        marks = ",".join("?" * len(chunk))
+        sql = f"{select} AND id IN ({marks}){task_clause}"
+        rows.extend(conn.execute(sql, (*chunk, *task_params)))
+    return sorted(rows, key=lambda row: int(row[14]))
+
+
+def _replayed_envelope(envelope: bytes, now: float) -> bytes:
+    """The envelope a replay publishes: as accepted, less an expiry that has passed (the job
+    would only expire again)."""
+    job = wire.decode_job(envelope)
+    if job.deadline is not None and job.deadline <= now:
+        return wire.encode(msgspec.structs.replace(job, deadline=None))
+    return envelope
+
+
 def _accept(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> Any:
     existing: dict[str, tuple[Any, ...]] = {}
     ids = [r[0] for r in rows]
@@ -581,6 +665,11 @@ def _history(history: tuple[wire.Attempt, ...] | None) -> str | None:
     return _json.encode(history).decode() if history else None
 
 
+# An outcome of a replayed job counts only when its run started after the latest replay: a
+# late result of the run before (the ledger was behind) is a duplicate, not the new run's.
+_THIS_RUN: Final = "(replays = 0 OR ? >= json_extract(runs, '$[#-1].replayed_at'))"
+
+
 def _record_result(
     conn: sqlite3.Connection,
     result: wire.ResultEnvelope,
@@ -595,7 +684,8 @@ def _record_result(
     finished job is a ``duplicate``."""
     cur = conn.execute(
         "UPDATE jobs SET status = ?, result = ?, error = ?, attempts = ?, worker = ?, "
-        "finished_at = ?, history = COALESCE(?, history) WHERE id = ? AND finished_at IS NULL",
+        "finished_at = ?, history = COALESCE(?, history) WHERE id = ? AND finished_at IS NULL "
+        f"AND {_THIS_RUN}",
         (
             result.status,
             value,
@@ -605,6 +695,7 @@ def _record_result(
             result.finished_at,
             history,
             result.id,
+            result.started_at,
         ),
     )
     if not cur.rowcount and result.status == "failed":
@@ -637,7 +728,7 @@ def _record_dead_letter(
     cur = conn.execute(
         "UPDATE jobs SET status = 'dead', dead_reason = ?, dead_at = ?, finished_at = ?, "
         "error = ?, worker = ?, attempts = MAX(attempts, ?), history = COALESCE(?, history) "
-        "WHERE id = ? AND finished_at IS NULL",
+        f"WHERE id = ? AND finished_at IS NULL AND {_THIS_RUN}",
         (
             letter.reason,
             letter.at,
@@ -647,6 +738,7 @@ def _record_dead_letter(
             job.attempts,
             history,
             job.id,
+            letter.at,
         ),
     )
     if not cur.rowcount:

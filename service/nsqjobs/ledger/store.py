@@ -235,15 +235,19 @@ class Store(Protocol):
     def replay(
         self, ids: list[str] | None = None, *, task: str | None = None, limit: int = 1000
     ) -> asyncio.Future[list[JobRecord]]:
-        """Replay dead jobs (these ids, or up to ``limit`` matching ``task``): each one's run so
-        far is appended to ``runs``, it becomes ``queued`` with a fresh attempt history and no
-        ``published_at``, ``replays`` + 1; the relay publishes it. The jobs replayed."""
+        """Replay dead jobs (these ids, or up to ``limit`` matching ``task``; oldest first):
+        each one's run so far is appended to ``runs`` (status, attempts, error, dead_reason,
+        finished_at, dead_at, history, replayed_at), it becomes ``queued`` with a fresh attempt
+        history and no ``published_at`` or ``sent_at``, ``replays`` + 1; the relay publishes
+        it. A recorded envelope whose ``deadline`` has passed loses it (it would only expire
+        again). The jobs replayed."""
         ...
 
     def purge(
         self, ids: list[str] | None = None, *, task: str | None = None, limit: int = 1000
     ) -> asyncio.Future[int]:
-        """Delete dead jobs (these ids, or up to ``limit`` matching ``task``). How many."""
+        """Delete dead jobs (these ids, or up to ``limit`` matching ``task``; oldest first).
+        How many."""
         ...
 
     def close(self) -> None:

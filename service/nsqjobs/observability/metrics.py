@@ -200,3 +200,8 @@ class WorkerMetrics(_PublishingMetrics):
             "jobs handed back to nsqd unfinished at shutdown",
             "task",
         )
+        self.cancelled = c(
+            "worker_jobs_cancelled_total",
+            "cancelled jobs this worker skipped or ended (FINed without a result), by task",
+            "task",
+        )

@@ -49,6 +49,7 @@ class TaskMetricsHook:
         self._duration_succeeded = metrics.duration.labels(task, "succeeded")
         self._duration_failed = metrics.duration.labels(task, "failed")
         self._requeued_on_shutdown = metrics.requeued_on_shutdown.labels(task)
+        self._cancelled = metrics.cancelled.labels(task)
 
     def received(self, job: JobFacts) -> None:
         """Count a job received."""
@@ -90,3 +91,9 @@ class TaskMetricsHook:
             self._requeued_on_shutdown.inc()
         elif why == "internal_error":
             self.metrics.errors.labels(self.task, "InternalError").inc()
+
+    def cancelled(self, job: JobFacts) -> None:
+        """Count a cancelled job (and the attempt it ended, if one ran)."""
+        if job.in_progress:
+            self._in_progress.dec()
+        self._cancelled.inc()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -20,15 +22,19 @@ from prometheus_client import CollectorRegistry
 
 from nsqjobs.config import WorkerConfig, default_worker_id
 from nsqjobs.names import (
+    CANCEL_CHANNEL_PREFIX,
+    CANCEL_TOPIC,
     DEAD_LETTER_TOPIC,
+    EPHEMERAL_SUFFIX,
     READER_OUTPUT_BUFFER_BYTES,
     READER_OUTPUT_BUFFER_TIMEOUT_MS,
     RESULTS_TOPIC,
+    STARTED_TOPIC,
     WORKER_OUTPUT_BUFFER_BYTES,
 )
 from nsqjobs.nsq.admin import create_topics, nsqd_limit
 from nsqjobs.nsq.publisher import Publisher
-from nsqjobs.nsq.reader import close_reader, connected_count, unflushed
+from nsqjobs.nsq.reader import Reader, close_reader, connected_count, unflushed
 from nsqjobs.observability.exposition import observability_app
 from nsqjobs.observability.metrics import WorkerMetrics
 from nsqjobs.observability.worker_hooks import MetricsHook
@@ -39,6 +45,17 @@ from nsqjobs.worker.hooks import Hooks, WorkerHook
 from nsqjobs.worker.jobs import Machine
 
 log = logging.getLogger("nsqjobs.worker")
+
+_NOT_IN_CHANNEL_NAMES = re.compile(r"[^A-Za-z0-9_-]+")
+# Cancels are few: a small window is plenty, and they never wait for a slot.
+CANCEL_MAX_IN_FLIGHT = 100
+
+
+def cancel_channel(worker_id: str) -> str:
+    """This worker process's ephemeral channel on the cancels topic: its id (cut to what nsqd's
+    64 characters leave, no dots) and a random part, since replicas may share an id."""
+    name = _NOT_IN_CHANNEL_NAMES.sub("_", worker_id)[:32]
+    return f"{CANCEL_CHANNEL_PREFIX}_{name}_{os.urandom(4).hex()}{EPHEMERAL_SUFFIX}"
 
 
 class Worker:
@@ -69,6 +86,7 @@ class Worker:
         )
         self.flow = self.jobs.flow = Flow(config.concurrency, self.jobs.used)
         self.readers: list[Any] = self.flow.readers
+        self.cancel_reader: Reader | None = None
         self.server: tornado.httpserver.HTTPServer | None = None
         self._toucher: asyncio.Task[None] | None = None
 
@@ -81,9 +99,10 @@ class Worker:
         await self.executor.start()
         await self._read_nsqd_limits()
         queues = self.queues()
-        for failure in await create_topics(
-            self.config.nsqd_http_address, [*queues, RESULTS_TOPIC, DEAD_LETTER_TOPIC]
-        ):
+        topics = [*queues, RESULTS_TOPIC, DEAD_LETTER_TOPIC, CANCEL_TOPIC]
+        if any(task.track_started for task in self.tasks):
+            topics.append(STARTED_TOPIC)
+        for failure in await create_topics(self.config.nsqd_http_address, topics):
             log.warning("%s (continuing)", failure)
         app = observability_app(self.metrics.registry, self.ready_problems)
         self.server = tornado.httpserver.HTTPServer(app)
@@ -115,6 +134,18 @@ class Worker:
                     output_buffer_timeout=buffering or READER_OUTPUT_BUFFER_TIMEOUT_MS,
                 )
             )
+        self.cancel_reader = Reader(
+            topic=CANCEL_TOPIC,
+            channel=cancel_channel(self.worker_id),
+            message_handler=self.jobs.on_cancel,
+            nsqd_tcp_addresses=None if lookupd else list(self.config.nsqd_tcp_address),
+            lookupd_http_addresses=lookupd or None,
+            lookupd_poll_interval=self.config.lookupd_poll_interval,
+            max_in_flight=CANCEL_MAX_IN_FLIGHT,
+            max_tries=0,
+            output_buffer_size=READER_OUTPUT_BUFFER_BYTES,  # a cancel acts at once
+            output_buffer_timeout=READER_OUTPUT_BUFFER_TIMEOUT_MS,
+        )
         self.flow.start()
         self._toucher = asyncio.ensure_future(self._touch_running())
         log.info(
@@ -132,8 +163,8 @@ class Worker:
         problems = []
         if not self.publisher.connected():
             problems.append("no nsqd connection for publishing results")
-        for reader in self.readers:
-            if not connected_count(reader):
+        for reader in [*self.readers, self.cancel_reader]:
+            if reader is not None and not connected_count(reader):
                 problems.append(f"not connected to any nsqd for topic {reader.topic}")
         if not self.jobs.accepting:
             problems.append("not accepting jobs (starting or draining)")
@@ -162,6 +193,8 @@ class Worker:
         await self._flush()
         for reader in self.readers:
             close_reader(reader)
+        if self.cancel_reader is not None:  # read until now: running jobs could be cancelled
+            close_reader(self.cancel_reader)
         self.publisher.close()
         if self.server is not None:
             self.server.stop()

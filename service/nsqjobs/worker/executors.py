@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import msgspec
 
 from nsqjobs.config import WorkerConfig
-from nsqjobs.errors import ResultNotEncodable, TaskTimeoutError
+from nsqjobs.errors import JobCancelled, ResultNotEncodable, TaskTimeoutError
 from nsqjobs.registry import Task, load_task_modules, registry
 from nsqjobs.worker.slots import SlotPool
 
@@ -59,6 +59,10 @@ class Executor(Protocol):
 
     def holds(self, ran: asyncio.Future[Any]) -> bool:
         """Whether the job of ``ran`` (already ended) still occupies a slot."""
+
+    def cancel(self, ran: asyncio.Future[Any]) -> bool:
+        """Stop the job of ``ran`` now, failing it with :class:`JobCancelled`; False when the
+        executor cannot stop a running job (a thread runs on to its end)."""
 
     def shutdown(self) -> None:
         """Cancel what has not started; do not wait for what runs."""
@@ -103,6 +107,10 @@ class ThreadExecutor:
         if ran.done() and not ran.cancelled() and isinstance(ran.exception(), TaskTimeoutError):
             self._overrunning.add(ran)  # the pool has not released it: still running
             return True
+        return False
+
+    def cancel(self, ran: asyncio.Future[Any]) -> bool:
+        """A thread cannot be stopped: the job runs on to its end."""
         return False
 
     def _released(self, ran: asyncio.Future[Any]) -> None:
@@ -274,6 +282,27 @@ class ProcessExecutor:
             child.timer = loop.call_later(job.limit_s, self._overrun, child)
             if job.started is not None:
                 job.started()
+
+    def cancel(self, ran: asyncio.Future[Any]) -> bool:
+        """Kill the child running the job of ``ran`` (SIGKILL, as at the time limit) and start
+        another; a job still queued for a child is dropped. The future fails with
+        :class:`JobCancelled`."""
+        cancelled = JobCancelled("cancelled while running: its child process was killed")
+        for child in self.children:
+            job = child.job
+            if job is not None and job.fut is ran:
+                log.info("a running job was cancelled: killing its child process")
+                child.process.kill()
+                child.job = None
+                self._end(job, exc=cancelled)
+                self._replace(child, "killed: its job was cancelled")
+                return True
+        for job in self.queue:
+            if job.fut is ran:
+                self.queue.remove(job)
+                self._end(job, exc=cancelled)
+                return True
+        return False
 
     def _readable(self, child: _Child) -> None:
         try:

@@ -59,6 +59,9 @@ class TaskHook(Protocol):
     internal error, or ``not_due``: a delayed job that arrived early); ``job.in_progress`` tells
     whether an attempt was under way. A job given back at shutdown before its attempt ended, or
     deferred as not due, keeps its attempt: the next delivery runs with the same number.
+    ``cancelled`` ends a job cancelled through the API: skipped on arrival or while waiting
+    for a slot, or ended while running in a child process (``job.in_progress`` says which);
+    the message is FINed and no result is published.
     """
 
     def received(self, job: JobView) -> None:
@@ -84,6 +87,9 @@ class TaskHook(Protocol):
     def requeued(self, job: JobView, why: RequeueReason, delay_s: float) -> None:
         """The message went back to nsqd unanswered, to be delivered again in ``delay_s``."""
 
+    def cancelled(self, job: JobView) -> None:
+        """The job was cancelled: FINed without a result, and will not run (again)."""
+
 
 class WorkerHook(Protocol):
     """A worker hook: hands out its per-task part once per task name."""
@@ -97,6 +103,7 @@ class TaskHooks:
 
     __slots__ = (
         "_attempt_failed",
+        "_cancelled",
         "_dead_lettered",
         "_hooks",
         "_received",
@@ -116,6 +123,7 @@ class TaskHooks:
         self._retried = tuple(p.retried for p in parts)
         self._dead_lettered = tuple(p.dead_lettered for p in parts)
         self._requeued = tuple(p.requeued for p in parts)
+        self._cancelled = tuple(p.cancelled for p in parts)
 
     def _emit(self, fns: tuple[Callable[..., None], ...], event: str, *args: object) -> None:
         for fn in fns:
@@ -153,6 +161,10 @@ class TaskHooks:
     def requeued(self, job: JobView, why: RequeueReason, delay_s: float) -> None:
         """Tell every hook the message went back to nsqd."""
         self._emit(self._requeued, "requeued", job, why, delay_s)
+
+    def cancelled(self, job: JobView) -> None:
+        """Tell every hook the job was cancelled."""
+        self._emit(self._cancelled, "cancelled", job)
 
 
 class Hooks:

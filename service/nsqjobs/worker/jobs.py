@@ -15,10 +15,13 @@ import logging
 import time
 from typing import Any
 
+import msgspec
+
 from nsqjobs import wire
 from nsqjobs.config import WorkerConfig
 from nsqjobs.errors import (
     DecodeError,
+    JobCancelled,
     PublishRejected,
     ResultNotEncodable,
     ResultTooLarge,
@@ -26,11 +29,13 @@ from nsqjobs.errors import (
 )
 from nsqjobs.names import MAX_DELAY_MS, RESULTS_TOPIC
 from nsqjobs.registry import Registry
+from nsqjobs.worker.cancels import CancelledIds
 from nsqjobs.worker.executors import Executor
 from nsqjobs.worker.flow import Flow
 from nsqjobs.worker.hooks import Hooks
 from nsqjobs.worker.outcome import admit
 from nsqjobs.worker.settle import Publishing, Settler, describe
+from nsqjobs.worker.started import StartedEvents
 from nsqjobs.worker.state import Held, Job, Message, Phase, Stray
 
 log = logging.getLogger("nsqjobs.worker")
@@ -71,6 +76,8 @@ class Machine:
         self.orphans = 0  # slots taken by such threads after their message was answered
         self.flow: Flow | None = None
         self.accepting = False
+        self.cancelled = CancelledIds()
+        self.started = StartedEvents(publisher, worker_id)
         self.settler = Settler(
             worker_id,
             publisher,
@@ -131,6 +138,10 @@ class Machine:
         )
         if len(self.held) + self.orphans > self.capacity and self.flow is not None:
             self.flow.rebalance()  # it came without room (RDY moved meanwhile): take room back
+        if env.id in self.cancelled:  # one dict lookup per job; FINed even when draining
+            job.hooks.received(job)
+            self._skip(job, "on arrival")
+            return
         if not self.accepting:  # draining: back to nsqd, this delivery not counted
             self.settler.give_back(job, 0.0, "shutdown")
             return
@@ -158,6 +169,8 @@ class Machine:
         )
         job.hooks.started(job)
         job.phase = Phase.RUNNING
+        if task.track_started:
+            self.started.announce(job.env.id)  # fire and forget
         ran = job.pending = self.executor.run(
             task,
             env.args,
@@ -195,20 +208,23 @@ class Machine:
             failure = ran.exception()
         body = b""
         if failure is None:
+            result = wire.ResultEnvelope(
+                id=job.env.id,
+                task=job.task.name,
+                status="succeeded",
+                result=ran.result(),
+                attempts=job.attempt,
+                worker=self.worker_id,
+                started_at=job.started_at,
+                finished_at=wire.now(),
+                duration_s=time.perf_counter() - job.t0,
+                history=job.env.history,  # the attempts that failed before this one
+            )
             try:
-                body = wire.encode(
-                    wire.ResultEnvelope(
-                        id=job.env.id,
-                        task=job.task.name,
-                        status="succeeded",
-                        result=ran.result(),
-                        attempts=job.attempt,
-                        worker=self.worker_id,
-                        started_at=job.started_at,
-                        finished_at=wire.now(),
-                        duration_s=time.perf_counter() - job.t0,
-                    )
-                )
+                body = wire.encode(result)
+                if len(body) > self.max_msg_size and result.history:
+                    # The history is the ledger's record, not the result: it goes first.
+                    body = wire.encode(msgspec.structs.replace(result, history=()))
             except Exception as exc:  # msgspec cannot encode the result (type, range...)
                 kind = type(ran.result()).__name__
                 failure = ResultNotEncodable(f"result of type {kind}: {exc}")
@@ -227,12 +243,52 @@ class Machine:
                 if self.flow is not None:
                     job.keep = self.flow.keep_slot
             if job.phase is Phase.RUNNING:
-                self.settler.attempt_failed(job, failure)
+                if isinstance(failure, JobCancelled) or job.env.id in self.cancelled:
+                    self._skip(job, "while running")  # no retry, no dead letter
+                else:
+                    self.settler.attempt_failed(job, failure)
             return
         duration = time.perf_counter() - job.t0
         job.phase = Phase.PUBLISHING
         acked = self.publisher.enqueue(RESULTS_TOPIC, body)
         acked.add_done_callback(functools.partial(self._result_acked, job, duration, len(body)))
+
+    def on_cancel(self, message: Any) -> bool:
+        """The cancel reader's handler: remember the id, and end what this worker holds of it.
+
+        A job waiting for a slot is skipped; one running in a child process has its child
+        killed (it ends without a result); one running in a thread runs on to its end, and
+        the ledger, which already says cancelled, ignores its result.
+        """
+        try:
+            job_id = wire.decode_cancel(message.body).id
+        except DecodeError as exc:
+            log.warning("dropping a message on the cancels topic: %s", exc)
+            return True
+        self.cancelled.add(job_id)  # a second cancel of the id refreshes it
+        for held in list(self.held.values()):
+            if not isinstance(held, Job) or held.env.id != job_id:
+                continue
+            if held.phase is Phase.WAITING:
+                self._skip(held, "waiting for a slot")
+            elif (
+                held.phase is Phase.RUNNING
+                and held.pending is not None
+                and not self.executor.cancel(held.pending)
+            ):
+                log.info(
+                    "job %s %-14s cancelled while running in a thread: it runs to its end",
+                    job_id,
+                    held.task.name,
+                )
+        return True
+
+    def _skip(self, job: Job, when: str) -> None:
+        """A cancelled job: FIN without a result."""
+        job.hooks.cancelled(job)
+        job.answer(finish=True)
+        log.info("job %s %-14s cancelled %s: FINed, no result", job.env.id, job.task.name, when)
+        self.forget(job)
 
     def _released(self, ran: asyncio.Future[Any]) -> None:
         # A timed-out job's thread returned: its slot is free again.

@@ -265,8 +265,11 @@ class Settler:
                     started_at=started,
                     finished_at=finished,
                     duration_s=max(0.0, finished - started),
+                    history=env.history,
                 )
                 result_body = wire.encode(result)
+                if len(result_body) > self.max_msg_size:  # the dead letter keeps what fits
+                    result_body = wire.encode(msgspec.structs.replace(result, history=()))
                 await self._publish(lambda: self.publisher.pub(RESULTS_TOPIC, result_body))
         except PublishError as exc:
             self._requeue(held, "unacknowledged", f"dead letter not acknowledged ({exc})")

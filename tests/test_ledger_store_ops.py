@@ -1,0 +1,177 @@
+"""The SQLite ledger's operations on their own: cancel, replay and purge."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+import pytest
+from nsqjobs import wire
+from nsqjobs.ledger import SqliteStore
+from nsqjobs.ledger.sqlite import _MAX_VARIABLES
+
+T = TypeVar("T")
+pytestmark = pytest.mark.timeout(30)
+
+
+def run(path: Path, body: Callable[[SqliteStore], Awaitable[T]]) -> T:
+    async def main() -> T:
+        store = SqliteStore(path)
+        try:
+            return await asyncio.wait_for(body(store), 20)
+        finally:
+            store.close()
+
+    return asyncio.run(main())
+
+
+def job(job_id: str, task: str = "noop", **fields: Any) -> wire.JobEnvelope:
+    return wire.JobEnvelope(id=job_id, task=task, args={"n": 1}, created_at=1000.0, **fields)
+
+
+def dead_letter(env: wire.JobEnvelope, reason: Any = "max_attempts") -> wire.DeadLetter:
+    return wire.DeadLetter(
+        reason=reason,
+        error=wire.ErrorInfo(type="Boom", message=f"{env.id} failed"),
+        worker="w1",
+        at=2000.0,
+        job=env,
+    )
+
+
+def result(job_id: str, status: Any = "succeeded") -> wire.ResultEnvelope:
+    error = None if status == "succeeded" else wire.ErrorInfo(type="Boom", message="failed")
+    return wire.ResultEnvelope(
+        id=job_id,
+        task="noop",
+        status=status,
+        result=1 if status == "succeeded" else None,
+        error=error,
+        attempts=2,
+        worker="w1",
+        started_at=1500.0,
+        finished_at=2000.0,
+        duration_s=500.0,
+    )
+
+
+def test_cancel_takes_only_for_unfinished_jobs(tmp_path: Path) -> None:
+    async def body(store: SqliteStore) -> None:
+        await store.record_accepted([job("q"), job("done"), job("gone")])
+        await store.record_result(result("done"))
+        await store.record_dead_letter(dead_letter(job("gone")))
+        cancelled = await store.cancel("q")
+        assert cancelled is not None and cancelled.status == "cancelled"
+        assert cancelled.finished_at is not None
+        # A later outcome is a duplicate: the cancel was the first terminal outcome.
+        assert await store.record_result(result("q")) == "duplicate"
+        assert (await store.get("q")) == cancelled
+        again = await store.cancel("q")
+        assert again is not None and again.finished_at == cancelled.finished_at
+        done, gone = await store.cancel("done"), await store.cancel("gone")
+        assert done is not None and done.status == "succeeded"
+        assert gone is not None and gone.status == "dead"
+        assert await store.cancel("nobody") is None
+
+    run(tmp_path / "l.sqlite3", body)
+
+
+def test_replay_keeps_the_run_and_queues_the_job_afresh(tmp_path: Path) -> None:
+    async def body(store: SqliteStore) -> None:
+        expired = job("old", deadline=1500.0)
+        await store.record_accepted([job("d1"), expired, job("ok"), job("d2", task="other")])
+        await store.mark_published(["d1", "old", "ok", "d2"])
+        for env in (job("d1"), expired, job("d2", task="other")):
+            await store.record_dead_letter(dead_letter(env))
+        await store.record_result(result("ok"))
+        await store.record_result(result("d1", "failed"))  # a dead job's failed result
+
+        (replayed,) = await store.replay(["d1", "ok", "nobody"])
+        assert replayed.id == "d1" and replayed.status == "queued" and replayed.replays == 1
+        assert replayed.attempts == 0 and replayed.history == () and replayed.error is None
+        assert replayed.published_at is None and replayed.finished_at is None
+        assert replayed.dead_at is None and replayed.result is None and replayed.worker is None
+        (run,) = replayed.runs
+        assert run["status"] == "dead" and run["attempts"] == 2
+        assert run["error"]["type"] == "Boom"
+        assert run["dead_reason"] == "max_attempts" and run["dead_at"] == 2000.0
+        assert run["finished_at"] == 2000.0 and run["replayed_at"] >= 2000.0
+        assert run["history"] == []
+        # Queued again: its next outcome is recorded; a second replay appends a second run.
+        again = dead_letter(job("d1"), "not_retryable")
+        again = msgspec.structs.replace(again, at=run["replayed_at"] + 1)
+        assert await store.record_dead_letter(again) == "recorded"
+        (twice,) = await store.replay(["d1"])
+        assert twice.replays == 2 and [r["dead_reason"] for r in twice.runs] == [
+            "max_attempts",
+            "not_retryable",
+        ]
+        # By filter, oldest first, up to the limit; only dead jobs.
+        assert [r.id for r in await store.replay(limit=1)] == ["old"]
+        assert [r.id for r in await store.replay(task="other")] == ["d2"]
+        assert await store.replay() == []
+        assert await store.replay(["d1"]) == []
+
+    run(tmp_path / "l.sqlite3", body)
+
+
+def test_a_replayed_job_loses_an_expiry_that_has_passed(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite3"
+    far = wire.now() + 3600
+
+    async def body(store: SqliteStore) -> None:
+        envs = [job("past", deadline=1500.0), job("future", deadline=far)]
+        await store.record_accepted(envs)
+        for env in envs:
+            await store.record_dead_letter(dead_letter(env, "expired"))
+        assert len(await store.replay(["past", "future"])) == 2
+
+    run(path, body)
+    conn = sqlite3.connect(path)
+    try:
+        rows = dict(conn.execute("SELECT id, envelope FROM jobs").fetchall())
+    finally:
+        conn.close()
+    assert wire.decode_job(rows["past"]).deadline is None
+    assert wire.decode_job(rows["future"]).deadline == far
+
+
+def test_purge_deletes_only_dead_jobs(tmp_path: Path) -> None:
+    ids = [f"d{i}" for i in range(_MAX_VARIABLES + 20)]  # more than one IN (...) of ids
+
+    async def body(store: SqliteStore) -> None:
+        await store.record_accepted([job(i) for i in ids] + [job("q"), job("t", task="other")])
+        for i in [*ids, "t"]:
+            await store.record_dead_letter(dead_letter(job(i)))
+        assert await store.purge(["q", "nobody"]) == 0
+        assert await store.purge(task="other") == 1
+        assert await store.purge(ids[:3]) == 3
+        assert await store.purge(limit=7) == 7
+        assert await store.purge([*ids, *ids]) == len(ids) - 10
+        assert await store.get(ids[-1]) is None
+        assert (await store.get("q")) is not None
+
+    run(tmp_path / "l.sqlite3", body)
+
+
+def test_a_late_outcome_of_the_run_before_a_replay_is_a_duplicate(tmp_path: Path) -> None:
+    async def body(store: SqliteStore) -> None:
+        env = job("late")
+        await store.record_accepted([env])
+        assert await store.record_dead_letter(dead_letter(env)) == "recorded"
+        (replayed,) = await store.replay(["late"])
+        replayed_at = replayed.runs[-1]["replayed_at"]
+        # The run before's failed result and a redelivered letter arrive after the replay.
+        assert await store.record_result(result("late", "failed")) == "duplicate"
+        assert await store.record_dead_letter(dead_letter(env)) == "duplicate"
+        assert (await store.get("late")).status == "queued"  # type: ignore[union-attr]
+        # The new run's outcome counts.
+        new = msgspec.structs.replace(result("late"), started_at=replayed_at + 1)
+        assert await store.record_result(new) == "recorded"
+        assert (await store.get("late")).status == "succeeded"  # type: ignore[union-attr]
+
+    run(tmp_path / "ledger.sqlite3", body)
