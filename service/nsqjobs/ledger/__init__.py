@@ -21,7 +21,7 @@ from nsqjobs.ledger.store import (
     Store,
     held,
 )
-from nsqjobs.names import LEDGER_SQLITE_SCHEME
+from nsqjobs.names import LEDGER_POSTGRES_SCHEMES, LEDGER_SQLITE_SCHEME
 
 __all__ = [
     "STATUSES",
@@ -44,7 +44,16 @@ __all__ = [
 
 def open_store(url: str) -> Store:
     """The store a ledger URL names: ``sqlite:///PATH`` (relative to the working directory;
-    ``sqlite:////abs/path`` is absolute)."""
+    ``sqlite:////abs/path`` is absolute), or ``postgresql://user@host:port/db`` (also
+    ``postgres://``; libpq's URL form, options in the query string)."""
     if url.startswith(LEDGER_SQLITE_SCHEME) and len(url) > len(LEDGER_SQLITE_SCHEME):
         return SqliteStore(url.removeprefix(LEDGER_SQLITE_SCHEME))
-    raise ConfigError(f"unsupported ledger URL {url!r} (expected {LEDGER_SQLITE_SCHEME}PATH)")
+    if url.startswith(LEDGER_POSTGRES_SCHEMES):
+        # Imported here: a gateway on SQLite never loads the PostgreSQL driver.
+        from nsqjobs.ledger.postgres import PostgresStore
+
+        return PostgresStore(url)
+    raise ConfigError(
+        f"unsupported ledger URL {url!r} (expected {LEDGER_SQLITE_SCHEME}PATH or "
+        "postgresql://user@host:port/database)"
+    )
