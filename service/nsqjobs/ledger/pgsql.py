@@ -1,8 +1,17 @@
-"""The PostgreSQL store's schema and its hot statements (nsqjobs.ledger.postgres runs them)."""
+"""What one transaction of the PostgreSQL store runs: the schema, the hot statements, and the
+calls of a transaction in order with neighbours of a kind merged into one statement."""
 
 from __future__ import annotations
 
-from typing import Final
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import asyncpg
+
+from nsqjobs.ledger.sqlite import _record
+from nsqjobs.ledger.store import Accepted, OutcomeVerdict
 
 # Versioned migrations: MIGRATIONS[n] takes the schema from version n to n + 1 (the row of
 # schema_version). Append only; never edit one that has shipped. The columns are the SQLite
@@ -93,11 +102,159 @@ RECORD_RESULT: Final = (
 CLAIM: Final = (
     "WITH c AS (SELECT seq, COALESCE(redrive_reason, 'unpublished') AS reason FROM jobs "
     "WHERE published_at IS NULL AND status IN ('queued', 'running') "
-    "AND (sent_at IS NULL OR sent_at < $1 - $2) AND (due_at IS NULL OR due_at < $1 + $3) "
-    "AND (lease_until IS NULL OR lease_until <= $1) "
-    "ORDER BY seq LIMIT $5 FOR UPDATE SKIP LOCKED) "
-    "UPDATE jobs AS j SET sent_at = $1, lease_until = $1 + $4, redrive_reason = NULL, "
+    "AND (sent_at IS NULL OR sent_at < $1::float8 - $2::float8) "
+    "AND (due_at IS NULL OR due_at < $1::float8 + $3::float8) "
+    "AND (lease_until IS NULL OR lease_until <= $1::float8) "
+    "ORDER BY seq LIMIT $5::int FOR UPDATE SKIP LOCKED) "
+    "UPDATE jobs AS j SET sent_at = $1::float8, lease_until = $1::float8 + $4::float8, "
+    "redrive_reason = NULL, "
     "redrives = j.redrives + CASE WHEN c.reason = 'unpublished' THEN 1 ELSE 0 END "
     "FROM c WHERE j.seq = c.seq "
     "RETURNING j.seq, j.id, j.task, j.envelope, j.due_at, c.reason"
 )
+
+TERMINAL_DB_ERRORS: Final = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,  # admin or crash shutdown, cannot connect now
+)
+
+Conn = Any  # asyncpg.Connection: the driver has no type hints
+Op = Callable[[Conn], Awaitable[Any]]
+
+
+@dataclass(slots=True)
+class Call:
+    """One call of the Store interface: ``kind`` says how it is run (``op``: ``payload`` is an
+    :data:`Op`; ``accept``, ``mark``, ``result``: merged with their neighbours)."""
+
+    kind: str
+    payload: Any
+    fut: asyncio.Future[Any]
+
+
+# -- one transaction: the calls in order, neighbours of a kind merged ------------------------------
+
+
+async def apply_calls(conn: Conn, calls: list[Call]) -> list[tuple[bool, Any]]:
+    """Each call's outcome, in order. Runs of accepts and publish notes are merged (accepts
+    first: a publish is noted only after its accept committed), runs of results too."""
+    out: list[tuple[bool, Any]] = []
+    i = 0
+    while i < len(calls):
+        kind = calls[i].kind
+        if kind == "op":
+            out.append(await _call(calls[i].payload, conn))
+            i += 1
+            continue
+        group = ("accept", "mark") if kind in ("accept", "mark") else ("result",)
+        j = i
+        while j < len(calls) and calls[j].kind in group:
+            j += 1
+        run = calls[i:j]
+        answers: dict[int, Any] = {}
+        accepts = [n for n, c in enumerate(run) if c.kind == "accept"]
+        if accepts:
+            answered = await _accept(conn, [run[n].payload for n in accepts])
+            answers.update(zip(accepts, answered, strict=True))
+        marks = [n for n, c in enumerate(run) if c.kind == "mark"]
+        if marks:
+            await _mark(conn, [run[n].payload for n in marks])
+            answers.update(dict.fromkeys(marks))
+        results = [n for n, c in enumerate(run) if c.kind == "result"]
+        if results:
+            verdicts = await _results(conn, [run[n].payload for n in results])
+            answers.update(zip(results, verdicts, strict=True))
+        out.extend((True, answers[n]) for n in range(len(run)))
+        i = j
+    return out
+
+
+async def _call(op: Op, conn: Conn) -> tuple[bool, Any]:
+    """One operation's outcome; database errors abort the whole transaction, others are the
+    caller's alone."""
+    try:
+        return True, await op(conn)
+    except (asyncpg.PostgresError, *TERMINAL_DB_ERRORS):
+        raise
+    except Exception as exc:
+        return False, exc
+
+
+async def _accept(conn: Conn, calls: list[list[tuple[Any, ...]]]) -> list[list[Accepted]]:
+    """Insert every call's rows in one statement; an id that exists already is ``same`` or
+    ``conflict``; a call with a conflict has none of its rows recorded (all or none)."""
+    rows = [r for rows in calls for r in rows]
+    inserted = {r["id"] for r in await conn.fetch(ACCEPT, *_arrays(rows))}
+    fresh: list[bool] = []
+    for row in rows:  # an id twice in one transaction: the first one is new
+        fresh.append(row[0] in inserted)
+        inserted.discard(row[0])
+    others = [row[0] for row, new in zip(rows, fresh, strict=True) if not new]
+    existing: dict[str, Any] = {}
+    if others:
+        for r in await conn.fetch(f"SELECT {COLUMNS} FROM jobs WHERE id = ANY($1)", others):
+            existing[r["id"]] = r
+    answers: list[list[Accepted]] = []
+    conflicted = False
+    i = 0
+    for call in calls:
+        mine: list[Accepted] = []
+        for row in call:
+            if fresh[i]:
+                mine.append(Accepted("new"))
+            else:
+                old = existing[row[0]]
+                same = old["task"] == row[1] and old["args"] == row[2]
+                mine.append(Accepted("same" if same else "conflict", _record(old)))
+            i += 1
+        conflicted = conflicted or any(a.kind == "conflict" for a in mine)
+        answers.append(mine)
+    if conflicted:
+        new_ids = [row[0] for row, new in zip(rows, fresh, strict=True) if new]
+        await conn.execute("DELETE FROM jobs WHERE id = ANY($1)", new_ids)
+        if len(calls) > 1:  # undo all, then each call on its own: the others still count
+            return [(await _accept(conn, [call]))[0] for call in calls]
+    return answers
+
+
+async def _mark(conn: Conn, calls: list[tuple[list[str], float]]) -> None:
+    ids = [i for call_ids, _ in calls for i in call_ids]
+    at = [now for call_ids, now in calls for _ in call_ids]
+    await conn.execute(MARK_PUBLISHED, ids, at)
+
+
+async def _results(conn: Conn, rows: list[tuple[Any, ...]]) -> list[OutcomeVerdict]:
+    """Record results in one statement; the first of an id within the transaction goes in."""
+    first: dict[str, int] = {}
+    for n, row in enumerate(rows):
+        first.setdefault(row[0], n)
+    unique = [rows[n] for n in first.values()]
+    recorded = {r["id"] for r in await conn.fetch(RECORD_RESULT, *_arrays(unique))}
+    missing = [row[0] for row in unique if row[0] not in recorded]
+    known = set()
+    if missing:
+        found = await conn.fetch("SELECT id FROM jobs WHERE id = ANY($1)", missing)
+        known = {r["id"] for r in found}
+    verdicts: list[OutcomeVerdict] = []
+    for n, row in enumerate(rows):
+        job_id = row[0]
+        if job_id in recorded:
+            verdicts.append("recorded" if first[job_id] == n else "duplicate")
+        else:
+            verdicts.append("duplicate" if job_id in known else "unknown")
+    return verdicts
+
+
+async def verdict(conn: Conn, changed: Any, job_id: str) -> OutcomeVerdict:
+    if changed:
+        return "recorded"
+    known = await conn.fetchval("SELECT 1 FROM jobs WHERE id = $1", job_id)
+    return "duplicate" if known else "unknown"
+
+
+def _arrays(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
+    """Rows as one list per column: the arguments of an ``unnest`` statement."""
+    return [list(column) for column in zip(*rows, strict=True)]

@@ -17,21 +17,22 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Sequence
 from typing import Any, Final
 
 import asyncpg
 
 from nsqjobs import wire
 from nsqjobs.ledger.pgsql import (
-    ACCEPT,
     CLAIM,
     COLUMNS,
-    MARK_PUBLISHED,
     MIGRATIONS,
-    RECORD_RESULT,
     SCHEMA_VERSION,
+    TERMINAL_DB_ERRORS,
+    Call,
+    Conn,
+    apply_calls,
+    verdict,
 )
 from nsqjobs.ledger.sqlite import _canonical, _json, _record
 from nsqjobs.ledger.store import (
@@ -54,29 +55,7 @@ _MIGRATION_LOCK: Final = 0x6E73_716A_6F62  # "nsqjob"
 # A transaction that met another gateway's in a deadlock, or a serialization failure, is tried
 # again this many times in all (it was rolled back whole, so nothing is done twice).
 _TRIES: Final = 3
-_TERMINAL_DB_ERRORS: Final = (
-    OSError,
-    TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,  # admin or crash shutdown, cannot connect now
-)
-
-Conn = Any  # asyncpg.Connection: the driver has no type hints
-Op = Callable[[Conn], Awaitable[Any]]
-
-
-@dataclass(slots=True)
-class _Call:
-    """One call of the Store interface: ``kind`` says how it is run (``op``: ``payload`` is an
-    :data:`Op`; ``accept``, ``mark``, ``result``: merged with their neighbours)."""
-
-    kind: str
-    payload: Any
-    fut: asyncio.Future[Any]
-
-
-_Batch = tuple[asyncio.AbstractEventLoop, list[_Call]]
+_Batch = tuple[asyncio.AbstractEventLoop, list[Call]]
 
 
 async def migrate(conn: Conn) -> int:
@@ -117,7 +96,7 @@ class PostgresStore:
         self._conn: Conn = None
         self._waiting: list[_Batch] = []  # the writer loop's alone
         self._draining: asyncio.Task[None] | None = None
-        self._pending: list[_Call] = []
+        self._pending: list[Call] = []
         self._closed = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -127,6 +106,8 @@ class PostgresStore:
         try:
             self._in_writer(self._open(), connect_timeout_s + command_timeout_s)
         except BaseException:
+            with contextlib.suppress(Exception):
+                self._in_writer(self._shutdown(), 10.0)
             self._stop_thread()
             raise
 
@@ -190,7 +171,7 @@ class PostgresStore:
                 "AND (finished_at IS NULL OR status = 'failed') RETURNING 1",
                 *params,
             )
-            return await _verdict(conn, changed, job.id)
+            return await verdict(conn, changed, job.id)
 
         return self._submit("op", op)
 
@@ -315,7 +296,7 @@ class PostgresStore:
                 at,
                 worker,
             )
-            return await _verdict(conn, changed, job_id)
+            return await verdict(conn, changed, job_id)
 
         return self._submit("op", op)
 
@@ -407,7 +388,7 @@ class PostgresStore:
             fut.set_exception(LedgerError("the ledger is closed"))
             return fut
         pending = self._pending
-        pending.append(_Call(kind, payload, fut))
+        pending.append(Call(kind, payload, fut))
         if len(pending) == 1:  # the first call of this loop turn: hand them over after it
             loop.call_soon(self._flush)
         return fut
@@ -455,7 +436,7 @@ class PostgresStore:
                 command_timeout=self.command_timeout_s,
                 server_settings={"synchronous_commit": "on", "application_name": "nsqjobs"},
             )
-        except (asyncpg.PostgresError, *_TERMINAL_DB_ERRORS) as exc:
+        except (asyncpg.PostgresError, *TERMINAL_DB_ERRORS) as exc:
             raise LedgerError(f"cannot connect to the ledger at {_safe(self.url)}: {exc}") from exc
         return self._conn
 
@@ -464,7 +445,7 @@ class PostgresStore:
             self._conn.terminate()
             self._conn = None
 
-    def _receive(self, loop: asyncio.AbstractEventLoop, batch: list[_Call]) -> None:
+    def _receive(self, loop: asyncio.AbstractEventLoop, batch: list[Call]) -> None:
         self._waiting.append((loop, batch))
         if self._draining is None or self._draining.done():
             self._draining = asyncio.ensure_future(self._drain())
@@ -486,19 +467,19 @@ class PostgresStore:
                 with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
                     loop.call_soon_threadsafe(_resolve, [c.fut for c in batch], results)
 
-    async def _run(self, calls: list[_Call]) -> list[tuple[bool, Any]]:
+    async def _run(self, calls: list[Call]) -> list[tuple[bool, Any]]:
         """Run ``calls`` in one transaction; a database error that is one call's fault (not
         the connection's) fails that call alone: the others are run again without it."""
         for attempt in range(1, _TRIES + 1):
             conn = await self._connection()
             try:
                 async with conn.transaction():
-                    return await _apply(conn, calls)
+                    return await apply_calls(conn, calls)
             except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
                 if attempt == _TRIES:
                     raise LedgerError("the ledger kept deadlocking with another writer") from None
             except Exception as exc:
-                if conn.is_closed() or isinstance(exc, _TERMINAL_DB_ERRORS):
+                if conn.is_closed() or isinstance(exc, TERMINAL_DB_ERRORS):
                     self._drop()
                     raise LedgerError(f"the ledger could not write: {exc}") from exc
                 if not isinstance(exc, asyncpg.PostgresError):
@@ -517,126 +498,6 @@ def _resolve(futures: list[asyncio.Future[Any]], results: list[tuple[bool, Any]]
             fut.set_result(value)
         else:
             fut.set_exception(value)
-
-
-# -- one transaction: the calls in order, neighbours of a kind merged ------------------------------
-
-
-async def _apply(conn: Conn, calls: list[_Call]) -> list[tuple[bool, Any]]:
-    """Each call's outcome, in order. Runs of accepts and publish notes are merged (accepts
-    first: a publish is noted only after its accept committed), runs of results too."""
-    out: list[tuple[bool, Any]] = []
-    i = 0
-    while i < len(calls):
-        kind = calls[i].kind
-        if kind == "op":
-            out.append(await _call(calls[i].payload, conn))
-            i += 1
-            continue
-        group = ("accept", "mark") if kind in ("accept", "mark") else ("result",)
-        j = i
-        while j < len(calls) and calls[j].kind in group:
-            j += 1
-        run = calls[i:j]
-        answers: dict[int, Any] = {}
-        accepts = [n for n, c in enumerate(run) if c.kind == "accept"]
-        if accepts:
-            answered = await _accept(conn, [run[n].payload for n in accepts])
-            answers.update(zip(accepts, answered, strict=True))
-        marks = [n for n, c in enumerate(run) if c.kind == "mark"]
-        if marks:
-            await _mark(conn, [run[n].payload for n in marks])
-            answers.update(dict.fromkeys(marks))
-        results = [n for n, c in enumerate(run) if c.kind == "result"]
-        if results:
-            verdicts = await _results(conn, [run[n].payload for n in results])
-            answers.update(zip(results, verdicts, strict=True))
-        out.extend((True, answers[n]) for n in range(len(run)))
-        i = j
-    return out
-
-
-async def _call(op: Op, conn: Conn) -> tuple[bool, Any]:
-    """One operation's outcome; database errors abort the whole transaction, others are the
-    caller's alone."""
-    try:
-        return True, await op(conn)
-    except (asyncpg.PostgresError, *_TERMINAL_DB_ERRORS):
-        raise
-    except Exception as exc:
-        return False, exc
-
-
-async def _accept(conn: Conn, calls: list[list[tuple[Any, ...]]]) -> list[list[Accepted]]:
-    """Insert every call's rows in one statement; an id that exists already is ``same`` or
-    ``conflict``; a call with a conflict has none of its rows recorded (all or none)."""
-    rows = [r for rows in calls for r in rows]
-    inserted = {r["id"] for r in await conn.fetch(ACCEPT, *_arrays(rows))}
-    fresh: list[bool] = []
-    for row in rows:  # an id twice in one transaction: the first one is new
-        fresh.append(row[0] in inserted)
-        inserted.discard(row[0])
-    others = [row[0] for row, new in zip(rows, fresh, strict=True) if not new]
-    existing: dict[str, Any] = {}
-    if others:
-        for r in await conn.fetch(f"SELECT {COLUMNS} FROM jobs WHERE id = ANY($1)", others):
-            existing[r["id"]] = r
-    answers: list[list[Accepted]] = []
-    conflicted = False
-    i = 0
-    for call in calls:
-        mine: list[Accepted] = []
-        for row in call:
-            if fresh[i]:
-                mine.append(Accepted("new"))
-            else:
-                old = existing[row[0]]
-                same = old["task"] == row[1] and old["args"] == row[2]
-                mine.append(Accepted("same" if same else "conflict", _record(old)))
-            i += 1
-        conflicted = conflicted or any(a.kind == "conflict" for a in mine)
-        answers.append(mine)
-    if conflicted:
-        new_ids = [row[0] for row, new in zip(rows, fresh, strict=True) if new]
-        await conn.execute("DELETE FROM jobs WHERE id = ANY($1)", new_ids)
-        if len(calls) > 1:  # undo all, then each call on its own: the others still count
-            return [(await _accept(conn, [call]))[0] for call in calls]
-    return answers
-
-
-async def _mark(conn: Conn, calls: list[tuple[list[str], float]]) -> None:
-    ids = [i for call_ids, _ in calls for i in call_ids]
-    at = [now for call_ids, now in calls for _ in call_ids]
-    await conn.execute(MARK_PUBLISHED, ids, at)
-
-
-async def _results(conn: Conn, rows: list[tuple[Any, ...]]) -> list[OutcomeVerdict]:
-    """Record results in one statement; the first of an id within the transaction goes in."""
-    first: dict[str, int] = {}
-    for n, row in enumerate(rows):
-        first.setdefault(row[0], n)
-    unique = [rows[n] for n in first.values()]
-    recorded = {r["id"] for r in await conn.fetch(RECORD_RESULT, *_arrays(unique))}
-    missing = [row[0] for row in unique if row[0] not in recorded]
-    known = set()
-    if missing:
-        found = await conn.fetch("SELECT id FROM jobs WHERE id = ANY($1)", missing)
-        known = {r["id"] for r in found}
-    verdicts: list[OutcomeVerdict] = []
-    for n, row in enumerate(rows):
-        job_id = row[0]
-        if job_id in recorded:
-            verdicts.append("recorded" if first[job_id] == n else "duplicate")
-        else:
-            verdicts.append("duplicate" if job_id in known else "unknown")
-    return verdicts
-
-
-async def _verdict(conn: Conn, changed: Any, job_id: str) -> OutcomeVerdict:
-    if changed:
-        return "recorded"
-    known = await conn.fetchval("SELECT 1 FROM jobs WHERE id = $1", job_id)
-    return "duplicate" if known else "unknown"
 
 
 def _dead_filter(
@@ -671,11 +532,6 @@ def _run(row: Sequence[Any]) -> dict[str, Any]:
         "history",
     )
     return {k: view[k] for k in keys}
-
-
-def _arrays(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
-    """Rows as one list per column: the arguments of an ``unnest`` statement."""
-    return [list(column) for column in zip(*rows, strict=True)]
 
 
 def _left_ms(due_at: float | None, now: float) -> int:
