@@ -50,6 +50,8 @@ from nsqjobs.ledger.store import (
 
 log = logging.getLogger("nsqjobs.ledger")
 
+# How long a publish note waits for a transaction to ride with before it goes alone.
+LAZY_S: Final = 0.05
 # Any key will do, as long as nothing else in the database takes advisory locks with it.
 _MIGRATION_LOCK: Final = 0x6E73_716A_6F62  # "nsqjob"
 # A transaction that met another gateway's in a deadlock, or a serialization failure, is tried
@@ -97,6 +99,8 @@ class PostgresStore:
         self._waiting: list[_Batch] = []  # the writer loop's alone
         self._draining: asyncio.Task[None] | None = None
         self._pending: list[Call] = []
+        self._lazy: list[Call] = []  # publish notes waiting for a transaction to ride with
+        self._lazy_timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -135,8 +139,10 @@ class PostgresStore:
         return self._submit("accept", rows)
 
     def mark_published(self, ids: list[str]) -> asyncio.Future[None]:
-        """Note nsqd's acknowledgement of these jobs."""
-        return self._submit("mark", (ids, wire.now()))
+        """Note nsqd's acknowledgement of these jobs. Nothing waits for it to be durable: it
+        rides with the next transaction (an accept's), or goes alone after ``LAZY_S``; one
+        lost in a crash only makes the relay publish the job again after its grace."""
+        return self._submit("mark", (ids, wire.now()), lazy=True)
 
     def record_result(self, result: wire.ResultEnvelope) -> asyncio.Future[OutcomeVerdict]:
         """Record a result; the first terminal outcome per id wins (the failed result that
@@ -365,7 +371,7 @@ class PostgresStore:
         """Commit what was handed over, close the connection, stop the writer thread."""
         if self._closed:
             return
-        self._flush()
+        self._flush(timer=True)
         self._closed = True
         try:
             self._in_writer(self._shutdown(), self.command_timeout_s + 10)
@@ -381,11 +387,16 @@ class PostgresStore:
         fut.set_result(value)
         return fut
 
-    def _submit(self, kind: str, payload: Any) -> asyncio.Future[Any]:
+    def _submit(self, kind: str, payload: Any, *, lazy: bool = False) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         if self._closed:
             fut.set_exception(LedgerError("the ledger is closed"))
+            return fut
+        if lazy:
+            self._lazy.append(Call(kind, payload, fut))
+            if self._lazy_timer is None:
+                self._lazy_timer = loop.call_later(LAZY_S, self._flush, True)
             return fut
         pending = self._pending
         pending.append(Call(kind, payload, fut))
@@ -393,12 +404,23 @@ class PostgresStore:
             loop.call_soon(self._flush)
         return fut
 
-    def _flush(self) -> None:
-        if not self._pending or self._closed:
+    def _flush(self, timer: bool = False) -> None:
+        if self._closed:
             return
-        batch, self._pending = self._pending, []
-        loop = batch[0].fut.get_loop()
-        self._loop.call_soon_threadsafe(self._receive, loop, batch)
+        if timer:
+            self._lazy_timer = None
+        elif not self._pending:
+            return
+        calls, self._pending = self._pending + self._lazy, []
+        self._lazy = []
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
+        by_loop: dict[asyncio.AbstractEventLoop, list[Call]] = {}
+        for call in calls:
+            by_loop.setdefault(call.fut.get_loop(), []).append(call)
+        for loop, batch in by_loop.items():
+            self._loop.call_soon_threadsafe(self._receive, loop, batch)
 
     def _in_writer(self, coro: Awaitable[Any], timeout: float) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)  # type: ignore[arg-type]
