@@ -103,12 +103,14 @@ def result(job_id: str, status: str = "succeeded", value: Any = 1, attempts: int
     )
 
 
-def letter(job_id: str, task: str = "noop") -> wire.DeadLetter:
+def letter(job_id: str, task: str = "noop", at: float = 1002.0) -> wire.DeadLetter:
+    """A dead letter; with the default time it goes with ``result(job_id, "failed")`` (a worker
+    publishes both, with the same worker and time, when it gives a job up)."""
     return wire.DeadLetter(
         reason="max_attempts",
         error=wire.ErrorInfo(type="ValueError", message="bad"),
         worker="w1",
-        at=1003.0,
+        at=at,
         job=job(job_id, task),
     )
 
@@ -219,12 +221,19 @@ def test_a_dead_letter_and_its_failed_result_make_the_job_dead_either_way(ledger
         assert b is not None
         assert (b.status, b.dead_reason, b.attempts) == ("dead", "max_attempts", 3)
         assert b.error == wire.ErrorInfo(type="ValueError", message="bad")
-        assert b.finished_at is not None and b.dead_at == 1003.0
+        assert b.finished_at == 1002.0 and b.dead_at == 1002.0
         # The failed result first, then the dead letter.
         assert await store.record_result(result("c", "failed", attempts=2)) == "recorded"
         assert await store.record_dead_letter(letter("c")) == "recorded"
         c = await store.get("c")
         assert c is not None and (c.status, c.attempts) == ("dead", 2)
+        # Another execution's outcomes (another time) come after the first terminal one.
+        assert await store.record_result(result("b", "failed", attempts=4)) == "duplicate"
+        assert await store.record_dead_letter(letter("c", at=1500.0)) == "duplicate"
+        await store.record_accepted([job("d")])
+        assert await store.record_result(result("d", "failed")) == "recorded"
+        assert await store.record_dead_letter(letter("d", at=1500.0)) == "duplicate"
+        assert (await store.get("d")).status == "failed"  # type: ignore[union-attr]
         no_job = wire.DeadLetter(
             reason="undecodable", error=letter("x").error, worker="w", at=1.0, raw="x"
         )
@@ -434,6 +443,13 @@ def test_replay_requeues_dead_jobs_with_their_runs_kept(ledger: Ledger) -> None:
         await dead(store, "d1", "d2")
         await dead(store, "s1", task="sleep")
         await store.record_accepted([job("alive")])
+        expired = wire.JobEnvelope(id="exp", task="noop", args={}, created_at=1.0, deadline=2.0)
+        await store.record_accepted([expired])
+        await store.record_dead_letter(
+            wire.DeadLetter(
+                reason="expired", error=letter("x").error, worker="w", at=3.0, job=expired
+            )
+        )
         replayed = await store.replay(["d1", "alive", "zzz"])
         assert [j.id for j in replayed] == ["d1"]
         d1 = replayed[0]
@@ -452,12 +468,18 @@ def test_replay_requeues_dead_jobs_with_their_runs_kept(ledger: Ledger) -> None:
         assert await store.get("d1") == d1
         got = await claim(store, wire.now())  # never sent since: published at once
         assert list(got) == ["d1"] and got["d1"].reason == "replay"
+        assert wire.decode_job(got["d1"].body).id == "d1"
+        # A replay of an expired job publishes it without the expiry (it would only expire).
+        assert [j.id for j in await store.replay(["exp"])] == ["exp"]
+        (again,) = (await claim(store, wire.now())).values()
+        assert again.id == "exp" and wire.decode_job(again.body).deadline is None
         # Its new run's outcome is recorded afresh.
         assert await store.record_result(result("d1")) == "recorded"
         assert (await store.get("d1")).status == "succeeded"  # type: ignore[union-attr]
         by_task = await store.replay(task="sleep")
         assert [j.id for j in by_task] == ["s1"]
         assert [j.id for j in await store.replay(limit=5)] == ["d2"]
+        assert await store.replay(["d1"]) == []  # not dead any more
         assert await store.replay() == []
 
     run(ledger, body)
@@ -481,6 +503,8 @@ def test_purge_deletes_dead_jobs_only(ledger: Ledger) -> None:
         await dead(store, "s1", "s2", task="sleep")
         await store.record_accepted([job("alive")])
         assert await store.purge(["d1", "alive", "zzz"]) == 1
+        assert await store.purge(["d2", "d3"], limit=1) == 2  # the ids given, all of them
+        await dead(store, "d4", "d5")
         assert await store.get("d1") is None and await store.get("alive") is not None
         assert await store.purge(task="sleep", limit=1) == 1
         assert await store.purge(task="sleep") == 1

@@ -15,9 +15,9 @@ from nsqjobs.ledger.store import Accepted, OutcomeVerdict
 
 # Versioned migrations: MIGRATIONS[n] takes the schema from version n to n + 1 (the row of
 # schema_version). Append only; never edit one that has shipped. The columns are the SQLite
-# store's (times are Unix seconds), plus: ``redrive_reason``, why the relay is to publish the
-# job next (NULL: nsqd's acknowledgement never recorded, "unpublished"); ``result_recorded``,
-# the job's result is in (a dead letter's companion failed result is recorded once).
+# store's (times are Unix seconds; ``result`` is JSON text once a result is in, 'null' for
+# none), plus ``redrive_reason``: why the relay is to publish the job next (NULL: nsqd's
+# acknowledgement never recorded, "unpublished").
 MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     (
         """CREATE TABLE jobs (
@@ -45,8 +45,7 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             replays INTEGER NOT NULL DEFAULT 0,
             history TEXT,
             runs TEXT,
-            redrive_reason TEXT,
-            result_recorded BOOLEAN NOT NULL DEFAULT FALSE
+            redrive_reason TEXT
         ) WITH (fillfactor = 85)""",
         "CREATE INDEX jobs_by_status ON jobs (status, seq)",
         "CREATE INDEX jobs_by_task ON jobs (task, seq)",
@@ -56,6 +55,9 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX jobs_unsent ON jobs (seq) "
         "WHERE sent_at IS NULL AND status IN ('queued', 'running')",
         "CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL",
+        # Delayed unfinished jobs by when they are due (the oldest-unfinished gauge).
+        "CREATE INDEX jobs_delayed ON jobs (due_at) "
+        "WHERE due_at IS NOT NULL AND status IN ('queued', 'running')",
     ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
@@ -84,18 +86,38 @@ MARK_PUBLISHED: Final = (
     "WHERE j.id = u.id AND j.published_at IS NULL"
 )
 
-# Results, one array per field (ids unique): recorded when the job has no terminal outcome yet,
-# or is dead and this is the failed result that goes with its dead letter (the job stays dead).
+# A worker that gives a job up publishes a dead letter and then the failed result of the same
+# final attempt, with the same worker and time: that pair is one outcome, whichever comes first
+# (the job is dead, the result adds its attempts). Slack for rounded timestamps.
+SAME_OUTCOME_S: Final = 0.001
+
+# Results, one array per field (ids unique): the first terminal outcome wins; a failed result
+# may still complete a dead letter recorded first (see SAME_OUTCOME_S). RETURNING: recorded.
 RECORD_RESULT: Final = (
     "UPDATE jobs AS j SET "
-    "status = CASE WHEN j.status = 'dead' THEN 'dead' ELSE u.status END, "
-    "result = u.result, error = COALESCE(j.error, u.error), attempts = u.attempts, "
-    "worker = u.worker, finished_at = COALESCE(j.finished_at, u.finished_at), "
-    "result_recorded = TRUE, lease_until = NULL "
+    "status = CASE WHEN j.finished_at IS NULL THEN u.status ELSE j.status END, "
+    "error = CASE WHEN j.finished_at IS NULL THEN u.error ELSE j.error END, "
+    "worker = CASE WHEN j.finished_at IS NULL THEN u.worker ELSE j.worker END, "
+    "finished_at = COALESCE(j.finished_at, u.finished_at), result = u.result, "
+    "attempts = u.attempts, history = COALESCE(u.history, j.history), lease_until = NULL "
     "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[], "
-    "$7::float8[]) AS u(id, status, result, error, attempts, worker, finished_at) "
-    "WHERE j.id = u.id AND NOT j.result_recorded "
-    "AND (j.finished_at IS NULL OR (j.status = 'dead' AND u.status = 'failed')) RETURNING j.id"
+    "$7::float8[], $8::text[]) AS u(id, status, result, error, attempts, worker, finished_at, "
+    "history) WHERE j.id = u.id AND (j.finished_at IS NULL OR (u.status = 'failed' "
+    f"AND j.status = 'dead' AND j.result IS NULL AND j.worker = u.worker "
+    f"AND abs(j.dead_at - u.finished_at) < {SAME_OUTCOME_S})) RETURNING j.id"
+)
+
+# A dead letter ($1 id, $2 reason, $3 at, $4 error, $5 worker, $6 attempts, $7 history): the
+# first terminal outcome, or the letter of a failed result recorded first (SAME_OUTCOME_S).
+RECORD_DEAD_LETTER: Final = (
+    "UPDATE jobs SET status = 'dead', dead_reason = $2, dead_at = $3, "
+    "finished_at = COALESCE(finished_at, $3), "
+    "error = CASE WHEN finished_at IS NULL THEN $4 ELSE error END, "
+    "worker = CASE WHEN finished_at IS NULL THEN $5 ELSE worker END, "
+    "attempts = CASE WHEN finished_at IS NULL THEN GREATEST(attempts, $6) ELSE attempts END, "
+    "history = COALESCE($7, history), lease_until = NULL "
+    "WHERE id = $1 AND (finished_at IS NULL OR (status = 'failed' AND dead_at IS NULL "
+    f"AND worker = $5 AND abs(finished_at - $3::float8) < {SAME_OUTCOME_S})) RETURNING 1"
 )
 
 # The relay's claim ($1 now, $2 grace, $3 horizon, $4 lease, $5 limit): rows another

@@ -21,12 +21,14 @@ from collections.abc import Awaitable, Sequence
 from typing import Any, Final
 
 import asyncpg
+import msgspec
 
 from nsqjobs import wire
 from nsqjobs.ledger.pgsql import (
     CLAIM,
     COLUMNS,
     MIGRATIONS,
+    RECORD_DEAD_LETTER,
     SCHEMA_VERSION,
     TERMINAL_DB_ERRORS,
     Call,
@@ -47,6 +49,7 @@ from nsqjobs.ledger.store import (
     Page,
     held,
 )
+from nsqjobs.names import MAX_DELAY_MS
 
 log = logging.getLogger("nsqjobs.ledger")
 
@@ -146,38 +149,39 @@ class PostgresStore:
 
     def record_result(self, result: wire.ResultEnvelope) -> asyncio.Future[OutcomeVerdict]:
         """Record a result; the first terminal outcome per id wins (the failed result that
-        goes with a dead letter is part of that outcome)."""
+        goes with a dead letter is part of that outcome: pgsql.SAME_OUTCOME_S)."""
         error = None if result.error is None else _json.encode(result.error).decode()
-        value = None if result.result is None else _json.encode(result.result).decode()
         row = (
             result.id,
             result.status,
-            value,
+            _json.encode(result.result).decode(),  # 'null' too: a result is in
             error,
             result.attempts,
             result.worker,
             result.finished_at,
+            _history(getattr(result, "history", None)),
         )
         return self._submit("result", row)
 
     def record_dead_letter(self, letter: wire.DeadLetter) -> asyncio.Future[OutcomeVerdict]:
-        """Record a dead letter: recorded unless the job is finished otherwise (succeeded,
-        cancelled, dead already). A letter without a job names no id: ``unknown``."""
+        """Record a dead letter; the first terminal outcome per id wins, or it completes the
+        failed result of the same final attempt. A letter without a job names no id:
+        ``unknown``."""
         job = letter.job
         if job is None:
             return self._done("unknown")
-        history = _json.encode(job.history).decode() if job.history else None
-        params = (job.id, letter.reason, letter.at, _json.encode(letter.error).decode(), history)
+        params = (
+            job.id,
+            letter.reason,
+            letter.at,
+            _json.encode(letter.error).decode(),
+            letter.worker,
+            job.attempts,
+            _history(job.history),
+        )
 
         async def op(conn: Conn) -> OutcomeVerdict:
-            changed = await conn.fetchval(
-                "UPDATE jobs SET status = 'dead', dead_reason = $2, dead_at = $3, "
-                "error = COALESCE(error, $4), history = COALESCE($5, history), "
-                "finished_at = COALESCE(finished_at, $3) WHERE id = $1 AND dead_at IS NULL "
-                "AND (finished_at IS NULL OR status = 'failed') RETURNING 1",
-                *params,
-            )
-            return await verdict(conn, changed, job.id)
+            return await verdict(conn, await conn.fetchval(RECORD_DEAD_LETTER, *params), job.id)
 
         return self._submit("op", op)
 
@@ -277,12 +281,20 @@ class PostgresStore:
         return self._submit("op", op)
 
     def stats(self) -> asyncio.Future[LedgerStats]:
-        """See the protocol; every status is there, 0 when no job has it."""
+        """See the protocol; every status is there, 0 when no job has it.
+        ``oldest_unfinished_at`` is when the oldest unfinished job became runnable: accepted,
+        or due for a delayed one (one due next month is not late), read from indexes."""
 
         async def op(conn: Conn) -> LedgerStats:
             rows = await conn.fetch("SELECT status, count(*) AS n FROM jobs GROUP BY status")
             oldest = await conn.fetchval(
-                "SELECT min(accepted_at) FROM jobs WHERE status IN ('queued', 'running')"
+                "SELECT LEAST("
+                "(SELECT accepted_at FROM jobs WHERE status = 'queued' AND due_at IS NULL "
+                "ORDER BY seq LIMIT 1), "
+                "(SELECT accepted_at FROM jobs WHERE status = 'running' AND due_at IS NULL "
+                "ORDER BY seq LIMIT 1), "
+                "(SELECT min(due_at) FROM jobs WHERE due_at IS NOT NULL "
+                "AND status IN ('queued', 'running')))"
             )
             counts = dict.fromkeys(STATUSES, 0) | {r["status"]: r["n"] for r in rows}
             return LedgerStats(counts, oldest)
@@ -325,27 +337,32 @@ class PostgresStore:
     def replay(
         self, ids: list[str] | None = None, *, task: str | None = None, limit: int = 1000
     ) -> asyncio.Future[list[JobRecord]]:
-        """See the protocol."""
+        """See the protocol: the run so far goes to ``runs``; the job is queued again with a
+        fresh history, never sent (the relay sends it), its envelope less an expiry that has
+        passed (it would only expire again)."""
         where, params = _dead_filter(ids, task, limit)
+        now = wire.now()
 
         async def op(conn: Conn) -> list[JobRecord]:
             rows = await conn.fetch(
-                f"SELECT {COLUMNS}, result_recorded FROM jobs WHERE {where} "
-                "ORDER BY seq LIMIT $2 FOR UPDATE",
+                f"SELECT {COLUMNS}, envelope FROM jobs WHERE {where} ORDER BY seq LIMIT $2 "
+                "FOR UPDATE",
                 *params,
             )
             if not rows:
                 return []
-            runs = [_json.encode([*_record(r).runs, _run(r)]).decode() for r in rows]
+            runs = [_json.encode([*_record(r).runs, _run(r, now)]).decode() for r in rows]
             replayed = await conn.fetch(
-                "UPDATE jobs AS j SET status = 'queued', runs = u.runs, replays = j.replays + 1, "
-                "attempts = 0, worker = NULL, result = NULL, error = NULL, dead_reason = NULL, "
-                "dead_at = NULL, finished_at = NULL, started_at = NULL, published_at = NULL, "
-                "sent_at = NULL, lease_until = NULL, history = NULL, result_recorded = FALSE, "
-                "redrive_reason = 'replay' FROM unnest($1::text[], $2::text[]) AS u(id, runs) "
+                "UPDATE jobs AS j SET status = 'queued', runs = u.runs, envelope = u.envelope, "
+                "replays = j.replays + 1, attempts = 0, worker = NULL, result = NULL, "
+                "error = NULL, dead_reason = NULL, dead_at = NULL, finished_at = NULL, "
+                "started_at = NULL, published_at = NULL, sent_at = NULL, lease_until = NULL, "
+                "history = NULL, redrive_reason = 'replay' FROM unnest($1::text[], $2::text[], "
+                "$3::bytea[]) AS u(id, runs, envelope) "
                 f"WHERE j.id = u.id RETURNING {_qualified('j')}",
                 [r["id"] for r in rows],
                 runs,
+                [_replayed_envelope(r["envelope"], now) for r in rows],
             )
             return [_record(r) for r in sorted(replayed, key=lambda r: r["seq"])]
 
@@ -526,39 +543,49 @@ def _dead_filter(
     ids: list[str] | None, task: str | None, limit: int
 ) -> tuple[str, tuple[Any, Any]]:
     """The WHERE clause and parameters ($1, $2: the limit) choosing dead jobs to replay or
-    purge: by ids, else by task, else any."""
+    purge: all of ``ids``, else up to ``limit`` of ``task``, else of any task."""
     if not 1 <= limit <= 100_000:
         raise LedgerError("limit must be 1-100000")
     if ids is not None:
-        return "status = 'dead' AND id = ANY($1)", (ids, limit)
+        return "status = 'dead' AND id = ANY($1)", (ids, max(len(ids), 1))
     if task is not None:
         return "status = 'dead' AND task = $1", (task, limit)
     return "status = 'dead' AND $1::text IS NULL", (None, limit)
 
 
-def _run(row: Sequence[Any]) -> dict[str, Any]:
-    """A dead job's run so far, as kept in ``runs`` when it is replayed."""
+def _run(row: Sequence[Any], now: float) -> dict[str, Any]:
+    """A dead job's run so far, as ``runs`` keeps it when the job is replayed at ``now``."""
     job = _record(row)
-    view = job.view()
-    keys = (
-        "status",
-        "attempts",
-        "worker",
-        "result",
-        "error",
-        "dead_reason",
-        "dead_at",
-        "published_at",
-        "started_at",
-        "finished_at",
-        "history",
-    )
-    return {k: view[k] for k in keys}
+    return {
+        "status": job.status,
+        "attempts": job.attempts,
+        "error": msgspec.to_builtins(job.error),
+        "dead_reason": job.dead_reason,
+        "finished_at": job.finished_at,
+        "dead_at": job.dead_at,
+        "history": msgspec.to_builtins(job.history),
+        "replayed_at": now,
+    }
+
+
+def _replayed_envelope(envelope: bytes, now: float) -> bytes:
+    """The envelope a replay publishes: as accepted, less an expiry that has passed."""
+    job = wire.decode_job(envelope)
+    if job.deadline is not None and job.deadline <= now:
+        return wire.encode(msgspec.structs.replace(job, deadline=None))
+    return envelope
+
+
+def _history(history: tuple[wire.Attempt, ...] | None) -> str | None:
+    """Failed attempts as the ``history`` column holds them (None: none reported)."""
+    return _json.encode(history).decode() if history else None
 
 
 def _left_ms(due_at: float | None, now: float) -> int:
-    """What is left of a delay, in milliseconds."""
-    return 0 if due_at is None else max(0, round((due_at - now) * 1000))
+    """What is left of a delay, in milliseconds, within what nsqd defers."""
+    if due_at is None or due_at <= now:
+        return 0
+    return min(MAX_DELAY_MS, round((due_at - now) * 1000))
 
 
 def _qualified(table: str) -> str:
