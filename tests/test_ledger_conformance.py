@@ -639,3 +639,20 @@ def test_a_newer_schema_is_refused(postgres: Postgres) -> None:
 def test_an_unreachable_database_is_an_error_at_start(postgres: Postgres) -> None:
     with pytest.raises(LedgerError, match="cannot connect"):
         PostgresStore(postgres.url("no_such_database"), connect_timeout_s=2.0)
+
+
+def test_each_commit_is_timed(postgres: Postgres) -> None:
+    timed: list[float] = []
+
+    async def body() -> None:
+        url = postgres.create_database(f"t_{uuid.uuid4().hex}")
+        store = PostgresStore(url, observe_write=timed.append)
+        try:
+            await asyncio.gather(*(store.record_accepted([job(f"j{i}")]) for i in range(20)))
+            await store.get("j1")
+        finally:
+            store.close()
+
+    asyncio.run(body())
+    # Calls of one loop turn share a transaction: the 20 accepts are one commit, or a few.
+    assert 2 <= len(timed) <= 5 and all(0 < t < 30 for t in timed)

@@ -17,7 +17,8 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Awaitable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import asyncpg
@@ -53,8 +54,6 @@ from nsqjobs.names import MAX_DELAY_MS
 
 log = logging.getLogger("nsqjobs.ledger")
 
-# How long a publish note waits for a transaction to ride with before it goes alone.
-LAZY_S: Final = 0.05
 # Any key will do, as long as nothing else in the database takes advisory locks with it.
 _MIGRATION_LOCK: Final = 0x6E73_716A_6F62  # "nsqjob"
 # A transaction that met another gateway's in a deadlock, or a serialization failure, is tried
@@ -93,17 +92,22 @@ class PostgresStore:
     """
 
     def __init__(
-        self, url: str, *, connect_timeout_s: float = 5.0, command_timeout_s: float = 30.0
+        self,
+        url: str,
+        *,
+        connect_timeout_s: float = 5.0,
+        command_timeout_s: float = 30.0,
+        observe_write: Callable[[float], object] | None = None,
     ) -> None:
         self.url = url
+        # Told each commit's duration in seconds, from the writer thread (as the SQLite store).
+        self.observe_write = observe_write
         self.connect_timeout_s = connect_timeout_s
         self.command_timeout_s = command_timeout_s
         self._conn: Conn = None
         self._waiting: list[_Batch] = []  # the writer loop's alone
         self._draining: asyncio.Task[None] | None = None
         self._pending: list[Call] = []
-        self._lazy: list[Call] = []  # publish notes waiting for a transaction to ride with
-        self._lazy_timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -142,10 +146,8 @@ class PostgresStore:
         return self._submit("accept", rows)
 
     def mark_published(self, ids: list[str]) -> asyncio.Future[None]:
-        """Note nsqd's acknowledgement of these jobs. Nothing waits for it to be durable: it
-        rides with the next transaction (an accept's), or goes alone after ``LAZY_S``; one
-        lost in a crash only makes the relay publish the job again after its grace."""
-        return self._submit("mark", (ids, wire.now()), lazy=True)
+        """Note nsqd's acknowledgement of these jobs."""
+        return self._submit("mark", (ids, wire.now()))
 
     def record_result(self, result: wire.ResultEnvelope) -> asyncio.Future[OutcomeVerdict]:
         """Record a result; the first terminal outcome per id wins (the failed result that
@@ -388,7 +390,7 @@ class PostgresStore:
         """Commit what was handed over, close the connection, stop the writer thread."""
         if self._closed:
             return
-        self._flush(timer=True)
+        self._flush()
         self._closed = True
         try:
             self._in_writer(self._shutdown(), self.command_timeout_s + 10)
@@ -404,16 +406,11 @@ class PostgresStore:
         fut.set_result(value)
         return fut
 
-    def _submit(self, kind: str, payload: Any, *, lazy: bool = False) -> asyncio.Future[Any]:
+    def _submit(self, kind: str, payload: Any) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         if self._closed:
             fut.set_exception(LedgerError("the ledger is closed"))
-            return fut
-        if lazy:
-            self._lazy.append(Call(kind, payload, fut))
-            if self._lazy_timer is None:
-                self._lazy_timer = loop.call_later(LAZY_S, self._flush, True)
             return fut
         pending = self._pending
         pending.append(Call(kind, payload, fut))
@@ -421,18 +418,10 @@ class PostgresStore:
             loop.call_soon(self._flush)
         return fut
 
-    def _flush(self, timer: bool = False) -> None:
-        if self._closed:
+    def _flush(self) -> None:
+        if not self._pending or self._closed:
             return
-        if timer:
-            self._lazy_timer = None
-        elif not self._pending:
-            return
-        calls, self._pending = self._pending + self._lazy, []
-        self._lazy = []
-        if self._lazy_timer is not None:
-            self._lazy_timer.cancel()
-            self._lazy_timer = None
+        calls, self._pending = self._pending, []
         by_loop: dict[asyncio.AbstractEventLoop, list[Call]] = {}
         for call in calls:
             by_loop.setdefault(call.fut.get_loop(), []).append(call)
@@ -512,8 +501,12 @@ class PostgresStore:
         for attempt in range(1, _TRIES + 1):
             conn = await self._connection()
             try:
+                started = time.perf_counter()
                 async with conn.transaction():
-                    return await apply_calls(conn, calls)
+                    out = await apply_calls(conn, calls)
+                if self.observe_write is not None:
+                    self.observe_write(time.perf_counter() - started)
+                return out
             except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
                 if attempt == _TRIES:
                     raise LedgerError("the ledger kept deadlocking with another writer") from None
