@@ -35,6 +35,7 @@ from nsqjobs.ledger.pgsql import (
     Call,
     Conn,
     apply_calls,
+    apply_fast,
     verdict,
 )
 from nsqjobs.ledger.sqlite import _canonical, _json, _record
@@ -496,14 +497,17 @@ class PostgresStore:
                     loop.call_soon_threadsafe(_resolve, [c.fut for c in batch], results)
 
     async def _run(self, calls: list[Call]) -> list[tuple[bool, Any]]:
-        """Run ``calls`` in one transaction; a database error that is one call's fault (not
-        the connection's) fails that call alone: the others are run again without it."""
+        """Run ``calls`` in one transaction (one statement when it can: ``apply_fast``); a
+        database error that is one call's fault (not the connection's) fails that call alone:
+        the others are run again without it."""
         for attempt in range(1, _TRIES + 1):
             conn = await self._connection()
             try:
                 started = time.perf_counter()
-                async with conn.transaction():
-                    out = await apply_calls(conn, calls)
+                out = await apply_fast(conn, calls)
+                if out is None:
+                    async with conn.transaction():
+                        out = await apply_calls(conn, calls)
                 if self.observe_write is not None:
                     self.observe_write(time.perf_counter() - started)
                 return out
