@@ -656,3 +656,23 @@ def test_each_commit_is_timed(postgres: Postgres) -> None:
     asyncio.run(body())
     # Calls of one loop turn share a transaction: the 20 accepts are one commit, or a few.
     assert 2 <= len(timed) <= 5 and all(0 < t < 30 for t in timed)
+
+
+def test_an_unexpected_error_fails_the_calls_and_the_store_goes_on(
+    postgres: Postgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(conn: Any, calls: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    async def body() -> None:
+        store = PostgresStore(postgres.create_database(f"t_{uuid.uuid4().hex}"))
+        try:
+            with monkeypatch.context() as patch:
+                patch.setattr("nsqjobs.ledger.postgres.apply_fast", broken)
+                with pytest.raises(LedgerError, match="a bug"):
+                    await store.record_accepted([job("a")])
+            assert (await store.record_accepted([job("a")]))[0].kind == "new"
+        finally:
+            store.close()
+
+    asyncio.run(asyncio.wait_for(body(), 30))
