@@ -69,6 +69,10 @@ COLUMNS: Final = (
     "history, runs"
 )
 
+# Rows by an array of ids ($1), looked up one by one in the id index: ``id = ANY($1)`` with
+# many ids is planned as a scan of the whole table (measured: 18 ms a lookup at 200k jobs).
+BY_IDS: Final = "id IN (SELECT unnest($1::text[]))"
+
 # Accepted jobs, one array per column: the ids that were new (ON CONFLICT waits for another
 # gateway's uncommitted insert of the same id, then skips it).
 ACCEPT: Final = (
@@ -90,7 +94,7 @@ ACCEPT_AND_MARK: Final = (
     "ins AS (INSERT INTO jobs (id, task, args, envelope, status, created_at, accepted_at, "
     "due_at, sent_at, redrive_reason) SELECT u.id, u.task, u.args, u.envelope, 'queued', "
     "u.created_at, u.accepted_at, u.due_at, u.sent_at, u.reason FROM u "
-    "WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE id = ANY($1::text[])) "
+    "WHERE NOT EXISTS (SELECT 1 FROM u JOIN jobs AS j ON j.id = u.id) "
     "ON CONFLICT (id) DO NOTHING RETURNING id), "
     "marked AS (UPDATE jobs AS j SET published_at = m.at FROM unnest($10::text[], "
     "$11::float8[]) AS m(id, at) WHERE j.id = m.id AND j.published_at IS NULL RETURNING 1) "
@@ -232,7 +236,7 @@ async def apply_fast(conn: Conn, calls: list[Call]) -> list[tuple[bool, Any]] | 
             for c in calls
         ]
     if inserted:
-        await conn.execute("DELETE FROM jobs WHERE id = ANY($1)", list(inserted))
+        await conn.execute(f"DELETE FROM jobs WHERE {BY_IDS}", list(inserted))
     return None
 
 
@@ -259,7 +263,7 @@ async def _accept(conn: Conn, calls: list[list[tuple[Any, ...]]]) -> list[list[A
     others = [row[0] for row, new in zip(rows, fresh, strict=True) if not new]
     existing: dict[str, Any] = {}
     if others:
-        for r in await conn.fetch(f"SELECT {COLUMNS} FROM jobs WHERE id = ANY($1)", others):
+        for r in await conn.fetch(f"SELECT {COLUMNS} FROM jobs WHERE {BY_IDS}", others):
             existing[r["id"]] = r
     answers: list[list[Accepted]] = []
     conflicted = False
@@ -278,7 +282,7 @@ async def _accept(conn: Conn, calls: list[list[tuple[Any, ...]]]) -> list[list[A
         answers.append(mine)
     if conflicted:
         new_ids = [row[0] for row, new in zip(rows, fresh, strict=True) if new]
-        await conn.execute("DELETE FROM jobs WHERE id = ANY($1)", new_ids)
+        await conn.execute(f"DELETE FROM jobs WHERE {BY_IDS}", new_ids)
         if len(calls) > 1:  # undo all, then each call on its own: the others still count
             return [(await _accept(conn, [call]))[0] for call in calls]
     return answers
@@ -300,7 +304,7 @@ async def _results(conn: Conn, rows: list[tuple[Any, ...]]) -> list[OutcomeVerdi
     missing = [row[0] for row in unique if row[0] not in recorded]
     known = set()
     if missing:
-        found = await conn.fetch("SELECT id FROM jobs WHERE id = ANY($1)", missing)
+        found = await conn.fetch(f"SELECT id FROM jobs WHERE {BY_IDS}", missing)
         known = {r["id"] for r in found}
     verdicts: list[OutcomeVerdict] = []
     for n, row in enumerate(rows):

@@ -26,6 +26,7 @@ import msgspec
 
 from nsqjobs import wire
 from nsqjobs.ledger.pgsql import (
+    BY_IDS,
     CLAIM,
     COLUMNS,
     MIGRATIONS,
@@ -555,7 +556,7 @@ def _dead_filter(
     if not 1 <= limit <= 100_000:
         raise LedgerError("limit must be 1-100000")
     if ids is not None:
-        return "status = 'dead' AND id = ANY($1)", (ids, max(len(ids), 1))
+        return f"status = 'dead' AND {BY_IDS}", (ids, max(len(ids), 1))
     if task is not None:
         return "status = 'dead' AND task = $1", (task, limit)
     return "status = 'dead' AND $1::text IS NULL", (None, limit)
