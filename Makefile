@@ -22,6 +22,9 @@ export NSQJOBS_WORKER_PORT ?= 9101
 export NSQJOBS_GRACE_S ?= 10
 # nsqd, nsqlookupd and nsqadmin log level in the local stack (debug, info, warn, error).
 export NSQJOBS_NSQ_LOG_LEVEL ?= warn
+# The job ledger of the local stack: SQLite in the data directory (empty: no ledger; or a
+# postgresql:// URL of a server of your own).
+export NSQJOBS_LEDGER_URL ?= sqlite:///$(DATA_DIR)/ledger.sqlite3
 
 .PHONY: help venv nsq run ctl test lint bench chaos clean images standins compose-test
 
@@ -82,6 +85,7 @@ run: venv nsq
 	@echo "  nsqd         tcp 127.0.0.1:$(NSQJOBS_NSQD_TCP_PORT), http 127.0.0.1:$(NSQJOBS_NSQD_HTTP_PORT), data $(DATA_DIR)/nsqd"
 	@echo "  nsqlookupd   tcp 127.0.0.1:$(NSQJOBS_LOOKUPD_TCP_PORT), http 127.0.0.1:$(NSQJOBS_LOOKUPD_HTTP_PORT)"
 	@echo "  nsqadmin     http://127.0.0.1:$(NSQJOBS_NSQADMIN_PORT)"
+	@echo "  ledger       $(or $(NSQJOBS_LEDGER_URL),off)"
 	@echo "  try:  curl -s -XPOST 'http://127.0.0.1:$(NSQJOBS_GATEWAY_PORT)/v1/jobs?wait=10' -H 'Content-Type: application/json' -d '{\"task\": \"primes.count\", \"args\": {\"start\": 0, \"stop\": 1000000}}'"
 	@echo "  status: make ctl (another terminal)"
 	@echo "  stop: Ctrl-C (workers drain for $(NSQJOBS_GRACE_S)s at most)"

@@ -18,7 +18,10 @@ ratios are meaningful; the figure reported is the median of the per-round ratios
    FIN: that is part of its real cost. Target: ratio >= 0.8.
 4. End-to-end latency: with one gateway and one worker, noop jobs submitted at 50/s for 10 s to
    ``POST /v1/jobs?wait=5``; p50/p90/p99 of send-to-result. For the record, no target.
-5. ``kernels``: the compute-kernel benchmarks of ``bench/kernels/`` (Numba and Cython against
+5. ``ledger_ingest``: 1 and 2 with the job ledger on, SQLite and PostgreSQL, side by side with
+   the gateway without a ledger and nsqd in one rotation (bench/ledger_ingest.py). Targets:
+   single >= 0.25 of /pub, batch >= 0.4 of /mpub. Figures in ``ledger_ingest.json`` / ``.md``.
+6. ``kernels``: the compute-kernel benchmarks of ``bench/kernels/`` (Numba and Cython against
    C, the pure-Python reference, thread scaling, jobs/s through one or two workers), run after
    the four above once their daemons are stopped; see ``python -m bench.kernels --help``.
 
@@ -49,12 +52,12 @@ from pathlib import Path
 
 from nsqjobs.testing import HarnessError, need_binary, start_nsq, temp_dir
 
-from bench import hey, kernels, report, scenarios
+from bench import hey, kernels, ledger_ingest, report, scenarios
 from bench.procs import ROOT, log, start_gateway
 from bench.results_model import Comparison, Latency
 
 PIPELINE = ("gateway_single", "gateway_batch", "worker_dispatch", "latency")
-BENCHMARKS = (*PIPELINE, "kernels")
+BENCHMARKS = (*PIPELINE, "ledger_ingest", "kernels")
 
 
 def _command(argv: Sequence[str]) -> str:
@@ -92,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     codes = []
     if any(b in PIPELINE for b in only):
         codes.append(_pipeline(args, argv, only))
+    if "ledger_ingest" in only:
+        codes.append(_ledger_ingest(args, argv))
     if "kernels" in only:
         codes.append(kernels.run(args.quick, args.out, _command(argv), strict=args.strict))
     return 1 if 1 in codes else max(codes, default=0)
@@ -172,6 +177,48 @@ def _pipeline(args: argparse.Namespace, argv: Sequence[str], only: Sequence[str]
     if args.strict and not all(c.passed for c in comparisons):
         return 2
     return 0
+
+
+def _ledger_ingest(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run the ledger ingest benchmark and write ``ledger_ingest.json`` / ``.md``."""
+    hey.hey_binary()
+    s = scenarios.Settings.quick() if args.quick else scenarios.Settings()
+    header: dict[str, object] = {
+        **report.machine(),
+        "command": _command(argv),
+        "quick": args.quick,
+        "settings": scenarios.settings_json(s),
+        "nsq_version": "?",
+        "errors": {},
+    }
+    started = time.monotonic()
+    comparisons: list[Comparison] = []
+    with ExitStack() as stack:
+        work = temp_dir(stack, "nsqjobs-bench-")
+        try:
+            nsq = start_nsq(stack, work)
+            header["nsq_version"] = nsq.version
+            log("ledger_ingest ...")
+            comparisons = ledger_ingest.ledger_ingest(nsq, s, work)
+        except HarnessError as exc:
+            log(f"ledger_ingest could not run: {exc}")
+            header["errors"] = {"ledger_ingest": str(exc)}
+    header["duration_s"] = round(time.monotonic() - started, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report.write_json(args.out / "ledger_ingest.json", header, comparisons, [])
+    report.write_markdown(
+        args.out / "ledger_ingest.md",
+        header,
+        comparisons,
+        [],
+        title="nsqjobs ingest with the job ledger on",
+    )
+    for c in comparisons:
+        verdict = "PASS" if c.passed else "FAIL"
+        log(f"  {c.key}: ratio {c.ratio:.3f} (target >= {c.target:g}) {verdict}")
+    if header["errors"]:
+        return 1
+    return 2 if args.strict and not all(c.passed for c in comparisons) else 0
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 ``python -m bench.compose``: builds the image, starts the stack (every service but Grafana) under
 a project name of its own, and for each replica count submits ``primes.count`` chunks through the
-published gateway port, as many in flight as there are worker slots times two, and times them.
+published gateway port (nginx in front of two gateway replicas), as many in flight as there are
+worker slots times two, and times them.
 Each replica runs one executor slot (``NSQJOBS_CONCURRENCY=1``), so replicas are the parallelism.
 The stack is always taken down (``down -v``). Stand-in images (``deploy/standins/``) are used
 when they exist locally, as in the tests. Figures go to ``bench/results/compose.md``.
@@ -23,7 +24,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "compose.md"
-SERVICES = ["nsqlookupd", "nsqd", "nsqadmin", "gateway", "worker", "exporter", "prometheus"]
+SERVICES = [
+    "nsqlookupd",
+    "nsqd",
+    "nsqadmin",
+    "postgres",
+    "gateway",
+    "proxy",
+    "worker",
+    "exporter",
+    "prometheus",
+]
 CHUNK = 500_000_000  # numbers per primes.count job (about 0.3 s of one core)
 
 

@@ -64,9 +64,15 @@ def gateway_argv(nsq: Nsq, port: int) -> list[str]:
 
 
 def start_gateway(
-    stack: ExitStack, nsq: Nsq, log_dir: Path, topics: Sequence[str], name: str = "gateway"
+    stack: ExitStack,
+    nsq: Nsq,
+    log_dir: Path,
+    topics: Sequence[str],
+    name: str = "gateway",
+    extra: Sequence[str] = (),
 ) -> str:
-    """One ``nsqjobs gateway`` process; returns its base URL once /readyz answers 200.
+    """One ``nsqjobs gateway`` process (``extra``: more flags); returns its base URL once
+    /readyz answers 200.
 
     ``topics`` are created first, so that nsqlookupd knows the results topic before the
     gateway's results reader first asks it (otherwise readiness waits for the next poll).
@@ -74,7 +80,7 @@ def start_gateway(
     for topic in topics:
         nsq.post("/topic/create", topic=topic)
     port = free_port()
-    proc = start_process(stack, name, gateway_argv(nsq, port), log_dir)
+    proc = start_process(stack, name, [*gateway_argv(nsq, port), *extra], log_dir)
     base = f"http://127.0.0.1:{port}"
     wait_ready(proc, f"{base}/readyz", 60.0)
     return base

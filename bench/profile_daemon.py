@@ -3,6 +3,7 @@
     python -m bench.profile_daemon gateway   # hey -c 32 on POST /v1/jobs
     python -m bench.profile_daemon batch     # hey -c 4 on POST /v1/jobs/batch
     python -m bench.profile_daemon worker    # one worker draining pre-filled noop jobs
+    python -m bench.profile_daemon gateway --ledger-url sqlite:////tmp/l.sqlite3  # ledger on
 
 Prints the top functions by own time and by cumulative time (main thread only: cProfile does
 not see the executor's threads, which only run the noop task here). Profiling slows Python
@@ -53,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=30_000, help="jobs for the worker")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--save", type=Path, help="keep the raw cProfile file here")
+    parser.add_argument("--ledger-url", default="", help="the gateway's --ledger-url")
     args = parser.parse_args(argv)
     with ExitStack() as stack:
         work = temp_dir(stack, "nsqjobs-bench-")
@@ -84,9 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for topic in GATEWAY_TOPICS:
                     nsq.post("/topic/create", topic=topic)
                 port = free_port()
-                proc = start_process(
-                    daemon, "gateway", _profiled(gateway_argv(nsq, port), prof), work
-                )
+                gateway = gateway_argv(nsq, port)
+                if args.ledger_url:
+                    gateway += ["--ledger-url", args.ledger_url]
+                proc = start_process(daemon, "gateway", _profiled(gateway, prof), work)
                 base = f"http://127.0.0.1:{port}"
                 wait_ready(proc, f"{base}/readyz", 60.0)
                 if args.target == "gateway":

@@ -74,11 +74,15 @@ def _rate(value: float, unit: str) -> str:
 
 
 def write_markdown(
-    path: Path, header: dict[str, Any], comparisons: list[Comparison], latencies: list[Latency]
+    path: Path,
+    header: dict[str, Any],
+    comparisons: list[Comparison],
+    latencies: list[Latency],
+    title: str = "nsqjobs pipeline benchmark",
 ) -> None:
     """The human-readable report."""
     out = [
-        "# nsqjobs pipeline benchmark",
+        f"# {title}",
         "",
         f"- Date: {header['date']}",
         f"- CPU: {header['cpu_model']}, {header['cores']} cores "

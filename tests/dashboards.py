@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nsqjobs.config import ExporterConfig, env_var
+from nsqjobs.config import ExporterConfig, GatewayConfig, env_var
+from nsqjobs.names import LEDGER_SQLITE_SCHEME
 from nsqjobs.testing import (
     Daemon,
     Nsq,
@@ -195,8 +196,10 @@ class LocalStack:
 def start_local_stack(
     nsq: Nsq, work_dir: Path, stack: ExitStack, start: Any, workers: int = 2
 ) -> LocalStack:
-    """Start the stack; ``start(kind, nsq, **env)`` starts a daemon (the ``daemons`` fixture)."""
-    gateway = start("gateway", nsq)
+    """Start the stack; ``start(kind, nsq, **env)`` starts a daemon (the ``daemons`` fixture).
+    The gateway keeps a ledger (SQLite in ``work_dir``), as the local stack of ``make run``."""
+    ledger = f"{LEDGER_SQLITE_SCHEME}{work_dir / 'ledger.sqlite3'}"
+    gateway = start("gateway", nsq, **{env_var(GatewayConfig, "ledger_url"): ledger})
     started = [start("worker", nsq, **FAST_FAILURES) for _ in range(workers)]
     exporter = start_exporter(nsq, work_dir, stack)
     url = start_prometheus(

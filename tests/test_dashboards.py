@@ -91,6 +91,24 @@ def test_overview_variables_and_datasource() -> None:
         assert words in titles
 
 
+def test_ledger_panels_take_the_shared_gauges_once() -> None:
+    # Every gateway replica exports the same gauges of the one shared ledger: a sum would count
+    # each job once per replica.
+    found = panels(GRAFANA_DIR / "dashboards" / "overview.json")
+    ledger = [p for p in found if any("nsqjobs_ledger_" in e for e in p.expr)]
+    titles = " | ".join(p.title for p in ledger)
+    for words in ("by status", "Oldest unfinished", "Re-drives", "Duplicate", "write latency"):
+        assert words in titles, titles
+    assert "Outcomes read" in titles, titles
+    gauges = [
+        e
+        for p in ledger
+        for e in p.expr
+        if re.search(r"nsqjobs_ledger_(jobs|oldest_unfinished_age_seconds)\b", e)
+    ]
+    assert len(gauges) == 2 and all(e.startswith("max") for e in gauges), gauges
+
+
 @pytest.mark.integration
 def test_every_query_parses(stack: ExitStack, tmp_path: Path) -> None:
     # promtool has no parse command: an empty Prometheus answers a bad query with an error.
@@ -135,6 +153,7 @@ def test_alert_rules_pass_promtool() -> None:
         "GatewayErrorRatio",
         "DaemonDown",
         "NsqdDown",
+        "NsqjobsOldestUnfinishedJob",
     ]
     assert alerts.count("runbook:") == len(names)
     tests = (PROMETHEUS_DIR / "alerts_test.yml").read_text()

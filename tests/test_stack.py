@@ -50,6 +50,14 @@ def test_metrics_pass_promtool(nsq: Nsq, daemons: Callable[..., Daemon]) -> None
     assert gw.metric("nsqjobs_publish_duration_seconds_count", command="pub") == 1
 
 
+def _wait_status(url: str, expected: str) -> None:
+    def reached() -> bool:
+        _, _, record = http("GET", url)
+        return isinstance(record, dict) and record.get("status") == expected
+
+    wait_for(reached, 10, f"{url} to be {expected}")
+
+
 def _processes_mentioning(needle: str) -> list[str]:
     found = []
     for entry in Path("/proc").iterdir():
@@ -96,7 +104,8 @@ def _stack_env(tmp_path: Path, **extra: str) -> tuple[dict[str, str], dict[str, 
     }
     ports["NSQJOBS_WORKER_PORT"] = str(_free_port_run(int(extra.get("NSQJOBS_WORKERS", "2"))))
     env = {
-        **os.environ,
+        # The stack's own ledger default (SQLite in DATA_DIR) is under test, not the caller's.
+        **{k: v for k, v in os.environ.items() if k != "NSQJOBS_LEDGER_URL"},
         **ports,
         "DATA_DIR": str(tmp_path / "stack-data"),
         "NSQJOBS_LOOKUPD_POLL_INTERVAL": "1",
@@ -140,6 +149,7 @@ def test_make_run_starts_the_stack_and_stops_it_on_ctrl_c(tmp_path: Path) -> Non
         banner = log_path.read_text()
         assert f"gateway      http://127.0.0.1:{ports['NSQJOBS_GATEWAY_PORT']}" in banner
         assert "curl -s -XPOST" in banner
+        assert f"ledger       sqlite:///{data_dir}/ledger.sqlite3" in banner
         # supervisorctl works against the running stack, and sees NSQJOBS_WORKERS workers
         # (RUNNING once up for startsecs, which may be after /readyz answers).
         expected = {
@@ -197,10 +207,14 @@ def test_make_run_starts_the_stack_and_stops_it_on_ctrl_c(tmp_path: Path) -> Non
             )
             assert status == 200 and body["status"] == "succeeded", body
             results[task] = body["result"]
+            # The ledger is on (SQLite in the data directory): the job can be read by id, with
+            # its outcome once the ledger read it (its own channel: maybe after ?wait= answered).
+            _wait_status(f"{gateway}/v1/jobs/{body['id']}", "succeeded")
         assert results["primes.count"] == 78498
         assert abs(results["pi.estimate"]["estimate"] - 3.14) < 0.05
         assert sum(results["julia.tile"]["histogram"]) == 32 * 24
         assert 0 < results["diffusion.run"]["mean"] < 1
+        assert (data_dir / "ledger.sqlite3").is_file()
         started = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         proc.wait(20)

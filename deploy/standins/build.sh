@@ -5,8 +5,11 @@
 #   debian:bookworm-slim -> nsqjobs-standin/debian:bookworm-slim  (debootstrap minbase, slimmed)
 #   nsqio/nsq:v1.3.0     -> nsqjobs-standin/nsq:v1.3.0            (static NSQ v1.3.0 + busybox)
 #   prom/prometheus      -> nsqjobs-standin/prometheus:2.42        (Debian's prometheus binary)
+#   postgres:15-bookworm -> nsqjobs-standin/postgres:15            (Debian's postgresql package)
+#   nginx:1.27-alpine    -> nsqjobs-standin/nginx:1.22             (Debian's nginx package)
 #
-# Each image is built only when missing. Needs root, debootstrap, busybox-static, Go, prometheus.
+# Each image is built only when missing (postgres and nginx also when their files changed). Needs root, debootstrap, busybox-static, Go, prometheus;
+# the PostgreSQL and nginx stand-ins install their Debian packages with apt inside the build.
 # Prints the environment that points docker-compose.yml at the stand-ins (see standins.env).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -61,3 +64,16 @@ if ! have "$PROMETHEUS_IMAGE"; then
   cp "$here/prometheus.Dockerfile" "$work/prom/Dockerfile"
   docker build -q --build-arg "BASE_IMAGE=$BASE_IMAGE" -t "$PROMETHEUS_IMAGE" "$work/prom" >/dev/null
 fi
+
+# Debian's packages installed in a container of the base stand-in (apt reaches the mirror there).
+# Rebuilt when their files changed: the image carries a hash of them as a label.
+for name in postgres nginx; do
+  var="$(echo "$name" | tr a-z A-Z)_IMAGE"
+  sum="$(cat "$here/$name".* | sha256sum | cut -c1-16)"
+  label="$(docker image inspect -f '{{index .Config.Labels "nsqjobs.standin"}}' "${!var}" 2>/dev/null || true)"
+  if [ "$label" != "$sum" ]; then
+    echo "standins: ${!var} (Debian's ${name/postgres/postgresql} package)"
+    docker build -q --build-arg "BASE_IMAGE=$BASE_IMAGE" --label "nsqjobs.standin=$sum" \
+      -f "$here/$name.Dockerfile" -t "${!var}" "$here" >/dev/null
+  fi
+done

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import os
 import socket
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
@@ -210,8 +211,9 @@ class GatewayConfig(NsqConfig):
     )
     ledger_url: str = setting(
         "",
-        "job ledger: sqlite:///relative/path or sqlite:////absolute/path (empty: no ledger, "
-        "no GET /v1/jobs/{id}, no id deduplication)",
+        "job ledger: sqlite:///relative/path, sqlite:////absolute/path, or "
+        "postgresql://user[:password]@host[:port]/database for several gateways sharing one "
+        "(empty: no ledger, no GET /v1/jobs/{id}, no id deduplication)",
     )
     ledger_poll_s: float = setting(
         1.0,
@@ -259,10 +261,11 @@ class GatewayConfig(NsqConfig):
         )
         _require(
             not self.ledger_url
-            or (self.ledger_url.startswith(c.LEDGER_SQLITE_SCHEME) and len(self.ledger_url) > 10),
+            or (self.ledger_url.startswith(c.LEDGER_SQLITE_SCHEME) and len(self.ledger_url) > 10)
+            or _postgres_url(self.ledger_url),
             cls,
             "ledger_url",
-            f"must be empty or {c.LEDGER_SQLITE_SCHEME}PATH",
+            f"must be empty, {c.LEDGER_SQLITE_SCHEME}PATH or postgresql://user@host:port/database",
         )
         _require(0.01 <= self.ledger_poll_s <= 60, cls, "ledger_poll_s", "must be 0.01-60")
         _require(
@@ -370,3 +373,15 @@ class ExporterConfig(NsqConfig):
             "lookupd_http_address",
             "empty: set --nsqd-http-address instead, or the exporter has nothing to read",
         )
+
+
+def _postgres_url(url: str) -> bool:
+    """A ``postgresql://`` or ``postgres://`` URL naming a host or a database (libpq's form)."""
+    if not url.startswith(c.LEDGER_POSTGRES_SCHEMES):
+        return False
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError for a port that is not one)
+    except ValueError:
+        return False
+    return bool(parts.hostname or parts.path.strip("/") or parts.query)

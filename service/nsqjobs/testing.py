@@ -45,6 +45,7 @@ __all__ = [
     "HarnessError",
     "MissingBinary",
     "Nsq",
+    "Postgres",
     "Proc",
     "ProcessExited",
     "Tail",
@@ -54,10 +55,12 @@ __all__ = [
     "nsq_pair",
     "nsqjobs_command",
     "ping",
+    "postgres_bin_dir",
     "run_cli",
     "spawn",
     "start_daemon",
     "start_nsq",
+    "start_postgres",
     "stop_process",
     "temp_dir",
     "wait_for",
@@ -269,8 +272,11 @@ def spawn(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     stack: ExitStack | None = None,
+    uid: int | None = None,
+    gid: int | None = None,
 ) -> Proc:
-    """Start ``argv`` with ``env`` over this environment; ``stack`` (if given) stops it."""
+    """Start ``argv`` with ``env`` over this environment (as ``uid``/``gid`` when given: we
+    are root); ``stack`` (if given) stops it."""
     with open(log_path, "ab") as out:
         popen = subprocess.Popen(
             list(argv),
@@ -279,6 +285,9 @@ def spawn(
             stderr=subprocess.STDOUT,
             cwd=cwd,
             env={**os.environ, **(env or {})},
+            user=uid,
+            group=gid,
+            extra_groups=None if uid is None else [],
         )
     proc = Proc(name or Path(argv[0]).name, popen, log_path)
     if stack is not None:
@@ -632,3 +641,250 @@ class Tail:
     def close(self) -> None:
         """Close the connection."""
         self.sock.close()
+
+
+# -- PostgreSQL (the ledger's shared store) ----------------------------------------------------
+
+POSTGRES_USER: Final = "nsqjobs"
+# Debian's postgresql packages keep their programs off PATH, one directory per major version.
+_DEBIAN_PG_BINS: Final = "/usr/lib/postgresql/*/bin"
+# postgres refuses to run as root: as root the harness runs it as this user.
+_PG_RUN_AS: Final = "nobody"
+# A unix socket's path must fit in sockaddr_un (108 bytes with the terminating NUL).
+_MAX_SOCKET_PATH: Final = 100
+
+
+def postgres_bin_dir() -> Path:
+    """The newest Debian PostgreSQL ``bin`` directory, else the one of ``initdb`` on PATH;
+    `MissingBinary` when there is neither."""
+    found = [p for p in Path("/").glob(_DEBIAN_PG_BINS.lstrip("/")) if (p / "postgres").exists()]
+    if found:
+        return max(found, key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
+    initdb = shutil.which("initdb")
+    if initdb and (Path(initdb).parent / "postgres").exists():
+        return Path(initdb).parent
+    raise MissingBinary(
+        f"PostgreSQL not found in {_DEBIAN_PG_BINS} or on PATH: apt-get install postgresql"
+    )
+
+
+def _run_as() -> tuple[int, int] | None:
+    """(uid, gid) to run postgres as when we are root, else None (run as ourselves)."""
+    if os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        pw = pwd.getpwnam(_PG_RUN_AS)
+    except KeyError as exc:
+        raise HarnessError(f"running as root, and there is no user {_PG_RUN_AS!r}") from exc
+    return pw.pw_uid, pw.pw_gid
+
+
+def _reachable_by_others(path: Path) -> bool:
+    """True when ``path`` and every directory above it let other users through (o+x)."""
+    full = path.resolve()
+    return all(p.stat().st_mode & 0o001 for p in (full, *full.parents))
+
+
+@dataclass
+class Postgres:
+    """A PostgreSQL server of our own (fsync and synchronous_commit on, trust authentication
+    on 127.0.0.1 and a unix socket in its own directory), and the means to stop and restart
+    it mid-test."""
+
+    port: int
+    data_dir: Path
+    socket_dir: Path
+    bin_dir: Path
+    log_path: Path
+    run_as: tuple[int, int] | None
+    proc: Proc | None = field(default=None, repr=False, compare=False)
+    cleanup: list[Path] = field(default_factory=list, repr=False, compare=False)
+
+    def url(self, database: str = "postgres") -> str:
+        """A ``postgresql://`` URL of one database of this server."""
+        return f"postgresql://{POSTGRES_USER}@127.0.0.1:{self.port}/{database}"
+
+    def alive(self) -> bool:
+        """True while the server process runs."""
+        return self.proc is not None and self.proc.alive()
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the server (again, after `stop`) on the same port and data directory; returns
+        once it accepts connections."""
+        if self.alive():
+            raise HarnessError("this PostgreSQL server is running already")
+        argv = [
+            str(self.bin_dir / "postgres"),
+            "-D",
+            str(self.data_dir),
+            "-p",
+            str(self.port),
+            "-k",
+            str(self.socket_dir),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            # Durable commits, as in production: a future resolves only once on disk.
+            "-c",
+            "fsync=on",
+            "-c",
+            "synchronous_commit=on",
+            "-c",
+            "max_connections=200",
+        ]
+        uid, gid = self.run_as if self.run_as else (None, None)
+        self.proc = spawn(argv, self.log_path, name="postgres", uid=uid, gid=gid)
+        proc = self.proc
+
+        def ready() -> bool:
+            proc.check_alive()
+            return self._isready()
+
+        wait_for(ready, timeout, f"postgres on port {self.port}", interval=0.05)
+
+    def _isready(self) -> bool:
+        done = subprocess.run(
+            [
+                str(self.bin_dir / "pg_isready"),
+                *("-q", "-h", "127.0.0.1", "-p", str(self.port), "-U", POSTGRES_USER),
+            ],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=10,
+        )
+        return done.returncode == 0
+
+    def stop(self, *, immediate: bool = False, timeout: float = 30.0) -> None:
+        """Stop the server: a fast shutdown (SIGINT: clients are disconnected, everything is
+        written out), or ``immediate`` (SIGQUIT: like a crash, recovery runs at the next start)."""
+        if self.proc is None or not self.proc.alive():
+            return
+        self.proc.proc.send_signal(signal.SIGQUIT if immediate else signal.SIGINT)
+        try:
+            self.proc.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.proc.kill()
+            self.proc.proc.wait(10.0)
+
+    def restart(self, *, immediate: bool = False) -> None:
+        """`stop`, then `start`."""
+        self.stop(immediate=immediate)
+        self.start()
+
+    def psql(self, sql: str, database: str = "postgres") -> str:
+        """Run SQL with psql (tuples only, unaligned); its output, or `HarnessError`."""
+        done = subprocess.run(
+            [
+                str(self.bin_dir / "psql"),
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                POSTGRES_USER,
+                "-d",
+                database,
+                "-c",
+                sql,
+            ],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if done.returncode != 0:
+            raise HarnessError(f"psql {sql!r}: {done.stderr.strip()[-500:]}")
+        return done.stdout
+
+    def create_database(self, name: str) -> str:
+        """Create an empty database; its URL."""
+        self.psql(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def close(self) -> None:
+        """Stop the server and remove what the harness created outside the caller's directory."""
+        self.stop()
+        for path in self.cleanup:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def start_postgres(work_dir: Path, stack: ExitStack | None = None) -> Postgres:
+    """initdb and start a PostgreSQL server on a free port, data in ``work_dir`` (or, when we
+    are root and ``work_dir`` is closed to other users, in a directory of its own); ``stack``
+    (if given) stops it.
+
+    postgres refuses to run as root: as root, it runs as ``nobody``. `MissingBinary` when
+    PostgreSQL is not installed (Debian: ``apt-get install postgresql``).
+    """
+    bin_dir = postgres_bin_dir()
+    run_as = _run_as()
+    base = work_dir / "postgres"
+    cleanup: list[Path] = []
+    if run_as is not None and not _reachable_by_others(work_dir):
+        base = Path(tempfile.mkdtemp(prefix="nsqjobs-pg-"))
+        cleanup.append(base)
+    base.mkdir(parents=True, exist_ok=True)
+    socket_dir = base / "sock"
+    if len(str(socket_dir)) + len("/.s.PGSQL.65535") > _MAX_SOCKET_PATH:
+        socket_dir = Path(tempfile.mkdtemp(prefix="nsqjobs-pgs-"))
+        cleanup.append(socket_dir)
+    socket_dir.mkdir(exist_ok=True)
+    if run_as is not None:
+        for path in (base, socket_dir):
+            os.chown(path, *run_as)
+    data_dir = base / "data"
+    uid, gid = run_as if run_as else (None, None)
+    initdb = subprocess.run(
+        [
+            str(bin_dir / "initdb"),
+            "-D",
+            str(data_dir),
+            "-U",
+            POSTGRES_USER,
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--no-locale",
+            "--no-sync",  # a throwaway cluster: its files need not be synced now
+            "--no-instructions",
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        user=uid,
+        group=gid,
+        extra_groups=[] if run_as else None,
+    )
+    if initdb.returncode != 0:
+        for path in cleanup:
+            shutil.rmtree(path, ignore_errors=True)
+        raise HarnessError(f"initdb failed: {initdb.stderr.strip()[-1000:]}")
+    for attempt in range(1, PORT_RACE_TRIES + 1):
+        pg = Postgres(
+            port=free_port(),
+            data_dir=data_dir,
+            socket_dir=socket_dir,
+            bin_dir=bin_dir,
+            log_path=work_dir / "postgres.log",
+            run_as=run_as,
+            cleanup=cleanup,
+        )
+        try:
+            pg.start()
+        except (ProcessExited, DeadlineExceeded) as exc:
+            pg.stop()
+            if "could not bind" not in str(exc) or attempt == PORT_RACE_TRIES:
+                pg.close()
+                raise
+            continue
+        if stack is not None:
+            stack.callback(pg.close)
+        return pg
+    raise HarnessError("unreachable")  # the loop returns or raises
