@@ -34,7 +34,7 @@ help:
 	@echo "make test   set up and run the whole test suite"
 	@echo "make lint   ruff + mypy --strict (service, workers, tests, bench)"
 	@echo "make bench  run the benchmarks, figures into bench/results/"
-	@echo "make chaos  the chaos suite (faults under load, ~12 min): bench/results/chaos.md"
+	@echo "make chaos  the chaos suite (faults under load, ~7 min): bench/results/chaos.md"
 	@echo "make nsq    build NSQ v1.3.0 into .bin/ (or link binaries found on PATH)"
 	@echo "make images        build the nsqjobs image (docker compose build)"
 	@echo "make standins      build local stand-ins for images Docker Hub cannot serve here"

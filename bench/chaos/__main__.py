@@ -1,7 +1,8 @@
 """``python -m bench.chaos``: run the chaos scenarios, print one line each, write the figures.
 
-``make chaos`` runs them all (about 10 minutes on 2 cores); ``--only`` picks some, ``--store
-postgres`` runs them against a PostgreSQL ledger, ``--short`` runs the ``make test`` sizes,
+``make chaos`` runs them all (about 7 minutes on 2 cores) into ``bench/results/chaos.md`` and
+``chaos.json``; ``--only`` picks some, ``--store postgres`` runs them against a PostgreSQL
+ledger (into ``chaos-postgres.*``), ``--short`` runs the ``make test`` sizes (``chaos-short.*``),
 ``--scale`` multiplies the job counts. Exit status 1 when a scenario could not run, 2 when one
 missed a target.
 """
@@ -100,9 +101,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     header["duration_s"] = round(time.monotonic() - began, 1)
     args.out.mkdir(parents=True, exist_ok=True)
-    report.write_json(args.out / "chaos.json", header, results)
-    report.write_markdown(args.out / "chaos.md", header, results)
-    log(f"done in {header['duration_s']}s on {platform.node()}: {args.out}/chaos.{{md,json}}")
+    # chaos.md for the default run; chaos-postgres.md, chaos-short.md, ... beside it.
+    stem = "-".join(
+        ["chaos", *(["postgres"] if args.store == "postgres" else []), *(["short"] * args.short)]
+    )
+    report.write_json(args.out / f"{stem}.json", header, results)
+    report.write_markdown(args.out / f"{stem}.md", header, results)
+    log(f"done in {header['duration_s']}s on {platform.node()}: {args.out}/{stem}.{{md,json}}")
     skipped = [r for r in results if r.verdict is None]
     if any(not r.passed for r in ran):
         return 2
