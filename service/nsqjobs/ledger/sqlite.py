@@ -50,6 +50,11 @@ _CLAIMABLE: Final = (
 # sent_at of a job published to an nsqd that restarted since (redrive_sent_before): the relay
 # publishes it at once, and reports it as an nsqd_restart re-drive.
 SENT_TO_LOST_NSQD: Final = 0.0
+# sent_at of a job recorded as published by a gateway session that died (redrive_lost_sessions):
+# the relay publishes it at once, and reports it as an unpublished re-drive.
+SENT_BY_LOST_GATEWAY: Final = 1.0
+# Ended or handled sessions are forgotten after this long.
+SESSION_TTL_S: Final = 86400.0
 # Finished jobs that retention prunes (dead ones stay until replayed or purged).
 _PRUNABLE: Final = "('succeeded', 'failed', 'cancelled')"
 # A dead letter and the failed result a worker publishes with it carry the same time (and
@@ -106,6 +111,19 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         # first without counting the rest.
         "CREATE INDEX jobs_delayed ON jobs (due_at) "
         "WHERE due_at IS NOT NULL AND status IN ('queued', 'running')",
+        # Gateway sessions (Store.beat_session): a job the accept path recorded as published
+        # before nsqd acknowledged it names its session (the sessions' seq); a session whose
+        # heartbeat stopped has its jobs sent since its ``low`` re-driven, once.
+        "ALTER TABLE jobs ADD COLUMN session INTEGER",
+        """CREATE TABLE sessions (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            started_at REAL NOT NULL,
+            heartbeat_at REAL NOT NULL,
+            low REAL NOT NULL,
+            ended_at REAL,
+            handled_at REAL
+        )""",
     ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
@@ -212,8 +230,11 @@ class SqliteStore:
 
     # -- the Store interface --------------------------------------------------------------------
 
-    def record_accepted(self, jobs: list[wire.JobEnvelope]) -> asyncio.Future[list[Accepted]]:
-        """Record jobs as queued, all or none (see the protocol)."""
+    def record_accepted(
+        self, jobs: list[wire.JobEnvelope], session: str | None = None
+    ) -> asyncio.Future[list[Accepted]]:
+        """Record jobs as queued, all or none (see the protocol); in a live ``session``, the
+        ones published now are recorded as published (``published_at`` = ``sent_at``)."""
         now = wire.now()
         rows = [
             (
@@ -228,7 +249,7 @@ class SqliteStore:
             )
             for j in jobs
         ]
-        return self._submit(lambda conn: _accept(conn, rows))
+        return self._submit(lambda conn: _accept(conn, rows, session))
 
     def mark_published(self, ids: list[str]) -> asyncio.Future[None]:
         """Note nsqd's acknowledgement of these jobs."""
@@ -239,6 +260,80 @@ class SqliteStore:
                 "UPDATE jobs SET published_at = ? WHERE id = ? AND published_at IS NULL",
                 [(now, i) for i in ids],
             )
+
+        return self._submit(op)
+
+    def mark_unpublished(self, ids: list[str]) -> asyncio.Future[None]:
+        """See the protocol (a job a relay claimed since has its own publish under way)."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "UPDATE jobs SET published_at = NULL, session = NULL WHERE id = ? "
+                "AND published_at IS NOT NULL AND lease_until IS NULL",
+                [(i,) for i in ids],
+            )
+
+        return self._submit(op)
+
+    def beat_session(self, session: str, low: float, now: float) -> asyncio.Future[bool]:
+        """See the protocol."""
+
+        def op(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "SELECT ended_at IS NULL AND handled_at IS NULL FROM sessions WHERE id = ?",
+                (session,),
+            ).fetchone()
+            if row is None:
+                conn.execute(
+                    "INSERT INTO sessions (id, started_at, heartbeat_at, low) VALUES (?, ?, ?, ?)",
+                    (session, now, now, low),
+                )
+                return True
+            if not row[0]:
+                return False
+            conn.execute(
+                "UPDATE sessions SET heartbeat_at = ?, low = ? WHERE id = ?", (now, low, session)
+            )
+            return True
+
+        return self._submit(op)
+
+    def end_session(self, session: str, now: float) -> asyncio.Future[None]:
+        """See the protocol."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE sessions SET ended_at = ? WHERE id = ? AND handled_at IS NULL",
+                (now, session),
+            )
+
+        return self._submit(op)
+
+    def redrive_lost_sessions(self, stale_before: float, now: float) -> asyncio.Future[int]:
+        """See the protocol. ``sent_at`` becomes :data:`SENT_BY_LOST_GATEWAY`, so the relay
+        claims these at once. One writer: the handled mark needs no compare-and-set here."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            conn.execute(
+                "DELETE FROM sessions WHERE ended_at < ? OR handled_at < ?",
+                (now - SESSION_TTL_S, now - SESSION_TTL_S),
+            )
+            lost = conn.execute(
+                "SELECT seq, low FROM sessions WHERE ended_at IS NULL AND handled_at IS NULL "
+                "AND heartbeat_at < ?",
+                (stale_before,),
+            ).fetchall()
+            count = 0
+            for seq, low in lost:
+                conn.execute("UPDATE sessions SET handled_at = ? WHERE seq = ?", (now, seq))
+                cur = conn.execute(
+                    "UPDATE jobs INDEXED BY jobs_unfinished SET published_at = NULL, "
+                    "sent_at = ?, session = NULL WHERE status IN ('queued', 'running') "
+                    "AND sent_at >= ? AND session = ? AND published_at IS NOT NULL",
+                    (SENT_BY_LOST_GATEWAY, low, seq),
+                )
+                count += cur.rowcount
+            return count
 
         return self._submit(op)
 
@@ -632,7 +727,43 @@ def _replayed_envelope(envelope: bytes, now: float) -> bytes:
     return envelope
 
 
-def _accept(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> Any:
+_INSERT: Final = (
+    "INSERT OR IGNORE INTO jobs (id, task, args, envelope, status, created_at, accepted_at, "
+    "due_at, sent_at, published_at, session) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, "
+    "CASE WHEN ?8 IS NOT NULL AND ?9 IS NOT NULL THEN ?8 END, "
+    "CASE WHEN ?8 IS NOT NULL THEN ?9 END)"
+)
+_NEW: Final = Accepted("new")
+_NEW_PUBLISHED: Final = Accepted("new", published=True)
+
+
+def _accept(
+    conn: sqlite3.Connection, rows: list[tuple[Any, ...]], session: str | None
+) -> list[Accepted]:
+    """Insert the jobs, all or none. The common case (every id new) is one INSERT OR IGNORE;
+    when any id was there, it is undone and :func:`_accept_known` answers."""
+    seq = None
+    if session is not None:
+        found = conn.execute(
+            "SELECT seq FROM sessions WHERE id = ? AND ended_at IS NULL AND handled_at IS NULL",
+            (session,),
+        ).fetchone()
+        seq = None if found is None else found[0]
+    conn.execute("SAVEPOINT accept")
+    try:
+        cur = conn.executemany(_INSERT, [(*row, seq) for row in rows])
+        if cur.rowcount == len(rows):
+            return [_NEW if seq is None or row[7] is None else _NEW_PUBLISHED for row in rows]
+        conn.execute("ROLLBACK TO accept")
+    finally:
+        conn.execute("RELEASE accept")
+    return _accept_known(conn, rows, seq)
+
+
+def _accept_known(
+    conn: sqlite3.Connection, rows: list[tuple[Any, ...]], seq: int | None
+) -> list[Accepted]:
+    """Some ids exist: compare each with the new job; insert the new ones unless any conflict."""
     existing: dict[str, tuple[Any, ...]] = {}
     ids = [r[0] for r in rows]
     for i in range(0, len(ids), _MAX_VARIABLES):
@@ -645,18 +776,16 @@ def _accept(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> Any:
     for row in rows:
         old = existing.get(row[0])
         if old is None:
-            answers.append(Accepted("new"))
-            new.append(row)
+            answers.append(_NEW if seq is None or row[7] is None else _NEW_PUBLISHED)
+            new.append((*row, seq))
         elif old[1] == row[1] and old[2] == row[2]:
             answers.append(Accepted("same", _record(old)))
         else:
             answers.append(Accepted("conflict", _record(old)))
-    if new and all(a.kind != "conflict" for a in answers):
-        conn.executemany(
-            "INSERT INTO jobs (id, task, args, envelope, status, created_at, accepted_at, due_at, "
-            "sent_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
-            new,
-        )
+    if any(a.kind == "conflict" for a in answers):  # nothing recorded
+        return [_NEW if a.published else a for a in answers]
+    if new:
+        conn.executemany(_INSERT.replace("INSERT OR IGNORE", "INSERT"), new)
     return answers
 
 
@@ -759,7 +888,7 @@ def _claimed(row: Sequence[Any], now: float) -> Claimed:
         reason = "replay" if replays else "due"
     elif sent_at == SENT_TO_LOST_NSQD:
         reason = "nsqd_restart"
-    else:
+    else:  # the accept path gave up, or its gateway died (SENT_BY_LOST_GATEWAY)
         reason = "unpublished"
     return Claimed(job_id, task, bytes(body), _delay_ms(due_at, now), reason)
 
