@@ -112,9 +112,9 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX jobs_delayed ON jobs (due_at) "
         "WHERE due_at IS NOT NULL AND status IN ('queued', 'running')",
         # Gateway sessions (Store.beat_session): a job the accept path recorded as published
-        # before nsqd acknowledged it names its session (the sessions' seq); a session whose
+        # before nsqd acknowledged it names its session (its id); a session whose
         # heartbeat stopped has its jobs sent since its ``low`` re-driven, once.
-        "ALTER TABLE jobs ADD COLUMN session INTEGER",
+        "ALTER TABLE jobs ADD COLUMN session TEXT",
         """CREATE TABLE sessions (
             seq INTEGER PRIMARY KEY AUTOINCREMENT,
             id TEXT NOT NULL UNIQUE,
@@ -236,20 +236,25 @@ class SqliteStore:
         """Record jobs as queued, all or none (see the protocol); in a live ``session``, the
         ones published now are recorded as published (``published_at`` = ``sent_at``)."""
         now = wire.now()
-        rows = [
-            (
-                j.id,
-                j.task,
-                _canonical.encode(j.args).decode(),
-                wire.encode(j),
-                j.created_at,
-                now,
-                j.due_at,
-                None if held(j, now) else now,
+        rows = []
+        for j in jobs:
+            sent = None if held(j, now) else now
+            rows.append(
+                (
+                    j.id,
+                    j.task,
+                    _canonical.encode(j.args).decode(),
+                    wire.encode(j),
+                    j.created_at,
+                    now,
+                    j.due_at,
+                    sent,
+                    # published_at and session, should the session be live (else dropped).
+                    None if session is None else sent,
+                    None if sent is None else session,
+                )
             )
-            for j in jobs
-        ]
-        return self._submit(lambda conn: _accept(conn, rows, session))
+        return self._submit(_Accept(rows, session))
 
     def mark_published(self, ids: list[str]) -> asyncio.Future[None]:
         """Note nsqd's acknowledgement of these jobs."""
@@ -319,18 +324,18 @@ class SqliteStore:
                 (now - SESSION_TTL_S, now - SESSION_TTL_S),
             )
             lost = conn.execute(
-                "SELECT seq, low FROM sessions WHERE ended_at IS NULL AND handled_at IS NULL "
+                "SELECT seq, id, low FROM sessions WHERE ended_at IS NULL AND handled_at IS NULL "
                 "AND heartbeat_at < ?",
                 (stale_before,),
             ).fetchall()
             count = 0
-            for seq, low in lost:
+            for seq, session, low in lost:
                 conn.execute("UPDATE sessions SET handled_at = ? WHERE seq = ?", (now, seq))
                 cur = conn.execute(
                     "UPDATE jobs INDEXED BY jobs_unfinished SET published_at = NULL, "
                     "sent_at = ?, session = NULL WHERE status IN ('queued', 'running') "
                     "AND sent_at >= ? AND session = ? AND published_at IS NOT NULL",
-                    (SENT_BY_LOST_GATEWAY, low, seq),
+                    (SENT_BY_LOST_GATEWAY, low, session),
                 )
                 count += cur.rowcount
             return count
@@ -648,8 +653,11 @@ class SqliteStore:
         try:
             started = time.perf_counter()
             conn.execute("BEGIN IMMEDIATE")
+            results = _apply(conn, [op for _, batch in batches for op, _ in batch])
+            i = 0
             for _, batch in batches:
-                outcomes.append([_call(op, conn) for op, _ in batch])
+                outcomes.append(results[i : i + len(batch)])
+                i += len(batch)
             conn.execute("COMMIT")
             if self.observe_write is not None:
                 self.observe_write(time.perf_counter() - started)
@@ -663,6 +671,32 @@ class SqliteStore:
             # A closed loop: nobody is waiting any more.
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_resolve, [f for _, f in batch], results)
+
+
+def _apply(conn: sqlite3.Connection, ops: list[Op]) -> list[tuple[bool, Any]]:
+    """Each operation's outcome, in order. A run of accepts is one INSERT when every id in it
+    is new: each SQLite statement gives up Python's lock while it runs, and taking it back from
+    a busy event loop can wait a switch interval, so the fewer statements a commit runs the
+    sooner it is done."""
+    out: list[tuple[bool, Any]] = []
+    i = 0
+    while i < len(ops):
+        op = ops[i]
+        if not isinstance(op, _Accept):
+            out.append(_call(op, conn))
+            i += 1
+            continue
+        j = i + 1
+        while j < len(ops) and isinstance(ops[j], _Accept):
+            j += 1
+        run: list[_Accept] = ops[i:j]  # type: ignore[assignment]
+        merged = _accept_all_new(conn, run) if len(run) > 1 else None
+        if merged is None:
+            out.extend(_call(a, conn) for a in run)
+        else:
+            out.extend((True, answers) for answers in merged)
+        i = j
+    return out
 
 
 def _call(op: Op, conn: sqlite3.Connection) -> tuple[bool, Any]:
@@ -727,42 +761,99 @@ def _replayed_envelope(envelope: bytes, now: float) -> bytes:
     return envelope
 
 
+# Accepted rows, many per statement (each SQLite statement gives up Python's lock while it runs:
+# one per row costs a handover per row, and a busy event loop can keep it a switch interval).
+# A few sizes only, so the connection's statement cache keeps them all prepared.
 _INSERT: Final = (
     "INSERT OR IGNORE INTO jobs (id, task, args, envelope, status, created_at, accepted_at, "
-    "due_at, sent_at, published_at, session) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, "
-    "CASE WHEN ?8 IS NOT NULL AND ?9 IS NOT NULL THEN ?8 END, "
-    "CASE WHEN ?8 IS NOT NULL THEN ?9 END)"
+    "due_at, sent_at, published_at, session) VALUES "
 )
+_VALUES: Final = "(?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)"
+_CHUNKS: Final = (200, 50, 10, 3, 1)
+_INSERTS: Final = {n: _INSERT + ", ".join([_VALUES] * n) for n in _CHUNKS}
 _NEW: Final = Accepted("new")
 _NEW_PUBLISHED: Final = Accepted("new", published=True)
+
+
+class _Accept:
+    """The operation of one ``record_accepted`` call; runs of them are merged (:func:`_apply`)."""
+
+    __slots__ = ("rows", "session")
+
+    def __init__(self, rows: list[tuple[Any, ...]], session: str | None) -> None:
+        self.rows = rows
+        self.session = session
+
+    def __call__(self, conn: sqlite3.Connection) -> list[Accepted]:
+        return _accept(conn, self.rows, self.session)
+
+
+def _live(conn: sqlite3.Connection, session: str | None) -> bool:
+    if session is None:
+        return False
+    found = conn.execute(
+        "SELECT 1 FROM sessions WHERE id = ? AND ended_at IS NULL AND handled_at IS NULL",
+        (session,),
+    ).fetchone()
+    return found is not None
+
+
+def _unpublished(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Rows of a session that is not live: recorded unpublished, in no session."""
+    return [(*row[:8], None, None) for row in rows]
+
+
+def _answers(rows: list[tuple[Any, ...]]) -> list[Accepted]:
+    return [_NEW if row[8] is None else _NEW_PUBLISHED for row in rows]
+
+
+def _insert(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
+    """INSERT OR IGNORE the rows, in order; how many went in."""
+    count, i = 0, 0
+    for n in _CHUNKS:
+        sql = _INSERTS[n]
+        while len(rows) - i >= n:
+            params = [v for row in rows[i : i + n] for v in row]
+            count += conn.execute(sql, params).rowcount
+            i += n
+    return count
+
+
+def _accept_all_new(conn: sqlite3.Connection, run: list[_Accept]) -> list[list[Accepted]] | None:
+    """A run of accepts inserted together; None (nothing recorded) when any id was there (or
+    twice in the run): then each is recorded on its own."""
+    for a in run:
+        if a.session is not None and not _live(conn, a.session):
+            a.rows, a.session = _unpublished(a.rows), None
+    rows = [row for a in run for row in a.rows]
+    conn.execute("SAVEPOINT accept")
+    try:
+        if _insert(conn, rows) != len(rows):
+            conn.execute("ROLLBACK TO accept")
+            return None
+    finally:
+        conn.execute("RELEASE accept")
+    return [_answers(a.rows) for a in run]
 
 
 def _accept(
     conn: sqlite3.Connection, rows: list[tuple[Any, ...]], session: str | None
 ) -> list[Accepted]:
-    """Insert the jobs, all or none. The common case (every id new) is one INSERT OR IGNORE;
+    """Insert the jobs, all or none. The common case (every id new) is INSERT OR IGNORE alone;
     when any id was there, it is undone and :func:`_accept_known` answers."""
-    seq = None
-    if session is not None:
-        found = conn.execute(
-            "SELECT seq FROM sessions WHERE id = ? AND ended_at IS NULL AND handled_at IS NULL",
-            (session,),
-        ).fetchone()
-        seq = None if found is None else found[0]
+    if session is not None and not _live(conn, session):
+        rows = _unpublished(rows)
     conn.execute("SAVEPOINT accept")
     try:
-        cur = conn.executemany(_INSERT, [(*row, seq) for row in rows])
-        if cur.rowcount == len(rows):
-            return [_NEW if seq is None or row[7] is None else _NEW_PUBLISHED for row in rows]
+        if _insert(conn, rows) == len(rows):
+            return _answers(rows)
         conn.execute("ROLLBACK TO accept")
     finally:
         conn.execute("RELEASE accept")
-    return _accept_known(conn, rows, seq)
+    return _accept_known(conn, rows)
 
 
-def _accept_known(
-    conn: sqlite3.Connection, rows: list[tuple[Any, ...]], seq: int | None
-) -> list[Accepted]:
+def _accept_known(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[Accepted]:
     """Some ids exist: compare each with the new job; insert the new ones unless any conflict."""
     existing: dict[str, tuple[Any, ...]] = {}
     ids = [r[0] for r in rows]
@@ -776,8 +867,8 @@ def _accept_known(
     for row in rows:
         old = existing.get(row[0])
         if old is None:
-            answers.append(_NEW if seq is None or row[7] is None else _NEW_PUBLISHED)
-            new.append((*row, seq))
+            answers.append(_NEW if row[8] is None else _NEW_PUBLISHED)
+            new.append(row)
         elif old[1] == row[1] and old[2] == row[2]:
             answers.append(Accepted("same", _record(old)))
         else:
@@ -785,7 +876,7 @@ def _accept_known(
     if any(a.kind == "conflict" for a in answers):  # nothing recorded
         return [_NEW if a.published else a for a in answers]
     if new:
-        conn.executemany(_INSERT.replace("INSERT OR IGNORE", "INSERT"), new)
+        _insert(conn, new)
     return answers
 
 
