@@ -128,10 +128,12 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
+# ``args`` is '' for a job recorded since schema 3: its envelope holds them (index 21), and
+# storing them twice cost every accept an encoding and the row its size.
 _COLUMNS: Final = (
     "id, task, args, status, created_at, accepted_at, published_at, finished_at, attempts, "
     "worker, result, error, dead_reason, dead_at, seq, due_at, started_at, redrives, replays, "
-    "history, runs"
+    "history, runs, envelope"
 )
 # Sorted keys, so the same arguments are the same text whatever order the client wrote them in.
 _canonical = msgspec.json.Encoder(order="sorted")
@@ -172,7 +174,7 @@ def _record(row: Sequence[Any]) -> JobRecord:
     return JobRecord(
         id=row[0],
         task=row[1],
-        args=msgspec.json.decode(row[2]),
+        args=msgspec.json.decode(row[2]) if row[2] else wire.decode_job(row[21]).args,
         status=row[3],
         created_at=row[4],
         accepted_at=row[5],
@@ -243,7 +245,7 @@ class SqliteStore:
                 (
                     j.id,
                     j.task,
-                    _canonical.encode(j.args).decode(),
+                    "",  # the envelope holds them (see _COLUMNS)
                     wire.encode(j),
                     j.created_at,
                     now,
@@ -737,7 +739,7 @@ def _dead(
 ) -> list[Any]:
     """Dead jobs' rows with their envelope (index 21), oldest first: those of ``ids`` (all of
     them), or else up to ``limit`` of ``task`` (or of every task)."""
-    select = f"SELECT {_COLUMNS}, envelope FROM jobs WHERE status = 'dead'"
+    select = f"SELECT {_COLUMNS} FROM jobs WHERE status = 'dead'"
     task_clause, task_params = (" AND task = ?", [task]) if task is not None else ("", [])
     if ids is None:
         sql = f"{select}{task_clause} ORDER BY seq LIMIT ?"
@@ -853,6 +855,12 @@ def _accept(
     return _accept_known(conn, rows)
 
 
+def _args_text(args: str, envelope: bytes) -> str:
+    """A job's arguments as canonical JSON (sorted keys), from the envelope when ``args`` is
+    '' (see ``_COLUMNS``): the same arguments are the same text however a client wrote them."""
+    return args or _canonical.encode(wire.decode_job(envelope).args).decode()
+
+
 def _accept_known(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[Accepted]:
     """Some ids exist: compare each with the new job; insert the new ones unless any conflict."""
     existing: dict[str, tuple[Any, ...]] = {}
@@ -869,7 +877,7 @@ def _accept_known(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list
         if old is None:
             answers.append(_NEW if row[8] is None else _NEW_PUBLISHED)
             new.append(row)
-        elif old[1] == row[1] and old[2] == row[2]:
+        elif old[1] == row[1] and _args_text(old[2], old[21]) == _args_text(row[2], row[3]):
             answers.append(Accepted("same", _record(old)))
         else:
             answers.append(Accepted("conflict", _record(old)))
