@@ -257,6 +257,80 @@ def test_publishing_is_noted_once(ledger: Ledger) -> None:
     run(ledger, body)
 
 
+# -- gateway sessions -----------------------------------------------------------------------------
+
+
+def test_a_live_session_records_new_jobs_as_published_and_a_failure_unmarks_them(
+    ledger: Ledger,
+) -> None:
+    async def body(store: Store) -> None:
+        now = wire.now()
+        assert [a.published for a in await store.record_accepted([job("plain")])] == [False]
+        await store.record_accepted([job("gone")], "never-registered")
+        assert (await store.get("gone")).published_at is None  # type: ignore[union-attr]
+        assert await store.beat_session("s1", now - 1, now)
+        far = job("far", due_at=now + 2 * HORIZON_S)
+        answers = await store.record_accepted([job("a"), job("b"), far], "s1")
+        assert [(a.kind, a.published) for a in answers] == [
+            ("new", True),
+            ("new", True),
+            ("new", False),  # held: the relay publishes it when due
+        ]
+        a = await store.get("a")
+        assert a is not None and a.published_at is not None and a.published_at >= now
+        # Known ids, or a conflict that records nothing: nothing says published.
+        again = await store.record_accepted([job("a"), job("c")], "s1")
+        assert [(x.kind, x.published) for x in again] == [("same", False), ("new", True)]
+        clash = await store.record_accepted([job("d"), job("a", x=1)], "s1")
+        assert [(x.kind, x.published) for x in clash] == [("new", False), ("conflict", False)]
+        assert await store.get("d") is None
+        # The publish of b failed: the relay takes it after the grace, a retry sees it unsent.
+        await store.mark_unpublished(["b", "unknown"])
+        b = await store.get("b")
+        assert b is not None and b.published_at is None
+        got = await claim(store, now + GRACE_S + 1)
+        assert sorted(got) == ["b", "gone", "plain"] and got["b"].reason == "unpublished"
+        await store.mark_unpublished(["b"])  # claimed since: the relay's publish stands
+        assert await claim(store, now + GRACE_S + 2) == {}
+
+    run(ledger, body)
+
+
+def test_a_lost_session_has_its_unsettled_jobs_redriven_once(ledger: Ledger) -> None:
+    async def body(store: Store) -> None:
+        now = wire.now()
+        assert await store.beat_session("dead", now - 5, now - 100)
+        assert await store.beat_session("settled", now + 60, now - 100)  # all sent before low
+        assert await store.beat_session("alive", now - 5, now)
+        assert await store.beat_session("ended", now - 5, now - 100)
+        await store.record_accepted([job("d1"), job("d2"), job("d-done")], "dead")
+        await store.record_result(result("d-done"))
+        await store.record_accepted([job("s1")], "settled")
+        await store.record_accepted([job("a1")], "alive")
+        await store.record_accepted([job("e1")], "ended")
+        await store.end_session("ended", now)
+        await store.record_accepted([job("plain")])
+        await store.mark_published(["plain"])
+        assert await store.redrive_lost_sessions(now - 200, now) == 0  # none stale yet
+        assert await store.redrive_lost_sessions(now - 50, now) == 2
+        assert await store.redrive_lost_sessions(now - 50, now) == 0  # handled once
+        for i in ("d1", "d2"):
+            d = await store.get(i)
+            assert d is not None and d.published_at is None
+        for i in ("s1", "a1", "e1", "plain", "d-done"):
+            assert (await store.get(i)).published_at is not None  # type: ignore[union-attr]
+        got = await claim(store, now)  # at once: no grace, the gateway is gone
+        assert sorted(got) == ["d1", "d2"]
+        assert {c.reason for c in got.values()} == {"unpublished"}
+        await store.mark_published(["d1", "d2"])
+        assert (await store.get("d1")).redrives == 1  # type: ignore[union-attr]
+        # The handled session is over: its gateway (it was only stalled) starts another.
+        assert not await store.beat_session("dead", now, now)
+        assert [a.published for a in await store.record_accepted([job("d3")], "dead")] == [False]
+
+    run(ledger, body)
+
+
 # -- listing --------------------------------------------------------------------------------------
 
 

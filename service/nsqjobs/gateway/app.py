@@ -55,6 +55,7 @@ from nsqjobs.http.server import HTTPServer
 from nsqjobs.ledger import Store, open_store
 from nsqjobs.ledger.outcomes import OutcomeRecorder
 from nsqjobs.ledger.relay import Relay
+from nsqjobs.ledger.session import Session
 from nsqjobs.names import CANCEL_TOPIC, DEAD_LETTER_TOPIC, RESULTS_TOPIC
 from nsqjobs.nsq.admin import create_topics, nsqd_limit
 from nsqjobs.nsq.publisher import Publisher
@@ -234,6 +235,9 @@ class GatewayApp:
         self.outcomes: OutcomeRecorder | None = None
         # Re-drives lost jobs and publishes long delays as they come due.
         self.relay: Relay | None = None
+        # This gateway's session: jobs are recorded as published in the write that records
+        # them; the relay's heartbeat is the evidence should the gateway die before nsqd's ack.
+        self.session: Session | None = None
         if config.ledger_url:
             ledger_metrics = LedgerMetrics(self.metrics.registry)
             self.store = open_store(
@@ -246,6 +250,7 @@ class GatewayApp:
                 config.lookupd_http_address,
                 config.lookupd_poll_interval,
             )
+            self.session = Session(self.store)
             self.relay = Relay(
                 self.store,
                 self.publisher,
@@ -262,6 +267,10 @@ class GatewayApp:
                 prune_every_s=min(60.0, max(config.ledger_poll_s, config.result_ttl / 10)),
                 # Counting a million jobs takes a second of a core: not every poll.
                 stats_every_s=5 * config.ledger_poll_s,
+                session=self.session,
+                # A gateway's relay beats its session every poll; a tick may wait on
+                # publishes (each up to the publish timeout) before it beats again.
+                session_stale_s=3 * config.ledger_poll_s + 2 * config.publish_timeout_s,
             )
         self.acceptor = Acceptor(
             registry,
@@ -269,6 +278,7 @@ class GatewayApp:
             self.metrics,
             None if self.store is None else self.store.record_accepted,
             published=None if self.store is None else self._mark_published,
+            session=self.session,
             max_msg_size=config.nsqd_max_msg_size,
             max_body_size=config.nsqd_max_body_size,
         )

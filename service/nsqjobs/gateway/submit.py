@@ -12,6 +12,7 @@ first, before the first publish, so one client's request never costs the shared 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,6 +29,7 @@ from nsqjobs.errors import (
 )
 from nsqjobs.gateway.bodies import integral_floats
 from nsqjobs.ledger import Accepted, JobRecord, held
+from nsqjobs.ledger.session import Session
 from nsqjobs.names import MAX_DELAY_MS, MAX_LEDGER_DELAY_S
 from nsqjobs.nsq.publisher import Publisher
 from nsqjobs.observability.metrics import GatewayMetrics
@@ -40,6 +42,8 @@ Recorder = Callable[[list[wire.JobEnvelope]], Awaitable[Sequence[Accepted] | Non
 Published = Callable[[list[str]], object]
 # A validated job, ready to publish: its task (for the queue topic) and its envelope.
 Built = tuple[Task, wire.JobEnvelope]
+# No job recorded as published (see Acceptor.session).
+_NONE: frozenset[str] = frozenset()
 # nsqd's defaults for --max-msg-size and --max-body-size.
 NSQD_MAX_MSG_SIZE = 1024 * 1024
 NSQD_MAX_BODY_SIZE = 5 * 1024 * 1024
@@ -87,6 +91,7 @@ class Acceptor:
         recorder: Recorder | None = None,
         *,
         published: Published | None = None,
+        session: Session | None = None,
         max_msg_size: int = NSQD_MAX_MSG_SIZE,
         max_body_size: int = NSQD_MAX_BODY_SIZE,
     ) -> None:
@@ -95,6 +100,9 @@ class Acceptor:
         self.metrics = metrics
         self.recorder = recorder
         self.published = published
+        # With a session, the ledger records the jobs published now as published in the same
+        # write (nothing written at nsqd's acknowledgement; a failure is marked unpublished).
+        self.session = session
         # nsqd defers a message an hour at most; the ledger holds longer delays (held jobs).
         self.max_delay_s = MAX_DELAY_MS / 1000 if recorder is None else MAX_LEDGER_DELAY_S
         # nsqd's limits (the gateway reads the live values at start).
@@ -200,7 +208,7 @@ class Acceptor:
         body = self.encode(env)
         if delay_ms is None:
             delay_ms = self.delay_ms(env) if env.due_at is not None else 0
-        if self.recorder is not None or delay_ms:
+        if self.recorder is not None or self.session is not None or delay_ms:
             return asyncio.ensure_future(self._record_and_publish(task, env, body, delay_ms))
         done: asyncio.Future[wire.JobEnvelope] = asyncio.get_running_loop().create_future()
         acked = self.publisher.enqueue(task.queue, body)
@@ -231,22 +239,67 @@ class Acceptor:
         self.metrics.accepted(task.name)
         done.set_result(env)
 
+    async def _recorded(
+        self, envelopes: list[wire.JobEnvelope]
+    ) -> tuple[Sequence[Accepted] | None, int, frozenset[str]]:
+        """The recorder's answers, the session's epoch, and the ids recorded as published
+        (settled later by :meth:`_settle`); every other job is settled now."""
+        session = self.session
+        if session is None:
+            assert self.recorder is not None
+            return await self.recorder(envelopes), 0, _NONE
+        epoch, recorded = session.record(envelopes)
+        try:
+            answers = await recorded
+        except BaseException:
+            session.settle(epoch, len(envelopes))
+            raise
+        optimistic = frozenset(e.id for e, a in zip(envelopes, answers, strict=True) if a.published)
+        session.settle(epoch, len(envelopes) - len(optimistic))
+        return answers, epoch, optimistic
+
+    async def _settle(self, epoch: int, optimistic: frozenset[str], acked: list[str]) -> None:
+        """After the publishes: jobs recorded as published and acknowledged are settled; the
+        others (failed, unknown, or never sent) are marked unpublished, before the error
+        answers (a retry with the same id then publishes again). The rest of ``acked`` is
+        noted as published."""
+        session = self.session
+        if optimistic and session is not None:
+            done = [i for i in acked if i in optimistic]
+            session.settle(epoch, len(done))
+            failed = optimistic.difference(done)
+            if failed:
+                with contextlib.suppress(NsqjobsError):
+                    await session.unpublished(epoch, list(failed))
+            acked = [i for i in acked if i not in optimistic]
+        if self.published is not None and acked:
+            self.published(acked)
+
     async def _record_and_publish(
         self, task: Task, env: wire.JobEnvelope, body: bytes, delay_ms: int
     ) -> wire.JobEnvelope:
-        if self.recorder is not None:
-            answers = await self.recorder([env])
+        epoch, optimistic = 0, _NONE
+        if self.recorder is not None or self.session is not None:
+            answers, epoch, optimistic = await self._recorded([env])
             if answers:
                 _check_existing(answers, [env], single=True)
             if self._held(env):  # recorded: the ledger's relay publishes it when due
                 self.metrics.accepted(task.name)
                 return env
-        if delay_ms:
-            await self.publisher.dpub(task.queue, delay_ms, body)
-        else:
-            await self.publisher.pub(task.queue, body)
+        try:
+            if delay_ms:
+                await self.publisher.dpub(task.queue, delay_ms, body)
+            else:
+                await self.publisher.pub(task.queue, body)
+        except BaseException:
+            if optimistic and self.session is not None:
+                # Handed to the ledger before the error answers: a retry's record comes after.
+                self.session.unpublished(epoch, [env.id])
+            raise
         self.metrics.accepted(task.name)
-        if self.published is not None:
+        if optimistic and self.session is not None:
+            self.session.settle(epoch, 1)
+        elif self.published is not None:
             self.published([env.id])
         return env
 
@@ -313,13 +366,25 @@ class Acceptor:
         """
         by_topic = self.encode_batch(built)
         envelopes = [env for _, env in built]
-        if self.recorder is not None:
-            answers = await self.recorder(envelopes)
+        epoch, optimistic = 0, _NONE
+        if self.recorder is not None or self.session is not None:
+            answers, epoch, optimistic = await self._recorded(envelopes)
             if answers:
                 skip = _check_existing(answers, envelopes, single=False)
                 if skip:  # published before: not again
                     built = [b for b in built if b[1].id not in skip]
                     by_topic = self.encode_batch(built)
+        acked: list[str] = []
+        try:
+            await self._publish_recorded(built, by_topic, acked)
+        finally:
+            await self._settle(epoch, optimistic, acked)
+        return envelopes
+
+    async def _publish_recorded(
+        self, built: list[Built], by_topic: dict[str, list[bytes]], acked: list[str]
+    ) -> None:
+        """The MPUBs and DPUBs of a recorded batch; ``acked`` gets the ids nsqd has."""
         later = [b for b in built if b[1].due_at is not None]
         if later:  # each on its own (an MPUB has no delay), or held by the ledger
             built = [b for b in built if b[1].due_at is None]
@@ -332,25 +397,24 @@ class Acceptor:
                 if not done:
                     raise
                 published = set(done)
-                acked = [env.id for task, env in built if task.queue in published]
-                if self.published is not None:
-                    self.published(acked)
+                acked += [env.id for task, env in built if task.queue in published]
                 unpublished = [env.id for task, env in built if task.queue not in published]
                 unpublished += [env.id for _, env in later]  # not sent yet
-                raise BatchPartlyPublished(exc, acked, unpublished) from exc
+                raise BatchPartlyPublished(exc, list(acked), unpublished) from exc
             done.append(topic)
         if later:
-            await self._publish_later(built, later)
+            await self._publish_later(built, later, acked)
         held_jobs = [b for b in later if self._held(b[1])]
         for name, count in Counter(task.name for task, _ in built + held_jobs).items():
             self.metrics.accepted(name, count)
-        if self.published is not None and built:
-            self.published([env.id for _, env in built])
-        return envelopes
+        acked += [env.id for _, env in built]
 
-    async def _publish_later(self, published: list[Built], later: list[Built]) -> None:
+    async def _publish_later(
+        self, published: list[Built], later: list[Built], acked: list[str]
+    ) -> None:
         """DPUB a batch's delayed jobs (held ones are the relay's); adds the acknowledged
-        ones to ``published``; :class:`BatchPartlyPublished` when any failed."""
+        ones to ``published``; :class:`BatchPartlyPublished` when any failed (``acked`` then
+        has every id nsqd has)."""
         delayed = [b for b in later if not self._held(b[1])]
         answers = await asyncio.gather(
             *(self.publisher.dpub(t.queue, self.delay_ms(e), wire.encode(e)) for t, e in delayed),
@@ -362,10 +426,8 @@ class Acceptor:
             return
         error = next(a for a in answers if a is not None)
         cause = error if isinstance(error, PublishError) else PublishError(str(error))
-        acked = [e.id for _, e in published]
-        if self.published is not None and acked:
-            self.published(acked)
-        accepted = acked + [e.id for _, e in later if self._held(e)]
+        acked += [e.id for _, e in published]
+        accepted = list(acked) + [e.id for _, e in later if self._held(e)]
         if not accepted:
             raise cause
         raise BatchPartlyPublished(cause, accepted, failed) from cause

@@ -45,8 +45,20 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             replays INTEGER NOT NULL DEFAULT 0,
             history TEXT,
             runs TEXT,
-            redrive_reason TEXT
+            redrive_reason TEXT,
+            session BIGINT
         ) WITH (fillfactor = 85)""",
+        # Gateway sessions (Store.beat_session): a job the accept path recorded as published
+        # before nsqd acknowledged it names its session (``jobs.session``, the sessions' seq).
+        """CREATE TABLE sessions (
+            seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            started_at DOUBLE PRECISION NOT NULL,
+            heartbeat_at DOUBLE PRECISION NOT NULL,
+            low DOUBLE PRECISION NOT NULL,
+            ended_at DOUBLE PRECISION,
+            handled_at DOUBLE PRECISION
+        )""",
         "CREATE INDEX jobs_by_status ON jobs (status, seq)",
         "CREATE INDEX jobs_by_task ON jobs (task, seq)",
         "CREATE INDEX jobs_unfinished ON jobs (sent_at) WHERE status IN ('queued', 'running')",
@@ -73,32 +85,47 @@ COLUMNS: Final = (
 # many ids is planned as a scan of the whole table (measured: 18 ms a lookup at 200k jobs).
 BY_IDS: Final = "id IN (SELECT unnest($1::text[]))"
 
-# Accepted jobs, one array per column: the ids that were new (ON CONFLICT waits for another
-# gateway's uncommitted insert of the same id, then skips it).
-ACCEPT: Final = (
+# The sessions of the accepted rows ($10, one per row, NULL for none) that are live, locked
+# for the statement (FOR SHARE): a relay handling a session (redrive_lost_sessions) waits for
+# the insert to commit, and re-drives its rows; an insert after that finds it handled.
+_LIVE: Final = (
+    "live AS (SELECT seq, id FROM sessions WHERE id IN (SELECT unnest($10::text[])) "
+    "AND ended_at IS NULL AND handled_at IS NULL FOR SHARE)"
+)
+# A row is recorded as published (published_at = sent_at) when it is sent now (not held) in a
+# live session.
+_INSERT_ROWS: Final = (
     "INSERT INTO jobs (id, task, args, envelope, status, created_at, accepted_at, due_at, "
-    "sent_at, redrive_reason) SELECT u.id, u.task, u.args, u.envelope, 'queued', u.created_at, "
-    "u.accepted_at, u.due_at, u.sent_at, u.reason FROM unnest($1::text[], $2::text[], "
-    "$3::text[], $4::bytea[], $5::float8[], $6::float8[], $7::float8[], $8::float8[], "
-    "$9::text[]) AS u(id, task, args, envelope, created_at, accepted_at, due_at, sent_at, "
-    "reason) ON CONFLICT (id) DO NOTHING RETURNING id"
+    "sent_at, redrive_reason, published_at, session) SELECT u.id, u.task, u.args, u.envelope, "
+    "'queued', u.created_at, u.accepted_at, u.due_at, u.sent_at, u.reason, "
+    "CASE WHEN u.sent_at IS NOT NULL AND l.seq IS NOT NULL THEN u.sent_at END, "
+    "CASE WHEN u.sent_at IS NOT NULL THEN l.seq END FROM u LEFT JOIN live AS l "
+    "ON l.id = u.session"
+)
+_ROWS: Final = (
+    "u AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], "
+    "$5::float8[], $6::float8[], $7::float8[], $8::float8[], $9::text[], $10::text[]) "
+    "AS u(id, task, args, envelope, created_at, accepted_at, due_at, sent_at, reason, session))"
+)
+
+# Accepted jobs, one array per column: the ids that were new, and whether each was recorded
+# as published (ON CONFLICT waits for another gateway's uncommitted insert of the same id,
+# then skips it).
+ACCEPT: Final = (
+    f"WITH {_ROWS}, {_LIVE} {_INSERT_ROWS} ON CONFLICT (id) DO NOTHING "
+    "RETURNING id, published_at IS NOT NULL AS published"
 )
 
 # The common transaction in one statement, one round trip (apply_fast): accepts of ids that
-# are all new ($1-$9, as ACCEPT: nothing is inserted when any exists) and publish notes
-# ($10 ids, $11 times; never of the same jobs: a publish is noted after its accept committed).
+# are all new ($1-$10, as ACCEPT: nothing is inserted when any exists) and publish notes
+# ($11 ids, $12 times; never of the same jobs: a publish is noted after its accept committed).
 ACCEPT_AND_MARK: Final = (
-    "WITH u AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], "
-    "$5::float8[], $6::float8[], $7::float8[], $8::float8[], $9::text[]) AS u(id, task, args, "
-    "envelope, created_at, accepted_at, due_at, sent_at, reason)), "
-    "ins AS (INSERT INTO jobs (id, task, args, envelope, status, created_at, accepted_at, "
-    "due_at, sent_at, redrive_reason) SELECT u.id, u.task, u.args, u.envelope, 'queued', "
-    "u.created_at, u.accepted_at, u.due_at, u.sent_at, u.reason FROM u "
-    "WHERE NOT EXISTS (SELECT 1 FROM u JOIN jobs AS j ON j.id = u.id) "
-    "ON CONFLICT (id) DO NOTHING RETURNING id), "
-    "marked AS (UPDATE jobs AS j SET published_at = m.at FROM unnest($10::text[], "
-    "$11::float8[]) AS m(id, at) WHERE j.id = m.id AND j.published_at IS NULL RETURNING 1) "
-    "SELECT id FROM ins"
+    f"WITH {_ROWS}, {_LIVE}, "
+    f"ins AS ({_INSERT_ROWS} WHERE NOT EXISTS (SELECT 1 FROM u JOIN jobs AS j ON j.id = u.id) "
+    "ON CONFLICT (id) DO NOTHING RETURNING id, published_at IS NOT NULL AS published), "
+    "marked AS (UPDATE jobs AS j SET published_at = m.at FROM unnest($11::text[], "
+    "$12::float8[]) AS m(id, at) WHERE j.id = m.id AND j.published_at IS NULL RETURNING 1) "
+    "SELECT id, published FROM ins"
 )
 
 # nsqd's acknowledgements: (ids, times).
@@ -237,11 +264,18 @@ async def apply_fast(conn: Conn, calls: list[Call]) -> list[tuple[bool, Any]] | 
     marks = [c.payload for c in calls if c.kind == "mark"]
     marked = [i for call_ids, _ in marks for i in call_ids]
     at = [now for call_ids, now in marks for _ in call_ids]
-    arrays = _arrays(rows) if rows else [[] for _ in range(9)]
-    inserted = {r["id"] for r in await conn.fetch(ACCEPT_AND_MARK, *arrays, marked, at)}
+    arrays = _arrays(rows) if rows else [[] for _ in range(10)]
+    inserted = {
+        r["id"]: r["published"] for r in await conn.fetch(ACCEPT_AND_MARK, *arrays, marked, at)
+    }
     if len(inserted) == len(ids) == len(set(ids)):
         return [
-            (True, [Accepted("new")] * len(c.payload) if c.kind == "accept" else None)
+            (
+                True,
+                [_NEW_PUBLISHED if inserted[row[0]] else _NEW for row in c.payload]
+                if c.kind == "accept"
+                else None,
+            )
             for c in calls
         ]
     if inserted:
@@ -260,15 +294,20 @@ async def _call(op: Op, conn: Conn) -> tuple[bool, Any]:
         return False, exc
 
 
+_NEW: Final = Accepted("new")
+_NEW_PUBLISHED: Final = Accepted("new", published=True)
+
+
 async def _accept(conn: Conn, calls: list[list[tuple[Any, ...]]]) -> list[list[Accepted]]:
     """Insert every call's rows in one statement; an id that exists already is ``same`` or
     ``conflict``; a call with a conflict has none of its rows recorded (all or none)."""
     rows = [r for rows in calls for r in rows]
-    inserted = {r["id"] for r in await conn.fetch(ACCEPT, *_arrays(rows))}
+    inserted = {r["id"]: r["published"] for r in await conn.fetch(ACCEPT, *_arrays(rows))}
     fresh: list[bool] = []
+    published: list[bool] = []
     for row in rows:  # an id twice in one transaction: the first one is new
         fresh.append(row[0] in inserted)
-        inserted.discard(row[0])
+        published.append(inserted.pop(row[0], False))
     others = [row[0] for row, new in zip(rows, fresh, strict=True) if not new]
     existing: dict[str, Any] = {}
     if others:
@@ -281,7 +320,7 @@ async def _accept(conn: Conn, calls: list[list[tuple[Any, ...]]]) -> list[list[A
         mine: list[Accepted] = []
         for row in call:
             if fresh[i]:
-                mine.append(Accepted("new"))
+                mine.append(_NEW_PUBLISHED if published[i] else _NEW)
             else:
                 old = existing[row[0]]
                 same = old["task"] == row[1] and old["args"] == row[2]
@@ -294,6 +333,7 @@ async def _accept(conn: Conn, calls: list[list[tuple[Any, ...]]]) -> list[list[A
         await conn.execute(f"DELETE FROM jobs WHERE {BY_IDS}", new_ids)
         if len(calls) > 1:  # undo all, then each call on its own: the others still count
             return [(await _accept(conn, [call]))[0] for call in calls]
+        return [[_NEW if a.published else a for a in mine] for mine in answers]
     return answers
 
 

@@ -39,7 +39,7 @@ from nsqjobs.ledger.pgsql import (
     apply_fast,
     verdict,
 )
-from nsqjobs.ledger.sqlite import _canonical, _json, _record
+from nsqjobs.ledger.sqlite import SESSION_TTL_S, _canonical, _json, _record
 from nsqjobs.ledger.store import (
     STATUSES,
     Accepted,
@@ -134,8 +134,11 @@ class PostgresStore:
 
     # -- the Store interface --------------------------------------------------------------------
 
-    def record_accepted(self, jobs: list[wire.JobEnvelope]) -> asyncio.Future[list[Accepted]]:
-        """Record jobs as queued, all or none (see the protocol)."""
+    def record_accepted(
+        self, jobs: list[wire.JobEnvelope], session: str | None = None
+    ) -> asyncio.Future[list[Accepted]]:
+        """Record jobs as queued, all or none (see the protocol); in a live ``session``, the
+        ones published now are recorded as published (``published_at`` = ``sent_at``)."""
         now = wire.now()
         rows = []
         for j in jobs:
@@ -151,6 +154,7 @@ class PostgresStore:
                     j.due_at,
                     None if later else now,
                     "due" if later else None,
+                    session,
                 )
             )
         return self._submit("accept", rows)
@@ -158,6 +162,91 @@ class PostgresStore:
     def mark_published(self, ids: list[str]) -> asyncio.Future[None]:
         """Note nsqd's acknowledgement of these jobs."""
         return self._submit("mark", (ids, wire.now()))
+
+    def mark_unpublished(self, ids: list[str]) -> asyncio.Future[None]:
+        """See the protocol (a job a relay claimed since has its own publish under way)."""
+
+        async def op(conn: Conn) -> None:
+            await conn.execute(
+                f"UPDATE jobs SET published_at = NULL, session = NULL WHERE {BY_IDS} "
+                "AND published_at IS NOT NULL AND lease_until IS NULL",
+                ids,
+            )
+
+        return self._submit("op", op)
+
+    def beat_session(self, session: str, low: float, now: float) -> asyncio.Future[bool]:
+        """See the protocol."""
+
+        async def op(conn: Conn) -> bool:
+            live = await conn.fetchval(
+                "SELECT ended_at IS NULL AND handled_at IS NULL FROM sessions WHERE id = $1",
+                session,
+            )
+            if live is None:
+                await conn.execute(
+                    "INSERT INTO sessions (id, started_at, heartbeat_at, low) "
+                    "VALUES ($1, $2, $2, $3)",
+                    session,
+                    now,
+                    low,
+                )
+                return True
+            if not live:
+                return False
+            await conn.execute(
+                "UPDATE sessions SET heartbeat_at = $2, low = $3 WHERE id = $1 "
+                "AND handled_at IS NULL",
+                session,
+                now,
+                low,
+            )
+            return True
+
+        return self._submit("op", op)
+
+    def end_session(self, session: str, now: float) -> asyncio.Future[None]:
+        """See the protocol."""
+
+        async def op(conn: Conn) -> None:
+            await conn.execute(
+                "UPDATE sessions SET ended_at = $2 WHERE id = $1 AND handled_at IS NULL",
+                session,
+                now,
+            )
+
+        return self._submit("op", op)
+
+    def redrive_lost_sessions(self, stale_before: float, now: float) -> asyncio.Future[int]:
+        """See the protocol. The handled mark is a compare-and-set (another relay's update of
+        the same session waits, then finds it handled); the jobs' update, a later statement of
+        the same transaction, sees every accept of the session that committed before it. They
+        lose ``sent_at`` too, with the reason ``unpublished``: claimed at once."""
+
+        async def op(conn: Conn) -> int:
+            await conn.execute(
+                "DELETE FROM sessions WHERE ended_at < $1 OR handled_at < $1",
+                now - SESSION_TTL_S,
+            )
+            lost = await conn.fetch(
+                "UPDATE sessions SET handled_at = $2 WHERE ended_at IS NULL "
+                "AND handled_at IS NULL AND heartbeat_at < $1 RETURNING seq, low",
+                stale_before,
+                now,
+            )
+            count = 0
+            for row in lost:
+                status = await conn.execute(
+                    "UPDATE jobs SET published_at = NULL, sent_at = NULL, session = NULL, "
+                    "redrive_reason = 'unpublished' WHERE status IN ('queued', 'running') "
+                    "AND sent_at >= $2 AND session = $1 AND published_at IS NOT NULL",
+                    row["seq"],
+                    row["low"],
+                )
+                count += int(status.split()[-1])
+            return count
+
+        return self._submit("op", op)
 
     def record_result(self, result: wire.ResultEnvelope) -> asyncio.Future[OutcomeVerdict]:
         """Record a result; the first terminal outcome per id wins (the failed result that

@@ -19,6 +19,7 @@ from typing import Protocol, get_args
 
 from nsqjobs import wire
 from nsqjobs.errors import NsqjobsError, UnknownTaskError
+from nsqjobs.ledger.session import Session
 from nsqjobs.ledger.store import Claimed, RedriveReason, Store
 from nsqjobs.nsq.admin import nsqd_start_time
 from nsqjobs.observability.metrics import LedgerMetrics
@@ -79,6 +80,8 @@ class Relay:
         stats_every_s: float = 0.0,
         clock: Clock = wire.now,
         read_start_time: Callable[[str, float], Awaitable[int]] = nsqd_start_time,
+        session: Session | None = None,
+        session_stale_s: float = 10.0,
     ) -> None:
         self.store = store
         self.publisher = publisher
@@ -94,6 +97,10 @@ class Relay:
         self.stats_every_s = stats_every_s
         self.clock = clock
         self.read_start_time = read_start_time
+        # This gateway's session (its heartbeat, every tick); a session of any gateway whose
+        # heartbeat is older than session_stale_s is taken for dead and its jobs re-driven.
+        self.session = session
+        self.session_stale_s = session_stale_s
         # Per nsqd: the start_time last read, and the re-drive cutoff it implies.
         self.start_times: dict[str, int] = {}
         self.cutoffs: dict[str, float] = {}
@@ -130,6 +137,11 @@ class Relay:
             await asyncio.wait_for(task, timeout_s)
         except TimeoutError:
             log.warning("relay: stopped in the middle of a tick (claims expire by themselves)")
+        if self.session is not None:
+            try:
+                await self.session.end()
+            except NsqjobsError as exc:
+                log.warning("relay: the session could not be ended (re-driven later): %s", exc)
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -148,6 +160,7 @@ class Relay:
     async def tick(self) -> None:
         """One pass: restart evidence, re-drive, publish, prune, gauges."""
         try:
+            await self.redrive_sessions()
             await self.redrive()
             await self.publish_claimed()
             now = self.clock()
@@ -166,6 +179,20 @@ class Relay:
             log.info("relay: the ledger can be written again")
         self.problem = None
         self.ticks += 1
+
+    async def redrive_sessions(self) -> int:
+        """Beat this gateway's session; re-drive what the sessions of dead gateways may not
+        have published (those whose heartbeat went stale)."""
+        if self.session is not None:
+            await self.session.beat()
+        now = self.clock()
+        count = await self.store.redrive_lost_sessions(now - self.session_stale_s, now)
+        if count:
+            log.warning(
+                "relay: %d job(s) of a gateway that stopped beating were maybe never published",
+                count,
+            )
+        return count
 
     async def redrive(self) -> int:
         """Read every nsqd's start_time; re-drive what was sent before the latest restart."""

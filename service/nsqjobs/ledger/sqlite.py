@@ -50,6 +50,11 @@ _CLAIMABLE: Final = (
 # sent_at of a job published to an nsqd that restarted since (redrive_sent_before): the relay
 # publishes it at once, and reports it as an nsqd_restart re-drive.
 SENT_TO_LOST_NSQD: Final = 0.0
+# sent_at of a job recorded as published by a gateway session that died (redrive_lost_sessions):
+# the relay publishes it at once, and reports it as an unpublished re-drive.
+SENT_BY_LOST_GATEWAY: Final = 1.0
+# Ended or handled sessions are forgotten after this long.
+SESSION_TTL_S: Final = 86400.0
 # Finished jobs that retention prunes (dead ones stay until replayed or purged).
 _PRUNABLE: Final = "('succeeded', 'failed', 'cancelled')"
 # A dead letter and the failed result a worker publishes with it carry the same time (and
@@ -106,14 +111,29 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         # first without counting the rest.
         "CREATE INDEX jobs_delayed ON jobs (due_at) "
         "WHERE due_at IS NOT NULL AND status IN ('queued', 'running')",
+        # Gateway sessions (Store.beat_session): a job the accept path recorded as published
+        # before nsqd acknowledged it names its session (its id); a session whose
+        # heartbeat stopped has its jobs sent since its ``low`` re-driven, once.
+        "ALTER TABLE jobs ADD COLUMN session TEXT",
+        """CREATE TABLE sessions (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            started_at REAL NOT NULL,
+            heartbeat_at REAL NOT NULL,
+            low REAL NOT NULL,
+            ended_at REAL,
+            handled_at REAL
+        )""",
     ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
+# ``args`` is '' for a job recorded since schema 3: its envelope holds them (index 21), and
+# storing them twice cost every accept an encoding and the row its size.
 _COLUMNS: Final = (
     "id, task, args, status, created_at, accepted_at, published_at, finished_at, attempts, "
     "worker, result, error, dead_reason, dead_at, seq, due_at, started_at, redrives, replays, "
-    "history, runs"
+    "history, runs, envelope"
 )
 # Sorted keys, so the same arguments are the same text whatever order the client wrote them in.
 _canonical = msgspec.json.Encoder(order="sorted")
@@ -154,7 +174,7 @@ def _record(row: Sequence[Any]) -> JobRecord:
     return JobRecord(
         id=row[0],
         task=row[1],
-        args=msgspec.json.decode(row[2]),
+        args=msgspec.json.decode(row[2]) if row[2] else wire.decode_job(row[21]).args,
         status=row[3],
         created_at=row[4],
         accepted_at=row[5],
@@ -212,23 +232,31 @@ class SqliteStore:
 
     # -- the Store interface --------------------------------------------------------------------
 
-    def record_accepted(self, jobs: list[wire.JobEnvelope]) -> asyncio.Future[list[Accepted]]:
-        """Record jobs as queued, all or none (see the protocol)."""
+    def record_accepted(
+        self, jobs: list[wire.JobEnvelope], session: str | None = None
+    ) -> asyncio.Future[list[Accepted]]:
+        """Record jobs as queued, all or none (see the protocol); in a live ``session``, the
+        ones published now are recorded as published (``published_at`` = ``sent_at``)."""
         now = wire.now()
-        rows = [
-            (
-                j.id,
-                j.task,
-                _canonical.encode(j.args).decode(),
-                wire.encode(j),
-                j.created_at,
-                now,
-                j.due_at,
-                None if held(j, now) else now,
+        rows = []
+        for j in jobs:
+            sent = None if held(j, now) else now
+            rows.append(
+                (
+                    j.id,
+                    j.task,
+                    "",  # the envelope holds them (see _COLUMNS)
+                    wire.encode(j),
+                    j.created_at,
+                    now,
+                    j.due_at,
+                    sent,
+                    # published_at and session, should the session be live (else dropped).
+                    None if session is None else sent,
+                    None if sent is None else session,
+                )
             )
-            for j in jobs
-        ]
-        return self._submit(lambda conn: _accept(conn, rows))
+        return self._submit(_Accept(rows, session))
 
     def mark_published(self, ids: list[str]) -> asyncio.Future[None]:
         """Note nsqd's acknowledgement of these jobs."""
@@ -239,6 +267,80 @@ class SqliteStore:
                 "UPDATE jobs SET published_at = ? WHERE id = ? AND published_at IS NULL",
                 [(now, i) for i in ids],
             )
+
+        return self._submit(op)
+
+    def mark_unpublished(self, ids: list[str]) -> asyncio.Future[None]:
+        """See the protocol (a job a relay claimed since has its own publish under way)."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "UPDATE jobs SET published_at = NULL, session = NULL WHERE id = ? "
+                "AND published_at IS NOT NULL AND lease_until IS NULL",
+                [(i,) for i in ids],
+            )
+
+        return self._submit(op)
+
+    def beat_session(self, session: str, low: float, now: float) -> asyncio.Future[bool]:
+        """See the protocol."""
+
+        def op(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "SELECT ended_at IS NULL AND handled_at IS NULL FROM sessions WHERE id = ?",
+                (session,),
+            ).fetchone()
+            if row is None:
+                conn.execute(
+                    "INSERT INTO sessions (id, started_at, heartbeat_at, low) VALUES (?, ?, ?, ?)",
+                    (session, now, now, low),
+                )
+                return True
+            if not row[0]:
+                return False
+            conn.execute(
+                "UPDATE sessions SET heartbeat_at = ?, low = ? WHERE id = ?", (now, low, session)
+            )
+            return True
+
+        return self._submit(op)
+
+    def end_session(self, session: str, now: float) -> asyncio.Future[None]:
+        """See the protocol."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE sessions SET ended_at = ? WHERE id = ? AND handled_at IS NULL",
+                (now, session),
+            )
+
+        return self._submit(op)
+
+    def redrive_lost_sessions(self, stale_before: float, now: float) -> asyncio.Future[int]:
+        """See the protocol. ``sent_at`` becomes :data:`SENT_BY_LOST_GATEWAY`, so the relay
+        claims these at once. One writer: the handled mark needs no compare-and-set here."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            conn.execute(
+                "DELETE FROM sessions WHERE ended_at < ? OR handled_at < ?",
+                (now - SESSION_TTL_S, now - SESSION_TTL_S),
+            )
+            lost = conn.execute(
+                "SELECT seq, id, low FROM sessions WHERE ended_at IS NULL AND handled_at IS NULL "
+                "AND heartbeat_at < ?",
+                (stale_before,),
+            ).fetchall()
+            count = 0
+            for seq, session, low in lost:
+                conn.execute("UPDATE sessions SET handled_at = ? WHERE seq = ?", (now, seq))
+                cur = conn.execute(
+                    "UPDATE jobs INDEXED BY jobs_unfinished SET published_at = NULL, "
+                    "sent_at = ?, session = NULL WHERE status IN ('queued', 'running') "
+                    "AND sent_at >= ? AND session = ? AND published_at IS NOT NULL",
+                    (SENT_BY_LOST_GATEWAY, low, session),
+                )
+                count += cur.rowcount
+            return count
 
         return self._submit(op)
 
@@ -553,8 +655,11 @@ class SqliteStore:
         try:
             started = time.perf_counter()
             conn.execute("BEGIN IMMEDIATE")
+            results = _apply(conn, [op for _, batch in batches for op, _ in batch])
+            i = 0
             for _, batch in batches:
-                outcomes.append([_call(op, conn) for op, _ in batch])
+                outcomes.append(results[i : i + len(batch)])
+                i += len(batch)
             conn.execute("COMMIT")
             if self.observe_write is not None:
                 self.observe_write(time.perf_counter() - started)
@@ -568,6 +673,32 @@ class SqliteStore:
             # A closed loop: nobody is waiting any more.
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_resolve, [f for _, f in batch], results)
+
+
+def _apply(conn: sqlite3.Connection, ops: list[Op]) -> list[tuple[bool, Any]]:
+    """Each operation's outcome, in order. A run of accepts is one INSERT when every id in it
+    is new: each SQLite statement gives up Python's lock while it runs, and taking it back from
+    a busy event loop can wait a switch interval, so the fewer statements a commit runs the
+    sooner it is done."""
+    out: list[tuple[bool, Any]] = []
+    i = 0
+    while i < len(ops):
+        op = ops[i]
+        if not isinstance(op, _Accept):
+            out.append(_call(op, conn))
+            i += 1
+            continue
+        j = i + 1
+        while j < len(ops) and isinstance(ops[j], _Accept):
+            j += 1
+        run: list[_Accept] = ops[i:j]  # type: ignore[assignment]
+        merged = _accept_all_new(conn, run) if len(run) > 1 else None
+        if merged is None:
+            out.extend(_call(a, conn) for a in run)
+        else:
+            out.extend((True, answers) for answers in merged)
+        i = j
+    return out
 
 
 def _call(op: Op, conn: sqlite3.Connection) -> tuple[bool, Any]:
@@ -608,7 +739,7 @@ def _dead(
 ) -> list[Any]:
     """Dead jobs' rows with their envelope (index 21), oldest first: those of ``ids`` (all of
     them), or else up to ``limit`` of ``task`` (or of every task)."""
-    select = f"SELECT {_COLUMNS}, envelope FROM jobs WHERE status = 'dead'"
+    select = f"SELECT {_COLUMNS} FROM jobs WHERE status = 'dead'"
     task_clause, task_params = (" AND task = ?", [task]) if task is not None else ("", [])
     if ids is None:
         sql = f"{select}{task_clause} ORDER BY seq LIMIT ?"
@@ -632,7 +763,106 @@ def _replayed_envelope(envelope: bytes, now: float) -> bytes:
     return envelope
 
 
-def _accept(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> Any:
+# Accepted rows, many per statement (each SQLite statement gives up Python's lock while it runs:
+# one per row costs a handover per row, and a busy event loop can keep it a switch interval).
+# A few sizes only, so the connection's statement cache keeps them all prepared.
+_INSERT: Final = (
+    "INSERT OR IGNORE INTO jobs (id, task, args, envelope, status, created_at, accepted_at, "
+    "due_at, sent_at, published_at, session) VALUES "
+)
+_VALUES: Final = "(?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)"
+_CHUNKS: Final = (200, 50, 10, 3, 1)
+_INSERTS: Final = {n: _INSERT + ", ".join([_VALUES] * n) for n in _CHUNKS}
+_NEW: Final = Accepted("new")
+_NEW_PUBLISHED: Final = Accepted("new", published=True)
+
+
+class _Accept:
+    """The operation of one ``record_accepted`` call; runs of them are merged (:func:`_apply`)."""
+
+    __slots__ = ("rows", "session")
+
+    def __init__(self, rows: list[tuple[Any, ...]], session: str | None) -> None:
+        self.rows = rows
+        self.session = session
+
+    def __call__(self, conn: sqlite3.Connection) -> list[Accepted]:
+        return _accept(conn, self.rows, self.session)
+
+
+def _live(conn: sqlite3.Connection, session: str | None) -> bool:
+    if session is None:
+        return False
+    found = conn.execute(
+        "SELECT 1 FROM sessions WHERE id = ? AND ended_at IS NULL AND handled_at IS NULL",
+        (session,),
+    ).fetchone()
+    return found is not None
+
+
+def _unpublished(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Rows of a session that is not live: recorded unpublished, in no session."""
+    return [(*row[:8], None, None) for row in rows]
+
+
+def _answers(rows: list[tuple[Any, ...]]) -> list[Accepted]:
+    return [_NEW if row[8] is None else _NEW_PUBLISHED for row in rows]
+
+
+def _insert(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
+    """INSERT OR IGNORE the rows, in order; how many went in."""
+    count, i = 0, 0
+    for n in _CHUNKS:
+        sql = _INSERTS[n]
+        while len(rows) - i >= n:
+            params = [v for row in rows[i : i + n] for v in row]
+            count += conn.execute(sql, params).rowcount
+            i += n
+    return count
+
+
+def _accept_all_new(conn: sqlite3.Connection, run: list[_Accept]) -> list[list[Accepted]] | None:
+    """A run of accepts inserted together; None (nothing recorded) when any id was there (or
+    twice in the run): then each is recorded on its own."""
+    for a in run:
+        if a.session is not None and not _live(conn, a.session):
+            a.rows, a.session = _unpublished(a.rows), None
+    rows = [row for a in run for row in a.rows]
+    conn.execute("SAVEPOINT accept")
+    try:
+        if _insert(conn, rows) != len(rows):
+            conn.execute("ROLLBACK TO accept")
+            return None
+    finally:
+        conn.execute("RELEASE accept")
+    return [_answers(a.rows) for a in run]
+
+
+def _accept(
+    conn: sqlite3.Connection, rows: list[tuple[Any, ...]], session: str | None
+) -> list[Accepted]:
+    """Insert the jobs, all or none. The common case (every id new) is INSERT OR IGNORE alone;
+    when any id was there, it is undone and :func:`_accept_known` answers."""
+    if session is not None and not _live(conn, session):
+        rows = _unpublished(rows)
+    conn.execute("SAVEPOINT accept")
+    try:
+        if _insert(conn, rows) == len(rows):
+            return _answers(rows)
+        conn.execute("ROLLBACK TO accept")
+    finally:
+        conn.execute("RELEASE accept")
+    return _accept_known(conn, rows)
+
+
+def _args_text(args: str, envelope: bytes) -> str:
+    """A job's arguments as canonical JSON (sorted keys), from the envelope when ``args`` is
+    '' (see ``_COLUMNS``): the same arguments are the same text however a client wrote them."""
+    return args or _canonical.encode(wire.decode_job(envelope).args).decode()
+
+
+def _accept_known(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[Accepted]:
+    """Some ids exist: compare each with the new job; insert the new ones unless any conflict."""
     existing: dict[str, tuple[Any, ...]] = {}
     ids = [r[0] for r in rows]
     for i in range(0, len(ids), _MAX_VARIABLES):
@@ -645,18 +875,16 @@ def _accept(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> Any:
     for row in rows:
         old = existing.get(row[0])
         if old is None:
-            answers.append(Accepted("new"))
+            answers.append(_NEW if row[8] is None else _NEW_PUBLISHED)
             new.append(row)
-        elif old[1] == row[1] and old[2] == row[2]:
+        elif old[1] == row[1] and _args_text(old[2], old[21]) == _args_text(row[2], row[3]):
             answers.append(Accepted("same", _record(old)))
         else:
             answers.append(Accepted("conflict", _record(old)))
-    if new and all(a.kind != "conflict" for a in answers):
-        conn.executemany(
-            "INSERT INTO jobs (id, task, args, envelope, status, created_at, accepted_at, due_at, "
-            "sent_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
-            new,
-        )
+    if any(a.kind == "conflict" for a in answers):  # nothing recorded
+        return [_NEW if a.published else a for a in answers]
+    if new:
+        _insert(conn, new)
     return answers
 
 
@@ -759,7 +987,7 @@ def _claimed(row: Sequence[Any], now: float) -> Claimed:
         reason = "replay" if replays else "due"
     elif sent_at == SENT_TO_LOST_NSQD:
         reason = "nsqd_restart"
-    else:
+    else:  # the accept path gave up, or its gateway died (SENT_BY_LOST_GATEWAY)
         reason = "unpublished"
     return Claimed(job_id, task, bytes(body), _delay_ms(due_at, now), reason)
 

@@ -111,10 +111,15 @@ class JobRecord:
 @dataclass(frozen=True, slots=True)
 class Accepted:
     """What recording one job came to: ``new`` (recorded now), ``same`` (the id was recorded
-    before with the same task and args: ``existing``), or ``conflict`` (with other ones)."""
+    before with the same task and args: ``existing``), or ``conflict`` (with other ones).
+
+    ``published``: a new job recorded as published already, in the caller's session (see
+    :meth:`Store.record_accepted`): the caller writes nothing more when nsqd acknowledges it,
+    and :meth:`Store.mark_unpublished` when the publish fails or its outcome is unknown."""
 
     kind: Literal["new", "same", "conflict"]
     existing: JobRecord | None = None
+    published: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,13 +154,50 @@ class LedgerStats:
 class Store(Protocol):
     """A job ledger's storage."""
 
-    def record_accepted(self, jobs: list[wire.JobEnvelope]) -> asyncio.Future[list[Accepted]]:
+    def record_accepted(
+        self, jobs: list[wire.JobEnvelope], session: str | None = None
+    ) -> asyncio.Future[list[Accepted]]:
         """Record jobs as queued, durably, all or none: when any id exists with another task
-        or other args, nothing is recorded (the answers say which conflict)."""
+        or other args, nothing is recorded (the answers say which conflict).
+
+        With ``session`` (a gateway session that :meth:`beat_session` registered and nobody
+        has ended or handled), a store may record the new jobs it will not hold as published
+        at once (their answers say ``published``): the caller publishes them now, and the
+        session's evidence covers a crash before nsqd's acknowledgement (see
+        :meth:`redrive_lost_sessions`). Else they are recorded unpublished, and the caller
+        notes the acknowledgement with :meth:`mark_published`."""
         ...
 
     def mark_published(self, ids: list[str]) -> asyncio.Future[None]:
         """Note that nsqd acknowledged these jobs (the first time counts)."""
+        ...
+
+    def mark_unpublished(self, ids: list[str]) -> asyncio.Future[None]:
+        """The publish of jobs recorded as ``published`` by :meth:`record_accepted` failed, or
+        its outcome is unknown: they lose ``published_at`` (unless a relay has claimed them
+        since), so the relay publishes them after its grace (reason ``unpublished``), and a
+        resubmission of the same id publishes again."""
+        ...
+
+    # -- gateway sessions: the evidence for jobs recorded as published before nsqd's ack -------
+
+    def beat_session(self, session: str, low: float, now: float) -> asyncio.Future[bool]:
+        """Register the session (first call) or note that it is alive at ``now``; ``low`` is
+        no later than the ``sent_at`` of any of its jobs whose publish is not settled
+        (acknowledged, or :meth:`mark_unpublished` written). False when the session was
+        ended or handled: its jobs are recorded unpublished from then on, and the gateway
+        starts another session."""
+        ...
+
+    def end_session(self, session: str, now: float) -> asyncio.Future[None]:
+        """A clean stop with every publish of the session settled: nothing to re-drive."""
+        ...
+
+    def redrive_lost_sessions(self, stale_before: float, now: float) -> asyncio.Future[int]:
+        """Sessions neither ended nor handled whose heartbeat is older than ``stale_before``
+        (their gateway died, or stalled): each is marked handled (by one relay only), and
+        its unfinished jobs sent at or after its ``low`` lose ``published_at``, so the
+        relay publishes them at once (reason ``unpublished``). How many jobs."""
         ...
 
     def record_result(self, result: wire.ResultEnvelope) -> asyncio.Future[OutcomeVerdict]:
