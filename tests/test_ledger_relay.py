@@ -630,11 +630,14 @@ def test_jobs_recorded_but_never_published_are_published_by_the_relay(
     nsq.nsqd.pause()
     try:
         submit(gateway, {"id": "stalled", "task": "noop"}, expect=503)
+        # A job whose id the gateway makes is recorded and published side by side: the same.
+        fresh = submit(gateway, {"task": "noop"}, expect=503)["id"]
     finally:
         nsq.nsqd.resume()
-    # It runs: from the publish nsqd took in after all, or else from the relay's, past the
-    # grace; either way its outcome is recorded once.
+    # They run: from the publish nsqd took in after all, or else from the relay's, past the
+    # grace; either way each outcome is recorded once.
     outcome(gateway, "stalled")
+    outcome(gateway, fresh)
     assert redriven(gateway, "unpublished") >= 1 and redriven(gateway, "nsqd_restart") == 0
 
 

@@ -172,7 +172,8 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
                     acceptor = self.routes.acceptor
                     task, env = acceptor.build(req)
                     self.job_id = env.id
-                    acceptor.publish(task, env).add_done_callback(self._accepted)
+                    fresh = req.id is None
+                    acceptor.publish(task, env, fresh_id=fresh).add_done_callback(self._accepted)
                     return
                 work = self._accept_and_wait(req)
             else:

@@ -16,6 +16,7 @@ import contextlib
 import functools
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from nsqjobs import wire
 from nsqjobs.api import BatchJob, SubmitRequest
@@ -196,18 +197,27 @@ class Acceptor:
         return body
 
     def publish(
-        self, task: Task, env: wire.JobEnvelope, delay_ms: int | None = None
+        self,
+        task: Task,
+        env: wire.JobEnvelope,
+        delay_ms: int | None = None,
+        *,
+        fresh_id: bool = False,
     ) -> asyncio.Future[wire.JobEnvelope]:
         """Record and publish a built job; the future resolves to the envelope once nsqd
         acknowledged it (or, for a delay beyond nsqd's, once the ledger recorded it: its relay
         publishes it when due), or to the error. ``delay_ms`` defaults to the job's own.
 
         A plain job without a recorder needs no coroutine: its future is the publish itself.
+        With ``fresh_id`` (the id was made here, so no job in the ledger can have it) a plain job
+        is recorded and published side by side, also without a coroutine (:class:`_Fresh`).
         Raises :class:`JobTooLarge` at once when nsqd would refuse the envelope.
         """
         body = self.encode(env)
         if delay_ms is None:
             delay_ms = self.delay_ms(env) if env.due_at is not None else 0
+        if fresh_id and self.session is not None and not delay_ms and env.due_at is None:
+            return _Fresh(self, self.session, task, env, body).done
         if self.recorder is not None or self.session is not None or delay_ms:
             return asyncio.ensure_future(self._record_and_publish(task, env, body, delay_ms))
         done: asyncio.Future[wire.JobEnvelope] = asyncio.get_running_loop().create_future()
@@ -470,3 +480,80 @@ def _check_existing(
     if skip and single and record is not None:
         raise JobExists(record)
     return skip
+
+
+class _Fresh:
+    """One job with an id made by this gateway, recorded in the ledger and published to nsqd
+    side by side: an id nobody chose cannot exist, so the ledger has nothing to refuse, and
+    the answer waits for both (the record durable, nsqd's OK). Were the gateway to die between
+    the two, a job published but not recorded was never answered 202 (it runs, its outcome
+    unknown to the ledger), and one recorded but not published is its session's to re-drive.
+    """
+
+    __slots__ = (
+        "acceptor",
+        "done",
+        "env",
+        "epoch",
+        "errors",
+        "optimistic",
+        "pending",
+        "session",
+        "task",
+    )
+
+    def __init__(
+        self, acceptor: Acceptor, session: Session, task: Task, env: wire.JobEnvelope, body: bytes
+    ) -> None:
+        self.acceptor = acceptor
+        self.session = session
+        self.task = task
+        self.env = env
+        self.done: asyncio.Future[wire.JobEnvelope] = asyncio.get_running_loop().create_future()
+        self.optimistic = False  # recorded as published (settled once nsqd acknowledged)
+        self.errors: list[BaseException] = []  # the record's, then the publish's
+        self.pending = 2
+        self.epoch, recorded = session.record([env])
+        recorded.add_done_callback(self._recorded)
+        acceptor.publisher.enqueue(task.queue, body).add_done_callback(self._acked)
+
+    def _recorded(self, recorded: asyncio.Future[list[Accepted]]) -> None:
+        error = _error(recorded)
+        if error is None:
+            self.optimistic = recorded.result()[0].published
+        else:
+            self.errors.insert(0, error)
+        if not self.optimistic:
+            self.session.settle(self.epoch, 1)
+        self._one_done()
+
+    def _acked(self, acked: asyncio.Future[None]) -> None:
+        error = _error(acked)
+        if error is not None:
+            self.errors.append(error)
+        self._one_done()
+
+    def _one_done(self) -> None:
+        self.pending -= 1
+        if self.pending:
+            return
+        acceptor, session, env, done = self.acceptor, self.session, self.env, self.done
+        if self.optimistic:
+            if self.errors:  # recorded as published, but nsqd did not take it: say so first
+                session.unpublished(self.epoch, [env.id])
+            else:
+                session.settle(self.epoch, 1)
+        if done.done():  # the caller gave up
+            return
+        if self.errors:
+            done.set_exception(self.errors[0])
+            return
+        if not self.optimistic and acceptor.published is not None:
+            acceptor.published([env.id])
+        acceptor.metrics.accepted(self.task.name)
+        done.set_result(env)
+
+
+def _error(fut: asyncio.Future[Any]) -> BaseException | None:
+    """A done future's exception (a cancellation as CancelledError), or None."""
+    return asyncio.CancelledError() if fut.cancelled() else fut.exception()
