@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import pytest
 from nsqjobs import wire
 from nsqjobs.ledger import LedgerError, SqliteStore
-from nsqjobs.ledger.sqlite import SCHEMA_VERSION
+from nsqjobs.ledger.liteschema import SCHEMA_VERSION
 
 T = TypeVar("T")
 pytestmark = pytest.mark.timeout(30)

@@ -12,7 +12,7 @@ import msgspec
 import pytest
 from nsqjobs import wire
 from nsqjobs.ledger import SqliteStore
-from nsqjobs.ledger.sqlite import _MAX_VARIABLES
+from nsqjobs.ledger.litesql import MAX_VARIABLES
 
 T = TypeVar("T")
 pytestmark = pytest.mark.timeout(30)
@@ -141,7 +141,7 @@ def test_a_replayed_job_loses_an_expiry_that_has_passed(tmp_path: Path) -> None:
 
 
 def test_purge_deletes_only_dead_jobs(tmp_path: Path) -> None:
-    ids = [f"d{i}" for i in range(_MAX_VARIABLES + 20)]  # more than one IN (...) of ids
+    ids = [f"d{i}" for i in range(MAX_VARIABLES + 20)]  # more than one IN (...) of ids
 
     async def body(store: SqliteStore) -> None:
         await store.record_accepted([job(i) for i in ids] + [job("q"), job("t", task="other")])

@@ -18,17 +18,15 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import asyncpg
-import msgspec
 
 from nsqjobs import wire
 from nsqjobs.ledger.pgsql import (
     BY_IDS,
     CLAIM,
-    COLUMNS,
     MIGRATIONS,
     RECORD_DEAD_LETTER,
     SCHEMA_VERSION,
@@ -39,8 +37,17 @@ from nsqjobs.ledger.pgsql import (
     apply_fast,
     verdict,
 )
-from nsqjobs.ledger.sqlite import SESSION_TTL_S, _canonical, _json, _record
+from nsqjobs.ledger.rows import (
+    COLUMNS,
+    canonical,
+    encoder,
+    history_json,
+    record,
+    replayed_envelope,
+    replayed_runs,
+)
 from nsqjobs.ledger.store import (
+    SESSION_TTL_S,
     STATUSES,
     Accepted,
     Claimed,
@@ -147,7 +154,7 @@ class PostgresStore:
                 (
                     j.id,
                     j.task,
-                    _canonical.encode(j.args).decode(),
+                    canonical.encode(j.args).decode(),
                     wire.encode(j),
                     j.created_at,
                     now,
@@ -251,16 +258,16 @@ class PostgresStore:
     def record_result(self, result: wire.ResultEnvelope) -> asyncio.Future[OutcomeVerdict]:
         """Record a result; the first terminal outcome per id wins (the failed result that
         goes with a dead letter is part of that outcome: pgsql.SAME_OUTCOME_S)."""
-        error = None if result.error is None else _json.encode(result.error).decode()
+        error = None if result.error is None else encoder.encode(result.error).decode()
         row = (
             result.id,
             result.status,
-            _json.encode(result.result).decode(),  # 'null' too: a result is in
+            encoder.encode(result.result).decode(),  # 'null' too: a result is in
             error,
             result.attempts,
             result.worker,
             result.finished_at,
-            _history(result.history),
+            history_json(result.history),
             result.started_at,
         )
         return self._submit("result", row)
@@ -276,10 +283,10 @@ class PostgresStore:
             job.id,
             letter.reason,
             letter.at,
-            _json.encode(letter.error).decode(),
+            encoder.encode(letter.error).decode(),
             letter.worker,
             job.attempts,
-            _history(job.history),
+            history_json(job.history),
         )
 
         async def op(conn: Conn) -> OutcomeVerdict:
@@ -292,7 +299,7 @@ class PostgresStore:
 
         async def op(conn: Conn) -> JobRecord | None:
             row = await conn.fetchrow(f"SELECT {COLUMNS} FROM jobs WHERE id = $1", job_id)
-            return None if row is None else _record(row)
+            return None if row is None else record(row)
 
         return self._submit("op", op)
 
@@ -325,7 +332,7 @@ class PostgresStore:
             rows = await conn.fetch(sql, *params, limit + 1)
             more = len(rows) > limit
             rows = rows[:limit]
-            return Page([_record(r) for r in rows], str(rows[-1]["seq"]) if more else None)
+            return Page([record(r) for r in rows], str(rows[-1]["seq"]) if more else None)
 
         return self._submit("op", op)
 
@@ -432,7 +439,7 @@ class PostgresStore:
                 now,
             )
             row = await conn.fetchrow(f"SELECT {COLUMNS} FROM jobs WHERE id = $1", job_id)
-            return None if row is None else _record(row)
+            return None if row is None else record(row)
 
         return self._submit("op", op)
 
@@ -453,7 +460,7 @@ class PostgresStore:
             )
             if not rows:
                 return []
-            runs = [_json.encode([*_record(r).runs, _run(r, now)]).decode() for r in rows]
+            runs = [replayed_runs(record(r), now) for r in rows]
             replayed = await conn.fetch(
                 "UPDATE jobs AS j SET status = 'queued', runs = u.runs, envelope = u.envelope, "
                 "replays = j.replays + 1, attempts = 0, worker = NULL, result = NULL, "
@@ -464,9 +471,9 @@ class PostgresStore:
                 f"WHERE j.id = u.id RETURNING {_qualified('j')}",
                 [r["id"] for r in rows],
                 runs,
-                [_replayed_envelope(r["envelope"], now) for r in rows],
+                [replayed_envelope(r["envelope"], now) for r in rows],
             )
-            return [_record(r) for r in sorted(replayed, key=lambda r: r["seq"])]
+            return [record(r) for r in sorted(replayed, key=lambda r: r["seq"])]
 
         return self._submit("op", op)
 
@@ -650,34 +657,6 @@ def _dead_filter(
     if task is not None:
         return "status = 'dead' AND task = $1", (task, limit)
     return "status = 'dead' AND $1::text IS NULL", (None, limit)
-
-
-def _run(row: Sequence[Any], now: float) -> dict[str, Any]:
-    """A dead job's run so far, as ``runs`` keeps it when the job is replayed at ``now``."""
-    job = _record(row)
-    return {
-        "status": job.status,
-        "attempts": job.attempts,
-        "error": msgspec.to_builtins(job.error),
-        "dead_reason": job.dead_reason,
-        "finished_at": job.finished_at,
-        "dead_at": job.dead_at,
-        "history": msgspec.to_builtins(job.history),
-        "replayed_at": now,
-    }
-
-
-def _replayed_envelope(envelope: bytes, now: float) -> bytes:
-    """The envelope a replay publishes: as accepted, less an expiry that has passed."""
-    job = wire.decode_job(envelope)
-    if job.deadline is not None and job.deadline <= now:
-        return wire.encode(msgspec.structs.replace(job, deadline=None))
-    return envelope
-
-
-def _history(history: tuple[wire.Attempt, ...] | None) -> str | None:
-    """Failed attempts as the ``history`` column holds them (None: none reported)."""
-    return _json.encode(history).decode() if history else None
 
 
 def _left_ms(due_at: float | None, now: float) -> int:

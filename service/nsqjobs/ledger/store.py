@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
 from nsqjobs import wire
 from nsqjobs.errors import NsqjobsError
@@ -19,6 +19,8 @@ JobStatus = Literal["queued", "running", "succeeded", "failed", "dead", "cancell
 STATUSES: tuple[JobStatus, ...] = ("queued", "running", "succeeded", "failed", "dead", "cancelled")
 # Not finished: the statuses a re-drive, a cancel or the oldest-unfinished gauge looks at.
 UNFINISHED: tuple[JobStatus, ...] = ("queued", "running")
+# Ended or handled gateway sessions are forgotten after this long (Store.redrive_lost_sessions).
+SESSION_TTL_S: Final = 86400.0
 # Why a job was published again (the label of nsqjobs_ledger_redrives_total):
 # nsqd_restart: published to an nsqd that restarted since (it lost what it held in memory);
 # unpublished: recorded, but nsqd's acknowledgement never recorded (publish failed, or the

@@ -1,0 +1,446 @@
+"""What one transaction of the SQLite store runs: its statements, and the operations a commit
+applies in order, with a run of accepts merged into one INSERT (the schema: liteschema)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+from nsqjobs import wire
+from nsqjobs.ledger.liteschema import (
+    CLAIMABLE,
+    ROW_COLUMNS,
+    SENT_BY_LOST_GATEWAY,
+    SENT_TO_LOST_NSQD,
+)
+from nsqjobs.ledger.rows import canonical, record, replayed_envelope, replayed_runs
+from nsqjobs.ledger.store import (
+    SESSION_TTL_S,
+    STATUSES,
+    Accepted,
+    Claimed,
+    JobRecord,
+    LedgerStats,
+    OutcomeVerdict,
+    RedriveReason,
+)
+from nsqjobs.names import MAX_DELAY_MS
+
+# A dead letter and the failed result a worker publishes with it carry the same time (and
+# worker): they are one outcome, not a duplicate. Slack for stores that round timestamps.
+_SAME_OUTCOME_S: Final = 0.001
+
+MAX_VARIABLES: Final = 500
+
+Op = Callable[[sqlite3.Connection], Any]
+
+
+def apply_ops(conn: sqlite3.Connection, ops: list[Op]) -> list[tuple[bool, Any]]:
+    """Each operation's outcome, in order. A run of accepts is one INSERT when every id in it
+    is new: each SQLite statement gives up Python's lock while it runs, and taking it back from
+    a busy event loop can wait a switch interval, so the fewer statements a commit runs the
+    sooner it is done."""
+    out: list[tuple[bool, Any]] = []
+    i = 0
+    while i < len(ops):
+        op = ops[i]
+        if not isinstance(op, Accept):
+            out.append(_call(op, conn))
+            i += 1
+            continue
+        j = i + 1
+        while j < len(ops) and isinstance(ops[j], Accept):
+            j += 1
+        run: list[Accept] = ops[i:j]  # type: ignore[assignment]
+        merged = _accept_all_new(conn, run) if len(run) > 1 else None
+        if merged is None:
+            out.extend(_call(a, conn) for a in run)
+        else:
+            out.extend((True, answers) for answers in merged)
+        i = j
+    return out
+
+
+def _call(op: Op, conn: sqlite3.Connection) -> tuple[bool, Any]:
+    """One operation's outcome; storage errors abort the whole transaction, others are the
+    caller's alone."""
+    try:
+        return True, op(conn)
+    except sqlite3.Error:
+        raise
+    except Exception as exc:
+        return False, exc
+
+
+def verdict(conn: sqlite3.Connection, changed: int, job_id: str) -> OutcomeVerdict:
+    if changed:
+        return "recorded"
+    known = conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    return "duplicate" if known else "unknown"
+
+
+def get_job(conn: sqlite3.Connection, job_id: str) -> JobRecord | None:
+    row = conn.execute(f"SELECT {ROW_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    return None if row is None else record(row)
+
+
+def dead_rows(
+    conn: sqlite3.Connection, ids: list[str] | None, task: str | None, limit: int
+) -> list[Any]:
+    """Dead jobs' rows with their envelope (index 21), oldest first: those of ``ids`` (all of
+    them), or else up to ``limit`` of ``task`` (or of every task)."""
+    select = f"SELECT {ROW_COLUMNS} FROM jobs WHERE status = 'dead'"
+    task_clause, task_params = (" AND task = ?", [task]) if task is not None else ("", [])
+    if ids is None:
+        sql = f"{select}{task_clause} ORDER BY seq LIMIT ?"
+        return conn.execute(sql, (*task_params, limit)).fetchall()
+    rows: list[Any] = []
+    unique = list(dict.fromkeys(ids))
+    for i in range(0, len(unique), MAX_VARIABLES):
+        chunk = unique[i : i + MAX_VARIABLES]
+        marks = ",".join("?" * len(chunk))
+        sql = f"{select} AND id IN ({marks}){task_clause}"
+        rows.extend(conn.execute(sql, (*chunk, *task_params)))
+    return sorted(rows, key=lambda row: int(row[14]))
+
+
+# Accepted rows, many per statement (each SQLite statement gives up Python's lock while it runs:
+# one per row costs a handover per row, and a busy event loop can keep it a switch interval).
+# A few sizes only, so the connection's statement cache keeps them all prepared.
+_INSERT: Final = (
+    "INSERT OR IGNORE INTO jobs (id, task, args, envelope, status, created_at, accepted_at, "
+    "due_at, sent_at, published_at, session) VALUES "
+)
+_VALUES: Final = "(?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)"
+_CHUNKS: Final = (200, 50, 10, 3, 1)
+_INSERTS: Final = {n: _INSERT + ", ".join([_VALUES] * n) for n in _CHUNKS}
+_NEW: Final = Accepted("new")
+_NEW_PUBLISHED: Final = Accepted("new", published=True)
+
+
+class Accept:
+    """The operation of one ``record_accepted`` call (a run of them merges: :func:`apply_ops`)."""
+
+    __slots__ = ("rows", "session")
+
+    def __init__(self, rows: list[tuple[Any, ...]], session: str | None) -> None:
+        self.rows = rows
+        self.session = session
+
+    def __call__(self, conn: sqlite3.Connection) -> list[Accepted]:
+        return _accept(conn, self.rows, self.session)
+
+
+def _live(conn: sqlite3.Connection, session: str | None) -> bool:
+    if session is None:
+        return False
+    found = conn.execute(
+        "SELECT 1 FROM sessions WHERE id = ? AND ended_at IS NULL AND handled_at IS NULL",
+        (session,),
+    ).fetchone()
+    return found is not None
+
+
+def _unpublished(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Rows of a session that is not live: recorded unpublished, in no session."""
+    return [(*row[:8], None, None) for row in rows]
+
+
+def _answers(rows: list[tuple[Any, ...]]) -> list[Accepted]:
+    return [_NEW if row[8] is None else _NEW_PUBLISHED for row in rows]
+
+
+def _insert(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
+    """INSERT OR IGNORE the rows, in order; how many went in."""
+    count, i = 0, 0
+    for n in _CHUNKS:
+        sql = _INSERTS[n]
+        while len(rows) - i >= n:
+            params = [v for row in rows[i : i + n] for v in row]
+            count += conn.execute(sql, params).rowcount
+            i += n
+    return count
+
+
+def _accept_all_new(conn: sqlite3.Connection, run: list[Accept]) -> list[list[Accepted]] | None:
+    """A run of accepts inserted together; None (nothing recorded) when any id was there (or
+    twice in the run): then each is recorded on its own."""
+    for a in run:
+        if a.session is not None and not _live(conn, a.session):
+            a.rows, a.session = _unpublished(a.rows), None
+    rows = [row for a in run for row in a.rows]
+    conn.execute("SAVEPOINT accept")
+    try:
+        if _insert(conn, rows) != len(rows):
+            conn.execute("ROLLBACK TO accept")
+            return None
+    finally:
+        conn.execute("RELEASE accept")
+    return [_answers(a.rows) for a in run]
+
+
+def _accept(
+    conn: sqlite3.Connection, rows: list[tuple[Any, ...]], session: str | None
+) -> list[Accepted]:
+    """Insert the jobs, all or none. The common case (every id new) is INSERT OR IGNORE alone;
+    when any id was there, it is undone and :func:`_accept_known` answers."""
+    if session is not None and not _live(conn, session):
+        rows = _unpublished(rows)
+    conn.execute("SAVEPOINT accept")
+    try:
+        if _insert(conn, rows) == len(rows):
+            return _answers(rows)
+        conn.execute("ROLLBACK TO accept")
+    finally:
+        conn.execute("RELEASE accept")
+    return _accept_known(conn, rows)
+
+
+def _args_text(args: str, envelope: bytes) -> str:
+    """A job's arguments as canonical JSON (sorted keys), from the envelope when ``args`` is
+    '' (see ``ROW_COLUMNS``): the same arguments are the same text however a client wrote them."""
+    return args or canonical.encode(wire.decode_job(envelope).args).decode()
+
+
+def _accept_known(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[Accepted]:
+    """Some ids exist: compare each with the new job; insert the new ones unless any conflict."""
+    existing: dict[str, tuple[Any, ...]] = {}
+    ids = [r[0] for r in rows]
+    for i in range(0, len(ids), MAX_VARIABLES):
+        chunk = ids[i : i + MAX_VARIABLES]
+        marks = ",".join("?" * len(chunk))
+        for row in conn.execute(f"SELECT {ROW_COLUMNS} FROM jobs WHERE id IN ({marks})", chunk):
+            existing[row[0]] = row
+    answers: list[Accepted] = []
+    new = []
+    for row in rows:
+        old = existing.get(row[0])
+        if old is None:
+            answers.append(_NEW if row[8] is None else _NEW_PUBLISHED)
+            new.append(row)
+        elif old[1] == row[1] and _args_text(old[2], old[21]) == _args_text(row[2], row[3]):
+            answers.append(Accepted("same", record(old)))
+        else:
+            answers.append(Accepted("conflict", record(old)))
+    if any(a.kind == "conflict" for a in answers):  # nothing recorded
+        return [_NEW if a.published else a for a in answers]
+    if new:
+        _insert(conn, new)
+    return answers
+
+
+# An outcome of a replayed job counts only when its run started after the latest replay: a
+# late result of the run before (the ledger was behind) is a duplicate, not the new run's.
+_THIS_RUN: Final = "(replays = 0 OR ? >= json_extract(runs, '$[#-1].replayed_at'))"
+
+
+def record_result(
+    conn: sqlite3.Connection,
+    result: wire.ResultEnvelope,
+    value: str,
+    error: str | None,
+    history: str | None,
+) -> OutcomeVerdict:
+    """The first terminal outcome wins. A failed result may still complete a dead letter
+    recorded first: a worker that dead-letters a job publishes the letter and then a failed
+    result of the same final attempt, with the same worker and time, so that pair is one
+    outcome (the job stays ``dead``, the result adds its attempts); anything else for a
+    finished job is a ``duplicate``."""
+    cur = conn.execute(
+        "UPDATE jobs SET status = ?, result = ?, error = ?, attempts = ?, worker = ?, "
+        "finished_at = ?, history = COALESCE(?, history) WHERE id = ? AND finished_at IS NULL "
+        f"AND {_THIS_RUN}",
+        (
+            result.status,
+            value,
+            error,
+            result.attempts,
+            result.worker,
+            result.finished_at,
+            history,
+            result.id,
+            result.started_at,
+        ),
+    )
+    if not cur.rowcount and result.status == "failed":
+        cur = conn.execute(
+            "UPDATE jobs SET result = ?, attempts = ?, history = COALESCE(?, history) "
+            "WHERE id = ? AND status = 'dead' AND result IS NULL AND worker = ? "
+            "AND ABS(dead_at - ?) < ?",
+            (
+                value,
+                result.attempts,
+                history,
+                result.id,
+                result.worker,
+                result.finished_at,
+                _SAME_OUTCOME_S,
+            ),
+        )
+    return verdict(conn, cur.rowcount, result.id)
+
+
+def record_dead_letter(
+    conn: sqlite3.Connection,
+    letter: wire.DeadLetter,
+    job: wire.JobEnvelope,
+    error: str,
+    history: str | None,
+) -> OutcomeVerdict:
+    """The first terminal outcome wins; a dead letter arriving after the failed result of the
+    same final attempt (same worker and time, see :func:`record_result`) makes it ``dead``."""
+    cur = conn.execute(
+        "UPDATE jobs SET status = 'dead', dead_reason = ?, dead_at = ?, finished_at = ?, "
+        "error = ?, worker = ?, attempts = MAX(attempts, ?), history = COALESCE(?, history) "
+        f"WHERE id = ? AND finished_at IS NULL AND {_THIS_RUN}",
+        (
+            letter.reason,
+            letter.at,
+            letter.at,
+            error,
+            letter.worker,
+            job.attempts,
+            history,
+            job.id,
+            letter.at,
+        ),
+    )
+    if not cur.rowcount:
+        cur = conn.execute(
+            "UPDATE jobs SET status = 'dead', dead_reason = ?, dead_at = ?, "
+            "history = COALESCE(?, history) WHERE id = ? AND status = 'failed' "
+            "AND dead_at IS NULL AND worker = ? AND ABS(finished_at - ?) < ?",
+            (letter.reason, letter.at, history, job.id, letter.worker, letter.at, _SAME_OUTCOME_S),
+        )
+    return verdict(conn, cur.rowcount, job.id)
+
+
+def as_claimed(row: Sequence[Any], now: float) -> Claimed:
+    """A claimed row as the relay publishes it (see ``SqliteStore.claim_unpublished``)."""
+    _, job_id, task, body, due_at, sent_at, replays = row
+    reason: RedriveReason
+    if sent_at is None:
+        reason = "replay" if replays else "due"
+    elif sent_at == SENT_TO_LOST_NSQD:
+        reason = "nsqd_restart"
+    else:  # the accept path gave up, or its gateway died (SENT_BY_LOST_GATEWAY)
+        reason = "unpublished"
+    return Claimed(job_id, task, bytes(body), _delay_ms(due_at, now), reason)
+
+
+def _delay_ms(due_at: float | None, now: float) -> int:
+    """What is left of a job's delay, within what nsqd defers."""
+    if due_at is None or due_at <= now:
+        return 0
+    return min(MAX_DELAY_MS, int((due_at - now) * 1000))
+
+
+def redrive_lost_sessions(conn: sqlite3.Connection, stale_before: float, now: float) -> int:
+    """Forget old sessions; re-drive the jobs of those whose heartbeat stopped before
+    ``stale_before``, once. How many."""
+    conn.execute(
+        "DELETE FROM sessions WHERE ended_at < ? OR handled_at < ?",
+        (now - SESSION_TTL_S, now - SESSION_TTL_S),
+    )
+    lost = conn.execute(
+        "SELECT seq, id, low FROM sessions WHERE ended_at IS NULL AND handled_at IS NULL "
+        "AND heartbeat_at < ?",
+        (stale_before,),
+    ).fetchall()
+    count = 0
+    for seq, session, low in lost:
+        conn.execute("UPDATE sessions SET handled_at = ? WHERE seq = ?", (now, seq))
+        cur = conn.execute(
+            "UPDATE jobs INDEXED BY jobs_unfinished SET published_at = NULL, "
+            "sent_at = ?, session = NULL WHERE status IN ('queued', 'running') "
+            "AND sent_at >= ? AND session = ? AND published_at IS NOT NULL",
+            (SENT_BY_LOST_GATEWAY, low, session),
+        )
+        count += cur.rowcount
+    return count
+
+
+# The relay's claims: jobs without a delay (oldest first), then delayed ones coming due (soonest
+# first). INDEXED BY: without ANALYZE's statistics SQLite would rather walk jobs_by_status,
+# every queued job of a backlog, every poll.
+_CLAIM_FROM: Final = (
+    "SELECT seq, id, task, envelope, due_at, sent_at, replays FROM jobs INDEXED BY "
+    "jobs_unpublished WHERE"
+)
+_CLAIM_PLAIN: Final = f"{_CLAIM_FROM} due_at IS NULL AND {CLAIMABLE} ORDER BY seq LIMIT :limit"
+_CLAIM_DELAYED: Final = (
+    f"{_CLAIM_FROM} due_at < :until AND {CLAIMABLE} ORDER BY due_at LIMIT :limit"
+)
+
+
+def claim(
+    conn: sqlite3.Connection,
+    now: float,
+    grace_s: float,
+    horizon_s: float,
+    lease_s: float,
+    limit: int,
+) -> list[Claimed]:
+    """Up to ``limit`` jobs for the relay to publish, leased for ``lease_s`` (see
+    ``SqliteStore.claim_unpublished``)."""
+    params = {"now": now, "stale": now - grace_s, "until": now + horizon_s, "limit": limit}
+    rows = conn.execute(_CLAIM_PLAIN, params).fetchall()
+    if len(rows) < limit:
+        rows += conn.execute(_CLAIM_DELAYED, {**params, "limit": limit - len(rows)}).fetchall()
+    claimed = [as_claimed(row, now) for row in rows]
+    conn.executemany(
+        "UPDATE jobs SET sent_at = ?, lease_until = ?, redrives = redrives + ? WHERE seq = ?",
+        [
+            (now, now + lease_s, c.reason == "unpublished", row[0])
+            for row, c in zip(rows, claimed, strict=True)
+        ],
+    )
+    return claimed
+
+
+def read_stats(conn: sqlite3.Connection) -> LedgerStats:
+    """Jobs by status, and when the oldest unfinished one became runnable (see
+    ``SqliteStore.stats``), in one read snapshot."""
+    conn.execute("BEGIN")  # one snapshot for both queries
+    try:
+        counts = dict(conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status"))
+        # Acceptance order is seq order: the first undelayed job of each status, and the
+        # delayed job due first.
+        firsts = [
+            conn.execute(
+                "SELECT accepted_at FROM jobs WHERE status = ? AND due_at IS NULL "
+                "ORDER BY seq LIMIT 1",
+                (status,),
+            ).fetchone()
+            for status in ("queued", "running")
+        ]
+        firsts.append(
+            conn.execute(
+                "SELECT MIN(due_at) FROM jobs INDEXED BY jobs_delayed WHERE due_at "
+                "IS NOT NULL AND status IN ('queued', 'running')"
+            ).fetchone()
+        )
+    finally:
+        conn.execute("COMMIT")
+    times = [row[0] for row in firsts if row is not None and row[0] is not None]
+    return LedgerStats({s: int(counts.get(s, 0)) for s in STATUSES}, min(times, default=None))
+
+
+def replay(
+    conn: sqlite3.Connection, ids: list[str] | None, task: str | None, limit: int, now: float
+) -> list[JobRecord]:
+    """Queue dead jobs again (see ``SqliteStore.replay``); the jobs as they now stand."""
+    rows = dead_rows(conn, ids, task, limit)
+    updates = [
+        (replayed_runs(record(row), now), replayed_envelope(row[21], now), row[14]) for row in rows
+    ]
+    conn.executemany(
+        "UPDATE jobs SET status = 'queued', runs = ?, envelope = ?, "
+        "replays = replays + 1, attempts = 0, worker = NULL, result = NULL, "
+        "error = NULL, dead_reason = NULL, dead_at = NULL, finished_at = NULL, "
+        "started_at = NULL, history = NULL, published_at = NULL, sent_at = NULL, "
+        "lease_until = NULL WHERE seq = ?",
+        updates,
+    )
+    return [r for r in (get_job(conn, row[0]) for row in rows) if r is not None]
