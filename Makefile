@@ -23,8 +23,9 @@ export NSQJOBS_GRACE_S ?= 10
 # nsqd, nsqlookupd and nsqadmin log level in the local stack (debug, info, warn, error).
 export NSQJOBS_NSQ_LOG_LEVEL ?= warn
 # The job ledger of the local stack: SQLite in the data directory (empty: no ledger; or a
-# postgresql:// URL of a server of your own).
-export NSQJOBS_LEDGER_URL ?= sqlite:///$(DATA_DIR)/ledger.sqlite3
+# postgresql:// URL of a server of your own). Not exported: only `make run` hands it to its
+# gateway (STACK_ENV), so the tests' own gateways never inherit it.
+NSQJOBS_LEDGER_URL ?= sqlite:///$(DATA_DIR)/ledger.sqlite3
 
 .PHONY: help venv nsq run ctl test lint bench chaos clean images standins compose-test
 
@@ -70,7 +71,8 @@ STACK_ENV = NSQJOBS_NSQD_TCP_ADDRESS=127.0.0.1:$(NSQJOBS_NSQD_TCP_PORT) \
 	NSQJOBS_NSQD_HTTP_ADDRESS=127.0.0.1:$(NSQJOBS_NSQD_HTTP_PORT) \
 	NSQJOBS_LOOKUPD_HTTP_ADDRESS=127.0.0.1:$(NSQJOBS_LOOKUPD_HTTP_PORT) \
 	NSQJOBS_BIN_DIR=$(BIN_DIR) NSQJOBS_DATA_DIR=$(DATA_DIR) NSQJOBS_VENV=$(CURDIR)/$(VENV) \
-	NSQJOBS_STOP_WAIT_S=$$(( $${NSQJOBS_GRACE_S%.*} + 3 ))
+	NSQJOBS_STOP_WAIT_S=$$(( $${NSQJOBS_GRACE_S%.*} + 3 )) \
+	NSQJOBS_LEDGER_URL='$(NSQJOBS_LEDGER_URL)'
 LAST_WORKER_PORT = $$(( $(NSQJOBS_WORKER_PORT) + $(NSQJOBS_WORKERS) - 1 ))
 
 # A program that cannot start stops the stack (deploy/local/watchdog.py writes why to

@@ -537,6 +537,9 @@ def start_daemon(
             ENV_DEBUG_TASKS: "1",
             env_var(NsqConfig, "lookupd_poll_interval"): "1",
             "PYTHONUNBUFFERED": "1",
+            # No ledger unless the test asks for one, whatever the caller's environment holds
+            # (`make run` gives its own stack one).
+            env_var(GatewayConfig, "ledger_url"): "",
             **(env or {}),
         }
         log_path = log_dir / f"{kind}-{port}.log"
