@@ -1,10 +1,9 @@
 """One behavioural suite for every ledger store: SQLite (a file in tmp_path) and PostgreSQL (a
 real server from nsqjobs.testing.start_postgres, one per module, a fresh database per test).
 
-Each test follows the Store protocol's docstrings (nsqjobs.ledger.store) and SPEC's status
-rules. A SQLite method that still raises NotImplementedError skips its case, saying so. At the
-end, PostgreSQL alone: two gateways' stores claiming together, migrating together, and the
-database restarting under a store.
+Each test follows the Store protocol's docstrings (nsqjobs.ledger.store) and the status rules
+the README's "Job ledger" section states. At the end, PostgreSQL alone: two gateways' stores
+claiming together, migrating together, and the database restarting under a store.
 """
 
 from __future__ import annotations
@@ -72,16 +71,7 @@ def run(ledger: Ledger, body: Callable[[Store], Awaitable[T]]) -> T:
         finally:
             store.close()
 
-    try:
-        return asyncio.run(main())
-    except NotImplementedError as exc:
-        if ledger.kind != "sqlite":
-            raise
-        tb = exc.__traceback__
-        while tb is not None and tb.tb_next is not None:
-            tb = tb.tb_next
-        method = tb.tb_frame.f_code.co_name if tb is not None else "?"
-        pytest.skip(f"SqliteStore.{method} raises NotImplementedError (not built on this branch)")
+    return asyncio.run(main())
 
 
 def job(job_id: str, task: str = "noop", due_at: float | None = None, **args: Any) -> Any:
