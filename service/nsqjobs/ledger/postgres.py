@@ -42,9 +42,11 @@ from nsqjobs.ledger.rows import (
     canonical,
     encoder,
     history_json,
+    listing_start,
     record,
     replayed_envelope,
     replayed_runs,
+    resolve,
 )
 from nsqjobs.ledger.store import (
     SESSION_TTL_S,
@@ -312,13 +314,7 @@ class PostgresStore:
         cursor: str | None = None,
     ) -> asyncio.Future[Page]:
         """Jobs in acceptance order; raises :class:`LedgerError` for a bad filter or cursor."""
-        if status is not None and status not in STATUSES:
-            raise LedgerError(f"unknown status {status!r} (one of {', '.join(STATUSES)})")
-        if not 1 <= limit <= 1000:
-            raise LedgerError("limit must be 1-1000")
-        if cursor is not None and not (cursor.isdigit() and len(cursor) < 19):
-            raise LedgerError(f"not a cursor this ledger gave out: {cursor!r}")
-        clauses, params = ["seq > $1"], [int(cursor or 0)]
+        clauses, params = ["seq > $1"], [listing_start(status, limit, cursor)]
         for column, value in (("status", status), ("task", task)):
             if value is not None:
                 params.append(value)  # type: ignore[arg-type]
@@ -603,7 +599,7 @@ class PostgresStore:
                 results = outcomes[i : i + len(batch)]
                 i += len(batch)
                 with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-                    loop.call_soon_threadsafe(_resolve, [c.fut for c in batch], results)
+                    loop.call_soon_threadsafe(resolve, [c.fut for c in batch], results)
 
     async def _run(self, calls: list[Call]) -> list[tuple[bool, Any]]:
         """Run ``calls`` in one transaction (one statement when it can: ``apply_fast``); a
@@ -633,16 +629,6 @@ class PostgresStore:
                     return [(False, LedgerError(f"the ledger could not write: {exc}"))]
                 return [(await self._run([c]))[0] for c in calls]
         raise LedgerError("unreachable")  # the loop returns or raises
-
-
-def _resolve(futures: list[asyncio.Future[Any]], results: list[tuple[bool, Any]]) -> None:
-    for fut, (ok, value) in zip(futures, results, strict=True):
-        if fut.done():
-            continue
-        if ok:
-            fut.set_result(value)
-        else:
-            fut.set_exception(value)
 
 
 def _dead_filter(

@@ -3,13 +3,14 @@ and failed attempts and earlier runs as the JSON their columns hold."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any, Final
 
 import msgspec
 
 from nsqjobs import wire
-from nsqjobs.ledger.store import JobRecord
+from nsqjobs.ledger.store import STATUSES, JobRecord, LedgerError
 
 # The columns :func:`record` reads, in its order (a store may select more after them).
 COLUMNS: Final = (
@@ -80,3 +81,28 @@ def replayed_envelope(envelope: bytes, now: float) -> bytes:
     if job.deadline is not None and job.deadline <= now:
         return wire.encode(msgspec.structs.replace(job, deadline=None))
     return envelope
+
+
+def listing_start(status: str | None, limit: int, cursor: str | None) -> int:
+    """Check a listing's filter, limit and cursor (both stores' rules); the position it starts
+    after. Raises :class:`LedgerError` naming what is wrong."""
+    if status is not None and status not in STATUSES:
+        raise LedgerError(f"unknown status {status!r} (one of {', '.join(STATUSES)})")
+    if not 1 <= limit <= 1000:
+        raise LedgerError("limit must be 1-1000")
+    # A cursor is a position the store gave out: digits that fit a 64-bit integer.
+    if cursor is not None and not (cursor.isdigit() and len(cursor) < 19):
+        raise LedgerError(f"not a cursor this ledger gave out: {cursor!r}")
+    return int(cursor or 0)
+
+
+def resolve(futures: list[asyncio.Future[Any]], results: list[tuple[bool, Any]]) -> None:
+    """Settle a committed batch's futures on their loop: each with its value or its error (a
+    future its caller gave up on is left alone)."""
+    for fut, (ok, value) in zip(futures, results, strict=True):
+        if fut.done():
+            continue
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)

@@ -36,9 +36,8 @@ from nsqjobs.ledger.litesql import (
     replay,
     verdict,
 )
-from nsqjobs.ledger.rows import encoder, history_json, record
+from nsqjobs.ledger.rows import encoder, history_json, listing_start, record, resolve
 from nsqjobs.ledger.store import (
-    STATUSES,
     Accepted,
     Claimed,
     JobRecord,
@@ -217,13 +216,7 @@ class SqliteStore:
         cursor: str | None = None,
     ) -> asyncio.Future[Page]:
         """Jobs in acceptance order; raises :class:`LedgerError` for a bad filter or cursor."""
-        if status is not None and status not in STATUSES:
-            raise LedgerError(f"unknown status {status!r} (one of {', '.join(STATUSES)})")
-        if not 1 <= limit <= 1000:
-            raise LedgerError("limit must be 1-1000")
-        if cursor is not None and not cursor.isdigit():
-            raise LedgerError(f"not a cursor this ledger gave out: {cursor!r}")
-        clauses, params = ["seq > ?"], [int(cursor or 0)]
+        clauses, params = ["seq > ?"], [listing_start(status, limit, cursor)]
         if status is not None:
             clauses.append("status = ?")
             params.append(status)  # type: ignore[arg-type]
@@ -435,14 +428,4 @@ class SqliteStore:
         for (loop, batch), results in zip(batches, outcomes, strict=True):
             # A closed loop: nobody is waiting any more.
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_resolve, [f for _, f in batch], results)
-
-
-def _resolve(futures: list[asyncio.Future[Any]], results: list[tuple[bool, Any]]) -> None:
-    for fut, (ok, value) in zip(futures, results, strict=True):
-        if fut.done():
-            continue
-        if ok:
-            fut.set_result(value)
-        else:
-            fut.set_exception(value)
+                loop.call_soon_threadsafe(resolve, [f for _, f in batch], results)
