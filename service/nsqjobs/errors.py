@@ -94,6 +94,23 @@ class JobCancelled(NsqjobsError):
     """A running job was cancelled and its child process ended: no result, no retry."""
 
 
+class TaskFailed(NsqjobsError):
+    """A job ran and ended without a result: the task raised (its attempts spent, or a
+    permanent error), timed out, or was cancelled or dead-lettered. Every executor rung and the
+    client raise this one type, carrying the task's error type name and message (the local
+    rungs chain the original exception as ``__cause__``)."""
+
+    def __init__(
+        self, error_type: str, message: str, *, job_id: str | None = None, status: str = "failed"
+    ) -> None:
+        where = f"job {job_id} " if job_id else ""
+        super().__init__(f"{where}{status}: {error_type}: {message}")
+        self.error_type = error_type
+        self.message = message
+        self.job_id = job_id
+        self.status = status
+
+
 class Retry(NsqjobsError):
     """Raised by a task to ask for another attempt, optionally after ``delay`` seconds."""
 
