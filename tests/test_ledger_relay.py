@@ -10,7 +10,7 @@ import logging
 import re
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -450,7 +450,10 @@ def test_a_ledger_that_cannot_be_written_makes_the_gateway_unready(tmp_path: Pat
 def acceptor(ledger: bool) -> tuple[Acceptor, FakePublisher, list[str]]:
     recorded: list[str] = []
 
-    async def recorder(envs: list[wire.JobEnvelope]) -> None:
+    async def recorder(
+        envs: list[wire.JobEnvelope], session: str | None, bodies: Sequence[bytes]
+    ) -> None:
+        assert list(bodies) == [wire.encode(env) for env in envs]
         recorded.extend(env.id for env in envs)
 
     publisher = FakePublisher()

@@ -175,3 +175,24 @@ def test_a_late_outcome_of_the_run_before_a_replay_is_a_duplicate(tmp_path: Path
         assert (await store.get("late")).status == "succeeded"  # type: ignore[union-attr]
 
     run(tmp_path / "ledger.sqlite3", body)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 1023, 1024, 1025, 2100])
+def test_accepts_of_any_size_are_recorded_whole_and_in_order(tmp_path: Path, n: int) -> None:
+    """An accept is one statement up to 1,024 jobs, its last padded with copies of its last
+    row: every job goes in once, in order, and a taken id still answers as before."""
+
+    async def body(store: SqliteStore) -> tuple[list[Any], list[Any]]:
+        await store.record_accepted([job("taken")])
+        jobs = [job(f"j{i:05}") for i in range(n)]
+        new = await store.record_accepted(jobs, bodies=[wire.encode(j) for j in jobs])
+        again = await store.record_accepted([job("taken"), job("fresh")])
+        return new, again
+
+    new, again = run(tmp_path / "l.sqlite3", body)
+    assert [a.kind for a in new] == ["new"] * n
+    assert [a.kind for a in again] == ["same", "new"]
+    conn = sqlite3.connect(tmp_path / "l.sqlite3")
+    ids = [row[0] for row in conn.execute("SELECT id FROM jobs ORDER BY seq")]
+    conn.close()
+    assert ids == ["taken", *(f"j{i:05}" for i in range(n)), "fresh"]

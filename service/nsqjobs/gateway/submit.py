@@ -36,9 +36,13 @@ from nsqjobs.nsq.publisher import Publisher
 from nsqjobs.observability.metrics import GatewayMetrics
 from nsqjobs.registry import Registry, Task
 
-# Records jobs before they are published: None (all recorded), or per job what the ledger
-# already had under its id (``nsqjobs.ledger.Store.record_accepted``).
-Recorder = Callable[[list[wire.JobEnvelope]], Awaitable[Sequence[Accepted] | None]]
+# Records jobs (and, for a session, its id; their encoded envelopes) before they are
+# published: None (all recorded), or per job what the ledger already had under its id
+# (``nsqjobs.ledger.Store.record_accepted``).
+Recorder = Callable[
+    [list[wire.JobEnvelope], str | None, Sequence[bytes]],
+    Awaitable[Sequence[Accepted] | None],
+]
 # Told the ids nsqd acknowledged, after a recorder recorded them.
 Published = Callable[[list[str]], object]
 # A validated job, ready to publish: its task (for the queue topic) and its envelope.
@@ -250,15 +254,15 @@ class Acceptor:
         done.set_result(env)
 
     async def _recorded(
-        self, envelopes: list[wire.JobEnvelope]
+        self, envelopes: list[wire.JobEnvelope], bodies: Sequence[bytes]
     ) -> tuple[Sequence[Accepted] | None, int, frozenset[str]]:
         """The recorder's answers, the session's epoch, and the ids recorded as published
         (settled later by :meth:`_settle`); every other job is settled now."""
         session = self.session
         if session is None:
             assert self.recorder is not None
-            return await self.recorder(envelopes), 0, _NONE
-        epoch, recorded = session.record(envelopes)
+            return await self.recorder(envelopes, None, bodies), 0, _NONE
+        epoch, recorded = session.record(envelopes, bodies)
         try:
             answers = await recorded
         except BaseException:
@@ -290,7 +294,7 @@ class Acceptor:
     ) -> wire.JobEnvelope:
         epoch, optimistic = 0, _NONE
         if self.recorder is not None or self.session is not None:
-            answers, epoch, optimistic = await self._recorded([env])
+            answers, epoch, optimistic = await self._recorded([env], [body])
             if answers:
                 _check_existing(answers, [env], single=True)
             if self._held(env):  # recorded: the ledger's relay publishes it when due
@@ -340,13 +344,14 @@ class Acceptor:
             raise DuplicateIds(duplicates)
         return built
 
-    def encode_batch(self, built: list[Built]) -> dict[str, list[bytes]]:
-        """Each queue's MPUB bodies, in request order; :class:`JobTooLarge` when nsqd would
-        refuse a message or a queue's MPUB, so nothing of the batch is published."""
+    def encode_batch(self, built: list[Built]) -> tuple[dict[str, list[bytes]], list[bytes]]:
+        """Each queue's MPUB bodies, in request order, and every job's body in ``built``'s
+        order (for the ledger); :class:`JobTooLarge` when nsqd would refuse a message or a
+        queue's MPUB, so nothing of the batch is published."""
         by_topic: dict[str, list[bytes]] = {}
         limit, encode = self.max_msg_size, wire.encode
-        for task, env in built:
-            body = encode(env)
+        every = [encode(env) for _, env in built]
+        for (task, env), body in zip(built, every, strict=True):
             if len(body) > limit:
                 i = next(n for n, (_, e) in enumerate(built) if e is env)
                 self.encode(env, f"jobs[{i}].")  # raises, naming the job
@@ -364,7 +369,7 @@ class Acceptor:
                     self.max_body_size,
                     "jobs",
                 )
-        return by_topic
+        return by_topic, every
 
     async def publish_batch(self, built: list[Built]) -> list[wire.JobEnvelope]:
         """Check sizes, record all, then one atomic MPUB per queue topic; the envelopes in
@@ -374,16 +379,16 @@ class Acceptor:
         queues is still one MPUB per queue: when a later one fails after an earlier one was
         acknowledged, :class:`BatchPartlyPublished` says which ids nsqd has.
         """
-        by_topic = self.encode_batch(built)
+        by_topic, bodies = self.encode_batch(built)
         envelopes = [env for _, env in built]
         epoch, optimistic = 0, _NONE
         if self.recorder is not None or self.session is not None:
-            answers, epoch, optimistic = await self._recorded(envelopes)
+            answers, epoch, optimistic = await self._recorded(envelopes, bodies)
             if answers:
                 skip = _check_existing(answers, envelopes, single=False)
                 if skip:  # published before: not again
                     built = [b for b in built if b[1].id not in skip]
-                    by_topic = self.encode_batch(built)
+                    by_topic = self.encode_batch(built)[0]
         acked: list[str] = []
         try:
             await self._publish_recorded(built, by_topic, acked)
@@ -398,7 +403,7 @@ class Acceptor:
         later = [b for b in built if b[1].due_at is not None]
         if later:  # each on its own (an MPUB has no delay), or held by the ledger
             built = [b for b in built if b[1].due_at is None]
-            by_topic = self.encode_batch(built)
+            by_topic = self.encode_batch(built)[0]
         done: list[str] = []
         for topic, bodies in by_topic.items():
             try:
@@ -513,7 +518,7 @@ class _Fresh:
         self.optimistic = False  # recorded as published (settled once nsqd acknowledged)
         self.errors: list[BaseException] = []  # the record's, then the publish's
         self.pending = 2
-        self.epoch, recorded = session.record([env])
+        self.epoch, recorded = session.record([env], [body])
         recorded.add_done_callback(self._recorded)
         acceptor.publisher.enqueue(task.queue, body).add_done_callback(self._acked)
 

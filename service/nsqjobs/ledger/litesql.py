@@ -53,7 +53,7 @@ def apply_ops(conn: sqlite3.Connection, ops: list[Op]) -> list[tuple[bool, Any]]
         while j < len(ops) and isinstance(ops[j], Accept):
             j += 1
         run: list[Accept] = ops[i:j]  # type: ignore[assignment]
-        merged = _accept_all_new(conn, run) if len(run) > 1 else None
+        merged = _accept_all_new(conn, run)
         if merged is None:
             out.extend(_call(a, conn) for a in run)
         else:
@@ -107,13 +107,14 @@ def dead_rows(
 
 # Accepted rows, many per statement (each SQLite statement gives up Python's lock while it runs:
 # one per row costs a handover per row, and a busy event loop can keep it a switch interval).
-# A few sizes only, so the connection's statement cache keeps them all prepared.
+# Powers of two only, so the connection's statement cache keeps them all prepared; a commit's
+# accepts up to the largest are one statement (:func:`_insert` pads the last one).
 _INSERT: Final = (
     "INSERT OR IGNORE INTO jobs (id, task, args, envelope, status, created_at, accepted_at, "
     "due_at, sent_at, published_at, session) VALUES "
 )
 _VALUES: Final = "(?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)"
-_CHUNKS: Final = (200, 50, 10, 3, 1)
+_CHUNKS: Final = tuple(2**k for k in range(10, -1, -1))  # 1024 rows: 10,240 variables
 _INSERTS: Final = {n: _INSERT + ", ".join([_VALUES] * n) for n in _CHUNKS}
 _NEW: Final = Accepted("new")
 _NEW_PUBLISHED: Final = Accepted("new", published=True)
@@ -152,22 +153,26 @@ def _answers(rows: list[tuple[Any, ...]]) -> list[Accepted]:
 
 
 def _insert(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
-    """INSERT OR IGNORE the rows, in order; how many went in."""
-    count, i = 0, 0
-    for n in _CHUNKS:
-        sql = _INSERTS[n]
-        while len(rows) - i >= n:
-            params = [v for row in rows[i : i + n] for v in row]
-            count += conn.execute(sql, params).rowcount
-            i += n
+    """INSERT OR IGNORE the rows, in order; how many went in. The last statement is padded
+    to its size with copies of its last row, which never go in: the row before them either
+    went in or was ignored for its id, and so are they."""
+    count, i, largest = 0, 0, _CHUNKS[0]
+    while i < len(rows):
+        left = len(rows) - i
+        n = largest if left >= largest else 1 << (left - 1).bit_length()
+        chunk = rows[i : i + n]
+        chunk += [chunk[-1]] * (n - len(chunk))
+        count += conn.execute(_INSERTS[n], [v for row in chunk for v in row]).rowcount
+        i += n
     return count
 
 
 def _accept_all_new(conn: sqlite3.Connection, run: list[Accept]) -> list[list[Accepted]] | None:
     """A run of accepts inserted together; None (nothing recorded) when any id was there (or
     twice in the run): then each is recorded on its own."""
+    live = {s: _live(conn, s) for s in {a.session for a in run} if s is not None}
     for a in run:
-        if a.session is not None and not _live(conn, a.session):
+        if a.session is not None and not live[a.session]:
             a.rows, a.session = _unpublished(a.rows), None
     rows = [row for a in run for row in a.rows]
     conn.execute("SAVEPOINT accept")

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import asyncpg
@@ -144,20 +144,24 @@ class PostgresStore:
     # -- the Store interface --------------------------------------------------------------------
 
     def record_accepted(
-        self, jobs: list[wire.JobEnvelope], session: str | None = None
+        self,
+        jobs: list[wire.JobEnvelope],
+        session: str | None = None,
+        bodies: Sequence[bytes] | None = None,
     ) -> asyncio.Future[list[Accepted]]:
         """Record jobs as queued, all or none (see the protocol); in a live ``session``, the
         ones published now are recorded as published (``published_at`` = ``sent_at``)."""
         now = wire.now()
         rows = []
-        for j in jobs:
+        envelopes = map(wire.encode, jobs) if bodies is None else bodies
+        for j, envelope in zip(jobs, envelopes, strict=True):
             later = held(j, now)
             rows.append(
                 (
                     j.id,
                     j.task,
                     canonical.encode(j.args).decode(),
-                    wire.encode(j),
+                    envelope,
                     j.created_at,
                     now,
                     j.due_at,

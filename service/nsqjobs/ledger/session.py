@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from nsqjobs import wire
 from nsqjobs.errors import NsqjobsError
@@ -41,13 +41,16 @@ class Session:
 
     # -- the accept path ------------------------------------------------------------------------
 
-    def record(self, jobs: list[wire.JobEnvelope]) -> tuple[int, asyncio.Future[list[Accepted]]]:
-        """Record jobs in this session; the epoch to settle them with. Every job counts as
+    def record(
+        self, jobs: list[wire.JobEnvelope], bodies: Sequence[bytes] | None = None
+    ) -> tuple[int, asyncio.Future[list[Accepted]]]:
+        """Record jobs in this session (``bodies``: their encoded envelopes, see
+        :meth:`Store.record_accepted`); the epoch to settle them with. Every job counts as
         unsettled until :meth:`settle` (or :meth:`unpublished`) says otherwise."""
         epoch = self.epoch
         self._open[epoch] = self._open.get(epoch, 0) + len(jobs)
         try:
-            return epoch, self.store.record_accepted(jobs, self.id)
+            return epoch, self.store.record_accepted(jobs, self.id, bodies)
         except BaseException:
             self.settle(epoch, len(jobs))
             raise

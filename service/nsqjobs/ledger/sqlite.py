@@ -16,7 +16,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,20 +92,24 @@ class SqliteStore:
     # -- the Store interface --------------------------------------------------------------------
 
     def record_accepted(
-        self, jobs: list[wire.JobEnvelope], session: str | None = None
+        self,
+        jobs: list[wire.JobEnvelope],
+        session: str | None = None,
+        bodies: Sequence[bytes] | None = None,
     ) -> asyncio.Future[list[Accepted]]:
         """Record jobs as queued, all or none (see the protocol); in a live ``session``, the
         ones published now are recorded as published (``published_at`` = ``sent_at``)."""
         now = wire.now()
         rows = []
-        for j in jobs:
+        envelopes = map(wire.encode, jobs) if bodies is None else bodies
+        for j, envelope in zip(jobs, envelopes, strict=True):
             sent = None if held(j, now) else now
             rows.append(
                 (
                     j.id,
                     j.task,
                     "",  # the envelope holds them (see ROW_COLUMNS)
-                    wire.encode(j),
+                    envelope,
                     j.created_at,
                     now,
                     j.due_at,

@@ -8,6 +8,7 @@ transaction.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
@@ -157,10 +158,15 @@ class Store(Protocol):
     """A job ledger's storage."""
 
     def record_accepted(
-        self, jobs: list[wire.JobEnvelope], session: str | None = None
+        self,
+        jobs: list[wire.JobEnvelope],
+        session: str | None = None,
+        bodies: Sequence[bytes] | None = None,
     ) -> asyncio.Future[list[Accepted]]:
         """Record jobs as queued, durably, all or none: when any id exists with another task
-        or other args, nothing is recorded (the answers say which conflict).
+        or other args, nothing is recorded (the answers say which conflict). ``bodies``: the
+        jobs' envelopes as :func:`nsqjobs.wire.encode` wrote them for the publish, in order
+        (else the store encodes them again).
 
         With ``session`` (a gateway session that :meth:`beat_session` registered and nobody
         has ended or handled), a store may record the new jobs it will not hold as published
