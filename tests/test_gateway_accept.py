@@ -4,7 +4,7 @@ before publishing, checked on the envelopes nsqd really holds."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import pytest
@@ -115,7 +115,10 @@ def make_acceptor(log: list[tuple[str, Any]], *, record: bool) -> Acceptor:
     def echo(args: dict[str, Any]) -> dict[str, Any]:
         return args
 
-    async def recorder(envs: list[wire.JobEnvelope]) -> None:
+    async def recorder(
+        envs: list[wire.JobEnvelope], session: str | None, bodies: Sequence[bytes]
+    ) -> None:
+        assert [wire.decode_job(b) for b in bodies] == envs
         log.append(("record", [env.id for env in envs]))
 
     publisher = cast(Publisher, FakePublisher(log))
