@@ -3,7 +3,8 @@
 ``make chaos`` runs them all (about 7 minutes on 2 cores) into ``bench/results/chaos.md`` and
 ``chaos.json``; ``--only`` picks some, ``--store postgres`` runs them against a PostgreSQL
 ledger (into ``chaos-postgres.*``), ``--short`` runs the ``make test`` sizes (``chaos-short.*``),
-``--scale`` multiplies the job counts. Exit status 1 when a scenario could not run, 2 when one
+``--long`` runs the full-size deep backlog (``chaos-long.*``), ``--scale`` multiplies the job
+counts. Exit status 1 when a scenario could not run, 2 when one
 missed a target.
 """
 
@@ -39,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", default="", help="comma-separated scenario names")
     parser.add_argument("--store", choices=STORES, default="sqlite", help="the ledger's store")
     parser.add_argument("--short", action="store_true", help="the small sizes make test runs")
+    parser.add_argument(
+        "--long",
+        action="store_true",
+        help="the full-size deep backlog (50,000 jobs held 10 minutes; about 15 minutes)",
+    )
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the job counts")
     parser.add_argument("--drain", type=float, help="longest drain, seconds (default per scenario)")
     parser.add_argument(
@@ -57,9 +63,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the scenarios and write chaos.md and chaos.json."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    catalogue = (
-        scenarios.short(args.store) if args.short else scenarios.full(args.store, args.scale)
-    )
+    if args.long:
+        catalogue = scenarios.long(args.store)
+    elif args.short:
+        catalogue = scenarios.short(args.store)
+    else:
+        catalogue = scenarios.full(args.store, args.scale)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = sorted(set(names) - {s.name for s in catalogue})
     if unknown:
@@ -103,7 +112,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     # chaos.md for the default run; chaos-postgres.md, chaos-short.md, ... beside it.
     stem = "-".join(
-        ["chaos", *(["postgres"] if args.store == "postgres" else []), *(["short"] * args.short)]
+        [
+            "chaos",
+            *(["postgres"] if args.store == "postgres" else []),
+            *(["short"] * args.short),
+            *(["long"] * args.long),
+        ]
     )
     report.write_json(args.out / f"{stem}.json", header, results)
     report.write_markdown(args.out / f"{stem}.md", header, results)

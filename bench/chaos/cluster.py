@@ -104,7 +104,15 @@ class Cluster:
         return f"worker {victim.proc.pid} killed, another started"
 
     def supervise(self) -> list[str]:
-        """Start another worker in place of any that exited on its own (a lost port race)."""
+        """Start another worker in place of any that exited on its own (a lost port race).
+        Raises :class:`HarnessError` when a paused worker runs again before its time: some
+        other process sent it SIGCONT, and the run no longer shows what it claims."""
+        for worker in self.paused:
+            if worker.proc.poll() is None and not worker.stopped():
+                raise HarnessError(
+                    f"worker {worker.proc.pid} runs again while it should be paused (another "
+                    "process sent it SIGCONT): the run is void"
+                )
         events = []
         for n, worker in enumerate(self.workers):
             if worker.proc.poll() is not None and worker not in self.paused:

@@ -230,6 +230,34 @@ def full(store: str = "sqlite", scale: float = 1.0) -> list[Scenario]:
     ]
 
 
+# The long deep backlog: how long every job waits behind the paused workers.
+LONG_BACKLOG_HOLD_S = 600.0
+
+
+def long(store: str = "sqlite") -> list[Scenario]:
+    """The issue's deep backlog at full size (``--long``, about 15 minutes): 50,000 jobs queued
+    behind SIGSTOPped workers, each for at least 10 minutes, with the relay's default grace
+    and no fault: no re-drive allowed."""
+    jobs, rate = 50000, 400.0
+    hold = jobs / rate + LONG_BACKLOG_HOLD_S
+    return [
+        Scenario(
+            "deep_backlog_long",
+            f"{jobs:,} jobs queued behind SIGSTOPped workers, each for at least "
+            f"{LONG_BACKLOG_HOLD_S / 60:g} minutes, no fault: no re-drive allowed",
+            jobs,
+            rate,
+            faults=(Fault(0.0, "pause_workers", hold),),
+            # nsqd's message timeout outlasts the pause (the workers' in-flight jobs stay
+            # theirs), within nsqd's default --max-msg-timeout of 15 minutes.
+            setup=Setup(msg_timeout_s=int(hold) + 60),
+            store=store,
+            drain_s=600.0,
+            no_redrives=True,
+        )
+    ]
+
+
 # The short runs: the relay's grace and the publish timeout made short so the runs are.
 SHORT_GATEWAY = {"NSQJOBS_LEDGER_GRACE_S": "3", "NSQJOBS_PUBLISH_TIMEOUT_S": "1"}
 

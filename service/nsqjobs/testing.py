@@ -245,7 +245,11 @@ class Proc:
         """SIGSTOP, then wait until every thread of the process is stopped: the signal is
         delivered asynchronously, and a thread still running could answer one more request."""
         self.proc.send_signal(signal.SIGSTOP)
-        wait_for(lambda: _stopped(self.proc.pid), timeout, f"{self.name} to stop")
+        wait_for(self.stopped, timeout, f"{self.name} to stop")
+
+    def stopped(self) -> bool:
+        """Every thread of the process is stopped by a signal (and stays so until SIGCONT)."""
+        return _stopped(self.proc.pid)
 
     def resume(self) -> None:
         """SIGCONT after :meth:`pause`."""
