@@ -51,7 +51,6 @@ class WaitManyHandler(ProblemHandler):
         self.waiter: ResultWaiter = kwargs["waiter"]
         self.store: Store | None = kwargs.get("store")
         self.max_wait_s: float = kwargs["max_wait_s"]
-        self.ops = kwargs.get("ops")  # LedgerWaitManyHandler's: the job with id "wait"
         self.gone = asyncio.Event()
 
     def on_connection_close(self) -> None:
@@ -144,6 +143,11 @@ class WaitManyHandler(ProblemHandler):
 class LedgerWaitManyHandler(WaitManyHandler, JobStatusHandler):
     """With the ledger, ``/v1/jobs/wait`` is also the path of the job whose id is ``wait``:
     GET and DELETE answer for that job, as ``/v1/jobs/{id}`` does for any other."""
+
+    def initialize(self, **kwargs: Any) -> None:
+        """Take what both routes need."""
+        WaitManyHandler.initialize(self, **kwargs)
+        JobStatusHandler.initialize(self, **kwargs)
 
     async def get(self, job_id: str = "wait") -> None:
         """The job ``wait``'s record."""
