@@ -26,7 +26,8 @@ class GatewayError(NsqjobsError):
     retryable: ClassVar[bool] = False
 
     def __init__(self, status: int, detail: str, problem: dict[str, Any] | None = None) -> None:
-        super().__init__(detail)
+        # Exception's own: the runtime's error classes mixed in below take other arguments.
+        Exception.__init__(self, detail)
         self.status = status
         self.detail = detail
         self.problem: dict[str, Any] = problem or {}
