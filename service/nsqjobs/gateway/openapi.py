@@ -496,6 +496,12 @@ def _add_ledger(
             },
         ),
     }
+    # /v1/jobs/wait is also where the job whose id is "wait" lives: GET and DELETE answer it.
+    for method, operation_of_id in paths["/v1/jobs/{id}"].items():
+        same = copy.deepcopy(operation_of_id)
+        same["summary"] = f"{same['summary']}: the job whose id is `wait`"
+        same["parameters"] = []
+        paths["/v1/jobs/wait"][method] = same
     not_dead = _problem("the job is not dead (`job_status` says what it is)")
     paths["/v1/dead-letters"] = {
         "get": operation(
