@@ -30,6 +30,9 @@ from .base import TaskExecutor
 
 # Long polls open at once: a job submitted while they are all open waits for one to end.
 MAX_OPEN_WAITS: Final = 4
+# A job submitted while a long poll is open waits this long at most for it to end (and take the
+# new ids with it) before another poll opens: jobs submitted in a burst share polls.
+COALESCE_S: Final = 0.02
 
 
 class _Waiter:
@@ -51,6 +54,8 @@ class _Waiter:
         self._futures: dict[str, concurrent.futures.Future[Any]] = {}
         self._fresh: list[str] = []
         self._open: set[asyncio.Task[None]] = set()
+        self._opened_at = 0.0  # loop time of the latest long poll
+        self._later: asyncio.TimerHandle | None = None
         # Futures not resolved yet; any thread reads it under the lock.
         self._count = 0
         self._lock = threading.Condition()
@@ -112,11 +117,25 @@ class _Waiter:
         self._kick()
 
     def _kick(self) -> None:
-        """Open long polls for the ids in none, as many as allowed."""
-        while self._fresh and len(self._open) < MAX_OPEN_WAITS and not self._stop.is_set():
-            ids = self._fresh[:MAX_WAIT_IDS]
-            del self._fresh[: len(ids)]
-            self._open.add(self._loop.create_task(self._wait(ids)))
+        """Open a long poll for the ids in none: at once when none is open, else once the
+        newest is ``COALESCE_S`` old (if it has not ended by then, taking them along)."""
+        if not self._fresh or self._stop.is_set():
+            return
+        now = self._loop.time()
+        due = self._opened_at + COALESCE_S
+        if self._open and (now < due or len(self._open) >= MAX_OPEN_WAITS):
+            if self._later is None and len(self._open) < MAX_OPEN_WAITS:
+                self._later = self._loop.call_at(due, self._kick_later)
+            return
+        ids = self._fresh[:MAX_WAIT_IDS]
+        del self._fresh[: len(ids)]
+        self._opened_at = now
+        self._open.add(self._loop.create_task(self._wait(ids)))
+        self._kick()  # more than one poll's worth of ids
+
+    def _kick_later(self) -> None:
+        self._later = None
+        self._kick()
 
     async def _wait(self, ids: list[str]) -> None:
         try:
