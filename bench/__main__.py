@@ -24,6 +24,8 @@ ratios are meaningful; the figure reported is the median of the per-round ratios
 6. ``kernels``: the compute-kernel benchmarks of ``bench/kernels/`` (Numba and Cython against
    C, the pure-Python reference, thread scaling, jobs/s through one or two workers), run after
    the four above once their daemons are stopped; see ``python -m bench.kernels --help``.
+7. ``wait_many``: waiting for N results through ``POST /v1/jobs/wait`` against polling each job
+   (``bench/wait_many.py``; figures in ``wait_many.md``).
 
 How: a private nsqlookupd + nsqd (free ports on 127.0.0.1, data path in a temporary directory on
 tmpfs, nsqd defaults otherwise) and the daemons run as subprocesses; each one is stopped
@@ -52,12 +54,12 @@ from pathlib import Path
 
 from nsqjobs.testing import HarnessError, need_binary, start_nsq, temp_dir
 
-from bench import hey, kernels, ledger_ingest, report, scenarios
+from bench import hey, kernels, ledger_ingest, report, scenarios, wait_many
 from bench.procs import ROOT, log, start_gateway
 from bench.results_model import Comparison, Latency
 
 PIPELINE = ("gateway_single", "gateway_batch", "worker_dispatch", "latency")
-BENCHMARKS = (*PIPELINE, "ledger_ingest", "kernels")
+BENCHMARKS = (*PIPELINE, "ledger_ingest", "kernels", "wait_many")
 
 
 def _command(argv: Sequence[str]) -> str:
@@ -99,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         codes.append(_ledger_ingest(args, argv))
     if "kernels" in only:
         codes.append(kernels.run(args.quick, args.out, _command(argv), strict=args.strict))
+    if "wait_many" in only:
+        sizes = (100,) if args.quick else (100, 1000)
+        codes.append(wait_many.run(1 if args.quick else 3, sizes, args.out, _command(argv)))
     return 1 if 1 in codes else max(codes, default=0)
 
 

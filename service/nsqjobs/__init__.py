@@ -7,7 +7,12 @@ tornado, pynsq or numba (the daemons load those when they start)::
 
     @task("reports.render", max_attempts=3, throws=(KeyError,))
     def render(args: RenderArgs) -> dict: ...
+
+``nsqjobs.Client`` and ``nsqjobs.AsyncClient`` (the HTTP client, on httpx) are imported on
+first use, so a task module never loads an HTTP library.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from nsqjobs.api import Accepted, BatchAccepted, BatchRequest, SubmitRequest
 from nsqjobs.errors import (
@@ -20,6 +25,7 @@ from nsqjobs.errors import (
     PublishRejected,
     ResultNotEncodable,
     Retry,
+    TaskFailed,
     TaskTimeoutError,
     UnknownTaskError,
 )
@@ -27,11 +33,31 @@ from nsqjobs.registry import Registry, Task, registry, task
 from nsqjobs.version import __version__
 from nsqjobs.wire import Attempt, DeadLetter, ErrorInfo, JobEnvelope, ResultEnvelope
 
+if TYPE_CHECKING:
+    from nsqjobs.client import AsyncClient, Client
+
+_LAZY = {"Client": "nsqjobs.client", "AsyncClient": "nsqjobs.client"}
+
+
+def __getattr__(name: str) -> Any:
+    """``Client`` and ``AsyncClient``, imported when first asked for."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nsqjobs' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
 __all__ = [
     "Accepted",
+    "AsyncClient",
     "Attempt",
     "BatchAccepted",
     "BatchRequest",
+    "Client",
     "ConfigError",
     "DeadLetter",
     "DecodeError",
@@ -48,6 +74,7 @@ __all__ = [
     "Retry",
     "SubmitRequest",
     "Task",
+    "TaskFailed",
     "TaskTimeoutError",
     "UnknownTaskError",
     "__version__",

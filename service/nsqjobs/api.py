@@ -7,7 +7,7 @@ client built on this module and the server can never disagree about a field.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, ClassVar, Final
+from typing import Annotated, Any, ClassVar, Final, Literal
 
 import msgspec
 
@@ -17,6 +17,8 @@ from nsqjobs.names import (
     MAX_EXPIRES_S,
     MAX_JOB_ID_LENGTH,
     MAX_LEDGER_DELAY_S,
+    MAX_WAIT_IDS,
+    MAX_WAIT_SECONDS,
 )
 
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]+$")
@@ -102,3 +104,54 @@ class BatchAccepted(msgspec.Struct, frozen=True):
 
     ids: list[str]
     status: str = "queued"
+
+
+class WaitRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Body of ``POST /v1/jobs/wait``: wait up to ``timeout_s`` for the first (or all) of
+    ``ids`` to finish. An id given twice counts once."""
+
+    ids: Annotated[list[JobId], msgspec.Meta(min_length=1, max_length=MAX_WAIT_IDS)]
+    timeout_s: Annotated[
+        float,
+        msgspec.Meta(
+            ge=0,
+            le=MAX_WAIT_SECONDS,
+            description="seconds to wait at most (up to the gateway's --max-wait-s); 0 answers "
+            "what is known now",
+        ),
+    ] = 0.0
+    return_when: Literal["first", "all"] = "all"
+
+
+class OutcomeError(msgspec.Struct, frozen=True):
+    """Why a job ended without a result: the exception's type name and message."""
+
+    type: str
+    message: str
+
+
+class JobOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    """How one job ended (from its result message, or from the job ledger)."""
+
+    id: str
+    task: str
+    status: Literal["succeeded", "failed", "dead", "cancelled"]
+    result: Any = None
+    error: OutcomeError | None = None
+    attempts: int = 0
+    worker: str | None = None
+    finished_at: float | None = None
+
+
+class WaitAnswer(msgspec.Struct, frozen=True, kw_only=True):
+    """The answer of ``POST /v1/jobs/wait``, ids in request order.
+
+    ``done``: the jobs that finished; ``pending``: not finished (or not known to have finished)
+    when the wait ended; ``unknown``: ids the job ledger does not hold (always empty without
+    a ledger). ``ledger``: false when the gateway has no job ledger: then only outcomes that
+    arrived during the wait, or shortly before it on this gateway, can be reported."""
+
+    done: list[JobOutcome]
+    pending: list[str]
+    unknown: list[str]
+    ledger: bool

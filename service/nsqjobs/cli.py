@@ -1,5 +1,5 @@
 """The ``nsqjobs`` command: ``gateway``, ``worker``, ``exporter``, ``check``, and the gateway's
-clients ``submit``, ``status``, ``result``, ``jobs``, ``dlq`` and ``cancel`` (``nsqjobs.client``).
+clients ``submit``, ``status``, ``result``, ``jobs``, ``dlq`` and ``cancel`` (``nsqjobs.commands``).
 
 Every daemon flag mirrors an ``NSQJOBS_*`` variable (see ``nsqjobs.config``). Errors print one
 line to stderr and exit non-zero.
@@ -18,7 +18,7 @@ import urllib.request
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
-from nsqjobs import client, config
+from nsqjobs import commands, config
 from nsqjobs.errors import NsqjobsError
 from nsqjobs.names import ENV_EVENT_LOOP, ENV_SUPERVISOR, GATEWAY_PORT
 from nsqjobs.registry import load_task_modules, registry, task_modules
@@ -166,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--id", default=None, help="job id (default: generated)")
     sm.add_argument("--delay-ms", type=int, default=0, help="deliver after this delay")
     default_url = f"http://127.0.0.1:{os.environ.get(port_var) or GATEWAY_PORT}"
-    client.add_gateway_arguments(sm, default_url)
-    client.add_commands(sub, default_url)
+    commands.add_gateway_arguments(sm, default_url)
+    commands.add_commands(sub, default_url)
     return parser
 
 
@@ -189,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _exporter(args)
         if args.command == "check":
             return _check(args)
-        return client.COMMANDS[args.command](args)
+        return commands.COMMANDS[args.command](args)
     except (NsqjobsError, ImportError, OSError) as exc:
         # One line, even when the error's own text has several (msgspec's, a task module's).
         lines = (line.strip() for line in str(exc).splitlines())
@@ -200,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # event listeners as PROCESS_COMMUNICATION: the local stack's watchdog stops the
             # stack with it.
             print(f"<!--XSUPERVISOR:BEGIN-->{reason}<!--XSUPERVISOR:END-->", flush=True)
-        return exc.exit_code if isinstance(exc, client.CommandFailed) else 1
+        return exc.exit_code if isinstance(exc, commands.CommandFailed) else 1
 
 
 if __name__ == "__main__":

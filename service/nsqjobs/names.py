@@ -60,6 +60,13 @@ MAX_EXPIRES_S: Final = 366 * 86400.0  # a year: any longer is a typo
 # The longest delay the job ledger holds (delay_ms or run_at): a year, like MAX_EXPIRES_S.
 MAX_LEDGER_DELAY_S: Final = 366 * 86400
 MAX_BATCH_JOBS: Final = 1000
+MAX_WAIT_IDS: Final = 1000  # ids one POST /v1/jobs/wait may wait for
+# The outcomes a gateway remembers after they went by on the results topic, so that a wait that
+# starts just after a result arrived still finds it (the only memory without a job ledger):
+# the newest ones, for at most this long, this many, and this many bytes of result messages.
+RECENT_RESULTS_S: Final = 60.0
+RECENT_RESULTS_MAX: Final = 10_000
+RECENT_RESULTS_BYTES: Final = 16 * 1024 * 1024
 
 PROBLEM_CONTENT_TYPE: Final = "application/problem+json"
 

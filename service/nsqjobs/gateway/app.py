@@ -1,7 +1,8 @@
 """The HTTP gateway: validates job submissions and publishes them to nsqd.
 
 Routes: ``POST /v1/jobs`` (``?wait=`` for the result) and ``POST /v1/jobs/batch``
-(``nsqjobs.gateway.jobs``), ``GET /v1/tasks`` and ``GET /openapi.json``
+(``nsqjobs.gateway.jobs``), ``POST /v1/jobs/wait`` (many jobs at once,
+``nsqjobs.gateway.waitmany``), ``GET /v1/tasks`` and ``GET /openapi.json``
 (``nsqjobs.gateway.catalog``), and the observability routes. With the job ledger: ``GET
 /v1/jobs``, ``GET|DELETE /v1/jobs/{id}`` (``nsqjobs.gateway.status``) and the dead-letter routes
 (``nsqjobs.gateway.deadletters``). Every error is
@@ -47,6 +48,7 @@ from nsqjobs.gateway.status import (
 )
 from nsqjobs.gateway.submit import Acceptor
 from nsqjobs.gateway.waiting import ResultWaiter
+from nsqjobs.gateway.waitmany import WAIT_PATTERN, LedgerWaitManyHandler, WaitManyHandler
 from nsqjobs.http.access import AccessLog
 from nsqjobs.http.handlers import NotFoundHandler
 from nsqjobs.http.problems import Problem, render_problem
@@ -319,14 +321,19 @@ class GatewayApp:
 
     def make_app(self) -> tornado.web.Application:
         """The tornado application with every route but the job routes."""
+        wait = {"waiter": self.waiter, "store": self.store, "max_wait_s": self.config.max_wait_s}
         routes: list[Any] = [
             (r"/v1/tasks", TasksHandler, {"registry": self.registry}),
             (r"/openapi.json", OpenApiHandler, {"document": self.openapi}),
             *observability_routes(self.metrics.registry, self.ready_problems),
         ]
-        if self.ledger_ops is not None:
+        if self.ledger_ops is None:
+            routes.append((WAIT_PATTERN, WaitManyHandler, wait))
+        else:
             ops = {"ops": self.ledger_ops}
             routes += [
+                # Before the job pattern, which it also matches (as the job with id "wait").
+                (WAIT_PATTERN, LedgerWaitManyHandler, {**wait, **ops}),
                 (JOBS_PATTERN, JobsHandler, ops),
                 (JOB_PATTERN, JobStatusHandler, ops),
                 (DEAD_LETTERS_PATTERN, DeadLettersHandler, ops),

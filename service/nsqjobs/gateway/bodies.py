@@ -15,7 +15,7 @@ from typing import Any, Final, TypeVar
 
 import msgspec
 
-from nsqjobs.api import MAX_ARGS_DEPTH, BatchRequest, SubmitRequest
+from nsqjobs.api import MAX_ARGS_DEPTH, BatchRequest, SubmitRequest, WaitRequest
 from nsqjobs.http.problems import Problem
 from nsqjobs.registry import field_error
 
@@ -25,7 +25,7 @@ _INT_GOT_FLOAT: Final = "Expected `int`, got `float`"
 # A JSON string (a key when a colon follows) or a structural character.
 _TOKEN: Final = re.compile(rb'"((?:[^"\\]|\\.)*)"(\s*:)?|[{}\[\],]')
 # Levels above a job's ``args`` object: the body (single), or the body, ``jobs`` and the job.
-_ABOVE_ARGS: Final[dict[type[Any], int]] = {SubmitRequest: 1, BatchRequest: 3}
+_ABOVE_ARGS: Final[dict[type[Any], int]] = {SubmitRequest: 1, BatchRequest: 3, WaitRequest: 0}
 # A JSON string ending in an escaped newline: only then can an id end in one.
 _ENDS_IN_NEWLINE: Final = b'\\n"'
 _ID: Final = operator.attrgetter("id")
@@ -72,6 +72,21 @@ def decode_batch(body: bytes) -> BatchRequest:
     keys = 1 + n + with_args + sum(sizes) + given
     _check_keys(body, BatchRequest, list(map(_ARGS, jobs)), keys, 2 + n + with_args)
     return batch
+
+
+def decode_wait(body: bytes) -> WaitRequest:
+    """``POST /v1/jobs/wait``'s body; raises :class:`Problem` (400 or 422) when it is not one."""
+    try:
+        req: WaitRequest = _parse(body, WaitRequest, WaitRequest)
+    except msgspec.ValidationError as exc:
+        raise _invalid(exc) from None
+    if _ENDS_IN_NEWLINE in body:
+        for i, job_id in enumerate(req.ids):
+            if job_id[-1] == "\n":
+                raise _bad_id(f"body.ids[{i}]")
+    # Not the hot path: always scanned for a key given twice.
+    _check_duplicates(body, WaitRequest)
+    return req
 
 
 def _check_keys(

@@ -21,6 +21,8 @@ from nsqjobs.api import (
     BatchJob,
     BatchRequest,
     SubmitRequest,
+    WaitAnswer,
+    WaitRequest,
 )
 from nsqjobs.errors import InvalidArgumentsError
 from nsqjobs.ledger import STATUSES
@@ -109,7 +111,15 @@ def openapi_document(
     letters; ids deduplicated).
     """
     (_, components) = msgspec.json.schema_components(
-        [SubmitRequest, BatchRequest, Accepted, BatchAccepted, wire.ResultEnvelope],
+        [
+            SubmitRequest,
+            BatchRequest,
+            Accepted,
+            BatchAccepted,
+            wire.ResultEnvelope,
+            WaitRequest,
+            WaitAnswer,
+        ],
         ref_template=_REF,
     )
     components["Problem"] = PROBLEM_SCHEMA
@@ -122,6 +132,7 @@ def openapi_document(
         # The argument type's own description (its docstring) states its cross-field rules.
         schema["description"] = f"Nests at most {MAX_ARGS_DEPTH} levels deep."
         components[f"{task.name}.args"] = schema
+    components["WaitRequest"]["properties"]["timeout_s"]["maximum"] = max_wait_s
     if not ledger:  # nsqd's own limit: the ledger holds longer delays
         delay = components["SubmitRequest"]["properties"]["delay_ms"]
         delay["maximum"] = MAX_DELAY_MS
@@ -231,6 +242,34 @@ def openapi_document(
                         "202": _json("BatchAccepted", "all acknowledged by nsqd"),
                         "409": _problem("two jobs of the batch have the same id"),
                         **errors,
+                    },
+                }
+            },
+            "/v1/jobs/wait": {
+                "post": {
+                    "summary": "Wait for the first or all of many jobs to finish (a long poll)",
+                    "description": "Answers the outcomes known (`done`) and the ids still "
+                    "`pending` once the first (or every) job finished or `timeout_s` passed. "
+                    "Without the job ledger (`ledger: false`), only outcomes that arrive "
+                    "during the wait, or that went by on this gateway shortly before it, are "
+                    "known; with it, `unknown` lists ids the ledger does not hold.",
+                    **security,
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": _REF.format(name="WaitRequest")}
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": _json("WaitAnswer", "what is known when the wait ends"),
+                        **{k: v for k, v in errors.items() if k != "404"},
+                        "503": _problem(
+                            "the job ledger could not be read, or the gateway holds too many "
+                            "incomplete requests; retry after `Retry-After`",
+                            _RETRY_AFTER,
+                        ),
                     },
                 }
             },
@@ -457,6 +496,12 @@ def _add_ledger(
             },
         ),
     }
+    # /v1/jobs/wait is also where the job whose id is "wait" lives: GET and DELETE answer it.
+    for method, operation_of_id in paths["/v1/jobs/{id}"].items():
+        same = copy.deepcopy(operation_of_id)
+        same["summary"] = f"{same['summary']}: the job whose id is `wait`"
+        same["parameters"] = []
+        paths["/v1/jobs/wait"][method] = same
     not_dead = _problem("the job is not dead (`job_status` says what it is)")
     paths["/v1/dead-letters"] = {
         "get": operation(

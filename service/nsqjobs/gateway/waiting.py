@@ -5,6 +5,10 @@ With the job ledger, a wait is also answered from the ledger: a job still unansw
 ``LEDGER_POLL_S`` is looked up there every ``LEDGER_POLL_S`` (its result may have gone by
 before this replica subscribed, or while it was reconnecting; a cancelled job has no result
 message at all). Fast results never cost a ledger read.
+
+Every result that goes by is also remembered for a short while (``RECENT_RESULTS_*``), so a
+wait for many ids (``POST /v1/jobs/wait``) that starts just after one of them finished still
+finds it: without a ledger, that is the only memory the gateway has.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import os
 import re
 import secrets
 import socket
+import time
+from collections import OrderedDict
 from typing import Any, Final
 
 from nsqjobs import wire
@@ -26,6 +32,9 @@ from nsqjobs.names import (
     GATEWAY_CHANNEL_PREFIX,
     READER_OUTPUT_BUFFER_BYTES,
     READER_OUTPUT_BUFFER_TIMEOUT_MS,
+    RECENT_RESULTS_BYTES,
+    RECENT_RESULTS_MAX,
+    RECENT_RESULTS_S,
     RESULTS_TOPIC,
 )
 from nsqjobs.nsq.reader import Reader, close_reader, connected_count
@@ -61,6 +70,9 @@ class ResultWaiter:
         self.poll_s = poll_s
         self._since: dict[str, float] = {}  # with a store: when each id's wait began
         self._poll: asyncio.TimerHandle | None = None
+        # The newest results by id, oldest first: (arrival, size of the message, result).
+        self._recent: OrderedDict[str, tuple[float, int, wire.ResultEnvelope]] = OrderedDict()
+        self._recent_bytes = 0
 
     def start(self) -> None:
         """Subscribe (after the results topic exists, so the first lookup finds it)."""
@@ -87,8 +99,36 @@ class ResultWaiter:
         except DecodeError as exc:
             log.warning("results: dropping undecodable message %s: %s", message.id, exc)
             return True
+        self._remember(result, len(message.body))
         self._settle(result.id, result)
         return True
+
+    def _remember(self, result: wire.ResultEnvelope, size: int) -> None:
+        recent = self._recent
+        now = time.monotonic()
+        old = recent.pop(result.id, None)
+        if old is not None:
+            self._recent_bytes -= old[1]
+        recent[result.id] = (now, size, result)
+        self._recent_bytes += size
+        too_old = now - RECENT_RESULTS_S
+        while recent:
+            at, oldest_size, _ = next(iter(recent.values()))
+            if (
+                at > too_old
+                and len(recent) <= RECENT_RESULTS_MAX
+                and self._recent_bytes <= RECENT_RESULTS_BYTES
+            ):
+                break
+            recent.popitem(last=False)
+            self._recent_bytes -= oldest_size
+
+    def recent(self, job_id: str) -> wire.ResultEnvelope | None:
+        """The result of ``job_id`` if it went by lately (see ``RECENT_RESULTS_S``)."""
+        entry = self._recent.get(job_id)
+        if entry is None or entry[0] <= time.monotonic() - RECENT_RESULTS_S:
+            return None
+        return entry[2]
 
     def _settle(self, job_id: str, outcome: Outcome) -> None:
         self._since.pop(job_id, None)

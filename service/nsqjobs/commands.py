@@ -1,9 +1,10 @@
 """The ``nsqjobs`` commands that talk to a gateway over HTTP: ``submit``, and with the job
 ledger ``status``, ``result``, ``jobs``, ``dlq list|replay|purge`` and ``cancel``.
 
-The standard library only (urllib): these commands load neither tornado nor pynsq. The gateway
-is ``--gateway-url`` (else ``NSQJOBS_GATEWAY_URL``), the bearer token ``--token`` (else
-``NSQJOBS_API_TOKEN``). Every failure is one line on stderr and a non-zero exit status.
+They use the Python client (:class:`nsqjobs.client.Client`, on httpx): these commands load
+neither tornado nor pynsq. The gateway is ``--gateway-url`` (else ``NSQJOBS_GATEWAY_URL``), the
+bearer token ``--token`` (else ``NSQJOBS_API_TOKEN``). Every failure is one line on stderr and
+a non-zero exit status.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import json
 import os
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from typing import Any, Final
 
+from nsqjobs.client import Client, GatewayError, GatewayUnreachable, NotFound, RetryPolicy
+from nsqjobs.client.core import json_of
 from nsqjobs.errors import NsqjobsError
 from nsqjobs.ledger.store import STATUSES, UNFINISHED
 from nsqjobs.names import ENV_API_TOKEN, ENV_GATEWAY_URL
@@ -28,9 +29,7 @@ EXIT_SUCCEEDED: Final = 0
 EXIT_FAILED: Final = 1  # failed, dead or cancelled
 EXIT_TIMEOUT: Final = 3  # not finished within --wait
 EXIT_UNKNOWN: Final = 4  # could not tell: unknown id, gateway unreachable or refusing
-POLL_S: Final = (0.1, 0.2, 0.5, 1.0)  # `result` polls the job this often, then every second
 ERROR_WIDTH: Final = 60
-NO_ROUTE: Final = "urn:nsqjobs:problem:not-found"  # a gateway without the route (no ledger)
 
 
 class CommandFailed(NsqjobsError):
@@ -42,12 +41,24 @@ class CommandFailed(NsqjobsError):
 
 
 class Gateway:
-    """A gateway's HTTP API, one request at a time."""
+    """A gateway's HTTP API, one request at a time, each tried once (a command's user sees a
+    failure at once and decides)."""
 
     def __init__(self, url: str, token: str = "", timeout_s: float = 30.0) -> None:
-        self.url = url.rstrip("/")
-        self.token = token
-        self.timeout_s = timeout_s
+        self.client = Client(url, token, timeout_s=timeout_s, retry=RetryPolicy(deadline_s=0))
+        self.url = self.client.url
+
+    def failed(self, exc: GatewayError, exit_code: int = 1) -> CommandFailed:
+        """The one-line failure for a gateway's error."""
+        if isinstance(exc, GatewayUnreachable):
+            return CommandFailed(
+                f"cannot reach the gateway at {self.url}: {exc.__cause__ or exc}", exit_code
+            )
+        fields = "; ".join(f"{e.field}: {e.message}" for e in exc.errors)
+        detail = exc.detail
+        if isinstance(exc, NotFound):  # a gateway without the route: no ledger
+            detail = f"{detail} (is the gateway's job ledger on? see NSQJOBS_LEDGER_URL)"
+        return CommandFailed(f"gateway answered {exc.status}: {fields or detail}", exit_code)
 
     def request(
         self,
@@ -55,45 +66,17 @@ class Gateway:
         path: str,
         query: dict[str, Any] | None = None,
         body: Any = None,
-        *,
-        timeout_s: float | None = None,
     ) -> tuple[int, Any]:
         """Status and JSON answer of a 2xx; :class:`CommandFailed` with the problem's detail
         (or its field errors) for anything else."""
         params = {k: v for k, v in (query or {}).items() if v is not None and v is not False}
-        url = self.url + urllib.parse.quote(path)
-        if params:
-            url += "?" + urllib.parse.urlencode(params)
-        headers = {"Accept": "application/json"}
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        req = urllib.request.Request(url, data=data, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as resp:
-                status, payload = int(resp.status), resp.read()
-        except urllib.error.HTTPError as exc:
-            try:
-                problem = json.load(exc)
-            except ValueError:
-                problem = {"detail": exc.reason}
-            errors = problem.get("errors") if isinstance(problem, dict) else None
-            fields = "; ".join(
-                f"{e.get('field')}: {e.get('message')}" for e in errors or [] if isinstance(e, dict)
+            response = self.client.request(
+                method, urllib.parse.quote(path), body=body, params=params or None
             )
-            detail = problem.get("detail") if isinstance(problem, dict) else None
-            if isinstance(problem, dict) and problem.get("type") == NO_ROUTE:
-                detail = f"{detail} (is the gateway's job ledger on? see NSQJOBS_LEDGER_URL)"
-            raise CommandFailed(f"gateway answered {exc.code}: {fields or detail}") from None
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise CommandFailed(f"cannot reach the gateway at {self.url}: {exc}") from None
-        try:
-            return status, json.loads(payload)
-        except ValueError:
-            raise CommandFailed(f"{url} answered {status} with no JSON (not a gateway?)") from None
+            return response.status_code, json_of(response)
+        except GatewayError as exc:
+            raise self.failed(exc) from None
 
 
 def add_gateway_arguments(parser: argparse.ArgumentParser, default_url: str) -> None:
@@ -195,23 +178,21 @@ def result(args: argparse.Namespace) -> int:
     """``nsqjobs result ID --wait S``: print the result of a job that succeeded (exit 0); a
     failed, dead or cancelled one exits 1, one still unfinished after ``--wait`` 3, a job the
     gateway cannot tell about 4."""
-    client = gateway(args)
-    deadline = time.monotonic() + args.wait
-    polls = 0
-    while True:
-        try:
-            _, job = client.request("GET", f"/v1/jobs/{args.id}")
-        except CommandFailed as exc:
-            raise CommandFailed(str(exc), EXIT_UNKNOWN) from None
-        if job["status"] not in UNFINISHED:
-            break
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise CommandFailed(
-                f"job {args.id} is still {job['status']} after {args.wait:g}s", EXIT_TIMEOUT
-            )
-        time.sleep(min(left, POLL_S[min(polls, len(POLL_S) - 1)]))
-        polls += 1
+    gw = gateway(args)
+    try:  # one long poll (POST /v1/jobs/wait), then the job as recorded
+        waited = gw.client.wait([args.id], timeout=args.wait)
+    except GatewayError as exc:
+        raise gw.failed(exc, EXIT_UNKNOWN) from None
+    if waited.unknown:
+        raise CommandFailed(f"gateway answered 404: no job with id {args.id!r}", EXIT_UNKNOWN)
+    try:
+        _, job = gw.request("GET", f"/v1/jobs/{args.id}")
+    except CommandFailed as exc:
+        raise CommandFailed(str(exc), EXIT_UNKNOWN) from None
+    if job["status"] in UNFINISHED:
+        raise CommandFailed(
+            f"job {args.id} is still {job['status']} after {args.wait:g}s", EXIT_TIMEOUT
+        )
     if args.json:
         print(json.dumps(job))
     elif job["status"] == "succeeded":

@@ -1,0 +1,253 @@
+"""The ``nsq`` rung: the same tasks, run by the service's workers through the gateway.
+
+Jobs are submitted with the sync :class:`~nsqjobs.client.Client` in the caller (so a task or
+argument the gateway refuses raises there, as on every rung); their futures are resolved by one
+background thread that long-polls ``POST /v1/jobs/wait`` for many ids at once, never a request
+per job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import os
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Final
+
+import msgspec
+
+from nsqjobs.api import JobOutcome
+from nsqjobs.client import AsyncClient, Client, GatewayError
+from nsqjobs.client.core import LONG_POLL_S, outcome_value, unknown_job
+from nsqjobs.errors import TaskFailed
+from nsqjobs.names import BUILTIN_TASK_MODULE, MAX_WAIT_IDS
+from nsqjobs.registry import Task, registry
+
+from .base import TaskExecutor
+
+# Long polls open at once: a job submitted while they are all open waits for one to end.
+MAX_OPEN_WAITS: Final = 4
+# A job submitted while a long poll is open waits this long at most for it to end (and take the
+# new ids with it) before another poll opens: jobs submitted in a burst share polls.
+COALESCE_S: Final = 0.02
+
+
+class _Waiter:
+    """The background thread: an event loop whose long polls resolve the futures."""
+
+    def __init__(self, client: Client, long_poll_s: float) -> None:
+        self._long_poll_s = long_poll_s
+        self._loop = asyncio.new_event_loop()
+        self._async = AsyncClient(
+            client.url,
+            client.token,
+            timeout_s=client.timeout_s,
+            retry=client.retry,
+            max_connections=MAX_OPEN_WAITS,
+            long_poll_s=long_poll_s,
+        )
+        self._stop = asyncio.Event()
+        # The loop's own: futures by job id, ids in no open long poll, the open long polls.
+        self._futures: dict[str, concurrent.futures.Future[Any]] = {}
+        self._fresh: list[str] = []
+        self._open: set[asyncio.Task[None]] = set()
+        self._opened_at = 0.0  # loop time of the latest long poll
+        self._later: asyncio.TimerHandle | None = None
+        # Futures not resolved yet; any thread reads it under the lock.
+        self._count = 0
+        self._lock = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="nsqjobs-nsq-waiter", daemon=True)
+        self._thread.start()
+
+    def add(self, job_id: str, future: concurrent.futures.Future[Any]) -> None:
+        """Resolve ``future`` with the outcome of ``job_id``."""
+        with self._lock:
+            self._count += 1
+        self._loop.call_soon_threadsafe(self._add, job_id, future)
+        future.add_done_callback(functools.partial(self._done, job_id))
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until every future added is resolved or cancelled; False on timeout."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self._count == 0, timeout)
+
+    def cancel_all(self) -> None:
+        """Cancel every future not resolved yet."""
+        done = threading.Event()
+
+        def cancel() -> None:
+            for future in list(self._futures.values()):
+                future.cancel()  # _done forgets it
+            done.set()
+
+        self._loop.call_soon_threadsafe(cancel)
+        done.wait()
+
+    def close(self) -> None:
+        """Stop the thread (a future still open stays unresolved: cancel it first)."""
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join()
+
+    def _done(self, job_id: str, future: concurrent.futures.Future[Any]) -> None:
+        if future.cancelled():  # by its owner, or by cancel_all: stop waiting for it
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing waits
+                self._loop.call_soon_threadsafe(self._resolve, job_id, None, None)
+
+    # -- on the background thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._main())
+        self._loop.close()
+
+    async def _main(self) -> None:
+        await self._stop.wait()
+        for task in list(self._open):
+            task.cancel()
+        await asyncio.gather(*self._open, return_exceptions=True)
+        await self._async.aclose()
+
+    def _add(self, job_id: str, future: concurrent.futures.Future[Any]) -> None:
+        self._futures[job_id] = future
+        self._fresh.append(job_id)
+        self._kick()
+
+    def _kick(self) -> None:
+        """Open a long poll for the ids in none: at once when none is open, else once the
+        newest is ``COALESCE_S`` old (if it has not ended by then, taking them along)."""
+        if not self._fresh or self._stop.is_set():
+            return
+        now = self._loop.time()
+        due = self._opened_at + COALESCE_S
+        if self._open and (now < due or len(self._open) >= MAX_OPEN_WAITS):
+            if self._later is None and len(self._open) < MAX_OPEN_WAITS:
+                self._later = self._loop.call_at(due, self._kick_later)
+            return
+        ids = self._fresh[:MAX_WAIT_IDS]
+        del self._fresh[: len(ids)]
+        self._opened_at = now
+        self._open.add(self._loop.create_task(self._wait(ids)))
+        self._kick()  # more than one poll's worth of ids
+
+    def _kick_later(self) -> None:
+        self._later = None
+        self._kick()
+
+    async def _wait(self, ids: list[str]) -> None:
+        try:
+            answer = await self._async.wait(ids, timeout=self._long_poll_s, return_when="first")
+        except GatewayError as exc:  # past the client's retries: these jobs cannot be told
+            for job_id in ids:
+                self._resolve(job_id, None, exc)
+        else:
+            for outcome in answer.done:
+                self._resolve(outcome.id, outcome, None)
+            for job_id in answer.unknown:
+                self._resolve(job_id, None, unknown_job(job_id))
+            self._fresh += [i for i in answer.pending if i in self._futures]
+        finally:
+            task = asyncio.current_task()
+            if task is not None:
+                self._open.discard(task)
+            self._kick()
+
+    def _resolve(
+        self, job_id: str, outcome: JobOutcome | None, error: BaseException | None
+    ) -> None:
+        """Settle the future of ``job_id`` (a cancelled one is only forgotten)."""
+        future = self._futures.pop(job_id, None)
+        if future is None:
+            return
+        if future.set_running_or_notify_cancel():
+            if outcome is not None:
+                try:
+                    future.set_result(outcome_value(outcome))
+                except TaskFailed as exc:
+                    future.set_exception(exc)
+            else:
+                future.set_exception(error or RuntimeError(f"job {job_id}: no outcome"))
+        with self._lock:
+            self._count -= 1
+            self._lock.notify_all()
+
+
+class NsqExecutor(TaskExecutor):
+    """Tasks run by the service: submitted to the gateway at ``url`` (or ``client``'s), their
+    outcomes awaited in long polls of many ids by one background thread.
+
+    ``workers``: how many jobs the service runs at once (sets the default ``max_in_flight`` of
+    :meth:`map`, twice that); ``timeout_s``: how long each HTTP request may take (plus its long
+    poll). A task registered in this process is validated here before it is sent; any other is
+    validated by the gateway, whose refusals raise the client's ``UnknownTask`` and
+    ``InvalidArguments`` (subclasses of ``UnknownTaskError`` and ``InvalidArgumentsError``).
+    """
+
+    kind = "nsq"
+
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        client: Client | None = None,
+        max_in_flight: int | None = None,
+        timeout_s: float = 30.0,
+        workers: int | None = None,
+        task_modules: Sequence[str] = (BUILTIN_TASK_MODULE,),
+        long_poll_s: float = LONG_POLL_S,
+    ) -> None:
+        super().__init__(workers=workers or os.cpu_count() or 2, task_modules=task_modules)
+        self._own_client = client is None
+        self.client = client or Client(url, token, timeout_s=timeout_s)
+        self.max_in_flight = max_in_flight
+        self._waiter = _Waiter(self.client, long_poll_s)
+        self._shut = False
+        self._shut_lock = threading.Lock()
+
+    def prepare(self, task: str | Task, args: Any) -> tuple[Task | str, Any]:
+        """Validate locally when the task is registered here; else the gateway validates."""
+        if isinstance(task, Task) or task in registry:
+            return super().prepare(task, args)
+        return task, msgspec.to_builtins({} if args is None else args)
+
+    def _dispatch(self, task: Task | str, plain_args: Any) -> concurrent.futures.Future[Any]:
+        with self._shut_lock:
+            if self._shut:
+                raise RuntimeError("cannot submit after shutdown")
+        name = task if isinstance(task, str) else task.name
+        job = self.client.submit(name, plain_args)
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._waiter.add(job.id, future)
+        return future
+
+    def map(  # type: ignore[override]
+        self,
+        task: str | Task,
+        iterable_of_args: Iterable[Any],
+        *,
+        timeout: float | None = None,
+        max_in_flight: int | None = None,
+    ) -> Iterator[Any]:
+        """Results in input order (see :meth:`TaskExecutor.map`)."""
+        window = max_in_flight or self.max_in_flight or 2 * self.workers
+        return super().map(task, iterable_of_args, timeout=timeout, max_in_flight=window)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """No more submissions; with ``cancel_futures``, futures not resolved yet are cancelled
+        (their jobs still run: cancel a job with the client's ``Job.cancel``); with ``wait``,
+        return once every other future is resolved."""
+        with self._shut_lock:
+            if self._shut:
+                return
+            self._shut = True
+        if cancel_futures:
+            self._waiter.cancel_all()
+        if wait:
+            self._waiter.wait_idle()
+        self._waiter.close()
+        if self._own_client:
+            self.client.close()
