@@ -46,6 +46,10 @@ _READ_HIGH_WATER: Final = 256 * 1024
 # Input is parsed in slices, and parsing stops while this many pipelined requests wait: a read
 # full of tiny requests must not turn into thousands of queued request objects.
 _PARSE_SLICE: Final = 16 * 1024
+
+
+class _HeadTooLarge(Exception):
+    """Raised in a parser callback: the head went over :data:`_MAX_HEAD_BYTES`."""
 _MAX_QUEUED: Final = 32
 # Request line and headers (tornado's default max_header_size); llhttp itself has no limit.
 _MAX_HEAD_BYTES: Final = 64 * 1024
@@ -128,6 +132,7 @@ class Connection(asyncio.Protocol):
         self._in_head = False
         self._heads_begun = 0
         self._head_bytes = 0  # of the head in progress, counted from the read after it began
+        self._head_size = 0  # of the head in progress, as the parser handed it over
         self._parsing: Exchange | None = None  # headers complete, body still arriving
         self._active: Exchange | None = None  # the one the delegate has
         self._queue: collections.deque[Exchange] = collections.deque()
@@ -204,15 +209,25 @@ class Connection(asyncio.Protocol):
         self._in_head = True
         self._heads_begun += 1
         self._head_bytes = 0
+        self._head_size = 0
         self._hosts = 0
         self._codings = ""
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        self._count_head(len(url))
+
+    def _count_head(self, n: int) -> None:
+        """Count what the parser handed over of the head; a head that arrived whole in one
+        read is never seen by the per-read count in :meth:`_parse`."""
+        self._head_size += n
+        if self._head_size > _MAX_HEAD_BYTES:
+            raise _HeadTooLarge
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._parsing is not None:
             return  # a trailer after a chunked body: ignored, as tornado does
+        self._count_head(len(name) + len(value) + 4)  # ": " and CRLF
         key = name.decode("latin-1")
         text = value.decode("latin-1").rstrip(" \t")
         if len(name) == 4 and name.lower() == b"host":
@@ -330,8 +345,11 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             pass  # on_headers_complete has flagged the request for a 400
         except httptools.HttpParserCallbackError as exc:
-            log.error("Error parsing a request from %s", self.context, exc_info=exc.__context__)
-            self._bad_input(400, exc)
+            if isinstance(exc.__context__, _HeadTooLarge):
+                self._bad_input(431, "request head too large")
+            else:
+                log.error("Error parsing a request from %s", self.context, exc_info=exc.__context__)
+                self._bad_input(400, exc)
         except httptools.HttpParserError as exc:
             self._bad_input(400, exc)
         if not self._input_done and (self._in_head or self._parsing is not None):
