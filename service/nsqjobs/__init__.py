@@ -9,6 +9,9 @@ tornado, pynsq or numba (the daemons load those when they start)::
     def render(args: RenderArgs) -> dict: ...
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from nsqjobs.api import Accepted, BatchAccepted, BatchRequest, SubmitRequest
 from nsqjobs.errors import (
     ConfigError,
@@ -26,6 +29,24 @@ from nsqjobs.errors import (
 from nsqjobs.registry import Registry, Task, registry, task
 from nsqjobs.version import __version__
 from nsqjobs.wire import Attempt, DeadLetter, ErrorInfo, JobEnvelope, ResultEnvelope
+
+if TYPE_CHECKING:
+    from nsqjobs.ladder import executor
+
+# Imported on first use (module __getattr__), so `import nsqjobs` stays msgspec-only.
+_LAZY: dict[str, str] = {
+    "executor": "nsqjobs.ladder",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nsqjobs' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Accepted",
@@ -51,6 +72,7 @@ __all__ = [
     "TaskTimeoutError",
     "UnknownTaskError",
     "__version__",
+    "executor",
     "registry",
     "task",
 ]
