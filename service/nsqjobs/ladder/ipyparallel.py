@@ -142,7 +142,7 @@ class IPyParallelExecutor(TaskExecutor):
         sent = self._view.apply_async(engine_run, name, args, self.task_modules)
         sent.add_done_callback(functools.partial(self._ended, fut, name, args, retries))
         # Cancelled by the caller: abort it if it has not reached an engine yet.
-        fut.add_done_callback(lambda f: f.cancelled() and _abort(sent))
+        fut.add_done_callback(functools.partial(_abort, sent))
 
     def _ended(
         self,
@@ -185,6 +185,7 @@ class IPyParallelExecutor(TaskExecutor):
             self._profile_dir = None
 
 
-def _abort(sent: Any) -> None:
-    with contextlib.suppress(Exception):  # already sent, or the client is closed
-        sent.abort()
+def _abort(sent: Any, fut: concurrent.futures.Future[Any]) -> None:
+    if fut.cancelled():
+        with contextlib.suppress(Exception):  # already on an engine, or the client is closed
+            sent.abort()
