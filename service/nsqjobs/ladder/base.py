@@ -115,6 +115,15 @@ def settle(
         pass
 
 
+def mark_running(fut: concurrent.futures.Future[Any]) -> bool:
+    """Mark ``fut`` running as its job starts (``cancel()`` then fails, as with the stdlib's
+    executors); False when it was cancelled first: the job's outcome will be dropped."""
+    try:
+        return fut.set_running_or_notify_cancel()
+    except RuntimeError:  # already notified of its cancellation, or ended
+        return False
+
+
 class TaskExecutor(concurrent.futures.Executor):
     """A ``concurrent.futures.Executor`` for registered tasks: ``submit(task, args)`` rather
     than ``submit(fn, *args)``.
@@ -165,6 +174,8 @@ class TaskExecutor(concurrent.futures.Executor):
     def _forget(self, fut: concurrent.futures.Future[Any]) -> None:
         with self._lock:
             self._pending.discard(fut)
+        if fut.cancelled():
+            mark_running(fut)  # tells concurrent.futures.wait() and as_completed() it ended
 
     def map(  # type: ignore[override]
         self,

@@ -111,8 +111,10 @@ class IPyParallelExecutor(TaskExecutor):
                 )
                 self._cluster.start_cluster_sync()
                 client = self._cluster.connect_client_sync()
+            elif url_file is not None:
+                client = ipp.Client(url_file, timeout=start_timeout_s)
             elif client is None:
-                client = ipp.Client(profile=profile, url_file=url_file, timeout=start_timeout_s)
+                client = ipp.Client(profile=profile, timeout=start_timeout_s)
             self.client: ipp.Client = client
             wanted = workers or (self.workers if local else 1)
             self.client.wait_for_engines(wanted, timeout=start_timeout_s)

@@ -22,6 +22,7 @@ from nsqjobs.errors import JobCancelled, TaskTimeoutError
 from nsqjobs.ladder.base import (
     DEFAULT_TASK_MODULES,
     TaskExecutor,
+    mark_running,
     normalise,
     registered,
     settle,
@@ -39,6 +40,11 @@ def _status(exc: BaseException) -> str:
     if isinstance(exc, JobCancelled):
         return "cancelled"
     return "failed"
+
+
+def _started(fut: concurrent.futures.Future[Any]) -> None:
+    # A child took the job: it can no longer be cancelled (if it was, its outcome is dropped).
+    mark_running(fut)
 
 
 class ProcessPoolExecutor(TaskExecutor):
@@ -67,6 +73,10 @@ class ProcessPoolExecutor(TaskExecutor):
             self._close()
             raise
 
+    def child_pids(self) -> list[int]:
+        """The process ids of the children now running (for monitoring, and the tests)."""
+        return [child.process.pid for child in list(self._pool.children)]
+
     def _dispatch(self, task: Task | str, args: dict[str, Any]) -> concurrent.futures.Future[Any]:
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._loop.call_soon_threadsafe(self._start, registered(task), args, fut)
@@ -76,7 +86,9 @@ class ProcessPoolExecutor(TaskExecutor):
         # On the loop's thread.
         if fut.done():  # cancelled before it got here
             return
-        ran = self._pool.run(task, args, task.time_limit_s)
+        ran = self._pool.run(
+            task, args, task.time_limit_s, started=functools.partial(_started, fut)
+        )
         ran.add_done_callback(functools.partial(self._ran, fut))
         fut.add_done_callback(functools.partial(self._dropped, ran))
 
