@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import importlib.util
+import json
 import os
 import signal
 import uuid
@@ -338,3 +339,18 @@ def test_futures_are_concurrent_futures() -> None:
         fut = ex.submit("noop", None)
         assert isinstance(fut, concurrent.futures.Future) and fut.result() == {}
         assert isinstance(ex, concurrent.futures.Executor)
+
+
+@pytest.mark.timeout(120)
+def test_the_ladder_benchmark_runs_quick_on_the_local_rungs(tmp_path: Path) -> None:
+    from bench import ladder
+
+    tiny = ladder.Settings(rounds=1, max_exponent=4, budget_s=0.02, min_jobs=2, max_jobs=40)
+    code = ladder.run(True, tmp_path, "test", kinds=("inline", "processes"), settings=tiny)
+    assert code == 0
+    doc = json.loads((tmp_path / "ladder.json").read_text())
+    assert doc["rungs"]["processes"]["status"] == "ran"
+    assert set(doc["rungs"]["processes"]["cells"]) == {"noop", "primes 10^3", "primes 10^4"}
+    text = (tmp_path / "ladder.md").read_text()
+    assert "| noop |" in text and "## Crossovers" in text and "## Target" in text
+    assert (tmp_path / "ladder.png").read_bytes().startswith(b"\x89PNG")

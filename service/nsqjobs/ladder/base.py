@@ -133,8 +133,6 @@ class TaskExecutor(concurrent.futures.Executor):
     """
 
     kind: ClassVar[str] = "?"
-    # The nsq rung sets it: a task the caller has not registered is left to the service.
-    accepts_unknown_tasks: ClassVar[bool] = False
 
     def __init__(
         self, workers: int | None = None, *, task_modules: Sequence[str] = DEFAULT_TASK_MODULES
@@ -161,7 +159,7 @@ class TaskExecutor(concurrent.futures.Executor):
     ) -> concurrent.futures.Future[Any]:
         """Validate now (raising Unknown/InvalidArguments here), then start the job; the future
         holds its result as the worker would publish it, or :class:`TaskFailed`."""
-        found, plain = prepare(task, args, accept_unknown=self.accepts_unknown_tasks)
+        found, plain = self.prepare(task, args)
         with self._lock:
             if self._shut:
                 raise RuntimeError("cannot schedule new jobs after shutdown")
@@ -170,6 +168,11 @@ class TaskExecutor(concurrent.futures.Executor):
                 self._pending.add(fut)
                 fut.add_done_callback(self._forget)
         return fut
+
+    def prepare(self, task: str | Task, args: Any) -> tuple[Task | str, dict[str, Any]]:
+        """Validate one job in the caller (:func:`prepare`); the nsq rung overrides it to leave
+        a task not registered here to the gateway."""
+        return prepare(task, args)
 
     def _forget(self, fut: concurrent.futures.Future[Any]) -> None:
         with self._lock:
