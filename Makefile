@@ -45,7 +45,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard workers/nsqjobs_tasks/ker
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "nsqjobs needs Python >= 3.11 (set PYTHON=...)")'
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	$(VENV)/bin/pip install --quiet -e '.[dev,ladder]'
 	@touch $@
 
 venv: $(VENV)/.installed

@@ -26,6 +26,10 @@ ratios are meaningful; the figure reported is the median of the per-round ratios
    the four above once their daemons are stopped; see ``python -m bench.kernels --help``.
 7. ``wait_many``: waiting for N results through ``POST /v1/jobs/wait`` against polling each job
    (``bench/wait_many.py``; figures in ``wait_many.md``).
+8. ``ladder``: the same jobs (noop to half a CPU-second) inline, on a local process pool, on
+   IPython Parallel and on NSQ, 2 workers each: jobs/s and per-job overhead, the crossovers, and
+   the target (NSQ's overhead within 2x of the process pool's on small jobs); figures in
+   ``ladder.json`` / ``.md`` / ``.png`` (bench/ladder.py, ``python -m bench.ladder``).
 
 How: a private nsqlookupd + nsqd (free ports on 127.0.0.1, data path in a temporary directory on
 tmpfs, nsqd defaults otherwise) and the daemons run as subprocesses; each one is stopped
@@ -54,12 +58,12 @@ from pathlib import Path
 
 from nsqjobs.testing import HarnessError, need_binary, start_nsq, temp_dir
 
-from bench import hey, kernels, ledger_ingest, report, scenarios, wait_many
+from bench import hey, kernels, ladder, ledger_ingest, report, scenarios, wait_many
 from bench.procs import ROOT, log, start_gateway
 from bench.results_model import Comparison, Latency
 
 PIPELINE = ("gateway_single", "gateway_batch", "worker_dispatch", "latency")
-BENCHMARKS = (*PIPELINE, "ledger_ingest", "kernels", "wait_many")
+BENCHMARKS = (*PIPELINE, "ledger_ingest", "kernels", "wait_many", "ladder")
 
 
 def _command(argv: Sequence[str]) -> str:
@@ -104,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "wait_many" in only:
         sizes = (100,) if args.quick else (100, 1000)
         codes.append(wait_many.run(1 if args.quick else 3, sizes, args.out, _command(argv)))
+    if "ladder" in only:
+        codes.append(ladder.run(args.quick, args.out, _command(argv)))
     return 1 if 1 in codes else max(codes, default=0)
 
 

@@ -12,6 +12,7 @@ tornado, pynsq or numba (the daemons load those when they start)::
 first use, so a task module never loads an HTTP library.
 """
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from nsqjobs.api import Accepted, BatchAccepted, BatchRequest, SubmitRequest
@@ -35,17 +36,22 @@ from nsqjobs.wire import Attempt, DeadLetter, ErrorInfo, JobEnvelope, ResultEnve
 
 if TYPE_CHECKING:
     from nsqjobs.client import AsyncClient, Client
+    from nsqjobs.ladder import executor
 
-_LAZY = {"Client": "nsqjobs.client", "AsyncClient": "nsqjobs.client"}
+# Imported on first use (module __getattr__), so `import nsqjobs` stays msgspec-only: a task
+# module never loads an HTTP library or a process pool.
+_LAZY: dict[str, str] = {
+    "Client": "nsqjobs.client",
+    "AsyncClient": "nsqjobs.client",
+    "executor": "nsqjobs.ladder",
+}
 
 
 def __getattr__(name: str) -> Any:
-    """``Client`` and ``AsyncClient``, imported when first asked for."""
+    """``Client``, ``AsyncClient`` and ``executor``, imported when first asked for."""
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'nsqjobs' has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
@@ -78,6 +84,7 @@ __all__ = [
     "TaskTimeoutError",
     "UnknownTaskError",
     "__version__",
+    "executor",
     "registry",
     "task",
 ]

@@ -134,6 +134,12 @@ def encode(envelope: Envelope) -> bytes:
     return _encoder.encode(envelope)
 
 
+def encode_value(value: Any) -> bytes:
+    """Any value as an envelope would carry it (a task's result, its arguments): JSON bytes,
+    with the encoder the envelopes use. Raises what msgspec raises for a value JSON cannot hold."""
+    return _encoder.encode(value)
+
+
 def _decode(decoder: msgspec.json.Decoder[E], raw: bytes, what: str) -> E:
     try:
         envelope = decoder.decode(raw)

@@ -50,6 +50,8 @@ _PARSE_SLICE: Final = 16 * 1024
 
 class _HeadTooLarge(Exception):
     """Raised in a parser callback: the head went over :data:`_MAX_HEAD_BYTES`."""
+
+
 _MAX_QUEUED: Final = 32
 # Request line and headers (tornado's default max_header_size); llhttp itself has no limit.
 _MAX_HEAD_BYTES: Final = 64 * 1024
