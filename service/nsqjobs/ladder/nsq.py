@@ -23,10 +23,9 @@ from nsqjobs.api import JobOutcome
 from nsqjobs.client import AsyncClient, Client, GatewayError
 from nsqjobs.client.core import LONG_POLL_S, outcome_value, unknown_job
 from nsqjobs.errors import TaskFailed
+from nsqjobs.ladder.base import TaskExecutor, mark_running, settle
 from nsqjobs.names import BUILTIN_TASK_MODULE, MAX_WAIT_IDS
 from nsqjobs.registry import Task, registry
-
-from .base import TaskExecutor
 
 # Long polls open at once: a job submitted while they are all open waits for one to end.
 MAX_OPEN_WAITS: Final = 4
@@ -162,14 +161,14 @@ class _Waiter:
         future = self._futures.pop(job_id, None)
         if future is None:
             return
-        if future.set_running_or_notify_cancel():
+        if mark_running(future):  # else cancelled by the caller (and notified already)
             if outcome is not None:
                 try:
-                    future.set_result(outcome_value(outcome))
+                    settle(future, outcome_value(outcome))
                 except TaskFailed as exc:
-                    future.set_exception(exc)
+                    settle(future, exc=exc)
             else:
-                future.set_exception(error or RuntimeError(f"job {job_id}: no outcome"))
+                settle(future, exc=error or RuntimeError(f"job {job_id}: no outcome"))
         with self._lock:
             self._count -= 1
             self._lock.notify_all()
