@@ -133,6 +133,10 @@ class TaskExecutor(concurrent.futures.Executor):
     """
 
     kind: ClassVar[str] = "?"
+    # ``map`` tops its window up when it has fallen to this share of ``max_in_flight`` (1.0:
+    # after every result). A rung whose submissions cost less in batches (nsq: one request for
+    # many jobs) tops up less often, with more jobs each time (:meth:`_submit_all`).
+    refill_share: ClassVar[float] = 1.0
 
     def __init__(
         self, workers: int | None = None, *, task_modules: Sequence[str] = DEFAULT_TASK_MODULES
@@ -164,10 +168,20 @@ class TaskExecutor(concurrent.futures.Executor):
             if self._shut:
                 raise RuntimeError("cannot schedule new jobs after shutdown")
             fut = self._dispatch(found, plain)
-            if not fut.done():
-                self._pending.add(fut)
-                fut.add_done_callback(self._forget)
+            self._track(fut)
         return fut
+
+    def _submit_all(
+        self, task: str | Task, args: list[Any]
+    ) -> list[concurrent.futures.Future[Any]]:
+        """:meth:`submit` for each of ``args`` (a rung may send them together)."""
+        return [self.submit(task, a) for a in args]
+
+    def _track(self, fut: concurrent.futures.Future[Any]) -> None:
+        """Count ``fut`` among the futures shutdown waits for (call with the lock held)."""
+        if not fut.done():
+            self._pending.add(fut)
+            fut.add_done_callback(self._forget)
 
     def prepare(self, task: str | Task, args: Any) -> tuple[Task | str, dict[str, Any]]:
         """Validate one job in the caller (:func:`prepare`); the nsq rung overrides it to leave
@@ -200,7 +214,7 @@ class TaskExecutor(concurrent.futures.Executor):
             raise ValueError(f"max_in_flight must be a whole number >= 1, got {limit!r}")
         deadline = None if timeout is None else time.monotonic() + timeout
         items = iter(iterable)
-        window = collections.deque(self.submit(task, a) for a in itertools.islice(items, limit))
+        window = collections.deque(self._submit_all(task, list(itertools.islice(items, limit))))
         return self._ordered(task, items, window, limit, deadline)
 
     def _ordered(
@@ -211,15 +225,16 @@ class TaskExecutor(concurrent.futures.Executor):
         limit: int,
         deadline: float | None,
     ) -> Iterator[Any]:
+        low = limit - 1 if self.refill_share >= 1 else int(limit * self.refill_share)
         try:
             while window:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 result = window[0].result(left)
                 window.popleft()
                 yield result
-                window.extend(
-                    self.submit(task, a) for a in itertools.islice(items, limit - len(window))
-                )
+                if len(window) <= low:
+                    more = list(itertools.islice(items, limit - len(window)))
+                    window.extend(self._submit_all(task, more))
         finally:
             for fut in window:
                 fut.cancel()
