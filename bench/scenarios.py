@@ -11,11 +11,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import tornado.httpclient
 from nsqjobs.names import DEAD_LETTER_TOPIC, DEFAULT_QUEUE, RESULTS_TOPIC, WORKER_CHANNEL
 from nsqjobs.testing import Nsq, Proc, free_port, wait_for, wait_ready
 
 from bench import hey, payloads
+from bench.keepalive import KeepAlive
 from bench.procs import BenchError, log, start_gateway, start_process, worker_argv
 from bench.results_model import Comparison, Latency, Round
 
@@ -296,8 +296,8 @@ def _drain_once(
                 lookupd=False,
                 port=free_port(),
             )
-            if who == "worker_unbuffered":
-                argv += ["--delivery-buffer-ms", "0"]
+            if who == "worker_batched":
+                argv += ["--delivery", "batched"]
         else:
             argv = [
                 sys.executable,
@@ -339,11 +339,12 @@ def worker_dispatch(nsq: Nsq, s: Settings, log_dir: Path) -> Comparison:
         key="worker_dispatch",
         title="Worker dispatch: one nsqjobs worker vs a bare pynsq Reader",
         unit="jobs/s",
-        subject=f"nsqjobs worker --concurrency {s.worker_concurrency} (thread executor), noop",
+        subject=f"nsqjobs worker --concurrency {s.worker_concurrency} (thread executor, default "
+        "adaptive delivery), noop",
         baseline=f"bench/bare_reader.py: pynsq Reader, max_in_flight {s.worker_concurrency}, "
         "handler returns True (FIN)",
-        reference="the same worker with --delivery-buffer-ms 0 (nsqd sends each message at once)",
-        target=0.8,
+        reference="the same worker with --delivery batched (the old default: nsqd always batches)",
+        target=0.9,
         settings={
             "rounds": s.rounds,
             "messages_per_run": n,
@@ -359,17 +360,18 @@ def worker_dispatch(nsq: Nsq, s: Settings, log_dir: Path) -> Comparison:
             "message drained (process start-up excluded) and stops when depth, in-flight and "
             "deferred are all 0 on nsqd's /stats.",
             "Both consumers read straight from nsqd (no nsqlookupd).",
-            "Both let nsqd batch deliveries up to 16 KiB: the bare Reader with pynsq's default "
-            "flush timeout (250 ms), the worker with its default --delivery-buffer-ms 25.",
+            "The bare Reader lets nsqd batch deliveries up to 16 KiB with pynsq's default flush "
+            "timeout (250 ms); the worker asks 16 KiB and 25 ms, and by default keeps each "
+            "connection eager (unbatched) until a backlog shows, then batched.",
             "The worker runs at --log-level WARNING (at INFO it logs two lines per job).",
         ],
     )
     for r in range(s.rounds):
-        order = (*_order(r, "worker", "bare"), "worker_unbuffered")
+        order = (*_order(r, "worker", "bare"), "worker_batched")
         got: dict[str, Drain] = {}
         for who in order:
             got[who] = _drain_once(nsq, who, f"bench_drain_{r}_{who}", bodies, s, log_dir)
-        w, b, u = got["worker"], got["bare"], got["worker_unbuffered"]
+        w, b, u = got["worker"], got["bare"], got["worker_batched"]
         rnd = Round(
             subject=w.rate,
             baseline=b.rate,
@@ -389,7 +391,7 @@ def worker_dispatch(nsq: Nsq, s: Settings, log_dir: Path) -> Comparison:
         log(
             f"  worker_dispatch round {r + 1}: worker {w.rate:,.0f} jobs/s ({w.seconds:.2f}s), "
             f"bare reader {b.rate:,.0f} ({b.seconds:.2f}s), ratio {rnd.ratio:.3f}; "
-            f"unbuffered worker {u.rate:,.0f} ({u.rate / b.rate:.3f})"
+            f"batched worker {u.rate:,.0f} ({u.rate / b.rate:.3f})"
         )
     return comparison
 
@@ -397,23 +399,24 @@ def worker_dispatch(nsq: Nsq, s: Settings, log_dir: Path) -> Comparison:
 # -- 4: end-to-end latency -------------------------------------------------------------------------
 
 
+# The worker's delivery settings the latency benchmark compares, each in its own runs.
+DELIVERY_ARMS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("adaptive (default)", ()),
+    ("batched (--delivery batched, the old default)", ("--delivery", "batched")),
+    ("unbuffered (--delivery-buffer-ms 0)", ("--delivery-buffer-ms", "0")),
+)
+
+
 async def _submit_at_rate(gateway: str, s: Settings, result: Latency) -> None:
-    """Open loop: one ``?wait=`` submission every 1/rate s, each on its own connection."""
-    client = tornado.httpclient.AsyncHTTPClient(force_instance=True, max_clients=1000)
-    url = f"{gateway}/v1/jobs?wait={s.latency_wait_s:g}"
+    """Open loop: one ``?wait=`` submission every 1/rate s, over kept-alive connections."""
+    client = KeepAlive(gateway)
+    path = f"/v1/jobs?wait={s.latency_wait_s:g}"
     body = payloads.submit_body()
 
     async def one(record: bool) -> None:
         sent = time.perf_counter()
         try:
-            resp = await client.fetch(
-                url,
-                method="POST",
-                body=body,
-                headers={"Content-Type": JSON},
-                request_timeout=s.latency_wait_s + 10,
-                raise_error=False,
-            )
+            code, answer = await client.post(path, body, JSON)
         except Exception:
             if record:
                 result.failed += 1
@@ -421,16 +424,16 @@ async def _submit_at_rate(gateway: str, s: Settings, result: Latency) -> None:
         elapsed = time.perf_counter() - sent
         if not record:
             return
-        if resp.code == 202:
+        if code == 202:
             result.timed_out += 1
-        elif resp.code == 200 and json.loads(resp.body).get("status") == "succeeded":
+        elif code == 200 and json.loads(answer).get("status") == "succeeded":
             result.latencies_s.append(elapsed)
         else:
             result.failed += 1
 
     try:
-        for _ in range(20):  # warm-up, one at a time, not recorded
-            await one(record=False)
+        for _ in range(5):  # warm-up, not recorded: a few connections, every path once
+            await asyncio.gather(*(one(record=False) for _ in range(4)))
         count = round(s.latency_rate * s.latency_seconds)
         start = time.perf_counter()
         tasks = []
@@ -445,64 +448,66 @@ async def _submit_at_rate(gateway: str, s: Settings, result: Latency) -> None:
         client.close()
 
 
-def end_to_end_latency(
-    nsq: Nsq, s: Settings, log_dir: Path, delivery_buffer_ms: int | None = None
-) -> Latency:
-    """One gateway and one worker; submit noop jobs at a light fixed rate and wait for results.
+def end_to_end_latency(nsq: Nsq, s: Settings, log_dir: Path) -> list[Latency]:
+    """One gateway and one worker per run; noop jobs at a light fixed rate, waiting for results.
 
-    ``delivery_buffer_ms``: the worker's ``--delivery-buffer-ms`` (None: its default).
+    One run per worker delivery setting (``DELIVERY_ARMS``) per round, the order rotating each
+    round; each setting's samples of all rounds make one :class:`Latency`.
     """
-    result = Latency(
-        settings={
-            "rate_per_s": s.latency_rate,
-            "seconds": s.latency_seconds,
-            "wait_s": s.latency_wait_s,
-            "worker_concurrency": s.worker_concurrency,
-            "delivery_buffer_ms": (
-                "default" if delivery_buffer_ms is None else str(delivery_buffer_ms)
-            ),
-            "discovery": "nsqlookupd (gateway results reader and worker)",
-        },
-        notes=[
-            "Latency = client send to HTTP 200 carrying the succeeded result: gateway validation, "
-            "PUB to nsqd, worker receive, run, result PUB, gateway results reader, answer.",
-            "Each request opens its own connection (tornado's simple client); 20 warm-up "
-            "requests are not counted.",
-        ],
-    )
+    got = [
+        Latency(
+            settings={
+                "delivery": label,
+                "worker_flags": " ".join(flags),
+                "rate_per_s": s.latency_rate,
+                "seconds": s.latency_seconds * s.rounds,
+                "rounds": s.rounds,
+                "wait_s": s.latency_wait_s,
+                "worker_concurrency": s.worker_concurrency,
+                "discovery": "nsqlookupd (gateway results reader and worker)",
+            },
+            notes=[
+                "Latency = client send to HTTP 200 carrying the succeeded result: gateway "
+                "validation, PUB to nsqd, worker receive, run, result PUB, gateway results "
+                "reader, answer.",
+                "The client keeps its connections alive (bench/keepalive.py), as the peers' "
+                "clients keep theirs; 20 warm-up requests per run are not counted.",
+            ],
+        )
+        for label, flags in DELIVERY_ARMS
+    ]
     with ExitStack() as stack:
         gateway = start_gateway(stack, nsq, log_dir, GATEWAY_TOPICS, name="gateway-latency")
-        port = free_port()
-        worker = start_process(
-            stack,
-            "worker-latency",
-            [
-                *worker_argv(
-                    nsq,
-                    concurrency=s.worker_concurrency,
-                    queue=DEFAULT_QUEUE,
-                    channel=WORKER_CHANNEL,
-                    lookupd=True,
-                    port=port,
-                ),
-                *(
-                    []
-                    if delivery_buffer_ms is None
-                    else ["--delivery-buffer-ms", str(delivery_buffer_ms)]
-                ),
-            ],
-            log_dir,
-        )
-        wait_ready(worker, f"http://127.0.0.1:{port}/readyz", 90.0)
-        asyncio.run(_submit_at_rate(gateway, s, result))
+        for r in range(s.rounds):
+            arms = list(range(len(DELIVERY_ARMS)))
+            for i in arms[r % len(arms) :] + arms[: r % len(arms)]:
+                label, flags = DELIVERY_ARMS[i]
+                one = Latency(settings={})
+                with ExitStack() as run:
+                    port = free_port()
+                    argv = worker_argv(
+                        nsq,
+                        concurrency=s.worker_concurrency,
+                        queue=DEFAULT_QUEUE,
+                        channel=WORKER_CHANNEL,
+                        lookupd=True,
+                        port=port,
+                    )
+                    worker = start_process(run, f"worker-latency-{r}-{i}", [*argv, *flags], log_dir)
+                    wait_ready(worker, f"http://127.0.0.1:{port}/readyz", 90.0)
+                    asyncio.run(_submit_at_rate(gateway, s, one))
+                log(
+                    f"  latency round {r + 1}, {label}: p50 {one.ms(50):.2f} ms, "
+                    f"p99 {one.ms(99):.2f} ms ({len(one.latencies_s)} of {one.sent} ok, "
+                    f"{one.timed_out} timed out, {one.failed} failed)"
+                )
+                merged = got[i]
+                merged.latencies_s += one.latencies_s
+                merged.sent += one.sent
+                merged.timed_out += one.timed_out
+                merged.failed += one.failed
     nsq.delete_topic(DEFAULT_QUEUE)
-    log(
-        f"  latency (worker --delivery-buffer-ms {result.settings['delivery_buffer_ms']}): "
-        f"p50 {result.ms(50):.1f} ms, p99 {result.ms(99):.1f} ms "
-        f"({len(result.latencies_s)} of {result.sent} ok, {result.timed_out} timed out, "
-        f"{result.failed} failed)"
-    )
-    return result
+    return got
 
 
 def settings_json(s: Settings) -> dict[str, object]:

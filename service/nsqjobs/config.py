@@ -303,10 +303,15 @@ class WorkerConfig(NsqConfig):
     backoff_cap_s: float = setting(60.0, "longest retry delay")
     max_attempts: int = setting(0, "override every task's max attempts (0: use the task's)")
     msg_timeout_s: float = setting(60.0, "message timeout asked of nsqd; touched at a third")
+    delivery: Literal["adaptive", "batched"] = setting(
+        "adaptive",
+        "adaptive: nsqd sends each message at once while the worker keeps up, and batches "
+        "them under load; batched: always batched (more latency at light load)",
+    )
     delivery_buffer_ms: int = setting(
         25,
-        "nsqd batches deliveries for up to this long (25-1000; 0: each message at once, "
-        "lower latency, fewer jobs/s)",
+        "how long nsqd may hold a batch of deliveries (25-1000; 0: never batch, "
+        "fewer jobs/s under load)",
     )
     worker_id: str = setting(
         "", "name in results, logs and nsqd's client list (client_id; default host:pid)"

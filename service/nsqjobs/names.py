@@ -70,11 +70,12 @@ RECENT_RESULTS_BYTES: Final = 16 * 1024 * 1024
 
 PROBLEM_CONTENT_TYPE: Final = "application/problem+json"
 
-# nsqd buffers deliveries to a consumer up to a size or a time (pynsq asks 16 KiB or 250 ms).
-# 64 bytes (the least nsqd accepts) flushes each message at once: the gateway's results reader
-# uses it, since ?wait= answers are latency. Workers batch by default (16 KiB, at most
-# --delivery-buffer-ms): measured in bench/, unbuffered delivery costs a noop worker a third of
-# its throughput, while 25 ms (nsqd's least timeout) is small next to compute jobs.
+# nsqd buffers deliveries to a consumer up to a size or a time (pynsq asks 16 KiB or 250 ms),
+# and flushes at once when the consumer's RDY is used up. 64 bytes (the least nsqd accepts) writes
+# each message as it comes (any body over 94 bytes; smaller ones wait for the timeout): the
+# gateway's results reader uses it, since ?wait= answers are latency. Workers ask for 16 KiB and
+# --delivery-buffer-ms, and by default keep a lone message unbatched by RDY alone
+# (nsqjobs.worker.flow); --delivery-buffer-ms 0 asks for 64 bytes instead.
 READER_OUTPUT_BUFFER_BYTES: Final = 64
 READER_OUTPUT_BUFFER_TIMEOUT_MS: Final = 25
 WORKER_OUTPUT_BUFFER_BYTES: Final = 16 * 1024

@@ -200,6 +200,12 @@ class WorkerMetrics(_PublishingMetrics):
             "jobs handed back to nsqd unfinished at shutdown",
             "task",
         )
+        self.delivery_switches = c(
+            "worker_delivery_switches_total",
+            "times a queue connection turned eager (nsqd sends each message at once) or "
+            "batched (nsqd batches deliveries), by the mode it turned to",
+            "mode",
+        )
         self.cancelled = c(
             "worker_jobs_cancelled_total",
             "cancelled jobs this worker skipped or ended (FINed without a result), by task",

@@ -84,7 +84,12 @@ class Worker:
         self.jobs = Machine(
             config, self.worker_id, tasks, self.executor, self.publisher, self.hooks
         )
-        self.flow = self.jobs.flow = Flow(config.concurrency, self.jobs.used)
+        self.flow = self.jobs.flow = Flow(
+            config.concurrency,
+            self.jobs.used,
+            adaptive=config.delivery == "adaptive" and config.delivery_buffer_ms > 0,
+            switched=self._switched,
+        )
         self.readers: list[Any] = self.flow.readers
         self.cancel_reader: Reader | None = None
         self.server: tornado.httpserver.HTTPServer | None = None
@@ -126,8 +131,8 @@ class Worker:
                     max_in_flight=self.config.concurrency,  # pynsq's own RDY logic is off
                     max_tries=0,  # attempts are counted by the state machine, not by pynsq
                     msg_timeout=self.config.msg_timeout_s,
-                    # 0: nsqd sends each message at once (lowest latency); otherwise it batches
-                    # deliveries for up to that long (more jobs per second).
+                    # nsqd batches deliveries for up to that long (more jobs per second), unless
+                    # the flow keeps the connection eager (adaptive); 0: never batched.
                     output_buffer_size=(
                         WORKER_OUTPUT_BUFFER_BYTES if buffering else READER_OUTPUT_BUFFER_BYTES
                     ),
@@ -157,6 +162,9 @@ class Worker:
             self.config.executor,
             self.config.port,
         )
+
+    def _switched(self, eager: bool) -> None:
+        self.metrics.delivery_switches.labels("eager" if eager else "batched").inc()
 
     def ready_problems(self) -> list[str]:
         """Empty when the worker can take and finish jobs."""
