@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--long",
         action="store_true",
-        help="the full-size deep backlog (50,000 jobs held 10 minutes; about 15 minutes)",
+        help="the full-size deep backlog (50,000 jobs behind slow workers; about 14 minutes)",
     )
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the job counts")
     parser.add_argument("--drain", type=float, help="longest drain, seconds (default per scenario)")
