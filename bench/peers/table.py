@@ -1,0 +1,255 @@
+"""The peers' figures: medians of the rounds, ratios to nsqjobs, ``peers.json``, ``peers.md``
+and the chart ``peers.png``."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from nsqjobs_tasks import impl
+
+from bench import report
+from bench.peers.base import Peer
+from bench.peers.jobs import PRIMES_STOP
+
+RATES = ("enqueue_single", "enqueue_bulk", "drain_results", "drain_no_results")
+CPU = ("cpu_python", "cpu_cython")
+COUNTED = ("drain_results", "drain_no_results", "latency", "cpu_python", "cpu_cython")
+Rounds = list[dict[str, dict[str, Any]]]
+
+
+def brief(figures: dict[str, Any]) -> str:
+    """One progress line's worth of a measurement."""
+    if "p50_ms" in figures:
+        return "p50 {p50_ms:.2f} ms, p90 {p90_ms:.2f}, p99 {p99_ms:.2f}".format(**figures)
+    extra = ""
+    if "lost" in figures:
+        extra = f", {figures['lost']} lost, {figures['duplicated']} duplicated"
+        if figures.get("results_stored") is not None:
+            extra += f", {figures['results_stored']} results"
+    return f"{figures['rate']:,.0f} jobs/s{extra}"
+
+
+def describe(peers: Sequence[Peer]) -> dict[str, dict[str, Any]]:
+    """Version, broker, producer and settings of each peer."""
+    return {
+        p.key: {
+            "label": p.label,
+            "version": p.version(),
+            "broker": p.broker,
+            "producer": p.producer or "its own client library, in this process",
+            "settings": p.settings,
+        }
+        for p in peers
+    }
+
+
+def primes_reference() -> dict[str, float]:
+    """Seconds one primes job takes in this process, per kernel (median of 3): a cpu drain at
+    full efficiency does 2 / that many jobs per second."""
+    out = {}
+    for kernel in ("python", "cython"):
+        fn = impl.function("primes", "count_primes", kernel)
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn(0, PRIMES_STOP)
+            times.append(time.perf_counter() - t)
+        out[kernel] = statistics.median(times)
+    return out
+
+
+def summarise(rounds: Rounds, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per peer and measurement: the median over rounds, the failures, the lost/duplicated
+    totals."""
+    out: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        peer: dict[str, Any] = {}
+        names = {name for rnd in rounds for name in rnd.get(key, {})}
+        for name in sorted(names):
+            got = [rnd[key][name] for rnd in rounds if name in rnd.get(key, {})]
+            ok = [g for g in got if "error" not in g]
+            entry: dict[str, Any] = {"rounds": len(ok)}
+            errors = [g["error"] for g in got if "error" in g]
+            if errors:
+                entry["errors"] = errors
+            for field in ("rate", "p50_ms", "p90_ms", "p99_ms", "seconds"):
+                values = [g[field] for g in ok if field in g]
+                if values:
+                    entry[field] = statistics.median(values)
+                    entry[f"{field}_all"] = values
+            for field in ("lost", "duplicated", "late_sends"):
+                if any(field in g for g in ok):
+                    entry[field] = sum(int(g.get(field, 0)) for g in ok)
+            stored = [g["results_stored"] for g in ok if g.get("results_stored") is not None]
+            if stored:
+                entry["results_stored_min"] = min(stored)
+                entry["jobs"] = ok[0]["jobs"]
+            peer[name] = entry
+        out[key] = peer
+    base = out.get("nsqjobs", {})
+    for peer in out.values():
+        for name, entry in peer.items():
+            field = "p50_ms" if name == "latency" else "rate"
+            ours = base.get(name, {}).get(field)
+            if name == "drain_no_results" and ours is None:  # nsqjobs always stores results
+                ours = base.get("drain_results", {}).get(field)
+            if ours and field in entry:
+                entry["ratio_to_nsqjobs"] = entry[field] / ours
+    return out
+
+
+def _fmt_rate(entry: dict[str, Any] | None, key: str) -> str:
+    if not entry:
+        return "n/a"
+    if "rate" not in entry:
+        return "failed"
+    text = f"{entry['rate']:,.0f}"
+    if key != "nsqjobs" and "ratio_to_nsqjobs" in entry:
+        text += f" ({entry['ratio_to_nsqjobs']:.2f}x)"
+    return text
+
+
+def markdown(header: dict[str, Any], summary: dict[str, dict[str, Any]]) -> str:
+    """``peers.md``: the table, the ratios, the settings, what was lost or run twice."""
+    peers = header["peers"]
+    sizes = header["sizes"]
+    ref = header["primes_in_process_s"]
+    lines = [
+        "# nsqjobs and its peers",
+        "",
+        f"`{header['command']}`: {header['date']}, {header['cpu_model']}, {header['cores']} "
+        f"cores, Python {header['python']}; {sizes['rounds']} round(s), medians, peers "
+        f"interleaved; {header['duration_s']} s. Load average per round (1, 5, 15 min): "
+        + "; ".join("/".join(f"{x:g}" for x in la) for la in header["load_average"])
+        + ".",
+        "",
+        "Rates in jobs/s (higher is better), latency in ms (lower is better); in brackets the "
+        "ratio to nsqjobs' figure (the drain without results is compared with nsqjobs' drain, "
+        "which always stores results).",
+        "",
+        "| peer | enqueue, single | enqueue, bulk | drain, results | drain, no results "
+        "| latency p50 / p90 / p99 ms | cpu, Python | cpu, Cython |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for key, figures in summary.items():
+        lat = figures.get("latency", {})
+        if "p50_ms" in lat:
+            latency = f"{lat['p50_ms']:.2f} / {lat['p90_ms']:.2f} / {lat['p99_ms']:.2f}"
+            if key != "nsqjobs" and "ratio_to_nsqjobs" in lat:
+                latency += f" ({lat['ratio_to_nsqjobs']:.2f}x)"
+        else:
+            latency = "failed" if lat else "n/a"
+        cells = [_fmt_rate(figures.get(name), key) for name in RATES]
+        for name in CPU:
+            entry = figures.get(name)
+            cell = _fmt_rate(entry, key)
+            kernel = name.partition("_")[2]
+            if entry and "rate" in entry and ref.get(kernel):
+                cell += f", {100 * entry['rate'] * ref[kernel] / 2:.0f} %"
+            cells.append(cell)
+        row = [peers[key]["label"], *cells[:4], latency, *cells[4:]]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += [
+        "",
+        f"- enqueue: {sizes['enqueue_jobs']:,} no-op jobs from one producer in the bench "
+        "process, no worker running; bulk is the peer's bulk call (see settings).",
+        f"- drain: {sizes['drain_jobs']:,} no-op jobs enqueued first, then one worker started; "
+        "the clock runs from the first job done to the last (worker start-up excluded). "
+        "Every job appends its number to a file, so each peer is timed and counted alike.",
+        f"- latency: {sizes['latency_rate']:g} jobs/s for {sizes['latency_seconds']:g} s, one "
+        "producer, each job's result awaited (submit to result seen by the producer).",
+        f"- cpu: {sizes['cpu_jobs_python']} (Python) / {sizes['cpu_jobs_compiled']} (Cython) "
+        "jobs counting the primes below 10^7 with the kernels of `primes.count`, 2 slots; "
+        f"the % is the share of the ideal 2 / ({ref.get('python', 0) * 1000:.0f} ms Python, "
+        f"{ref.get('cython', 0) * 1000:.1f} ms Cython per job in one process).",
+        "",
+        "## Lost and duplicated jobs, results stored",
+        "",
+        "| peer | measurement | lost | run twice | results stored (min over rounds) |",
+        "|---|---|--:|--:|--:|",
+    ]
+    for key, figures in summary.items():
+        for name in COUNTED:
+            entry = figures.get(name)
+            if not entry or "lost" not in entry:
+                continue
+            stored = entry.get("results_stored_min")
+            stored_text = "-" if stored is None else f"{stored:,} of {entry.get('jobs', 0):,}"
+            lines.append(
+                f"| {peers[key]['label']} | {name} | {entry['lost']} | {entry['duplicated']} "
+                f"| {stored_text} |"
+            )
+    failures = [
+        f"- {peers[key]['label']} {name}: {err}"
+        for key, figures in summary.items()
+        for name, entry in figures.items()
+        for err in entry.get("errors", [])
+    ]
+    if failures:
+        lines += ["", "## Failures", "", *failures]
+    lines += ["", "## Versions and settings", ""]
+    for info in peers.values():
+        lines.append(f"**{info['label']}** {info['version']}, broker {info['broker']}; "
+                     f"producer: {info['producer']}.")
+        lines += [f"- {k}: {v}" for k, v in info["settings"].items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def chart(summary: dict[str, dict[str, Any]], peers: dict[str, Any], path: Path) -> None:
+    """``peers.png``: drain and enqueue rates (log scale), latency, CPU efficiency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(summary)
+    labels = [peers[k]["label"] for k in keys]
+    panels = (
+        ("drain, jobs/s (log)", ("drain_results", "drain_no_results"), "rate", True),
+        ("enqueue, jobs/s (log)", ("enqueue_single", "enqueue_bulk"), "rate", True),
+        ("latency at 50 jobs/s, ms", ("latency",), "p50_ms", False),
+        ("cpu, jobs/s (log), 2 slots", CPU, "rate", True),
+    )
+    fig, axes = plt.subplots(1, 4, figsize=(17, 0.5 * len(keys) + 1.8))
+    for ax, (title, names, field, log_scale) in zip(axes, panels, strict=True):
+        height = 0.8 / (len(names) + (field == "p50_ms"))
+        series = [(n, field) for n in names]
+        if field == "p50_ms":
+            series.append(("latency", "p99_ms"))
+        for i, (name, fld) in enumerate(series):
+            values = [summary[k].get(name, {}).get(fld, 0.0) for k in keys]
+            pos = [y + i * height for y in range(len(keys))]
+            ax.barh(pos, values, height=height, label=f"{name} {fld}".replace("_", " "))
+        ax.set_yticks([y + 0.4 - height / 2 for y in range(len(keys))])
+        ax.set_yticklabels(labels if ax is axes[0] else [""] * len(keys))
+        ax.invert_yaxis()
+        if log_scale:
+            ax.set_xscale("log")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7, loc="lower right")
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def write(
+    out: Path,
+    header: dict[str, Any],
+    rounds: Rounds,
+    summary: dict[str, dict[str, Any]],
+    *,
+    chart_too: bool = True,
+) -> None:
+    """``peers.json`` and ``peers.md`` (and ``peers.png``) under ``out``."""
+    doc = {**header, "summary": summary, "rounds": rounds}
+    report.write_text(out / "peers.json", json.dumps(doc, indent=2) + "\n")
+    report.write_text(out / "peers.md", markdown(header, summary) + "\n")
+    if chart_too:
+        chart(summary, header["peers"], out / "peers.png")
