@@ -126,8 +126,13 @@ def _one_peer(peer: Peer, s: measure.Sizes, work: Path, rnd: int) -> dict[str, A
 
     n = min(s.drain_jobs, peer.drain_cap or s.drain_jobs)
     if peer.enqueue_measured:
-        attempt("enqueue_single", lambda: measure.enqueue_rate(peer, s.enqueue_jobs, bulk=False))
-        attempt("enqueue_bulk", lambda: measure.enqueue_rate(peer, s.enqueue_jobs, bulk=True))
+        for bulk in (False, True):
+            attempt(
+                f"enqueue_{'bulk' if bulk else 'single'}",
+                lambda bulk=bulk: measure.enqueue_rate(  # type: ignore[misc]
+                    peer, run("enqueue"), s.enqueue_jobs, bulk
+                ),
+            )
     attempt("drain_results", lambda: measure.drain(peer, run("drain"), n))
     if peer.stores_optional:
         attempt(
@@ -141,8 +146,8 @@ def _one_peer(peer: Peer, s: measure.Sizes, work: Path, rnd: int) -> dict[str, A
     for impl, jobs in (("python", s.cpu_jobs_python), ("cython", s.cpu_jobs_compiled)):
         attempt(
             f"cpu_{impl}",
-            lambda impl=impl, jobs=jobs: measure.drain(  # type: ignore[misc]
-                peer, run(f"cpu-{impl}", impl), jobs, task="primes", mode="cpu", min_rate=0.5
+            lambda impl=impl, jobs=jobs: measure.cpu(  # type: ignore[misc]
+                peer, run(f"cpu-{impl}", impl), jobs
             ),
         )
     return out
@@ -194,7 +199,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     table.write(args.out, header, rounds, summary, chart_too=not args.no_chart)
     log(f"done in {header['duration_s']}s on {platform.node()}: {args.out}/peers.{{json,md,png}}")
     failed = [
-        f"{k}.{m}" for rnd in rounds for k, ms in rnd.items() for m, v in ms.items()
+        f"{k}.{m}"
+        for rnd in rounds
+        for k, ms in rnd.items()
+        for m, v in ms.items()
         if isinstance(v, dict) and "error" in v
     ]
     if failed:

@@ -86,6 +86,11 @@ class Peer(ABC):
     def flush(self) -> None:
         """Empty the queues and results, ready for the next measurement."""
 
+    def enqueue_setup(self, stack: ExitStack, run: WorkerRun) -> None:  # noqa: B027
+        """What must run while jobs are enqueued (nothing, but for a peer that cannot queue
+        jobs without a worker); ``stack`` stops it."""
+
+    @abstractmethod
     def close(self) -> None:
         """Release the producer's connections (processes are the stack's)."""
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery, group
+from nsqjobs.testing import wait_for
 
 from bench.peers import jobs
 from bench.peers.base import Mode, Peer, Task, WorkerRun, console_script, dist_version
@@ -64,7 +65,13 @@ class CeleryPeer(Peer):
     def start_worker(self, stack: ExitStack, mode: Mode, run: WorkerRun) -> None:
         argv = [console_script("celery"), "-A", __name__, "worker", "-P", "prefork", "-c", "2"]
         argv += ["--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "WARNING"]
-        start(stack, f"celery-{mode}", argv, run, **{REDIS_ENV: self.url})
+        proc = start(stack, f"celery-{mode}", argv, run, **{REDIS_ENV: self.url})
+
+        def answers() -> bool | None:
+            proc.check_alive()
+            return bool(app.control.ping(timeout=0.5)) or None
+
+        wait_for(answers, 60.0, "the Celery worker to answer a ping")
 
     def submit_wait(self, seq: int, timeout: float) -> Any:
         return mark.delay(seq).get(timeout=timeout)

@@ -13,6 +13,7 @@ from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.results import Results
 from dramatiq.results.backends import RedisBackend
+from nsqjobs.testing import wait_for
 
 from bench.peers import jobs
 from bench.peers.base import Mode, Peer, Task, WorkerRun, console_script, dist_version
@@ -65,9 +66,9 @@ class DramatiqPeer(Peer):
 
     def __post_init__(self) -> None:
         self._broker = _broker(self.url, self.results_url)
-        dramatiq.set_broker(self._broker)
+        # The actors are the module's (the worker's); this peer sends their messages through
+        # its own broker, so two Dramatiq peers in one process do not share one.
         for actor in ACTORS.values():
-            actor.broker = self._broker
             self._broker.declare_actor(actor)
         self._backend = next(m.backend for m in self._broker.middleware if isinstance(m, Results))
 
@@ -80,16 +81,24 @@ class DramatiqPeer(Peer):
             messages = [actor.message(i) for i in seqs]
             dramatiq.group(messages, broker=self._broker).run()
             return messages
-        return [actor.send(i) for i in seqs]
+        return [self._broker.enqueue(actor.message(i)) for i in seqs]
 
     def start_worker(self, stack: ExitStack, mode: Mode, run: WorkerRun) -> None:
         shape = ["-p", "1", "-t", "8"] if mode == "noop" else ["-p", "2", "-t", "1"]
         argv = [console_script("dramatiq"), __name__, *shape]
         env = {BROKER_ENV: self.url, RESULTS_ENV: self.results_url}
-        start(stack, f"{self.key}-{mode}", argv, run, **env)
+        proc = start(stack, f"{self.key}-{mode}", argv, run, **env)
+        want = 1 if mode == "noop" else 2
+
+        def ready() -> bool | None:
+            proc.check_alive()
+            return proc.log().count("Worker process is ready for action.") >= want or None
+
+        wait_for(ready, 60.0, "Dramatiq's worker processes to be ready")
 
     def submit_wait(self, seq: int, timeout: float) -> Any:
-        return mark.send(seq).get_result(block=True, timeout=int(timeout * 1000))
+        message = self._broker.enqueue(mark.message(seq))
+        return message.get_result(backend=self._backend, block=True, timeout=int(timeout * 1000))
 
     def results_stored(self, handles: Sequence[Any]) -> int:
         client = self._backend.client
@@ -121,7 +130,8 @@ def peer(broker: str, url: str, redis_url: str) -> Peer:
             "prefetch": "default (2 x threads for actors, RabbitMQ QoS alike)",
             "results": "Results middleware, Redis backend; without: store_results off",
             "retries": "max_retries=0 on the bench actors",
-            "publish": "send() (RabbitMQ: no publisher confirms, the default)",
+            "publish": "broker.enqueue(actor.message()), what send() does (RabbitMQ: no "
+            "publisher confirms, the default)",
             "bulk": "group(...).run() (no bulk publish: one send per message)",
             "wait": "message.get_result(block=True) (Redis BLPOP)",
         },

@@ -79,13 +79,16 @@ def _check_marks(path: Path, seqs: range) -> tuple[int, int]:
     return lost, duplicated
 
 
-def enqueue_rate(peer: Peer, n: int, bulk: bool) -> float:
-    """Jobs/s of ``n`` no-op jobs enqueued from here, no worker running."""
+def enqueue_rate(peer: Peer, run: WorkerRun, n: int, bulk: bool) -> float:
+    """Jobs/s of ``n`` no-op jobs enqueued from here, no worker running (unless the peer
+    needs one to accept jobs: IPython Parallel)."""
     peer.flush()
-    t0 = time.perf_counter()
-    peer.submit("mark", range(n), results=True, bulk=bulk)
-    seconds = time.perf_counter() - t0
-    peer.flush()
+    with ExitStack() as stack:
+        peer.enqueue_setup(stack, run)
+        t0 = time.perf_counter()
+        peer.submit("mark", range(n), results=True, bulk=bulk)
+        seconds = time.perf_counter() - t0
+        peer.flush()
     return n / seconds
 
 
@@ -117,6 +120,23 @@ def drain(
     seconds = t1 - t0
     rate = (n - c0) / seconds if seconds > 0 else float("nan")
     return Drain(rate, seconds, n, lost, duplicated, stored)
+
+
+def cpu(peer: Peer, run: WorkerRun, n: int) -> Drain:
+    """``n`` primes jobs enqueued (bulk) once the 2-slot worker is ready; the clock runs from
+    the enqueue to the last job done, so dispatch is part of what is measured."""
+    peer.flush()
+    seqs = range(n)
+    with ExitStack() as stack:
+        peer.start_worker(stack, "cpu", run)
+        t0 = time.perf_counter()
+        handles = peer.submit("primes", seqs, results=True, bulk=True)
+        t1, _ = _wait_marks(run.marks, n, 120.0 + 10.0 * n, peer.label)
+        stored = _wait_stored(peer, handles, n)
+        time.sleep(SETTLE_S)
+    lost, duplicated = _check_marks(run.marks, seqs)
+    peer.flush()
+    return Drain(n / (t1 - t0), t1 - t0, n, lost, duplicated, stored)
 
 
 def _wait_marks(path: Path, want: int, timeout: float, who: str) -> tuple[float, int]:

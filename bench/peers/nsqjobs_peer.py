@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 from nsqjobs.names import DEFAULT_QUEUE, RESULTS_TOPIC, WORKER_CHANNEL
-from nsqjobs.testing import Nsq, free_port
+from nsqjobs.testing import Nsq, free_port, wait_ready
 
 from bench.peers.base import Mode, Peer, Task, WorkerRun, dist_version
 from bench.peers.base import start_worker_process as start
@@ -83,15 +83,17 @@ class NsqjobsPeer(Peer):
         # slot each, so pure Python is not held to one core by the GIL.
         shape = [(NOOP_CONCURRENCY, 1), (1, 2)][mode == "cpu"]
         for n in range(shape[1]):
+            port = free_port()
             argv = worker_argv(
                 self._nsq,
                 concurrency=shape[0],
                 queue=DEFAULT_QUEUE,
                 channel=WORKER_CHANNEL,
                 lookupd=False,
-                port=free_port(),
+                port=port,
             )
-            start(stack, f"nsqjobs-{mode}-{n}", [*argv, "--task-module", TASK_MODULE], run)
+            proc = start(stack, f"nsqjobs-{mode}-{n}", [*argv, "--task-module", TASK_MODULE], run)
+            wait_ready(proc, f"http://127.0.0.1:{port}/readyz", 60.0)
 
     def submit_wait(self, seq: int, timeout: float) -> Any:
         if self._client is not None:

@@ -8,10 +8,12 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
+from nsqjobs.testing import wait_for
 from redis import Redis
 from rq import Queue
 from rq.job import Job
 from rq.registry import FinishedJobRegistry
+from rq.worker import Worker
 
 from bench.peers import jobs
 from bench.peers.base import Mode, Peer, Task, WorkerRun, console_script, dist_version
@@ -46,8 +48,15 @@ class RqPeer(Peer):
     def start_worker(self, stack: ExitStack, mode: Mode, run: WorkerRun) -> None:
         argv = [console_script("rq"), "worker", "-u", self.url, "-w", self.worker_class]
         argv += ["--logging_level", "WARNING", QUEUE]
-        for n in range(1 if mode == "noop" else 2):  # RQ runs one job at a time per worker
-            start(stack, f"{self.key}-{mode}-{n}", argv, run)
+        count = 1 if mode == "noop" else 2  # RQ runs one job at a time per worker
+        procs = [start(stack, f"{self.key}-{mode}-{n}", argv, run) for n in range(count)]
+
+        def registered() -> bool | None:
+            for proc in procs:
+                proc.check_alive()
+            return Worker.count(connection=self._redis) >= count or None
+
+        wait_for(registered, 60.0, "RQ workers to register")
 
     def submit_wait(self, seq: int, timeout: float) -> Any:
         job: Job = self._queue.enqueue(jobs.mark, seq, result_ttl=RESULT_TTL)
@@ -80,7 +89,7 @@ def peer(redis_url: str, forking: bool) -> Peer:
             "wait": "job.latest_result(timeout) (Redis stream XREAD)",
         },
         enqueue_measured=not forking,  # the same producer as SimpleWorker's
-        drain_cap=2_000 if forking else None,
+        drain_cap=300 if forking else None,
         url=redis_url,
         worker_class=worker,
     )

@@ -108,7 +108,12 @@ def start_rabbitmq(stack: ExitStack, work: Path) -> Broker:
         name="epmd",
         stack=stack,
     )
-    wait_for(lambda: _port_open(epmd_port) or None, 10.0, "epmd to listen")
+
+    def epmd_listens() -> bool | None:
+        epmd.check_alive()
+        return _port_open(epmd_port) or None
+
+    wait_for(epmd_listens, 10.0, "epmd to listen")
     proc = spawn([str(RABBITMQ_SERVER)], base / "rabbitmq.log", name="rabbitmq", env=env)
     stack.callback(proc.stop, 30.0)
 

@@ -194,8 +194,10 @@ def markdown(header: dict[str, Any], summary: dict[str, dict[str, Any]]) -> str:
         lines += ["", "## Failures", "", *failures]
     lines += ["", "## Versions and settings", ""]
     for info in peers.values():
-        lines.append(f"**{info['label']}** {info['version']}, broker {info['broker']}; "
-                     f"producer: {info['producer']}.")
+        lines.append(
+            f"**{info['label']}** {info['version']}, broker {info['broker']}; "
+            f"producer: {info['producer']}."
+        )
         lines += [f"- {k}: {v}" for k, v in info["settings"].items()]
         lines.append("")
     return "\n".join(lines)
