@@ -34,7 +34,7 @@ help:
 	@echo "make ctl    supervisorctl against the running stack (CMD=status by default)"
 	@echo "make test   set up and run the whole test suite"
 	@echo "make lint   ruff + mypy --strict (service, workers, tests, bench)"
-	@echo "make bench  run the benchmarks, figures into bench/results/"
+	@echo "make bench  run the benchmarks, figures into bench/results/ (with the peers: Celery, Dramatiq, RQ, IPython Parallel)"
 	@echo "make chaos  the chaos suite (faults under load, ~7 min): bench/results/chaos.md"
 	@echo "make nsq    build NSQ v1.3.0 into .bin/ (or link binaries found on PATH)"
 	@echo "make images        build the nsqjobs image (docker compose build)"
@@ -109,7 +109,16 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy --strict service workers tests bench
 
-bench: venv nsq
+# The peers `python -m bench.peers` measures (the bench-peers extra): installed for `make bench`
+# only. Their brokers, Redis and RabbitMQ, are Debian's (apt-get install redis-server
+# rabbitmq-server); the benchmark starts its own on free ports, never the system services.
+$(VENV)/.bench-peers: $(VENV)/.installed pyproject.toml
+	$(VENV)/bin/pip install --quiet -e '.[dev,bench-peers]'
+	@touch $@
+
+bench: venv nsq $(VENV)/.bench-peers
+	@command -v redis-server >/dev/null && [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || \
+		echo "make bench: the peers need apt-get install redis-server rabbitmq-server" >&2
 	PATH="$(BIN_DIR):$$PATH" $(VENV)/bin/python -m bench
 
 # The chaos suite: every scenario at full size (a short version runs in make test).

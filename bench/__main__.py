@@ -33,6 +33,10 @@ ratios are meaningful; the figure reported is the median of the per-round ratios
    IPython Parallel and on NSQ, 2 workers each: jobs/s and per-job overhead, the crossovers, and
    the target (NSQ's overhead within 2x of the process pool's on small jobs); figures in
    ``ladder.json`` / ``.md`` / ``.png`` (bench/ladder.py, ``python -m bench.ladder``).
+9. ``peers``: nsqjobs against Celery, Dramatiq, RQ and IPython Parallel (``bench/peers/``, the
+   ``bench-peers`` extra, Redis and RabbitMQ from Debian): enqueue, drain, latency and CPU
+   figures with ratios to nsqjobs, in ``peers.json`` / ``peers.md`` / ``peers.png``; see
+   ``python -m bench.peers --help``.
 
 How: a private nsqlookupd + nsqd (free ports on 127.0.0.1, data path in a temporary directory on
 tmpfs, nsqd defaults otherwise) and the daemons run as subprocesses; each one is stopped
@@ -53,6 +57,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -66,7 +71,7 @@ from bench.procs import ROOT, log, start_gateway
 from bench.results_model import Comparison, Latency
 
 PIPELINE = ("gateway_single", "gateway_batch", "worker_dispatch", "latency")
-BENCHMARKS = (*PIPELINE, "ledger_ingest", "kernels", "wait_many", "ladder")
+BENCHMARKS = (*PIPELINE, "ledger_ingest", "kernels", "wait_many", "ladder", "peers")
 
 
 def _command(argv: Sequence[str]) -> str:
@@ -113,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         codes.append(wait_many.run(1 if args.quick else 3, sizes, args.out, _command(argv)))
     if "ladder" in only:
         codes.append(ladder.run(args.quick, args.out, _command(argv)))
+    if "peers" in only:
+        codes.append(_peers(args))
     return 1 if 1 in codes else max(codes, default=0)
 
 
@@ -186,6 +193,17 @@ def _pipeline(args: argparse.Namespace, argv: Sequence[str], only: Sequence[str]
     if args.strict and not all(c.passed for c in comparisons):
         return 2
     return 0
+
+
+def _peers(args: argparse.Namespace) -> int:
+    """Run ``bench.peers`` (its own process: the peers' libraries stay out of this one)."""
+    argv = [sys.executable, "-m", "bench.peers", "--out", str(args.out)]
+    argv += ["--quick"] if args.quick else []
+    log("peers ...")
+    code = subprocess.run(argv, cwd=ROOT, check=False).returncode
+    if code:
+        log(f"peers could not run in full (exit status {code})")
+    return 1 if code else 0
 
 
 def _ledger_ingest(args: argparse.Namespace, argv: Sequence[str]) -> int:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -113,7 +114,11 @@ def _one_peer(peer: Peer, s: measure.Sizes, work: Path, rnd: int) -> dict[str, A
         t = time.monotonic()
         try:
             value = fn()
-            out[name] = asdict(value) if is_dataclass(value) else {"rate": value}
+            out[name] = (
+                asdict(value)
+                if is_dataclass(value) and not isinstance(value, type)
+                else {"rate": value}
+            )
         except (HarnessError, Exception) as exc:  # one failure must not end the run
             out[name] = {"error": f"{type(exc).__name__}: {exc}"}
             log(f"  {peer.key} {name}: FAILED {exc}")
@@ -157,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run every chosen peer, ``rounds`` times interleaved; write the figures."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C: every broker, worker and daemon started here is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     only = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = sorted(set(only) - set(PEERS))
     if unknown:

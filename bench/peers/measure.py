@@ -1,9 +1,9 @@
 """The measurements, the same for every peer: enqueue rates, a drain, latency at a fixed rate.
 
 Progress is read from the marks file the jobs append to (``bench.peers.jobs``), never from a
-broker, so every peer is timed alike: a drain's clock starts at the first job done (worker
-start-up excluded) and stops at the last; the count per sequence number finds lost and
-duplicated jobs.
+broker, so every peer is timed alike: a drain is timed by the jobs' own clock readings, from the
+first job done (worker start-up excluded) to the last; the count per sequence number finds lost
+and duplicated jobs.
 """
 
 from __future__ import annotations
@@ -71,12 +71,13 @@ def _marks_count(path: Path) -> int:
         return 0
 
 
-def _check_marks(path: Path, seqs: range) -> tuple[int, int]:
-    """(lost, duplicated) jobs of ``seqs`` according to the marks in ``path``."""
-    counts = Counter(jobs.read_marks(str(path)) if path.exists() else [])
+def _check_marks(path: Path, seqs: range) -> tuple[int, int, list[float]]:
+    """(lost, duplicated, the times they were done) of the jobs ``seqs``, from ``path``."""
+    marks = [(s, t) for s, t in (jobs.read_marks(str(path)) if path.exists() else []) if s in seqs]
+    counts = Counter(s for s, _ in marks)
     lost = sum(1 for s in seqs if counts[s] == 0)
-    duplicated = sum(c - 1 for s, c in counts.items() if c > 1 and s in seqs)
-    return lost, duplicated
+    duplicated = sum(c - 1 for c in counts.values() if c > 1)
+    return lost, duplicated, sorted(t for _, t in marks)
 
 
 def enqueue_rate(peer: Peer, run: WorkerRun, n: int, bulk: bool) -> float:
@@ -109,16 +110,15 @@ def drain(
     deadline = 60.0 + n / min_rate
     with ExitStack() as stack:
         peer.start_worker(stack, mode, run)
-        t0, c0 = _wait_marks(run.marks, 1, deadline, peer.label)
-        t1, _ = _wait_marks(run.marks, n, deadline, peer.label)
+        _wait_marks(run.marks, n, deadline, peer.label)
         stored = None
         if results:
             stored = _wait_stored(peer, handles, n)
         time.sleep(SETTLE_S)
-    lost, duplicated = _check_marks(run.marks, seqs)
+    lost, duplicated, done = _check_marks(run.marks, seqs)
     peer.flush()
-    seconds = t1 - t0
-    rate = (n - c0) / seconds if seconds > 0 else float("nan")
+    seconds = done[-1] - done[0]
+    rate = (len(done) - 1) / seconds if seconds > 0 else float("nan")
     return Drain(rate, seconds, n, lost, duplicated, stored)
 
 
@@ -129,23 +129,23 @@ def cpu(peer: Peer, run: WorkerRun, n: int) -> Drain:
     seqs = range(n)
     with ExitStack() as stack:
         peer.start_worker(stack, "cpu", run)
-        t0 = time.perf_counter()
+        t0 = time.time()  # the clock the jobs mark with
         handles = peer.submit("primes", seqs, results=True, bulk=True)
-        t1, _ = _wait_marks(run.marks, n, 120.0 + 10.0 * n, peer.label)
+        _wait_marks(run.marks, n, 120.0 + 10.0 * n, peer.label)
         stored = _wait_stored(peer, handles, n)
         time.sleep(SETTLE_S)
-    lost, duplicated = _check_marks(run.marks, seqs)
+    lost, duplicated, done = _check_marks(run.marks, seqs)
     peer.flush()
-    return Drain(n / (t1 - t0), t1 - t0, n, lost, duplicated, stored)
+    return Drain(n / (done[-1] - t0), done[-1] - t0, n, lost, duplicated, stored)
 
 
-def _wait_marks(path: Path, want: int, timeout: float, who: str) -> tuple[float, int]:
-    """Poll until ``want`` marks are in; (when, how many)."""
+def _wait_marks(path: Path, want: int, timeout: float, who: str) -> None:
+    """Poll until ``want`` marks are in."""
     end = time.monotonic() + timeout
     while True:
         count = _marks_count(path)
         if count >= want:
-            return time.perf_counter(), count
+            return
         if time.monotonic() > end:
             raise BenchError(f"{who}: {count} of {want} jobs done after {timeout:.0f}s")
         time.sleep(POLL_S)
@@ -206,7 +206,7 @@ def latency(peer: Peer, run: WorkerRun, rate: float, seconds: float) -> LatencyR
             if got != i:
                 raise BenchError(f"{peer.label}: job {i} answered {got!r}")
         time.sleep(SETTLE_S)
-    lost, duplicated = _check_marks(run.marks, range(n))
+    lost, duplicated, _ = _check_marks(run.marks, range(n))
     peer.flush()
     q = statistics.quantiles(samples, n=100, method="inclusive")
     return LatencyRun(q[49], q[89], q[98], n, late, lost, duplicated)
