@@ -57,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=ROOT / "bench" / "results", help="where the figures go"
     )
     parser.add_argument("--no-chart", action="store_true", help="skip peers.png")
+    parser.add_argument(
+        "--rewrite",
+        action="store_true",
+        help="measure nothing: write peers.md and peers.png again from OUT/peers.json",
+    )
     return parser
 
 
@@ -168,6 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = sorted(set(only) - set(PEERS))
     if unknown:
         raise SystemExit(f"bench.peers: unknown peer(s) {', '.join(unknown)}")
+    if args.rewrite:
+        table.rewrite(args.out, chart_too=not args.no_chart)
+        return 0
     if "nsqjobs" not in only:
         only.insert(0, "nsqjobs")  # every ratio is to nsqjobs
     sizes = measure.Sizes.quick() if args.quick else measure.Sizes()

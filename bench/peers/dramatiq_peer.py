@@ -111,6 +111,9 @@ class DramatiqPeer(Peer):
         return found
 
     def flush(self) -> None:
+        # A fresh connection per measurement: RabbitMQ drops a blocking pika connection that sat
+        # idle past its heartbeat while the other peers ran, and Dramatiq keeps the dead one.
+        self._broker.close()
         self._broker.flush_all()
         self._backend.client.flushdb()
 

@@ -86,6 +86,11 @@ def peer(redis_url: str, forking: bool) -> Peer:
             "slots": "1 worker process (one job at a time); CPU: 2 worker processes",
             "results": f"result_ttl {RESULT_TTL}s; without: result_ttl=0",
             "bulk": "Queue.enqueue_many() (one Redis pipeline)",
+            **(
+                {"drain": "300 jobs, not 20,000 (a fork per job: tens of jobs/s)"}
+                if forking
+                else {}
+            ),
             "wait": "job.latest_result(timeout) (Redis stream XREAD)",
         },
         enqueue_measured=not forking,  # the same producer as SimpleWorker's

@@ -108,7 +108,8 @@ def _fmt_rate(entry: dict[str, Any] | None, key: str) -> str:
         return "n/a"
     if "rate" not in entry:
         return "failed"
-    text = f"{entry['rate']:,.0f}"
+    rate = entry["rate"]
+    text = f"{rate:,.0f}" if rate >= 100 else f"{rate:.1f}"
     if key != "nsqjobs" and "ratio_to_nsqjobs" in entry:
         text += f" ({entry['ratio_to_nsqjobs']:.2f}x)"
     return text
@@ -204,41 +205,57 @@ def markdown(header: dict[str, Any], summary: dict[str, dict[str, Any]]) -> str:
 
 
 def chart(summary: dict[str, dict[str, Any]], peers: dict[str, Any], path: Path) -> None:
-    """``peers.png``: drain and enqueue rates (log scale), latency, CPU efficiency."""
+    """``peers.png``: drain, enqueue and CPU rates and latency, log scales, one bar per series."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     keys = list(summary)
     labels = [peers[k]["label"] for k in keys]
-    panels = (
-        ("drain, jobs/s (log)", ("drain_results", "drain_no_results"), "rate", True),
-        ("enqueue, jobs/s (log)", ("enqueue_single", "enqueue_bulk"), "rate", True),
-        ("latency at 50 jobs/s, ms", ("latency",), "p50_ms", False),
-        ("cpu, jobs/s (log), 2 slots", CPU, "rate", True),
+    panels: tuple[tuple[str, tuple[tuple[str, str, str], ...]], ...] = (
+        (
+            "drain 20,000 no-op jobs, jobs/s",
+            (("drain_results", "rate", "results stored"), ("drain_no_results", "rate", "none")),
+        ),
+        (
+            "enqueue, jobs/s",
+            (("enqueue_single", "rate", "one call each"), ("enqueue_bulk", "rate", "bulk")),
+        ),
+        ("latency at 50 jobs/s, ms", (("latency", "p50_ms", "p50"), ("latency", "p99_ms", "p99"))),
+        (
+            "primes below 10^7, 2 slots, jobs/s",
+            (("cpu_python", "rate", "pure Python"), ("cpu_cython", "rate", "Cython")),
+        ),
     )
-    fig, axes = plt.subplots(1, 4, figsize=(17, 0.5 * len(keys) + 1.8))
-    for ax, (title, names, field, log_scale) in zip(axes, panels, strict=True):
-        height = 0.8 / (len(names) + (field == "p50_ms"))
-        series = [(n, field) for n in names]
-        if field == "p50_ms":
-            series.append(("latency", "p99_ms"))
-        for i, (name, fld) in enumerate(series):
-            values = [summary[k].get(name, {}).get(fld, 0.0) for k in keys]
-            pos = [y + i * height for y in range(len(keys))]
-            ax.barh(pos, values, height=height, label=f"{name} {fld}".replace("_", " "))
+    fig, axes = plt.subplots(1, len(panels), figsize=(17, 0.45 * len(keys) + 1.6))
+    plain = FuncFormatter(lambda x, _: f"{x:,.0f}" if x >= 1 else f"{x:g}")
+    for ax, (title, series) in zip(axes, panels, strict=True):
+        height = 0.8 / len(series)
+        for i, (name, field, legend) in enumerate(series):
+            values = [summary[k].get(name, {}).get(field, 0.0) for k in keys]
+            ax.barh([y + i * height for y in range(len(keys))], values, height, label=legend)
         ax.set_yticks([y + 0.4 - height / 2 for y in range(len(keys))])
         ax.set_yticklabels(labels if ax is axes[0] else [""] * len(keys))
         ax.invert_yaxis()
-        if log_scale:
-            ax.set_xscale("log")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=8, loc="lower right")
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def rewrite(out: Path, *, chart_too: bool = True) -> None:
+    """``peers.md`` (and the chart) again from ``peers.json``: the figures stay those measured."""
+    doc = json.loads((out / "peers.json").read_text())
+    header = {k: v for k, v in doc.items() if k not in ("summary", "rounds")}
+    summary = summarise(doc["rounds"], list(doc["summary"]))
+    write(out, header, doc["rounds"], summary, chart_too=chart_too)
 
 
 def write(
