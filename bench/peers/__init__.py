@@ -1,0 +1,1 @@
+"""nsqjobs against Celery, Dramatiq, RQ and IPython Parallel: ``python -m bench.peers``."""

@@ -113,7 +113,8 @@ class DramatiqPeer(Peer):
     def flush(self) -> None:
         # A fresh connection per measurement: RabbitMQ drops a blocking pika connection that sat
         # idle past its heartbeat while the other peers ran, and Dramatiq keeps the dead one.
-        self._broker.close()
+        if isinstance(self._broker, RabbitmqBroker):
+            del self._broker.connection  # the next use connects again
         self._broker.flush_all()
         self._backend.client.flushdb()
 

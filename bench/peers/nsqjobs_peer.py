@@ -6,6 +6,7 @@ same HTTP API (``POST /v1/jobs``, ``/v1/jobs/batch``, ``?wait=``); ``producer`` 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from nsqjobs.config import WorkerConfig
 from nsqjobs.names import DEFAULT_QUEUE, RESULTS_TOPIC, WORKER_CHANNEL
 from nsqjobs.testing import Nsq, free_port, wait_ready
 
@@ -25,6 +27,12 @@ from bench.procs import start_gateway, worker_argv
 TASK_MODULE = "bench.peers.nsqjobs_jobs"
 BATCH = 1000
 NOOP_CONCURRENCY = 64
+
+
+def _default_buffer_ms() -> object:
+    """The worker's default ``--delivery-buffer-ms`` on this checkout."""
+    fields = {f.name: f for f in dataclasses.fields(WorkerConfig)}
+    return fields["delivery_buffer_ms"].default
 
 
 def _client_class() -> Any:
@@ -134,7 +142,8 @@ def peer(stack: ExitStack, nsq: Nsq, work: Path) -> Peer:
         settings={
             "worker": f"1 nsqjobs worker, thread executor, --concurrency {NOOP_CONCURRENCY}; "
             "CPU: 2 workers x --concurrency 1",
-            "delivery": "the worker's defaults (delivery buffering as on this branch)",
+            "delivery": "the worker's default --delivery-buffer-ms "
+            f"{_default_buffer_ms()} (nsqd batches deliveries up to that long)",
             "results": "always published to nsqd before FIN (no option to drop them)",
             "bulk": "POST /v1/jobs/batch, 1,000 jobs per request",
             "wait": "?wait= / the client's result()",
