@@ -113,7 +113,7 @@ lint: venv
 # only. Their brokers, Redis and RabbitMQ, are Debian's (apt-get install redis-server
 # rabbitmq-server); the benchmark starts its own on free ports, never the system services.
 $(VENV)/.bench-peers: $(VENV)/.installed pyproject.toml
-	$(VENV)/bin/pip install --quiet -e '.[dev,bench-peers]'
+	$(VENV)/bin/pip install --quiet -e '.[dev,ladder,bench-peers]'
 	@touch $@
 
 bench: venv nsq $(VENV)/.bench-peers
