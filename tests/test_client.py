@@ -44,6 +44,7 @@ from nsqjobs.client import (
     UnknownJob,
     UnknownTask,
     UnsupportedMediaType,
+    core,
 )
 from nsqjobs.client.core import check
 from nsqjobs.client.problems import problem_error
@@ -377,6 +378,37 @@ def test_submit_many_sends_batches_and_waits_for_all(
         "nsqjobs_http_requests_total", route="/v1/jobs/batch", method="POST", status="202"
     )
     assert batches == 3
+
+
+@pytest.mark.parametrize("ledger", [False, True], ids=["no-ledger", "ledger"])
+def test_run_answers_in_one_request_and_falls_back_to_waiting(
+    nsq: Nsq,
+    daemons: Callable[..., Daemon],
+    tmp_path: Path,
+    ledger: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gateway, _ = stack(nsq, daemons, tmp_path, ledger=ledger)
+    with Client(gateway.url) as client:
+        assert client.run("primes.count", {"start": 0, "stop": 1000}, timeout=30) == 168
+        posts = gateway.metric(
+            "nsqjobs_http_requests_total", route="/v1/jobs", method="POST", status="200"
+        )
+        assert posts == 1  # the result came back with the submission
+        with pytest.raises(TaskFailed):
+            client.run("debug.throws", {}, timeout=30)
+        with pytest.raises(TimeoutError):
+            client.run("debug.sleep", {"seconds": 5}, timeout=0.3)
+        # Longer than the request's wait (made short here): the rest is a wait for the job.
+        monkeypatch.setattr(core, "LONG_POLL_S", 0.2)
+        assert client.run("debug.sleep", {"seconds": 0.5}, timeout=30) == {"slept": 0.5}
+        monkeypatch.undo()
+
+    async def main() -> None:
+        async with AsyncClient(gateway.url) as aclient:
+            assert await aclient.run("noop", {"n": 1}, timeout=30) == {"n": 1}
+
+    asyncio.run(main())
 
 
 def test_the_async_client(nsq: Nsq, daemons: Callable[..., Daemon], tmp_path: Path) -> None:

@@ -151,6 +151,26 @@ def unknown_job(job_id: str) -> UnknownJob:
     )
 
 
+_FINISHED: Final = frozenset(("succeeded", "failed", "dead", "cancelled"))
+
+
+def run_wait_s(timeout: float | None) -> float:
+    """How long a ``run`` asks the gateway to hold its ``POST /v1/jobs?wait=`` (the rest of a
+    longer timeout is a long poll of the job)."""
+    return LONG_POLL_S if timeout is None else max(0.0, min(timeout, LONG_POLL_S))
+
+
+def answered_outcome(response: httpx.Response) -> JobOutcome | None:
+    """The outcome a ``?wait=`` submission came back with (200 and a finished job: a result
+    envelope, or the ledger's record of an id it had), else None (202, or still running)."""
+    if response.status_code != 200:
+        return None
+    data = json_of(response)
+    if not isinstance(data, dict) or data.get("status") not in _FINISHED:
+        return None
+    return msgspec.convert(data, JobOutcome)
+
+
 def outcome_value(outcome: JobOutcome) -> Any:
     """The result of a job that succeeded; :class:`TaskFailed` for any other ending."""
     if outcome.status == "succeeded":
