@@ -176,11 +176,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rewrite:
         table.rewrite(args.out, chart_too=not args.no_chart)
         return 0
-    # Every process started here (the nsqjobs gateway loads the bench's task module; brokers'
-    # workers load the job functions) imports from this checkout, whatever the caller's path.
-    paths = [str(ROOT), str(ROOT / "service"), str(ROOT / "workers")]
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([*paths, *([old] if old else [])])
     if "nsqjobs" not in only:
         only.insert(0, "nsqjobs")  # every ratio is to nsqjobs
     sizes = measure.Sizes.quick() if args.quick else measure.Sizes()

@@ -27,6 +27,14 @@ Mode = Literal["noop", "cpu"]
 VENV_BIN = Path(sys.executable).parent
 
 
+def import_paths() -> str:
+    """A PYTHONPATH under which a process started here imports this checkout's modules (the
+    bench's job functions and task module), whatever the caller's own path."""
+    paths = [str(ROOT), str(ROOT / "service"), str(ROOT / "workers")]
+    old = os.environ.get("PYTHONPATH")
+    return os.pathsep.join([*paths, *([old] if old else [])])
+
+
 @dataclass(frozen=True)
 class WorkerRun:
     """Where a worker marks its jobs, and the kernel it computes with (cpu mode)."""
@@ -37,10 +45,8 @@ class WorkerRun:
 
     def env(self, **more: str) -> dict[str, str]:
         """The environment of a worker process: our modules importable, the marks file."""
-        paths = [str(ROOT), str(ROOT / "service"), str(ROOT / "workers")]
-        old = os.environ.get("PYTHONPATH")
         return {
-            "PYTHONPATH": os.pathsep.join([*paths, *([old] if old else [])]),
+            "PYTHONPATH": import_paths(),
             MARKS_ENV: str(self.marks),
             "NSQJOBS_KERNEL_IMPL": self.kernel_impl,
             **more,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from nsqjobs.config import WorkerConfig
 from nsqjobs.names import DEFAULT_QUEUE, RESULTS_TOPIC, WORKER_CHANNEL
 from nsqjobs.testing import Nsq, free_port, wait_ready
 
-from bench.peers.base import Mode, Peer, Task, WorkerRun, dist_version
+from bench.peers.base import Mode, Peer, Task, WorkerRun, dist_version, import_paths
 from bench.peers.base import start_worker_process as start
 from bench.peers.nsqjobs_jobs import MARK, PRIMES
 from bench.procs import start_gateway, worker_argv
@@ -127,6 +128,8 @@ class NsqjobsPeer(Peer):
 
 def peer(stack: ExitStack, nsq: Nsq, work: Path) -> Peer:
     """Start a gateway that knows the bench tasks; the nsqjobs peer."""
+    # The gateway inherits this process's environment: it must import the bench's task module.
+    os.environ["PYTHONPATH"] = import_paths()
     gateway = start_gateway(
         stack,
         nsq,
