@@ -36,7 +36,12 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from nsqjobs.config import GatewayConfig, NsqConfig, WorkerConfig, env_var
-from nsqjobs.names import ENV_BIN_DIR, ENV_DEBUG_TASKS
+from nsqjobs.names import (
+    ENV_BIN_DIR,
+    ENV_DEBUG_TASKS,
+    READER_OUTPUT_BUFFER_BYTES,
+    READER_OUTPUT_BUFFER_TIMEOUT_MS,
+)
 
 __all__ = [
     "BIN_DIR_ENV",
@@ -593,6 +598,18 @@ class Tail:
         self.buf = b""
         try:
             self.sock.sendall(b"  V2")
+            # Unbuffered, as the gateway's results reader: without IDENTIFY nsqd holds this
+            # consumer's messages up to 250 ms, and a test timing a delivery timed that.
+            identify = json.dumps(
+                {
+                    "output_buffer_size": READER_OUTPUT_BUFFER_BYTES,
+                    "output_buffer_timeout": READER_OUTPUT_BUFFER_TIMEOUT_MS,
+                }
+            ).encode()
+            self.sock.sendall(b"IDENTIFY\n" + struct.pack(">l", len(identify)) + identify)
+            kind, data = self._frame(5.0)
+            if (kind, data) != (0, b"OK"):
+                raise HarnessError(f"IDENTIFY: frame {kind} {data!r}")
             self.sock.sendall(f"SUB {topic} {channel}\n".encode())
             kind, data = self._frame(5.0)
             if (kind, data) != (0, b"OK"):
