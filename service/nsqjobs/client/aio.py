@@ -179,20 +179,14 @@ class AsyncClient:
         self, task: str, args: Any = None, *, id: str | None = None, timeout: float | None = None
     ) -> Any:
         """Submit one job and wait for its result in the same request (see ``Client.run``)."""
-        job_id = id or wire.new_job_id()
-        wait = core.run_wait_s(timeout)
+        call = core.run_call(task, args, id, timeout)
         response = await self.request(
-            "POST",
-            "/v1/jobs",
-            body=core.job_body(task, args, job_id),
-            params={"wait": f"{wait:g}"},
-            long_poll_s=wait,
+            "POST", "/v1/jobs", body=call.body, params=call.params, long_poll_s=call.wait
         )
         outcome = core.answered_outcome(response)
         if outcome is not None:
             return core.outcome_value(outcome)
-        left = None if timeout is None else max(0.0, timeout - wait)
-        return await AsyncJob(self, job_id, task).result(timeout=left)
+        return await AsyncJob(self, call.job_id, task).result(timeout=call.left)
 
     async def submit_many(
         self, task: str, args: Iterable[Any], *, chunk_size: int = MAX_BATCH_JOBS

@@ -15,6 +15,7 @@ from typing import Any, Final
 import httpx
 import msgspec
 
+from nsqjobs import wire
 from nsqjobs.api import JobOutcome, WaitAnswer
 from nsqjobs.client.problems import GatewayError, GatewayUnreachable, UnknownJob, problem_error
 from nsqjobs.errors import ConfigError, TaskFailed
@@ -154,10 +155,25 @@ def unknown_job(job_id: str) -> UnknownJob:
 _FINISHED: Final = frozenset(("succeeded", "failed", "dead", "cancelled"))
 
 
-def run_wait_s(timeout: float | None) -> float:
-    """How long a ``run`` asks the gateway to hold its ``POST /v1/jobs?wait=`` (the rest of a
-    longer timeout is a long poll of the job)."""
-    return LONG_POLL_S if timeout is None else max(0.0, min(timeout, LONG_POLL_S))
+@dataclass(frozen=True)
+class RunCall:
+    """What ``run`` sends: one ``POST /v1/jobs?wait=`` holding the job's ``id`` (made here, so
+    a retry sends the same), for ``wait`` seconds of ``timeout``; ``left`` is what a job still
+    running then may take (None: no limit)."""
+
+    job_id: str
+    body: dict[str, Any]
+    params: dict[str, str]
+    wait: float
+    left: float | None
+
+
+def run_call(task: str, args: Any, job_id: str | None, timeout: float | None) -> RunCall:
+    """The request of ``Client.run`` and ``AsyncClient.run``."""
+    job_id = job_id or wire.new_job_id()
+    wait = LONG_POLL_S if timeout is None else max(0.0, min(timeout, LONG_POLL_S))
+    left = None if timeout is None else max(0.0, timeout - wait)
+    return RunCall(job_id, job_body(task, args, job_id), {"wait": f"{wait:g}"}, wait, left)
 
 
 def answered_outcome(response: httpx.Response) -> JobOutcome | None:

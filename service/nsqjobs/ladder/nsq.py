@@ -55,35 +55,13 @@ class _Waiter:
         self._open: set[asyncio.Task[None]] = set()
         self._opened_at = 0.0  # loop time of the latest long poll
         self._later: asyncio.TimerHandle | None = None
-        # Futures not resolved yet; any thread reads it under the lock.
-        self._count = 0
-        self._lock = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="nsqjobs-nsq-waiter", daemon=True)
         self._thread.start()
 
     def add(self, job_id: str, future: concurrent.futures.Future[Any]) -> None:
         """Resolve ``future`` with the outcome of ``job_id``."""
-        with self._lock:
-            self._count += 1
         self._loop.call_soon_threadsafe(self._add, job_id, future)
         future.add_done_callback(functools.partial(self._done, job_id))
-
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        """Block until every future added is resolved or cancelled; False on timeout."""
-        with self._lock:
-            return self._lock.wait_for(lambda: self._count == 0, timeout)
-
-    def cancel_all(self) -> None:
-        """Cancel every future not resolved yet."""
-        done = threading.Event()
-
-        def cancel() -> None:
-            for future in list(self._futures.values()):
-                future.cancel()  # _done forgets it
-            done.set()
-
-        self._loop.call_soon_threadsafe(cancel)
-        done.wait()
 
     def close(self) -> None:
         """Stop the thread (a future still open stays unresolved: cancel it first)."""
@@ -92,7 +70,7 @@ class _Waiter:
             self._thread.join()
 
     def _done(self, job_id: str, future: concurrent.futures.Future[Any]) -> None:
-        if future.cancelled():  # by its owner, or by cancel_all: stop waiting for it
+        if future.cancelled():  # by its owner, or by shutdown: stop waiting for it
             with contextlib.suppress(RuntimeError):  # the loop is closed: nothing waits
                 self._loop.call_soon_threadsafe(self._resolve, job_id, None, None)
 
@@ -169,9 +147,6 @@ class _Waiter:
                     settle(future, exc=exc)
             else:
                 settle(future, exc=error or RuntimeError(f"job {job_id}: no outcome"))
-        with self._lock:
-            self._count -= 1
-            self._lock.notify_all()
 
 
 class NsqExecutor(TaskExecutor):
@@ -207,8 +182,6 @@ class NsqExecutor(TaskExecutor):
         self.client = client or Client(url, token, timeout_s=timeout_s)
         self.max_in_flight = max_in_flight
         self._waiter = _Waiter(self.client, long_poll_s)
-        self._shut = False
-        self._shut_lock = threading.Lock()
 
     def prepare(self, task: str | Task, args: Any) -> tuple[Task | str, Any]:
         """Validate locally when the task is registered here; else the gateway validates."""
@@ -217,9 +190,6 @@ class NsqExecutor(TaskExecutor):
         return task, msgspec.to_builtins({} if args is None else args)
 
     def _dispatch(self, task: Task | str, plain_args: Any) -> concurrent.futures.Future[Any]:
-        with self._shut_lock:
-            if self._shut:
-                raise RuntimeError("cannot submit after shutdown")
         name = task if isinstance(task, str) else task.name
         job = self.client.submit(name, plain_args)
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
@@ -234,13 +204,12 @@ class NsqExecutor(TaskExecutor):
         if not args:
             return []
         prepared = [self.prepare(task, a) for a in args]
-        with self._shut_lock:
-            if self._shut:
-                raise RuntimeError("cannot submit after shutdown")
         name = task if isinstance(task, str) else task.name
-        jobs = self.client.submit_many(name, [plain for _, plain in prepared])
         futures: list[concurrent.futures.Future[Any]] = []
-        with self._lock:
+        with self._lock:  # as submit(): no job is sent after shutdown
+            if self._shut:
+                raise RuntimeError("cannot schedule new jobs after shutdown")
+            jobs = self.client.submit_many(name, [plain for _, plain in prepared])
             for job in jobs:
                 future: concurrent.futures.Future[Any] = concurrent.futures.Future()
                 self._waiter.add(job.id, future)
@@ -260,18 +229,9 @@ class NsqExecutor(TaskExecutor):
         window = max_in_flight or self.max_in_flight or 2 * self.workers
         return super().map(task, iterable_of_args, timeout=timeout, max_in_flight=window)
 
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """No more submissions; with ``cancel_futures``, futures not resolved yet are cancelled
-        (their jobs still run: cancel a job with the client's ``Job.cancel``); with ``wait``,
-        return once every other future is resolved."""
-        with self._shut_lock:
-            if self._shut:
-                return
-            self._shut = True
-        if cancel_futures:
-            self._waiter.cancel_all()
-        if wait:
-            self._waiter.wait_idle()
+    def _close(self) -> None:
+        """Every future has ended (resolved, or cancelled by ``shutdown(cancel_futures=True)``:
+        their jobs still run; ``Job.cancel`` cancels a job): stop the waiting thread."""
         self._waiter.close()
         if self._own_client:
             self.client.close()
