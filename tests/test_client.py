@@ -215,9 +215,17 @@ def test_every_reachable_problem_becomes_its_exception(
     auth = {"Authorization": f"Bearer {TOKEN}"}
     with httpx.Client(base_url=gateway.url, headers=auth) as raw:
         with pytest.raises(MalformedJson):
-            check(raw.post("/v1/jobs", content=b"{", headers={"Content-Type": "application/json"}))
+            check(
+                core.Reply.of(
+                    raw.post("/v1/jobs", content=b"{", headers={"Content-Type": "application/json"})
+                )
+            )
         with pytest.raises(UnsupportedMediaType):
-            check(raw.post("/v1/jobs", content=b"{}", headers={"Content-Type": "text/plain"}))
+            check(
+                core.Reply.of(
+                    raw.post("/v1/jobs", content=b"{}", headers={"Content-Type": "text/plain"})
+                )
+            )
     failed = client.submit("debug.throws", {})
     with pytest.raises(TaskFailed) as task_failed:
         failed.result(timeout=30)

@@ -131,7 +131,7 @@ class AsyncClient:
         body: Any = None,
         params: dict[str, Any] | None = None,
         long_poll_s: float = 0.0,
-    ) -> httpx.Response:
+    ) -> core.Reply:
         """One API call, retried as :attr:`retry` says; the 2xx answer, or the problem's
         exception (:class:`~nsqjobs.client.GatewayError` and its subclasses)."""
         retrier = core.Retrier(self.retry)
@@ -139,13 +139,15 @@ class AsyncClient:
         timeout = core.request_timeout(self.timeout_s, long_poll_s)
         while True:
             try:
-                response = await self._http.request(
-                    method,
-                    path,
-                    content=content,
-                    params=params,
-                    headers=_JSON if content is not None else None,
-                    timeout=timeout,
+                response = core.Reply.of(
+                    await self._http.request(
+                        method,
+                        path,
+                        content=content,
+                        params=params,
+                        headers=_JSON if content is not None else None,
+                        timeout=timeout,
+                    )
                 )
                 core.check(response)
                 return response

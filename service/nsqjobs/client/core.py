@@ -71,18 +71,56 @@ def job_body(
     return body
 
 
-def check(response: httpx.Response) -> None:
+class Reply:
+    """An answer as both clients read it, whichever transport carried it: the status, the
+    headers (names in lower case), the body, and the URL asked."""
+
+    __slots__ = ("content", "headers", "status_code", "url")
+
+    def __init__(self, status_code: int, headers: dict[str, str], content: bytes, url: str):
+        self.status_code = status_code
+        self.headers = headers
+        self.content = content
+        self.url = url
+
+    def __repr__(self) -> str:
+        return f"<Reply {self.status_code} {self.url}>"
+
+    @classmethod
+    def of(cls, response: httpx.Response) -> Reply:
+        """httpx's answer as a :class:`Reply` (read already)."""
+        return cls(
+            response.status_code,
+            {k.lower(): v for k, v in response.headers.items()},
+            response.content,
+            str(response.url),
+        )
+
+    @property
+    def is_success(self) -> bool:
+        """A 2xx answer."""
+        return 200 <= self.status_code < 300
+
+    def json(self) -> Any:
+        """The body as JSON (:class:`ValueError` if it is not)."""
+        try:
+            return msgspec.json.decode(self.content)
+        except msgspec.DecodeError as exc:
+            raise ValueError(str(exc)) from None
+
+
+def check(response: Reply) -> None:
     """Nothing for a 2xx answer; the problem's exception for anything else."""
     if response.is_success:
         return
     try:
         body = response.json() if response.content else None
     except ValueError:
-        body = response.text[:200]
-    raise problem_error(response.status_code, body, response.headers.get("Retry-After"))
+        body = response.content[:200].decode("utf-8", "replace")
+    raise problem_error(response.status_code, body, response.headers.get("retry-after"))
 
 
-def json_of(response: httpx.Response) -> Any:
+def json_of(response: Reply) -> Any:
     """The JSON of a 2xx answer."""
     try:
         return msgspec.json.decode(response.content)
@@ -97,7 +135,7 @@ def unreachable(url: str, exc: httpx.TransportError) -> GatewayUnreachable:
     return GatewayUnreachable(0, f"cannot reach the gateway at {url}: {exc!r}")
 
 
-def wait_answer(response: httpx.Response) -> WaitAnswer:
+def wait_answer(response: Reply) -> WaitAnswer:
     """``POST /v1/jobs/wait``'s answer, typed."""
     try:
         return _decode_wait(response.content)
@@ -176,7 +214,7 @@ def run_call(task: str, args: Any, job_id: str | None, timeout: float | None) ->
     return RunCall(job_id, job_body(task, args, job_id), {"wait": f"{wait:g}"}, wait, left)
 
 
-def answered_outcome(response: httpx.Response) -> JobOutcome | None:
+def answered_outcome(response: Reply) -> JobOutcome | None:
     """The outcome a ``?wait=`` submission came back with (200 and a finished job: a result
     envelope, or the ledger's record of an id it had), else None (202, or still running)."""
     if response.status_code != 200:
