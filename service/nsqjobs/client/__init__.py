@@ -7,6 +7,8 @@
 
 :class:`Client` blocks, :class:`AsyncClient` awaits; both pool keep-alive connections, retry
 what may pass with the same job id, and raise one exception class per problem ``type``.
+``Client.sender()`` gives a :class:`Sender`: single-job submits that return at once, sent in
+batches by a background thread, with every refusal reported by its ``flush``.
 """
 
 from nsqjobs.api import JobOutcome, WaitAnswer
@@ -43,6 +45,7 @@ from nsqjobs.client.problems import (
     UnknownTask,
     UnsupportedMediaType,
 )
+from nsqjobs.client.sender import NotAccepted, Sender, SenderStopped
 from nsqjobs.client.sync import Client, Job
 from nsqjobs.errors import TaskFailed
 
@@ -70,6 +73,7 @@ __all__ = [
     "MalformedJson",
     "MessageTooLarge",
     "MethodNotAllowed",
+    "NotAccepted",
     "NotDead",
     "NotFound",
     "NotImplementedProblem",
@@ -78,6 +82,8 @@ __all__ = [
     "PayloadTooLarge",
     "RequestTimeout",
     "RetryPolicy",
+    "Sender",
+    "SenderStopped",
     "TaskFailed",
     "Unauthorized",
     "Unavailable",

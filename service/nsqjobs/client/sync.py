@@ -14,6 +14,7 @@ import msgspec
 from nsqjobs import wire
 from nsqjobs.api import JobOutcome, WaitAnswer
 from nsqjobs.client import core, http1
+from nsqjobs.client import sender as sending
 from nsqjobs.client.problems import GatewayError, PartiallyAccepted
 from nsqjobs.names import MAX_BATCH_JOBS
 
@@ -228,6 +229,14 @@ class Client:
                     body = {"jobs": [j for j in body["jobs"] if j["id"] in left]}
             jobs += [Job(self, i, task) for i in ids]
         return jobs
+
+    def sender(
+        self, *, max_batch: int = MAX_BATCH_JOBS, max_pending: int = 10_000
+    ) -> sending.Sender:
+        """A :class:`~nsqjobs.client.Sender` on this client: its ``submit`` returns at once and a
+        background thread sends the jobs in batches (up to ``max_batch`` per request, with at most
+        ``max_pending`` unsettled); its ``flush`` names every job that was not accepted."""
+        return sending.Sender(self, max_batch=max_batch, max_pending=max_pending)
 
     def job(self, job_id: str) -> Job:
         """The handle of a job submitted before (by id)."""
