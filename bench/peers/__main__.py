@@ -143,6 +143,13 @@ def _one_peer(peer: Peer, s: measure.Sizes, work: Path, rnd: int) -> dict[str, A
                     peer, run("enqueue"), s.enqueue_jobs, bulk
                 ),
             )
+        if peer.has_blocking_single:
+            attempt(
+                "enqueue_single_blocking",
+                lambda: measure.enqueue_rate(
+                    peer, run("enqueue"), s.enqueue_jobs, False, blocking=True
+                ),
+            )
     attempt("drain_results", lambda: measure.drain(peer, run("drain"), n))
     if peer.stores_optional:
         attempt(

@@ -67,6 +67,10 @@ class Peer(ABC):
     enqueue_measured: bool = True
     drain_cap: int | None = None
     producer: str = ""
+    # The peer's single-job call also has a blocking form (one round trip per job, acceptance
+    # awaited): measured as well, as "enqueue_single_blocking", while ``single_blocks`` is set.
+    has_blocking_single: bool = False
+    single_blocks: bool = False
 
     @abstractmethod
     def version(self) -> str:

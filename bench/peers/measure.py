@@ -80,16 +80,23 @@ def _check_marks(path: Path, seqs: range) -> tuple[int, int, list[float]]:
     return lost, duplicated, sorted(t for _, t in marks)
 
 
-def enqueue_rate(peer: Peer, run: WorkerRun, n: int, bulk: bool) -> float:
+def enqueue_rate(
+    peer: Peer, run: WorkerRun, n: int, bulk: bool, *, blocking: bool = False
+) -> float:
     """Jobs/s of ``n`` no-op jobs enqueued from here, no worker running (unless the peer
-    needs one to accept jobs: IPython Parallel)."""
+    needs one to accept jobs: IPython Parallel); ``blocking``: the single-job call's blocking
+    form (peers with ``has_blocking_single``)."""
     peer.flush()
-    with ExitStack() as stack:
-        peer.enqueue_setup(stack, run)
-        t0 = time.perf_counter()
-        peer.submit("mark", range(n), results=True, bulk=bulk)
-        seconds = time.perf_counter() - t0
-        peer.flush()
+    peer.single_blocks = blocking
+    try:
+        with ExitStack() as stack:
+            peer.enqueue_setup(stack, run)
+            t0 = time.perf_counter()
+            peer.submit("mark", range(n), results=True, bulk=bulk)
+            seconds = time.perf_counter() - t0
+            peer.flush()
+    finally:
+        peer.single_blocks = False
     return n / seconds
 
 

@@ -57,7 +57,8 @@ class NsqjobsPeer(Peer):
         self._client = client_class(self.gateway) if client_class is not None else None
         self._http = httpx.Client(base_url=self.gateway, timeout=30.0)
         self.producer = (
-            "nsqjobs.Client (submit, submit_many; run() for the latency)"
+            "nsqjobs.Client (single: Client.sender().submit(), acceptance awaited by its "
+            "flush; blocking Client.submit() measured too; bulk: submit_many; latency: run())"
             if self._client is not None
             else "httpx (nsqjobs.Client not importable): POST /v1/jobs, /v1/jobs/batch, ?wait="
         )
@@ -77,7 +78,11 @@ class NsqjobsPeer(Peer):
         if self._client is not None:
             if bulk:
                 return list(self._client.submit_many(name, [{"seq": i} for i in seqs]))
-            return [self._client.submit(name, {"seq": i}) for i in seqs]
+            if self.single_blocks:
+                return [self._client.submit(name, {"seq": i}) for i in seqs]
+            # One call per job that returns at once; flushed (every job accepted) on exit.
+            with self._client.sender() as sender:
+                return [sender.submit(name, {"seq": i}) for i in seqs]
         if bulk:
             for k in range(0, len(seqs), BATCH):
                 batch = [{"task": name, "args": {"seq": i}} for i in seqs[k : k + BATCH]]
@@ -153,6 +158,7 @@ def peer(stack: ExitStack, nsq: Nsq, work: Path) -> Peer:
             "wait": "?wait= / the client's result()",
         },
         stores_optional=False,
+        has_blocking_single=True,
         nsq=nsq,
         gateway=gateway,
     )

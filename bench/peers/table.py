@@ -173,6 +173,7 @@ def markdown(header: dict[str, Any], summary: dict[str, dict[str, Any]]) -> str:
         "enqueued once the workers are ready; the clock runs from the enqueue to the last job "
         f"done. One job in the bench process took {ref.get('python', 0) * 1000:.0f} ms "
         f"(Python) and {ref.get('cython', 0) * 1000:.1f} ms (Cython) at the start of the run.",
+        *_blocking_note(summary, peers),
         "- † a median of fewer rounds than the run had: see Failures.",
         "",
         "## Lost and duplicated jobs, results stored",
@@ -209,6 +210,21 @@ def markdown(header: dict[str, Any], summary: dict[str, dict[str, Any]]) -> str:
         lines += [f"- {k}: {v}" for k, v in info["settings"].items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def _blocking_note(summary: dict[str, dict[str, Any]], peers: dict[str, Any]) -> list[str]:
+    """A line per peer whose single enqueue also has a blocking form, with its rate."""
+    lines = []
+    for key, figures in summary.items():
+        entry = figures.get("enqueue_single_blocking")
+        if entry:
+            lines.append(
+                f"- {peers[key]['label']}, enqueue single: the figure is the call that returns "
+                "at once, every job's acceptance awaited before the clock stops; its blocking "
+                "form (one round trip per job, accepted when it returns): "
+                f"{_fmt_rate(entry, 'nsqjobs')} jobs/s."
+            )
+    return lines
 
 
 def chart(summary: dict[str, dict[str, Any]], peers: dict[str, Any], path: Path) -> None:
