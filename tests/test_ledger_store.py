@@ -12,7 +12,8 @@ from typing import Any, TypeVar
 
 import pytest
 from nsqjobs import wire
-from nsqjobs.ledger import LedgerError, SqliteStore
+from nsqjobs.ledger import LedgerError, SqliteStore, litesql
+from nsqjobs.ledger import sqlite as sqlite_store
 from nsqjobs.ledger.liteschema import SCHEMA_VERSION
 
 T = TypeVar("T")
@@ -109,6 +110,56 @@ def test_same_id_same_job_is_same_and_other_args_conflict_all_or_none(tmp_path: 
         assert await store.get("new1") is None and await store.get("new2") is None
         other_task = await store.record_accepted([job("a", task="sleep", x=1, y=[1, 2])])
         assert other_task[0].kind == "conflict"
+
+    run(tmp_path / "l.sqlite3", body)
+
+
+def test_a_known_id_in_a_merged_commit_is_redone_one_accept_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    merges: list[bool] = []
+    real = litesql.apply_ops
+
+    def spy(conn: sqlite3.Connection, ops: list[Any], *, merge: bool = True) -> Any:
+        merges.append(merge)
+        return real(conn, ops, merge=merge)
+
+    monkeypatch.setattr(sqlite_store, "apply_ops", spy)
+
+    # Accepts of one loop turn share one INSERT with no savepoint; a known id rolls the whole
+    # commit back and applies it again, each accept on its own: every other operation of the
+    # commit must still count once, and every answer be the one it gets alone.
+    async def body(store: SqliteStore) -> None:
+        await store.record_accepted([job("old", x=1), job("r")])
+        await store.mark_published(["r"])
+        merges.clear()
+        # No await in between: one commit.
+        recorded = store.record_result(result("r", value=7))
+        accepts = [
+            store.record_accepted([job("n1")]),
+            store.record_accepted([job("old", x=1), job("n2")]),
+            store.record_accepted([job("old", x=2), job("n3")]),
+            store.record_accepted([job("n4"), job("n5")]),
+        ]
+        outcome = await recorded
+        n1, same, conflict, fresh = await asyncio.gather(*accepts)
+        assert merges == [True, False]  # merged, then redone
+        assert outcome == "recorded"
+        assert [a.kind for a in n1] == ["new"]
+        assert [a.kind for a in same] == ["same", "new"]
+        assert [a.kind for a in conflict] == ["conflict", "new"]
+        assert [a.kind for a in fresh] == ["new", "new"]
+        for job_id in ("n1", "n2", "n4", "n5"):
+            assert await store.get(job_id) is not None, job_id
+        assert await store.get("n3") is None  # its batch had a conflict: none of it is in
+        old = await store.get("old")
+        assert old is not None and old.args == {"x": 1}
+        r = await store.get("r")
+        assert r is not None and (r.status, r.result) == ("succeeded", 7)
+        assert await store.record_result(result("r", value=8)) == "duplicate"
+        # And a run with no known id is one statement again on the next commit.
+        assert [a.kind for a in await store.record_accepted([job("n6")])] == ["new"]
+        assert merges[-1] is True and merges.count(False) == 1
 
     run(tmp_path / "l.sqlite3", body)
 

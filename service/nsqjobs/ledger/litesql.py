@@ -36,16 +36,25 @@ MAX_VARIABLES: Final = 500
 Op = Callable[[sqlite3.Connection], Any]
 
 
-def apply_ops(conn: sqlite3.Connection, ops: list[Op]) -> list[tuple[bool, Any]]:
+class KnownIds(Exception):
+    """A merged run of accepts met an id the ledger holds (or one id twice): the transaction
+    must be rolled back and applied again with ``merge=False``."""
+
+
+def apply_ops(
+    conn: sqlite3.Connection, ops: list[Op], *, merge: bool = True
+) -> list[tuple[bool, Any]]:
     """Each operation's outcome, in order. A run of accepts is one INSERT when every id in it
     is new: each SQLite statement gives up Python's lock while it runs, and taking it back from
     a busy event loop can wait a switch interval, so the fewer statements a commit runs the
-    sooner it is done."""
+    sooner it is done. That INSERT has no savepoint around it: when an id was there it raises
+    :class:`KnownIds`, and the caller rolls the transaction back and applies the operations
+    again with ``merge=False`` (each accept then on its own, with its savepoint)."""
     out: list[tuple[bool, Any]] = []
     i = 0
     while i < len(ops):
         op = ops[i]
-        if not isinstance(op, Accept):
+        if not merge or not isinstance(op, Accept):
             out.append(_call(op, conn))
             i += 1
             continue
@@ -53,11 +62,7 @@ def apply_ops(conn: sqlite3.Connection, ops: list[Op]) -> list[tuple[bool, Any]]
         while j < len(ops) and isinstance(ops[j], Accept):
             j += 1
         run: list[Accept] = ops[i:j]  # type: ignore[assignment]
-        merged = _accept_all_new(conn, run)
-        if merged is None:
-            out.extend(_call(a, conn) for a in run)
-        else:
-            out.extend((True, answers) for answers in merged)
+        out.extend((True, answers) for answers in _accept_all_new(conn, run))
         i = j
     return out
 
@@ -167,21 +172,16 @@ def _insert(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
     return count
 
 
-def _accept_all_new(conn: sqlite3.Connection, run: list[Accept]) -> list[list[Accepted]] | None:
-    """A run of accepts inserted together; None (nothing recorded) when any id was there (or
-    twice in the run): then each is recorded on its own."""
+def _accept_all_new(conn: sqlite3.Connection, run: list[Accept]) -> list[list[Accepted]]:
+    """A run of accepts inserted together; :class:`KnownIds` (some rows may be in: the caller
+    rolls back) when any id was there or came twice in the run."""
     live = {s: _live(conn, s) for s in {a.session for a in run} if s is not None}
     for a in run:
         if a.session is not None and not live[a.session]:
             a.rows, a.session = _unpublished(a.rows), None
     rows = [row for a in run for row in a.rows]
-    conn.execute("SAVEPOINT accept")
-    try:
-        if _insert(conn, rows) != len(rows):
-            conn.execute("ROLLBACK TO accept")
-            return None
-    finally:
-        conn.execute("RELEASE accept")
+    if _insert(conn, rows) != len(rows):
+        raise KnownIds
     return [_answers(a.rows) for a in run]
 
 

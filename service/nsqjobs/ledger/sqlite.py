@@ -24,6 +24,7 @@ from nsqjobs import wire
 from nsqjobs.ledger.liteschema import PRUNABLE, ROW_COLUMNS, SENT_TO_LOST_NSQD, migrate
 from nsqjobs.ledger.litesql import (
     Accept,
+    KnownIds,
     Op,
     apply_ops,
     claim,
@@ -414,8 +415,14 @@ class SqliteStore:
         outcomes: list[list[tuple[bool, Any]]] = []
         try:
             started = time.perf_counter()
+            ops = [op for _, batch in batches for op, _ in batch]
             conn.execute("BEGIN IMMEDIATE")
-            results = apply_ops(conn, [op for _, batch in batches for op, _ in batch])
+            try:
+                results = apply_ops(conn, ops)
+            except KnownIds:  # an id was there: again, each accept on its own
+                conn.execute("ROLLBACK")
+                conn.execute("BEGIN IMMEDIATE")
+                results = apply_ops(conn, ops, merge=False)
             i = 0
             for _, batch in batches:
                 outcomes.append(results[i : i + len(batch)])
