@@ -30,10 +30,10 @@ BATCH = 1000
 NOOP_CONCURRENCY = 64
 
 
-def _default_buffer_ms() -> object:
-    """The worker's default ``--delivery-buffer-ms`` on this checkout."""
+def _default(name: str) -> object:
+    """The worker's default setting ``name`` on this checkout."""
     fields = {f.name: f for f in dataclasses.fields(WorkerConfig)}
-    return fields["delivery_buffer_ms"].default
+    return fields[name].default
 
 
 def _client_class() -> Any:
@@ -151,8 +151,9 @@ def peer(stack: ExitStack, nsq: Nsq, work: Path) -> Peer:
         settings={
             "worker": f"1 nsqjobs worker, thread executor, --concurrency {NOOP_CONCURRENCY}; "
             "CPU: 2 workers x --concurrency 1",
-            "delivery": "the worker's default --delivery-buffer-ms "
-            f"{_default_buffer_ms()} (nsqd batches deliveries up to that long)",
+            "delivery": f"the worker's default --delivery {_default('delivery')} (one message "
+            "at a time, unbuffered, while the worker keeps up; nsqd batches up to "
+            f"--delivery-buffer-ms {_default('delivery_buffer_ms')} under a backlog)",
             "results": "always published to nsqd before FIN (no option to drop them)",
             "bulk": "POST /v1/jobs/batch, 1,000 jobs per request",
             "wait": "?wait= / the client's result()",
