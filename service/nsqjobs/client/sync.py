@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, Literal
@@ -103,8 +103,10 @@ class Client:
         self.long_poll_s = long_poll_s
         self._pool: http1.Pool | None = None
         self._http: httpx.Client | None = None
+        self._send: Callable[..., core.Reply] = self._via_httpx
         if transport is None and http1.usable(self.url):
             self._pool = http1.Pool(self.url, core.headers(self.token), max_connections)
+            self._send = self._pool.request
         else:
             self._http = httpx.Client(
                 base_url=self.url,
@@ -113,6 +115,22 @@ class Client:
                 limits=core.limits(max_connections),
                 transport=transport,
             )
+
+    def _via_httpx(
+        self,
+        method: str,
+        path: str,
+        *,
+        content: bytes | None,
+        params: dict[str, Any] | None,
+        headers: dict[str, str] | None,
+        timeout: httpx.Timeout,
+    ) -> core.Reply:
+        assert self._http is not None
+        response = self._http.request(
+            method, path, content=content, params=params, headers=headers, timeout=timeout
+        )
+        return core.Reply.of(response)
 
     def close(self) -> None:
         """Close the pooled connections."""
@@ -149,27 +167,9 @@ class Client:
         headers = _JSON if content is not None else None
         while True:
             try:
-                if self._pool is not None:
-                    response = self._pool.request(
-                        method,
-                        path,
-                        content=content,
-                        params=params,
-                        headers=headers,
-                        timeout=timeout,
-                    )
-                else:
-                    assert self._http is not None
-                    response = core.Reply.of(
-                        self._http.request(
-                            method,
-                            path,
-                            content=content,
-                            params=params,
-                            headers=headers,
-                            timeout=timeout,
-                        )
-                    )
+                response = self._send(
+                    method, path, content=content, params=params, headers=headers, timeout=timeout
+                )
                 core.check(response)
                 return response
             except httpx.TransportError as exc:
