@@ -17,6 +17,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from bench.procs import paced
+
 RATE = 50.0
 SAMPLES = 400
 
@@ -30,15 +32,10 @@ def _echo(ports: multiprocessing.Queue[int]) -> None:
         conn.sendall(data)
 
 
-def paced(fn: Callable[[], object], n: int = SAMPLES, rate: float = RATE) -> str:
+def timed(fn: Callable[[], object], n: int = SAMPLES, rate: float = RATE) -> str:
     """``fn`` ``n`` times at ``rate`` per second; its p50 and p99 in microseconds."""
     took: list[float] = []
-    start = time.perf_counter()
-    for i in range(n):
-        due = start + i / rate
-        now = time.perf_counter()
-        if now < due:
-            time.sleep(due - now)
+    for _ in paced(n, rate):
         t = time.perf_counter()
         fn()
         took.append((time.perf_counter() - t) * 1e6)
@@ -58,7 +55,7 @@ def main() -> None:
             conn.sendall(b"x" * 64)
             conn.recv(4096)
 
-        print(f"process round trip over loopback (two hops): {paced(round_trip)}")
+        print(f"process round trip over loopback (two hops): {timed(round_trip)}")
     echo.terminate()
     jobs: queue.SimpleQueue[int] = queue.SimpleQueue()
     done: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -73,7 +70,7 @@ def main() -> None:
         jobs.put(1)
         done.get()
 
-    print(f"thread handover and back (two handovers): {paced(handover)}")
+    print(f"thread handover and back (two handovers): {timed(handover)}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -110,3 +110,15 @@ def worker_argv(
         "--log-level",
         "WARNING",
     ]
+
+
+def paced(n: int, rate: float) -> Iterator[tuple[int, bool]]:
+    """``0 .. n-1``, each when it is due (``i / rate`` seconds after the first), sleeping until
+    then; with each, whether it came more than one interval late (the caller was slow)."""
+    start = time.perf_counter()
+    for i in range(n):
+        due = start + i / rate
+        now = time.perf_counter()
+        if now < due:
+            time.sleep(due - now)
+        yield i, now - due > 1.0 / rate

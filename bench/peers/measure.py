@@ -21,7 +21,7 @@ from nsqjobs.testing import DeadlineExceeded, wait_for
 
 from bench.peers import jobs
 from bench.peers.base import Mode, Peer, Task, WorkerRun
-from bench.procs import BenchError
+from bench.procs import BenchError, paced
 
 POLL_S = 0.005
 SETTLE_S = 0.5  # after the last job, how long a duplicate delivery has to show up
@@ -199,14 +199,8 @@ def latency(peer: Peer, run: WorkerRun, rate: float, seconds: float) -> LatencyR
         for _ in range(10):
             peer.submit_wait(next(warm), timeout)
         late = 0
-        start = time.perf_counter()
-        for i in range(n):
-            due = start + i / rate
-            now = time.perf_counter()
-            if now < due:
-                time.sleep(due - now)
-            elif now - due > 1.0 / rate:
-                late += 1
+        for i, behind in paced(n, rate):
+            late += behind
             t = time.perf_counter()
             got = peer.submit_wait(i, timeout)
             samples.append((time.perf_counter() - t) * 1000.0)

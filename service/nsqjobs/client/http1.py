@@ -228,7 +228,7 @@ class Pool:
             head += f"Content-Length: {len(content or b'')}\r\n"
         request = (head + "\r\n").encode("latin-1") + (content or b"")
         write_s = timeout.write if timeout.write is not None else 30.0
-        read_s = timeout.read if timeout.read is not None else None
+        read_s = timeout.read if timeout.read is not None else 1e9  # None: no limit
         if not self._slots.acquire(timeout=write_s):
             raise httpx.PoolTimeout(f"no free connection to {self.url} within {write_s:g}s")
         try:
@@ -242,7 +242,7 @@ class Pool:
         method: str,
         target: str,
         write_s: float,
-        read_s: float | None,
+        read_s: float,
         timeout: httpx.Timeout,
     ) -> Reply:
         for fresh in (False, True):
@@ -251,14 +251,12 @@ class Pool:
             if conn is None:
                 conn = self._connect(timeout)
             try:
-                status, headers, body, keep = conn.exchange(
-                    request, method, write_s, read_s if read_s is not None else 1e9
-                )
-            except _NoAnswer as exc:
+                status, headers, body, keep = conn.exchange(request, method, write_s, read_s)
+            except _NoAnswer:
                 conn.close()
                 if reused:
                     continue  # a stale keep-alive connection: once more on a new one
-                raise httpx.RemoteProtocolError(str(exc)) from None
+                raise
             except TimeoutError:
                 conn.close()
                 raise httpx.ReadTimeout(f"no answer from {self.url} in time") from None
