@@ -189,3 +189,36 @@ def test_a_publish_timeout_is_not_sent_again_and_a_stalled_nsqd_is_not_ready(nsq
     assert stalled == 1  # the connection with the overdue answer does not count
     assert after == 2
     assert nsq.message_count("stalls") == 1
+
+
+def test_an_idle_publisher_writes_a_lone_message_at_once_and_gathers_the_rest(
+    nsq: Nsq, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nsqjobs.nsq.conn import BulkConn
+
+    writes: list[bytes] = []
+    send_now = BulkConn.send_now
+
+    def spy(conn: BulkConn, data: bytes) -> None:
+        writes.append(data)
+        send_now(conn, data)
+
+    monkeypatch.setattr(BulkConn, "send_now", spy)
+
+    async def scenario() -> tuple[list[bytes], list[bytes]]:
+        publisher = Publisher([nsq.nsqd_tcp], timeout_s=5)
+        try:
+            await _connected(publisher, 1)
+            first = publisher.enqueue("idle", b"lone")
+            written_at_once = list(writes)  # no loop turn has run since enqueue
+            rest = [publisher.enqueue("idle", b"gathered-%d" % i) for i in range(3)]
+            await asyncio.gather(first, *rest)
+            return written_at_once, list(writes)
+        finally:
+            publisher.close()
+
+    at_once, everything = _run(scenario)
+    assert [frame[:3] for frame in at_once] == [b"PUB"]
+    # The three behind it waited for the end of the turn and went as one MPUB.
+    assert [frame[:4] for frame in everything] == [b"PUB ", b"MPUB"]
+    assert nsq.message_count("idle") == 4

@@ -246,3 +246,48 @@ def test_sizes_are_checked_before_the_first_publish() -> None:
         assert env.due_at == pytest.approx(env.created_at + 1.5)  # when a delayed job is due
 
     asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+def test_a_listener_hears_its_result_in_the_turn_it_arrives(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from types import SimpleNamespace
+
+    from nsqjobs.config import GatewayConfig
+    from nsqjobs.gateway.waiting import Outcome, ResultWaiter
+
+    def result(job_id: str, value: int) -> SimpleNamespace:
+        env = wire.ResultEnvelope(
+            id=job_id,
+            task="noop",
+            status="succeeded",
+            result=value,
+            attempts=1,
+            worker="w",
+            started_at=0.0,
+            finished_at=0.0,
+            duration_s=0.0,
+        )
+        return SimpleNamespace(id=b"m", body=wire.encode(env))
+
+    def broken(outcome: Outcome) -> None:
+        raise RuntimeError("a listener's bug")
+
+    async def scenario() -> tuple[list[Any], Any]:
+        waiter = ResultWaiter(GatewayConfig(), GatewayMetrics(CollectorRegistry()))
+        heard: list[Any] = []
+        fut = waiter.register("j1")
+        waiter.listen("j1", broken)
+        waiter.listen("j1", heard.append)
+        waiter.listen("j2", heard.append)
+        waiter.forget("j2", heard.append)
+        waiter._on_message(result("j1", 7))
+        heard_at_once = [o.result for o in heard]  # no loop turn has run since
+        waiter._on_message(result("j2", 8))  # nobody listens any more
+        await asyncio.sleep(0)
+        return heard_at_once + [o.result for o in heard], fut.result()
+
+    heard, awaited = asyncio.run(scenario())
+    assert heard == [7, 7]  # once, at once; the forgotten listener heard nothing
+    assert awaited.result == 7  # the future beside them still resolves
+    assert "a listener of j1 failed" in caplog.text

@@ -13,7 +13,6 @@ import logging
 import re
 import time
 import urllib.parse
-from collections.abc import Coroutine
 from typing import Any, Final
 
 import msgspec
@@ -31,7 +30,7 @@ from nsqjobs.gateway.submit import (
     IdConflict,
     JobExists,
 )
-from nsqjobs.gateway.waiting import ResultWaiter
+from nsqjobs.gateway.waiting import Outcome, ResultWaiter
 from nsqjobs.http.access import AccessLog
 from nsqjobs.http.problems import (
     Problem,
@@ -53,6 +52,8 @@ SINGLE: Final = "/v1/jobs"
 BATCH: Final = "/v1/jobs/batch"
 # A query number as JSON writes one (so "1e-05" and "-0" are, and "1_0", "+1", "inf", ".5" are not).
 _NUMBER: Final = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+# The usual query, ``wait=`` and a plain number, read without parse_qs (the general case).
+_JUST_WAIT: Final = re.compile(r"wait=([0-9]+(?:\.[0-9]+)?)")
 
 
 def _partly_published(exc: BatchPartlyPublished) -> Problem:
@@ -133,6 +134,10 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
         self.wait = 0.0
         self.answered = False
         self.job_id = ""  # once decided: named in an outcome-unknown answer
+        # A ?wait= request while it waits: its job, the wait's end, a known id's record.
+        self.env: wire.JobEnvelope | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.exists: JobExists | None = None
 
     # -- tornado.httputil.HTTPMessageDelegate ---------------------------------------------------
 
@@ -164,22 +169,21 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
             return
         body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
         self.chunks = []
-        work: Coroutine[Any, Any, None]
         try:
-            if self.route == SINGLE:
-                req: SubmitRequest = decode_submit(body)
-                if not self.wait:  # the hot path: no coroutine, answered from the publish
-                    acceptor = self.routes.acceptor
-                    task, env = acceptor.build(req)
-                    self.job_id = env.id
-                    fresh = req.id is None
-                    acceptor.publish(task, env, fresh_id=fresh).add_done_callback(self._accepted)
-                    return
-                work = self._accept_and_wait(req)
-            else:
+            if self.route != SINGLE:
                 batch: BatchRequest = decode_batch(body)
-                work = self._accept_batch(batch)
-            asyncio.ensure_future(work).add_done_callback(self._handled)
+                asyncio.ensure_future(self._accept_batch(batch)).add_done_callback(self._handled)
+                return
+            req: SubmitRequest = decode_submit(body)
+            if self.wait:
+                self._accept_and_wait(req)
+                return
+            # The hot path: no coroutine, answered from the publish.
+            acceptor = self.routes.acceptor
+            task, env = acceptor.build(req)
+            self.job_id = env.id
+            fresh = req.id is None
+            acceptor.publish(task, env, fresh_id=fresh).add_done_callback(self._accepted)
         except Exception as exc:
             self._answer_exception(exc)
 
@@ -214,6 +218,9 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
         )
 
     def _wait_seconds(self) -> float:
+        plain = _JUST_WAIT.fullmatch(self.query)
+        if plain is not None and float(plain[1]) <= self.routes.max_wait_s:
+            return float(plain[1])
         values = urllib.parse.parse_qs(self.query, keep_blank_values=True).get("wait")
         if not values:
             return 0.0
@@ -239,37 +246,64 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
             return
         self._answer(202, JSON_HEADERS, _json.encode(_accepted(env)))
 
-    async def _accept_and_wait(self, req: SubmitRequest) -> None:
-        acceptor, waiter, metrics = self.routes.acceptor, self.routes.waiter, self.routes.metrics
+    def _accept_and_wait(self, req: SubmitRequest) -> None:
+        """Build, listen and publish; answered by the first of the outcome (the moment it
+        arrives, see ResultWaiter.listen), the wait's end, or a failed publish."""
+        acceptor, waiter = self.routes.acceptor, self.routes.waiter
         task, env = acceptor.build(req)
         self.job_id = env.id
+        self.env = env
         # Listen before publishing: a fast result is not missed.
-        fut = waiter.register(env.id)
-        metrics.waiting.inc()
+        waiter.listen(env.id, self._outcome)
+        self.routes.metrics.waiting.inc()
+        self.timer = asyncio.get_running_loop().call_later(self.wait, self._waited)
         try:
-            # Nothing published for a known id: its outcome, when the ledger has it, is the
-            # answer now; else the wait is for the earlier submission's outcome.
-            exists = None
-            try:
-                await acceptor.publish(task, env)
-            except JobExists as exc:
-                if exc.record.status not in UNFINISHED:
-                    raise
-                exists = exc
-            try:
-                async with asyncio.timeout(self.wait):
-                    outcome = await fut
-            except TimeoutError:
-                if exists is not None:
-                    raise exists from None
-                self._answer_json(202, _accepted(env))
-                return
-            self._answer_json(
-                200, outcome if isinstance(outcome, wire.ResultEnvelope) else outcome.view()
-            )
-        finally:
-            waiter.forget(env.id, fut)
-            metrics.waiting.dec()
+            published = acceptor.publish(task, env, fresh_id=req.id is None)
+        except BaseException:
+            self._stop_waiting()
+            raise
+        published.add_done_callback(self._published)
+
+    def _published(self, published: asyncio.Future[wire.JobEnvelope]) -> None:
+        if self.timer is None or published.cancelled():
+            return  # answered already
+        exc = published.exception()
+        if exc is None:
+            return  # the outcome or the wait's end answers
+        if isinstance(exc, JobExists) and exc.record.status in UNFINISHED:
+            # Nothing published for a known id: the wait is for the earlier submission's
+            # outcome (from the ledger, when it has it); at its end, the job as it stands.
+            self.exists = exc
+            return
+        self._stop_waiting()
+        self._answer_exception(exc)
+
+    def _outcome(self, outcome: Outcome) -> None:
+        if self.timer is None:
+            return
+        self._stop_waiting()
+        try:
+            view = outcome if isinstance(outcome, wire.ResultEnvelope) else outcome.view()
+            self._answer_json(200, view)
+        except Exception as exc:
+            self._answer_exception(exc)
+
+    def _waited(self) -> None:
+        if self.timer is None:
+            return
+        self._stop_waiting()
+        if self.exists is not None:
+            self._answer_exception(self.exists)
+        elif self.env is not None:
+            self._answer_json(202, _accepted(self.env))
+
+    def _stop_waiting(self) -> None:
+        if self.timer is None:
+            return
+        self.timer.cancel()
+        self.timer = None
+        self.routes.waiter.forget(self.job_id, self._outcome)
+        self.routes.metrics.waiting.dec()
 
     async def _accept_batch(self, batch: BatchRequest) -> None:
         envs = await self.routes.acceptor.accept_batch(batch.jobs)

@@ -22,6 +22,7 @@ import secrets
 import socket
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, Final
 
 from nsqjobs import wire
@@ -43,6 +44,8 @@ from nsqjobs.observability.metrics import GatewayMetrics
 log = logging.getLogger("nsqjobs.gateway")
 # How a wait ends: the result message, or (from the ledger) the job's terminal record.
 Outcome = wire.ResultEnvelope | JobRecord
+# Told the outcome at once, in the turn it arrived (see ResultWaiter.listen).
+Listener = Callable[[Outcome], None]
 LEDGER_POLL_S: Final = 0.5
 LEDGER_POLL_MAX: Final = 1000  # lookups per poll, taking turns
 
@@ -63,7 +66,7 @@ class ResultWaiter:
         poll_s: float = LEDGER_POLL_S,
     ) -> None:
         self.metrics = metrics
-        self._waiting: dict[str, list[asyncio.Future[Outcome]]] = {}
+        self._waiting: dict[str, list[asyncio.Future[Outcome] | Listener]] = {}
         self.config = config
         self.reader: Reader | None = None
         self.store = store
@@ -132,22 +135,34 @@ class ResultWaiter:
 
     def _settle(self, job_id: str, outcome: Outcome) -> None:
         self._since.pop(job_id, None)
-        for fut in self._waiting.pop(job_id, ()):
-            if not fut.done():
-                fut.set_result(outcome)
+        for waiting in self._waiting.pop(job_id, ()):
+            if isinstance(waiting, asyncio.Future):
+                if not waiting.done():
+                    waiting.set_result(outcome)
+                continue
+            try:
+                waiting(outcome)
+            except Exception:  # one waiter's bug must not keep the others waiting
+                log.exception("wait: a listener of %s failed", job_id)
 
     def register(self, job_id: str) -> asyncio.Future[Outcome]:
         """Start listening for ``job_id`` (before publishing, so a fast result is not missed)."""
+        fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self.listen(job_id, fut)
+        return fut
+
+    def listen(self, job_id: str, listener: asyncio.Future[Outcome] | Listener) -> None:
+        """Like :meth:`register`, with a future of the caller's or a callable: that is called
+        with the outcome as soon as it arrives, in the same loop turn (a future's awaiter wakes
+        a turn later). It must not raise; :meth:`forget` it as a future."""
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Outcome] = loop.create_future()
-        self._waiting.setdefault(job_id, []).append(fut)
+        self._waiting.setdefault(job_id, []).append(listener)
         if self.store is not None:
             self._since.setdefault(job_id, loop.time())
             if self._poll is None:
                 self._poll = loop.call_later(self.poll_s, self._poll_ledger)
-        return fut
 
-    def forget(self, job_id: str, fut: asyncio.Future[Outcome]) -> None:
+    def forget(self, job_id: str, fut: asyncio.Future[Outcome] | Listener) -> None:
         """Stop listening (timeout or error)."""
         futs = self._waiting.get(job_id)
         if futs and fut in futs:

@@ -105,6 +105,15 @@ class BulkConn(nsq.AsyncConn):  # type: ignore[misc]
         else:
             self._unsent.append(data)
 
+    def send_now(self, data: bytes) -> None:
+        """Write a command at once, after what this turn queued: for a caller that gathers its
+        own loop turn's commands (the publisher), one more turn of waiting buys nothing."""
+        if not self._plain:
+            super().send(data)
+            return
+        unsent, self._unsent = self._unsent, None  # its scheduled write finds nothing left
+        self.stream.write(data if unsent is None else b"".join([*unsent, data]))
+
     def _write_unsent(self) -> None:
         unsent, self._unsent = self._unsent, None
         if not unsent or self.stream is None or self.stream.closed():

@@ -34,6 +34,10 @@ from nsqjobs.nsq.conn import (
 log = logging.getLogger("nsqjobs.nsq")
 
 
+# A frame written already: when, and the future of nsqd's answer to it.
+_Sent = tuple[float, "asyncio.Future[Any]"]
+
+
 class PublishMetrics(Protocol):
     """What a publisher records (a daemon's metrics object provides it)."""
 
@@ -108,7 +112,7 @@ class _Writer(nsq.Writer):  # type: ignore[misc]
         conn = random.choice(conns)
         conn.waiting.append((callback, time.monotonic()))
         try:
-            conn.send(frame)
+            conn.send_now(frame)
         except Exception as exc:
             conn.waiting.pop()
             callback(conn, _NotSent(f"send error: {exc}"))
@@ -253,6 +257,11 @@ class Publisher:
         """Like :meth:`pub`, for callback code: the future's result is nsqd's OK, or the error."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
+        if not self._flush_scheduled and not self._groups:
+            # Idle (nothing gathered, nothing awaiting nsqd's answer): nothing would join it in
+            # this turn's MPUB, so it goes now; what follows in this turn is gathered as usual.
+            self._spawn(topic, [(body, fut)])
+            return fut
         self._pending.setdefault(topic, []).append((body, fut))
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -284,25 +293,33 @@ class Publisher:
             self._spawn(topic, group)
 
     def _spawn(self, topic: str, group: list[tuple[bytes, asyncio.Future[None]]]) -> None:
-        task = asyncio.ensure_future(self._publish_group(topic, group))
+        # Written now, in the turn that gathered it; a task awaits the answer (and retries).
+        if len(group) == 1:
+            command, frame = "pub", frames.pub(topic, group[0][0])
+        else:
+            command, frame = "mpub", frames.mpub(topic, [body for body, _ in group])
+        sent = (time.perf_counter(), self._transmit(frame))
+        task = asyncio.ensure_future(self._publish_group(topic, group, command, frame, sent))
         self._groups.add(task)
         task.add_done_callback(self._groups.discard)
 
     async def _publish_group(
-        self, topic: str, group: list[tuple[bytes, asyncio.Future[None]]]
+        self,
+        topic: str,
+        group: list[tuple[bytes, asyncio.Future[None]]],
+        command: str,
+        frame: bytes,
+        sent: _Sent | None = None,
     ) -> None:
         error: PublishError | None = None
         try:
-            if len(group) == 1:
-                await self._send("pub", topic, frames.pub(topic, group[0][0]))
-            else:
-                await self._send("mpub", topic, frames.mpub(topic, [body for body, _ in group]))
+            await self._send(command, topic, frame, sent)
         except PublishRejected as exc:
             if len(group) > 1:
                 # nsqd refused the whole MPUB (one message too big?): each one on its own, so
                 # one bad message does not fail its neighbours.
                 for item in group:
-                    await self._publish_group(topic, [item])
+                    await self._publish_group(topic, [item], "pub", frames.pub(topic, item[0]))
                 return
             error = exc
         except PublishError as exc:
@@ -315,14 +332,20 @@ class Publisher:
             else:
                 fut.set_exception(error)
 
-    async def _send(self, command: str, topic: str, frame: bytes) -> None:
-        # Only a frame nsqd cannot have stored is sent again: after a timeout or a connection
-        # closed while waiting for the answer, nsqd may have it, and a second copy on another
-        # connection would be a silent duplicate.
+    async def _send(
+        self, command: str, topic: str, frame: bytes, sent: _Sent | None = None
+    ) -> None:
+        """Publish ``frame``, or, with ``sent``, await the answer to its copy written already.
+
+        Only a frame nsqd cannot have stored is sent again: after a timeout or a connection
+        closed while waiting for the answer, nsqd may have it, and a second copy on another
+        connection would be a silent duplicate.
+        """
         for attempt in range(1, self.SEND_TRIES + 1):
-            start = time.perf_counter()
+            start, answer = sent or (time.perf_counter(), self._transmit(frame))
+            sent = None
             try:
-                await self._send_once(command, topic, frame)
+                await self._answered(command, topic, answer)
             except _NotSent as exc:
                 self._count_error(command)
                 if attempt == self.SEND_TRIES or not await self._reconnected():
@@ -346,7 +369,8 @@ class Publisher:
         left = self._writer.lost_at + self.RECONNECT_WAIT_S - time.monotonic()
         return left > 0 and await self.wait_connected(left)
 
-    async def _send_once(self, command: str, topic: str, frame: bytes) -> None:
+    def _transmit(self, frame: bytes) -> asyncio.Future[Any]:
+        """Write ``frame`` now; the future gets nsqd's answer (or why it was not sent)."""
         answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
         def done(_conn: Any, data: Any) -> None:
@@ -354,6 +378,9 @@ class Publisher:
                 answer.set_result(data)
 
         self._writer.send_frame(frame, done)
+        return answer
+
+    async def _answered(self, command: str, topic: str, answer: asyncio.Future[Any]) -> None:
         try:
             async with asyncio.timeout(self.timeout_s):
                 data = await answer
