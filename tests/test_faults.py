@@ -222,3 +222,30 @@ def test_an_idle_publisher_writes_a_lone_message_at_once_and_gathers_the_rest(
     # The three behind it waited for the end of the turn and went as one MPUB.
     assert [frame[:4] for frame in everything] == [b"PUB ", b"MPUB"]
     assert nsq.message_count("idle") == 4
+
+
+def test_a_wait_whose_publish_times_out_is_answered_then_not_at_the_wait_s_end(
+    nsq: Nsq, daemons: Callable[..., Daemon]
+) -> None:
+    if nsq.nsqd is None:
+        raise AssertionError("the pair has an nsqd process")
+    gw = daemons("gateway", nsq, NSQJOBS_PUBLISH_TIMEOUT_S="0.5")
+    assert _noop_ok_or_accepted(gw)
+    nsq.nsqd.pause()
+    try:
+        started = time.monotonic()
+        status, _, body = http(
+            "POST", gw.url + "/v1/jobs?wait=30", {"task": "noop", "args": {}}, timeout=20
+        )
+        took = time.monotonic() - started
+    finally:
+        nsq.nsqd.resume()
+    assert status == 503, body
+    assert body["type"].endswith("outcome-unknown") and body["id"]
+    assert took < 10  # by the publish's timeout (0.5 s), not by the wait's 30 s
+
+
+def _noop_ok_or_accepted(gw: Daemon) -> bool:
+    """The gateway publishes (no worker runs here: a short wait ends in a 202)."""
+    status, _, _ = http("POST", gw.url + "/v1/jobs?wait=0.1", {"task": "noop", "args": {}})
+    return status == 202

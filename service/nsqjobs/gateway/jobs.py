@@ -265,9 +265,13 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
         published.add_done_callback(self._published)
 
     def _published(self, published: asyncio.Future[wire.JobEnvelope]) -> None:
-        if self.timer is None or published.cancelled():
+        if self.timer is None:
             return  # answered already
-        exc = published.exception()
+        exc: BaseException | None
+        if published.cancelled():  # only while the gateway stops: no nsqd took it here
+            exc = PublishError("the publish was cancelled (the gateway is stopping)")
+        else:
+            exc = published.exception()
         if exc is None:
             return  # the outcome or the wait's end answers
         if isinstance(exc, JobExists) and exc.record.status in UNFINISHED:
