@@ -196,3 +196,58 @@ def test_accepts_of_any_size_are_recorded_whole_and_in_order(tmp_path: Path, n: 
     ids = [row[0] for row in conn.execute("SELECT id FROM jobs ORDER BY seq")]
     conn.close()
     assert ids == ["taken", *(f"j{i:05}" for i in range(n)), "fresh"]
+
+
+def test_an_outcome_that_beats_its_record_is_tried_again_until_the_record_is_in(
+    tmp_path: Path,
+) -> None:
+    import time
+    from types import SimpleNamespace
+
+    from nsqjobs.ledger.outcomes import UNKNOWN_REQUEUE_MS, UNKNOWN_WAIT_S, OutcomeRecorder
+    from nsqjobs.names import RESULTS_TOPIC
+    from nsqjobs.observability.metrics import LedgerMetrics
+    from prometheus_client import CollectorRegistry
+
+    answers: list[tuple[str, str, int | None]] = []
+
+    def message(job_id: str, age_s: float) -> SimpleNamespace:
+        return SimpleNamespace(
+            id=job_id.encode(),
+            body=wire.encode(result(job_id)),
+            timestamp=int((time.time() - age_s) * 1e9),
+            enable_async=lambda: None,
+            finish=lambda: answers.append((job_id, "FIN", None)),
+            requeue=lambda backoff, time_ms: answers.append((job_id, "REQ", time_ms)),
+        )
+
+    async def settled(n: int) -> None:
+        while len(answers) < n:
+            await asyncio.sleep(0.01)
+
+    async def body(store: SqliteStore) -> float:
+        registry = CollectorRegistry()
+        recorder = OutcomeRecorder(store, LedgerMetrics(registry), ["127.0.0.1:9"])
+        record = recorder._record_result
+        # A gateway publishes a job it made the id of beside its record: the result first.
+        early = message("fresh", age_s=0.1)
+        recorder._on_message(RESULTS_TOPIC, record, early)
+        await settled(1)
+        await store.record_accepted([job("fresh")])
+        recorder._on_message(RESULTS_TOPIC, record, early)  # nsqd's redelivery
+        # An id never recorded, past the wait: dropped and counted.
+        recorder._on_message(RESULTS_TOPIC, record, message("stranger", UNKNOWN_WAIT_S + 1))
+        await settled(3)
+        assert (await store.get("fresh")).status == "succeeded"  # type: ignore[union-attr]
+        value = registry.get_sample_value(
+            "nsqjobs_ledger_outcomes_total", {"topic": RESULTS_TOPIC, "verdict": "unknown"}
+        )
+        return value or 0.0
+
+    unknown = run(tmp_path / "ledger.sqlite3", body)
+    assert sorted(answers) == [
+        ("fresh", "FIN", None),
+        ("fresh", "REQ", UNKNOWN_REQUEUE_MS),
+        ("stranger", "FIN", None),
+    ]
+    assert unknown == 1.0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,6 +22,13 @@ log = logging.getLogger("nsqjobs.ledger")
 # A write that failed is tried again after this long (nsqd redelivers the message).
 REQUEUE_MS = 1000
 MAX_IN_FLIGHT = 500
+# An outcome of an id the ledger does not know yet is tried again this often, for this long after
+# nsqd first took the message: a gateway records a job with an id it made and publishes it side
+# by side, so a fast job's outcome can come before its record is committed. An id still unknown
+# after that was never recorded (published by something else, or by a gateway that died before
+# its record): dropped, counted as ``unknown``.
+UNKNOWN_REQUEUE_MS = 200
+UNKNOWN_WAIT_S = 30.0
 
 
 class OutcomeRecorder:
@@ -108,6 +116,9 @@ class OutcomeRecorder:
             for each in verdict:
                 self.metrics.outcomes.labels(topic, each).inc()
         else:
+            if verdict == "unknown" and time.time() - message.timestamp / 1e9 < UNKNOWN_WAIT_S:
+                message.requeue(backoff=False, time_ms=UNKNOWN_REQUEUE_MS)
+                return
             self.metrics.outcomes.labels(topic, verdict).inc()
             if verdict == "duplicate":
                 self.metrics.duplicate_outcomes.inc()
