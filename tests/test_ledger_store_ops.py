@@ -211,11 +211,12 @@ def test_an_outcome_that_beats_its_record_is_tried_again_until_the_record_is_in(
 
     answers: list[tuple[str, str, int | None]] = []
 
-    def message(job_id: str, age_s: float) -> SimpleNamespace:
+    def message(job_id: str, age_s: float, attempts: int = 1) -> SimpleNamespace:
         return SimpleNamespace(
             id=job_id.encode(),
             body=wire.encode(result(job_id)),
             timestamp=int((time.time() - age_s) * 1e9),
+            attempts=attempts,
             enable_async=lambda: None,
             finish=lambda: answers.append((job_id, "FIN", None)),
             requeue=lambda backoff, time_ms: answers.append((job_id, "REQ", time_ms)),
@@ -237,7 +238,10 @@ def test_an_outcome_that_beats_its_record_is_tried_again_until_the_record_is_in(
         recorder._on_message(RESULTS_TOPIC, record, early)  # nsqd's redelivery
         # An id never recorded, past the wait: dropped and counted.
         recorder._on_message(RESULTS_TOPIC, record, message("stranger", UNKNOWN_WAIT_S + 1))
-        await settled(3)
+        # Still young, tried before: each wait twice the one before, up to 5 s.
+        recorder._on_message(RESULTS_TOPIC, record, message("later", 3.0, attempts=4))
+        recorder._on_message(RESULTS_TOPIC, record, message("latest", 20.0, attempts=9))
+        await settled(5)
         assert (await store.get("fresh")).status == "succeeded"  # type: ignore[union-attr]
         value = registry.get_sample_value(
             "nsqjobs_ledger_outcomes_total", {"topic": RESULTS_TOPIC, "verdict": "unknown"}
@@ -248,6 +252,8 @@ def test_an_outcome_that_beats_its_record_is_tried_again_until_the_record_is_in(
     assert sorted(answers) == [
         ("fresh", "FIN", None),
         ("fresh", "REQ", UNKNOWN_REQUEUE_MS),
+        ("later", "REQ", 8 * UNKNOWN_REQUEUE_MS),
+        ("latest", "REQ", 5000),
         ("stranger", "FIN", None),
     ]
     assert unknown == 1.0

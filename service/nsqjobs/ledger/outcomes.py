@@ -22,12 +22,14 @@ log = logging.getLogger("nsqjobs.ledger")
 # A write that failed is tried again after this long (nsqd redelivers the message).
 REQUEUE_MS = 1000
 MAX_IN_FLIGHT = 500
-# An outcome of an id the ledger does not know yet is tried again this often, for this long after
-# nsqd first took the message: a gateway records a job with an id it made and publishes it side
-# by side, so a fast job's outcome can come before its record is committed. An id still unknown
-# after that was never recorded (published by something else, or by a gateway that died before
-# its record): dropped, counted as ``unknown``.
+# An outcome of an id the ledger does not know yet is tried again, after 0.2 s then twice as long
+# each time up to 5 s, until this long after nsqd first took the message: a gateway records a job
+# with an id it made and publishes it side by side, so a fast job's outcome can come before its
+# record is committed (the first retry finds it). An id still unknown after that was never
+# recorded (published by something else, or by a gateway that died before its record): dropped,
+# counted as ``unknown``, after about ten tries.
 UNKNOWN_REQUEUE_MS = 200
+UNKNOWN_REQUEUE_MAX_MS = 5000
 UNKNOWN_WAIT_S = 30.0
 
 
@@ -117,7 +119,8 @@ class OutcomeRecorder:
                 self.metrics.outcomes.labels(topic, each).inc()
         else:
             if verdict == "unknown" and time.time() - message.timestamp / 1e9 < UNKNOWN_WAIT_S:
-                message.requeue(backoff=False, time_ms=UNKNOWN_REQUEUE_MS)
+                delay_ms = UNKNOWN_REQUEUE_MS << min(max(message.attempts - 1, 0), 5)
+                message.requeue(backoff=False, time_ms=min(delay_ms, UNKNOWN_REQUEUE_MAX_MS))
                 return
             self.metrics.outcomes.labels(topic, verdict).inc()
             if verdict == "duplicate":
