@@ -219,8 +219,8 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
 
     def _wait_seconds(self) -> float:
         plain = _JUST_WAIT.fullmatch(self.query)
-        if plain is not None and float(plain[1]) <= self.routes.max_wait_s:
-            return float(plain[1])
+        if plain is not None and (wait := float(plain[1])) <= self.routes.max_wait_s:
+            return wait
         values = urllib.parse.parse_qs(self.query, keep_blank_values=True).get("wait")
         if not values:
             return 0.0

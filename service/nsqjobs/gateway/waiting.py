@@ -148,16 +148,19 @@ class ResultWaiter:
     def register(self, job_id: str) -> asyncio.Future[Outcome]:
         """Start listening for ``job_id`` (before publishing, so a fast result is not missed)."""
         fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self.listen(job_id, fut)
+        self._add(job_id, fut)
         return fut
 
-    def listen(self, job_id: str, listener: asyncio.Future[Outcome] | Listener) -> None:
-        """Like :meth:`register`, with a future of the caller's or a callable: that is called
-        with the outcome as soon as it arrives, in the same loop turn (a future's awaiter wakes
-        a turn later). It must not raise; :meth:`forget` it as a future."""
-        loop = asyncio.get_running_loop()
-        self._waiting.setdefault(job_id, []).append(listener)
+    def listen(self, job_id: str, listener: Listener) -> None:
+        """Like :meth:`register`, for callback code: ``listener`` is called with the outcome in
+        the loop turn it arrives (a future's awaiter wakes a turn later). It must not raise;
+        :meth:`forget` it like a future."""
+        self._add(job_id, listener)
+
+    def _add(self, job_id: str, waiting: asyncio.Future[Outcome] | Listener) -> None:
+        self._waiting.setdefault(job_id, []).append(waiting)
         if self.store is not None:
+            loop = asyncio.get_running_loop()
             self._since.setdefault(job_id, loop.time())
             if self._poll is None:
                 self._poll = loop.call_later(self.poll_s, self._poll_ledger)
