@@ -120,9 +120,9 @@ def test_a_known_id_in_a_merged_commit_is_redone_one_accept_at_a_time(
     merges: list[bool] = []
     real = litesql.apply_ops
 
-    def spy(conn: sqlite3.Connection, ops: list[Any], *, merge: bool = True) -> Any:
+    def spy(conn: sqlite3.Connection, ops: list[Any], *, merge: bool = True, **kw: Any) -> Any:
         merges.append(merge)
-        return real(conn, ops, merge=merge)
+        return real(conn, ops, merge=merge, **kw)
 
     monkeypatch.setattr(sqlite_store, "apply_ops", spy)
 
@@ -157,9 +157,9 @@ def test_a_known_id_in_a_merged_commit_is_redone_one_accept_at_a_time(
         r = await store.get("r")
         assert r is not None and (r.status, r.result) == ("succeeded", 7)
         assert await store.record_result(result("r", value=8)) == "duplicate"
-        # And a run with no known id is one statement again on the next commit.
-        assert [a.kind for a in await store.record_accepted([job("n6")])] == ["new"]
-        assert merges[-1] is True and merges.count(False) == 1
+        # And the next commit, with no known id, is not redone.
+        assert [a.kind for a in await store.record_accepted([job("n6"), job("n7")])] == ["new"] * 2
+        assert merges.count(False) == 1
 
     run(tmp_path / "l.sqlite3", body)
 
@@ -250,6 +250,67 @@ def test_one_loop_turn_is_one_transaction_on_one_thread(tmp_path: Path) -> None:
     run(tmp_path / "l.sqlite3", body)
     assert threads == {"nsqjobs-ledger"}
     assert len(commits) == 1
+
+
+def test_a_small_commit_of_new_jobs_in_a_live_session_is_one_statement(tmp_path: Path) -> None:
+    statements: list[str] = []
+
+    async def turn(store: SqliteStore, ids: list[str], session: str | None = "s1") -> list[Any]:
+        """Accept each id on its own, all in one loop turn (one commit); their answers."""
+        statements.clear()
+        futs = [store.record_accepted([job(i)], session) for i in ids]
+        return [(a.kind, a.published) for answers in await asyncio.gather(*futs) for a in answers]
+
+    async def body(store: SqliteStore) -> None:
+        store._conn.set_trace_callback(statements.append)
+        now = wire.now()
+        assert await store.beat_session("s1", now - 1, now)
+        # The session's liveness is not known yet: a transaction reads it.
+        assert await turn(store, ["a", "b"]) == [("new", True)] * 2
+        assert statements[0] == "BEGIN IMMEDIATE" and statements[-1] == "COMMIT"
+        # Known now: the next commit is one INSERT, committed as it ends.
+        assert await turn(store, [f"c{i}" for i in range(20)]) == [("new", True)] * 20
+        assert len(statements) == 1 and statements[0].startswith("INSERT INTO jobs")
+        c = await store.get("c19")
+        assert c is not None and c.published_at is not None and c.status == "queued"
+        # A known id: the statement wrote nothing, the commit runs as a transaction.
+        assert await turn(store, ["d", "a", "e"]) == [("new", True), ("same", False), ("new", True)]
+        assert "BEGIN IMMEDIATE" in statements and "ROLLBACK" in statements
+        assert [j.id for j in (await store.list_jobs(limit=100)).jobs].count("a") == 1
+        # Another gateway's relay handles the session (this one stalled): the statement reads
+        # the session itself, so its jobs are recorded unpublished and the relay sends them
+        # (the answer still says published: a duplicate run at worst, never a lost job).
+        other = sqlite3.connect(store.path)
+        other.execute("UPDATE sessions SET handled_at = ? WHERE id = 's1'", (now,))
+        other.commit()
+        other.close()
+        assert await turn(store, ["f"]) == [("new", True)]
+        assert len(statements) == 1
+        f = await store.get("f")
+        assert f is not None and f.published_at is None
+        claimed = await store.claim_unpublished(
+            now=wire.now() + 60, grace_s=30, horizon_s=3600, lease_s=60, limit=10
+        )
+        assert [c.id for c in claimed] == ["f"]
+        # Its heartbeat learns the session is over: liveness is read again.
+        assert not await store.beat_session("s1", now, now)
+        assert await turn(store, ["f2"]) == [("new", False)]
+        assert statements[0] == "BEGIN IMMEDIATE"
+        # A session this store ends is not known live any more: it is read again.
+        assert await store.beat_session("s2", now - 1, now)
+        assert await turn(store, ["g1"], "s2") == [("new", True)]
+        assert await turn(store, ["g2"], "s2") == [("new", True)]
+        assert len(statements) == 1
+        await store.end_session("s2", now)
+        assert await turn(store, ["g3"], "s2") == [("new", False)]
+        assert statements[0] == "BEGIN IMMEDIATE"
+        # No session: one statement too (nothing to know), never recorded as published.
+        assert await turn(store, ["h"], None) == [("new", False)]
+        assert len(statements) == 1
+        h = await store.get("h")
+        assert h is not None and h.published_at is None
+
+    run(tmp_path / "l.sqlite3", body)
 
 
 def test_a_closed_store_refuses_work(tmp_path: Path) -> None:

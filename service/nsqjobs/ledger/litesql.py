@@ -42,14 +42,15 @@ class KnownIds(Exception):
 
 
 def apply_ops(
-    conn: sqlite3.Connection, ops: list[Op], *, merge: bool = True
+    conn: sqlite3.Connection, ops: list[Op], *, merge: bool = True, live: set[str] | None = None
 ) -> list[tuple[bool, Any]]:
     """Each operation's outcome, in order. A run of accepts is one INSERT when every id in it
     is new: each SQLite statement gives up Python's lock while it runs, and taking it back from
     a busy event loop can wait a switch interval, so the fewer statements a commit runs the
     sooner it is done. That INSERT has no savepoint around it: when an id was there it raises
     :class:`KnownIds`, and the caller rolls the transaction back and applies the operations
-    again with ``merge=False`` (each accept then on its own, with its savepoint)."""
+    again with ``merge=False`` (each accept then on its own, with its savepoint). Sessions a
+    merged run finds live are added to ``live``."""
     out: list[tuple[bool, Any]] = []
     i = 0
     while i < len(ops):
@@ -62,7 +63,7 @@ def apply_ops(
         while j < len(ops) and isinstance(ops[j], Accept):
             j += 1
         run: list[Accept] = ops[i:j]  # type: ignore[assignment]
-        out.extend((True, answers) for answers in _accept_all_new(conn, run))
+        out.extend((True, answers) for answers in _accept_all_new(conn, run, live))
         i = j
     return out
 
@@ -124,6 +125,26 @@ _INSERTS: Final = {n: _INSERT + ", ".join([_VALUES] * n) for n in _CHUNKS}
 _NEW: Final = Accepted("new")
 _NEW_PUBLISHED: Final = Accepted("new", published=True)
 
+# A small commit of accepts (single jobs under load: 10-20 a commit) as one statement outside
+# any transaction, which SQLite commits as the statement ends: one GIL handover for the whole
+# commit instead of one per statement (4), measured 4-8 % more single-job ingest. Plain
+# INSERT, so a known id aborts all of it; padding rows are all NULL and filtered out; the
+# session's liveness is read by the statement itself (its first variable). Large commits
+# (batches) gain nothing from it: the INSERT of a transaction inserts rows a little faster.
+AT_ONCE_MAX_ROWS: Final = 64
+_AT_ONCE: Final = {
+    n: "INSERT INTO jobs (id, task, args, envelope, status, created_at, accepted_at, due_at, "
+    "sent_at, published_at, session) SELECT column1, column2, column3, column4, 'queued', "
+    "column5, column6, column7, column8, CASE WHEN live.ok THEN column9 END, "
+    "CASE WHEN live.ok THEN column10 END FROM (SELECT EXISTS (SELECT 1 FROM sessions WHERE "
+    "id = ? AND ended_at IS NULL AND handled_at IS NULL) AS ok) AS live, (VALUES "
+    + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * n)
+    + ") WHERE column1 IS NOT NULL"
+    for n in _CHUNKS
+    if n <= AT_ONCE_MAX_ROWS
+}
+_PAD: Final = (None,) * 10
+
 
 class Accept:
     """The operation of one ``record_accepted`` call (a run of them merges: :func:`apply_ops`)."""
@@ -172,16 +193,51 @@ def _insert(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
     return count
 
 
-def _accept_all_new(conn: sqlite3.Connection, run: list[Accept]) -> list[list[Accepted]]:
+def _accept_all_new(
+    conn: sqlite3.Connection, run: list[Accept], known_live: set[str] | None
+) -> list[list[Accepted]]:
     """A run of accepts inserted together; :class:`KnownIds` (some rows may be in: the caller
-    rolls back) when any id was there or came twice in the run."""
+    rolls back) when any id was there or came twice in the run. Live sessions are added to
+    ``known_live``."""
     live = {s: _live(conn, s) for s in {a.session for a in run} if s is not None}
+    if known_live is not None:
+        known_live.update(s for s, ok in live.items() if ok)
     for a in run:
         if a.session is not None and not live[a.session]:
             a.rows, a.session = _unpublished(a.rows), None
     rows = [row for a in run for row in a.rows]
     if _insert(conn, rows) != len(rows):
         raise KnownIds
+    return [_answers(a.rows) for a in run]
+
+
+def accept_at_once(
+    conn: sqlite3.Connection, run: list[Accept], live: set[str]
+) -> list[list[Accepted]] | None:
+    """A commit that is only accepts, all new, as one statement in autocommit (durable when it
+    returns); None, with nothing written, when it cannot be: more than
+    :data:`AT_ONCE_MAX_ROWS` rows, several sessions, a session not known to be ``live`` (as
+    read by an earlier commit), or an id the ledger holds (the caller then runs the commit as
+    a transaction).
+
+    The statement records the rows published in the session only if the session is live in
+    the database; the answers say published from ``live``. Should another gateway's relay
+    have handled the session since (this gateway stalled), the rows are recorded unpublished
+    while the answers say published: the relay publishes them again after its grace, a
+    duplicate run at worst, never a lost job."""
+    rows = [row for a in run for row in a.rows]
+    sessions = {a.session for a in run}
+    if not rows or len(rows) > AT_ONCE_MAX_ROWS or len(sessions) != 1:
+        return None
+    (session,) = sessions
+    if session is not None and session not in live:
+        return None
+    n = 1 << (len(rows) - 1).bit_length()
+    params = [session, *(v for row in rows for v in row), *(_PAD * (n - len(rows)))]
+    try:
+        conn.execute(_AT_ONCE[n], params)
+    except sqlite3.IntegrityError:  # a known id (or one twice): the statement wrote nothing
+        return None
     return [_answers(a.rows) for a in run]
 
 

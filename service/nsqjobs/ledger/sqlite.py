@@ -26,6 +26,7 @@ from nsqjobs.ledger.litesql import (
     Accept,
     KnownIds,
     Op,
+    accept_at_once,
     apply_ops,
     claim,
     dead_rows,
@@ -87,6 +88,9 @@ class SqliteStore:
         self._closed = False
         self._reader: sqlite3.Connection | None = None
         self._reader_lock = threading.Lock()
+        # Sessions a commit found live (the writer thread's: see _apply); the operations that
+        # end or hand over a session forget it.
+        self._live_sessions: set[str] = set()
         self._thread = threading.Thread(target=self._run, name="nsqjobs-ledger", daemon=True)
         self._thread.start()
 
@@ -161,6 +165,7 @@ class SqliteStore:
                 )
                 return True
             if not row[0]:
+                self._live_sessions.discard(session)
                 return False
             conn.execute(
                 "UPDATE sessions SET heartbeat_at = ?, low = ? WHERE id = ?", (now, low, session)
@@ -173,6 +178,7 @@ class SqliteStore:
         """See the protocol."""
 
         def op(conn: sqlite3.Connection) -> None:
+            self._live_sessions.discard(session)
             conn.execute(
                 "UPDATE sessions SET ended_at = ? WHERE id = ? AND handled_at IS NULL",
                 (now, session),
@@ -184,7 +190,11 @@ class SqliteStore:
         """See the protocol. ``sent_at`` becomes :data:`SENT_BY_LOST_GATEWAY`, so the relay
         claims these at once. One writer: the handled mark needs no compare-and-set here."""
 
-        return self._submit(lambda conn: redrive_lost_sessions(conn, stale_before, now))
+        def op(conn: sqlite3.Connection) -> int:
+            self._live_sessions.clear()
+            return redrive_lost_sessions(conn, stale_before, now)
+
+        return self._submit(op)
 
     def record_result(self, result: wire.ResultEnvelope) -> asyncio.Future[OutcomeVerdict]:
         """Record a result; the first terminal outcome per id wins (see :func:`record_result`)."""
@@ -410,27 +420,40 @@ class SqliteStore:
                 batches.append(more)
             self._commit(batches)
 
+    def _apply(self, ops: list[Op]) -> list[tuple[bool, Any]]:
+        """Run one commit's operations: as one statement when they are only accepts of new
+        jobs in a session known live (the ingest path's usual commit: see accept_at_once),
+        else in a transaction (its COMMIT left to the caller)."""
+        conn, live = self._conn, self._live_sessions
+        if all(type(op) is Accept for op in ops):
+            at_once = accept_at_once(conn, ops, live)  # type: ignore[arg-type]
+            if at_once is not None:
+                return [(True, answers) for answers in at_once]
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            return apply_ops(conn, ops, live=live)
+        except KnownIds:  # an id was there: again, each accept on its own
+            conn.execute("ROLLBACK")
+            conn.execute("BEGIN IMMEDIATE")
+            return apply_ops(conn, ops, merge=False)
+
     def _commit(self, batches: list[_Batch]) -> None:
         conn = self._conn
         outcomes: list[list[tuple[bool, Any]]] = []
         try:
             started = time.perf_counter()
             ops = [op for _, batch in batches for op, _ in batch]
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                results = apply_ops(conn, ops)
-            except KnownIds:  # an id was there: again, each accept on its own
-                conn.execute("ROLLBACK")
-                conn.execute("BEGIN IMMEDIATE")
-                results = apply_ops(conn, ops, merge=False)
+            results = self._apply(ops)
             i = 0
             for _, batch in batches:
                 outcomes.append(results[i : i + len(batch)])
                 i += len(batch)
-            conn.execute("COMMIT")
+            if conn.in_transaction:
+                conn.execute("COMMIT")
             if self.observe_write is not None:
                 self.observe_write(time.perf_counter() - started)
         except sqlite3.Error as exc:
+            self._live_sessions.clear()  # what this commit read may not stand
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             log.error("ledger: a write failed, %d batch(es) not recorded: %s", len(batches), exc)
