@@ -15,10 +15,11 @@ from nsqjobs.cli import main
 from nsqjobs.errors import ConfigError, DecodeError, InvalidArgumentsError, UnknownTaskError
 from nsqjobs.nsq.publisher import Publisher
 from nsqjobs.observability.metrics import GatewayMetrics, WorkerMetrics
+from nsqjobs.observability.worker_hooks import MetricsHook
 from nsqjobs.registry import Registry, task
 from nsqjobs.testing import run_cli
 from nsqjobs.worker.outcome import backoff_delay
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 
 def test_envelopes_round_trip() -> None:
@@ -137,10 +138,58 @@ def test_backoff_grows_exponentially_with_jitter_and_cap() -> None:
     assert max(backoff_delay(30, 1.0, 60.0) for _ in range(100)) <= 60.0
 
 
+def test_job_tallies_expose_counters_a_gauge_and_a_histogram() -> None:
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics(registry)
+    hook = MetricsHook(metrics).for_task("t.a")
+    MetricsHook(metrics).for_task("t.idle")  # known before its first job: zeros
+
+    class Job:
+        task_name, in_progress = "t.a", True
+
+    job = Job()
+    for seconds in (0.001, 0.0011, 2.0, 5000.0):  # a bound is inclusive; past the last: +Inf
+        hook.received(job)
+        hook.started(job)
+        hook.succeeded(job, seconds, 10)
+    hook.received(job)
+    hook.started(job)
+    hook.attempt_failed(job, wire.ErrorInfo(type="E", message="m"), 0.5)
+    hook.received(job)
+    hook.started(job)  # still running
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert value("nsqjobs_jobs_received_total", task="t.a") == 6
+    assert value("nsqjobs_jobs_succeeded_total", task="t.a") == 4
+    assert value("nsqjobs_jobs_in_progress", task="t.a") == 1
+    ok = {"task": "t.a", "status": "succeeded"}
+    assert value("nsqjobs_job_duration_seconds_bucket", le="0.001", **ok) == 1
+    assert value("nsqjobs_job_duration_seconds_bucket", le="0.005", **ok) == 2
+    assert value("nsqjobs_job_duration_seconds_bucket", le="1800.0", **ok) == 3
+    assert value("nsqjobs_job_duration_seconds_bucket", le="+Inf", **ok) == 4
+    assert value("nsqjobs_job_duration_seconds_count", **ok) == 4
+    assert value("nsqjobs_job_duration_seconds_sum", **ok) == pytest.approx(5002.0021)
+    failed = {"task": "t.a", "status": "failed"}
+    assert value("nsqjobs_job_duration_seconds_bucket", le="0.1", **failed) == 0
+    assert value("nsqjobs_job_duration_seconds_bucket", le="0.5", **failed) == 1
+    assert value("nsqjobs_job_errors_total", task="t.a", error="E") == 1
+    assert value("nsqjobs_jobs_received_total", task="t.idle") == 0
+    assert value("nsqjobs_job_duration_seconds_count", task="t.idle", status="failed") == 0
+    text = generate_latest(registry).decode()
+    assert "# TYPE nsqjobs_jobs_received_total counter" in text
+    assert "# TYPE nsqjobs_job_duration_seconds histogram" in text
+    assert 'nsqjobs_jobs_in_progress{task="t.a"} 1.0' in text
+    # The names are taken: an instrument of the same name cannot be registered beside them.
+    with pytest.raises(ValueError, match="Duplicated"):
+        Gauge("nsqjobs_jobs_in_progress", "again", registry=registry)
+
+
 def test_metrics_use_explicit_registries_and_base_units() -> None:
     reg_a, reg_b = CollectorRegistry(), CollectorRegistry()
     gateway, worker = GatewayMetrics(reg_a), WorkerMetrics(reg_b)  # no duplicate-name clash
-    worker.succeeded.labels("noop").inc()
+    worker.jobs.for_task("noop").succeeded += 1
     assert reg_b.get_sample_value("nsqjobs_jobs_succeeded_total", {"task": "noop"}) == 1
     # Both daemons define the publish histogram: each registry holds only its own samples.
     gateway.publish_duration.labels("pub").observe(0.001)
