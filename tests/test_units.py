@@ -138,7 +138,7 @@ def test_backoff_grows_exponentially_with_jitter_and_cap() -> None:
     assert max(backoff_delay(30, 1.0, 60.0) for _ in range(100)) <= 60.0
 
 
-def test_job_tallies_expose_counters_a_gauge_and_a_histogram() -> None:
+def test_worker_tallies_expose_counters_a_gauge_and_a_histogram() -> None:
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry)
     hook = MetricsHook(metrics).for_task("t.a")
@@ -184,12 +184,14 @@ def test_job_tallies_expose_counters_a_gauge_and_a_histogram() -> None:
     # The names are taken: an instrument of the same name cannot be registered beside them.
     with pytest.raises(ValueError, match="Duplicated"):
         Gauge("nsqjobs_jobs_in_progress", "again", registry=registry)
+    with pytest.raises(ValueError, match="expected labels"):
+        metrics.duration.labels("t.a")
 
 
 def test_metrics_use_explicit_registries_and_base_units() -> None:
     reg_a, reg_b = CollectorRegistry(), CollectorRegistry()
     gateway, worker = GatewayMetrics(reg_a), WorkerMetrics(reg_b)  # no duplicate-name clash
-    worker.jobs.for_task("noop").succeeded += 1
+    worker.succeeded.labels("noop").value += 1
     assert reg_b.get_sample_value("nsqjobs_jobs_succeeded_total", {"task": "noop"}) == 1
     # Both daemons define the publish histogram: each registry holds only its own samples.
     gateway.publish_duration.labels("pub").observe(0.001)

@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-from bisect import bisect_left
-from collections.abc import Iterator
-from typing import Any
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.utils import floatToGoString
 
 from nsqjobs.names import METRIC_PREFIX as P
+from nsqjobs.observability.tallies import HistogramTally, Tallies, Tally
 from nsqjobs.version import __version__
 
 # Publishes take ~100 us on loopback; jobs run from microseconds to hours.
@@ -74,21 +64,25 @@ class GatewayMetrics(_PublishingMetrics):
 
     def __init__(self, registry: CollectorRegistry) -> None:
         super().__init__(registry, "gateway")
-        self.requests = self._counter(
-            "http_requests_total",
+        # What every request moves: tallies (see nsqjobs.observability.tallies).
+        tallies = Tallies(registry)
+        self.requests = tallies.counter(
+            f"{P}_http_requests_total",
             "HTTP requests by route, method and status",
             "route",
             "method",
             "status",
         )
-        self.request_duration = self._histogram(
-            "http_request_duration_seconds",
+        self.request_duration = tallies.histogram(
+            f"{P}_http_request_duration_seconds",
             "HTTP request handling time by route",
             "route",
             buckets=JOB_BUCKETS,
         )
-        self.jobs_accepted = self._counter(
-            "jobs_accepted_total", "jobs acknowledged by nsqd and answered 202/200, by task", "task"
+        self.jobs_accepted = tallies.counter(
+            f"{P}_jobs_accepted_total",
+            "jobs acknowledged by nsqd and answered 202/200, by task",
+            "task",
         )
         self.jobs_rejected = self._counter(
             "jobs_rejected_total", "job submissions refused, by reason", "reason"
@@ -97,9 +91,9 @@ class GatewayMetrics(_PublishingMetrics):
         self.results_seen = self._counter(
             "gateway_results_received_total", "result envelopes read from the results topic"
         )
-        # Children resolved once per label set: labels() costs a lock and a lookup per call.
-        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-        self._accepted_children: dict[str, Any] = {}
+        # Tallies resolved once per label set.
+        self._request_children: dict[tuple[str, str, int], tuple[Tally, HistogramTally]] = {}
+        self._accepted_children: dict[str, Tally] = {}
 
     def request_done(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one answered request (route templates only: bounded labels)."""
@@ -110,7 +104,7 @@ class GatewayMetrics(_PublishingMetrics):
                 self.requests.labels(route, method, str(status)),
                 self.request_duration.labels(route),
             )
-        children[0].inc()
+        children[0].value += 1
         children[1].observe(seconds)
         if status >= 400 and route.startswith("/v1/jobs"):
             self.jobs_rejected.labels(str(status)).inc()
@@ -120,7 +114,7 @@ class GatewayMetrics(_PublishingMetrics):
         child = self._accepted_children.get(task)
         if child is None:
             child = self._accepted_children[task] = self.jobs_accepted.labels(task)
-        child.inc(count)
+        child.value += count
 
 
 class LedgerMetrics:
@@ -166,96 +160,32 @@ class LedgerMetrics:
         )
 
 
-class JobTally:
-    """One task's counts of the job lifecycle, as plain numbers: every job moves them, so they
-    cost an addition each instead of an instrument's lock and checks (about 6 % of a worker's
-    dispatch rate, measured). Only the worker's event loop thread writes them; a scrape reads
-    them (:class:`JobTallies`)."""
-
-    __slots__ = ("durations", "in_progress", "received", "succeeded", "sums")
-
-    def __init__(self) -> None:
-        self.received = 0
-        self.succeeded = 0
-        self.in_progress = 0
-        # By status ("succeeded", "failed"): a count per bucket of JOB_BUCKETS, then +Inf.
-        self.durations = {s: [0] * (len(JOB_BUCKETS) + 1) for s in _DURATION_STATUSES}
-        self.sums = dict.fromkeys(_DURATION_STATUSES, 0.0)
-
-    def observe(self, status: str, seconds: float) -> None:
-        """A run of ``seconds`` that ended ``status`` (a bucket's bound is inclusive)."""
-        self.durations[status][bisect_left(JOB_BUCKETS, seconds)] += 1
-        self.sums[status] += seconds
-
-
-_DURATION_STATUSES = ("succeeded", "failed")
-
-
-class JobTallies:
-    """The collector of every task's :class:`JobTally`: ``jobs_received_total``,
-    ``jobs_succeeded_total``, ``jobs_in_progress`` and ``job_duration_seconds``, by task."""
-
-    def __init__(self) -> None:
-        self.tasks: dict[str, JobTally] = {}
-
-    def for_task(self, task: str) -> JobTally:
-        """The task's tally (created at zero, so the task shows before its first job)."""
-        tally = self.tasks.get(task)
-        if tally is None:
-            tally = self.tasks[task] = JobTally()
-        return tally
-
-    def describe(self) -> list[Metric]:
-        """The families, without samples (the registry checks names with these)."""
-        return list(self._families({}))
-
-    def collect(self) -> Iterator[Metric]:
-        """Every task's figures now."""
-        return self._families(dict(self.tasks))
-
-    @staticmethod
-    def _families(tasks: dict[str, JobTally]) -> Iterator[Metric]:
-        received = CounterMetricFamily(
-            f"{P}_jobs_received", "job messages received, by task", labels=["task"]
-        )
-        succeeded = CounterMetricFamily(
-            f"{P}_jobs_succeeded",
-            "jobs whose result was published as succeeded",
-            labels=["task"],
-        )
-        in_progress = GaugeMetricFamily(
-            f"{P}_jobs_in_progress",
-            "jobs with an attempt under way (running, or publishing its result), by task",
-            labels=["task"],
-        )
-        duration = HistogramMetricFamily(
-            f"{P}_job_duration_seconds",
-            "task run time, by task and outcome",
-            labels=["task", "status"],
-        )
-        bounds = [*map(floatToGoString, JOB_BUCKETS), "+Inf"]
-        for task, t in tasks.items():
-            received.add_metric([task], t.received)
-            succeeded.add_metric([task], t.succeeded)
-            in_progress.add_metric([task], t.in_progress)
-            for status in _DURATION_STATUSES:
-                counts, running, buckets = t.durations[status], 0, []
-                for bound, n in zip(bounds, counts, strict=True):
-                    running += n
-                    buckets.append((bound, running))
-                duration.add_metric([task, status], buckets, t.sums[status])
-        yield from (received, succeeded, in_progress, duration)
-
-
 class WorkerMetrics(_PublishingMetrics):
     """Job lifecycle metrics of a worker, by task (recorded by ``worker_hooks.MetricsHook``)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         super().__init__(registry, "worker")
         c = self._counter
-        # Received, succeeded, in progress and run times: plain tallies (see JobTally).
-        self.jobs = JobTallies()
-        registry.register(self.jobs)
+        # What every job moves: tallies (see nsqjobs.observability.tallies).
+        tallies = Tallies(registry)
+        self.received = tallies.counter(
+            f"{P}_jobs_received_total", "job messages received, by task", "task"
+        )
+        self.succeeded = tallies.counter(
+            f"{P}_jobs_succeeded_total", "jobs whose result was published as succeeded", "task"
+        )
+        self.duration = tallies.histogram(
+            f"{P}_job_duration_seconds",
+            "task run time, by task and outcome",
+            "task",
+            "status",
+            buckets=JOB_BUCKETS,
+        )
+        self.in_progress = tallies.gauge(
+            f"{P}_jobs_in_progress",
+            "jobs with an attempt under way (running, or publishing its result), by task",
+            "task",
+        )
         self.failed = c(
             "jobs_failed_total", "jobs whose final result was published as failed", "task"
         )

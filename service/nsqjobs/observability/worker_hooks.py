@@ -36,38 +36,40 @@ class MetricsHook:
 
 
 class TaskMetricsHook:
-    """One task's instruments and tally; ``labels()`` costs a lock and a lookup, so it is
-    called once."""
+    """One task's instruments and tallies, resolved once (``labels()`` costs a lookup)."""
 
     def __init__(self, metrics: WorkerMetrics, task: str) -> None:
         self.metrics = metrics
         self.task = task
-        self._tally = metrics.jobs.for_task(task)
+        self._received = metrics.received.labels(task)
+        self._succeeded = metrics.succeeded.labels(task)
         self._failed = metrics.failed.labels(task)
         self._retried = metrics.retried.labels(task)
+        self._in_progress = metrics.in_progress.labels(task)
+        self._duration_succeeded = metrics.duration.labels(task, "succeeded")
+        self._duration_failed = metrics.duration.labels(task, "failed")
         self._requeued_on_shutdown = metrics.requeued_on_shutdown.labels(task)
         self._cancelled = metrics.cancelled.labels(task)
 
     def received(self, job: JobFacts) -> None:
         """Count a job received."""
-        self._tally.received += 1
+        self._received.value += 1
 
     def started(self, job: JobFacts) -> None:
         """One more attempt under way."""
-        self._tally.in_progress += 1
+        self._in_progress.value += 1
 
     def succeeded(self, job: JobFacts, duration_s: float, result_bytes: int) -> None:
         """Count a success and its run time."""
-        tally = self._tally
-        tally.in_progress -= 1
-        tally.succeeded += 1
-        tally.observe("succeeded", duration_s)
+        self._in_progress.value -= 1
+        self._duration_succeeded.observe(duration_s)
+        self._succeeded.value += 1
 
     def attempt_failed(self, job: JobFacts, error: wire.ErrorInfo, duration_s: float) -> None:
         """Count the error by type, and the failed attempt's run time."""
-        self._tally.in_progress -= 1
+        self._in_progress.value -= 1
         self.metrics.errors.labels(self.task, error.type).inc()
-        self._tally.observe("failed", duration_s)
+        self._duration_failed.observe(duration_s)
 
     def retried(self, job: JobFacts, delay_s: float) -> None:
         """Count a retry."""
@@ -84,7 +86,7 @@ class TaskMetricsHook:
     def requeued(self, job: JobFacts, why: str, delay_s: float) -> None:
         """Count requeues at shutdown, and internal errors (ours, not the task's)."""
         if job.in_progress:
-            self._tally.in_progress -= 1
+            self._in_progress.value -= 1
         if why == "shutdown":
             self._requeued_on_shutdown.inc()
         elif why == "internal_error":
@@ -93,5 +95,5 @@ class TaskMetricsHook:
     def cancelled(self, job: JobFacts) -> None:
         """Count a cancelled job (and the attempt it ended, if one ran)."""
         if job.in_progress:
-            self._tally.in_progress -= 1
+            self._in_progress.value -= 1
         self._cancelled.inc()
