@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import pytest
@@ -193,19 +194,34 @@ def test_problem_answers_raise_their_exception_with_retry_after(
     assert len(server.seen) == 1
 
 
+@pytest.mark.parametrize("check_idle_s", [0.0, 60.0])
 def test_an_idle_connection_the_server_closed_is_not_used(
     serve: Callable[[Script], tuple[Server, str]],
+    monkeypatch: pytest.MonkeyPatch,
+    check_idle_s: float,
 ) -> None:
     # The server answers keep-alive, then ends the connection while it idles in the pool (its
-    # idle timeout): the next request must go on a new connection, sent once.
+    # idle timeout): the next request must go on a new connection, sent once. A connection
+    # idle longer than _CHECK_IDLE_S is checked first; one idle less is tried, found dead
+    # before any answer, and the request sent again on a new one.
+    monkeypatch.setattr(http1, "_CHECK_IDLE_S", check_idle_s)
+    checks: list[bool] = []
+    real = http1._Conn.dropped
+
+    def dropped(conn: Any) -> bool:
+        checks.append(real(conn))
+        return checks[-1]
+
     server, url = serve(lambda seen, n: ("close-after", answer()) if n == 0 else answer())
     with Client(url, retry=RetryPolicy(0)) as client:
         client.request("POST", "/one", body={})
         pool = client._pool
         assert pool is not None
         wait_closed(pool)
+        monkeypatch.setattr(http1._Conn, "dropped", dropped)
         client.request("POST", "/two", body={})
     assert [(s.target, s.conn) for s in server.seen] == [("/one", 0), ("/two", 1)]
+    assert checks == ([True] if check_idle_s == 0.0 else [])
 
 
 def wait_closed(pool: http1.Pool) -> None:

@@ -3,6 +3,7 @@ become values or exceptions, the retry schedule, and the bookkeeping of ``map``.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import time
@@ -336,6 +337,7 @@ class MapState:
         return self._exhausted and not self._order
 
 
+@functools.lru_cache(maxsize=64)
 def request_timeout(timeout_s: float, long_poll_s: float = 0.0) -> httpx.Timeout:
     """A request's timeout: ``timeout_s`` to connect and write, plus the long poll to read."""
     return httpx.Timeout(timeout_s, read=timeout_s + long_poll_s)

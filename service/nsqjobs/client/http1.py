@@ -18,9 +18,11 @@ failure is the caller's, whose retries keep a job's id.
 
 from __future__ import annotations
 
+import functools
 import select
 import socket
 import threading
+import time
 import urllib.parse
 import urllib.request
 import zlib
@@ -35,17 +37,32 @@ from nsqjobs.client.core import Reply
 _MAX_HEAD: Final = 64 * 1024  # the gateway's own limit on a request head
 _RECV: Final = 256 * 1024
 _NO_BODY: Final = frozenset((204, 304))
+# A request this small fits the socket's send buffer: sending it cannot wait on the server, so
+# it is sent under the read timeout (one timeout set per request, none when it is unchanged).
+_SMALL: Final = 64 * 1024
+# A connection idle longer than this is checked for a close by the server before it is used
+# (a system call); one idle less is used at once: should the server have closed it meanwhile,
+# the request finds it dead before any answer and is sent once more on a new one (below).
+# At light load every check ran cold and cost tens of microseconds per request.
+_CHECK_IDLE_S: Final = 1.0
 
 
 class _Conn:
     """One keep-alive connection: send a request, read its answer."""
 
-    __slots__ = ("_buf", "sock", "used")
+    __slots__ = ("_buf", "idle_at", "sock", "timeout", "used")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._buf = b""
         self.used = False
+        self.idle_at = 0.0  # when it was last put back idle (time.monotonic)
+        self.timeout: float | None = sock.gettimeout()
+
+    def _set_timeout(self, seconds: float) -> None:
+        if seconds != self.timeout:
+            self.sock.settimeout(seconds)
+            self.timeout = seconds
 
     def dropped(self) -> bool:
         """True if the server closed this idle connection (or sent something unasked)."""
@@ -69,11 +86,10 @@ class _Conn:
     ) -> tuple[int, dict[str, str], bytes, bool]:
         """Send ``request``; the answer's status, headers (lower-case names), body, and
         whether the connection may carry another request."""
-        sock = self.sock
-        sock.settimeout(write_s)
-        sock.sendall(request)
+        self._set_timeout(write_s if len(request) > _SMALL else read_s)
+        self.sock.sendall(request)
         self.used = True
-        sock.settimeout(read_s)
+        self._set_timeout(read_s)
         while True:
             status, version, headers = self._head()
             if 100 <= status < 200 and status != 101:
@@ -195,7 +211,10 @@ class Pool:
         self._fixed = "".join(f"{k}: {v}\r\n" for k, v in fixed.items())
         self._idle: deque[_Conn] = deque()
         self._lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(max_connections)
+        self._freed = threading.Condition(self._lock)  # a slot came free
+        self._max = max_connections
+        self._busy = 0  # requests under way (each holds a connection, or is opening one)
+        self._waiting = 0
         self._closed = False
 
     def close(self) -> None:
@@ -219,8 +238,7 @@ class Pool:
         """One request and its answer (any status)."""
         target = self.prefix + path
         if params:
-            query = urllib.parse.urlencode({k: _param(v) for k, v in params.items()})
-            target = f"{target}?{query}"
+            target = f"{target}?{_query(tuple((k, _param(v)) for k, v in params.items()))}"
         head = f"{method} {target} HTTP/1.1\r\n{self._fixed}"
         if headers:
             head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
@@ -229,15 +247,39 @@ class Pool:
         request = (head + "\r\n").encode("latin-1") + (content or b"")
         write_s = timeout.write if timeout.write is not None else 30.0
         read_s = timeout.read if timeout.read is not None else 1e9  # None: no limit
-        if not self._slots.acquire(timeout=write_s):
-            raise httpx.PoolTimeout(f"no free connection to {self.url} within {write_s:g}s")
+        idle = self._take(write_s)
         try:
-            return self._send(request, method, target, write_s, read_s, timeout)
+            return self._send(idle, request, method, target, write_s, read_s, timeout)
         finally:
-            self._slots.release()
+            with self._lock:
+                self._busy -= 1
+                if self._waiting:
+                    self._freed.notify()
+
+    def _take(self, wait_s: float) -> _Conn | None:
+        """A slot for one request, and the idle connection last put back (None: open one);
+        waits up to ``wait_s`` while ``max_connections`` requests are under way."""
+        with self._lock:
+            if self._busy >= self._max:
+                self._wait_for_slot(wait_s)
+            self._busy += 1
+            return self._idle.pop() if self._idle else None
+
+    def _wait_for_slot(self, wait_s: float) -> None:
+        deadline = time.monotonic() + wait_s
+        self._waiting += 1
+        try:
+            while self._busy >= self._max:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise httpx.PoolTimeout(f"no free connection to {self.url} within {wait_s:g}s")
+                self._freed.wait(left)
+        finally:
+            self._waiting -= 1
 
     def _send(
         self,
+        idle: _Conn | None,
         request: bytes,
         method: str,
         target: str,
@@ -246,7 +288,7 @@ class Pool:
         timeout: httpx.Timeout,
     ) -> Reply:
         for fresh in (False, True):
-            conn = None if fresh else self._reuse()
+            conn = None if fresh else self._reuse(idle)
             reused = conn is not None
             if conn is None:
                 conn = self._connect(timeout)
@@ -278,18 +320,21 @@ class Pool:
             return Reply(status, headers, body, f"{self.url}{target}")
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _reuse(self) -> _Conn | None:
-        while True:
-            with self._lock:
-                if not self._idle:
-                    return None
-                conn = self._idle.pop()
-            if not conn.dropped():
+    def _reuse(self, conn: _Conn | None) -> _Conn | None:
+        """``conn`` (taken with the slot), or another idle one, if usable; None: open one."""
+        while conn is not None:
+            if not conn._buf and (
+                time.monotonic() - conn.idle_at < _CHECK_IDLE_S or not conn.dropped()
+            ):
                 conn.used = False
                 return conn
             conn.close()
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+        return None
 
     def _keep(self, conn: _Conn) -> None:
+        conn.idle_at = time.monotonic()
         with self._lock:
             if not self._closed:
                 self._idle.append(conn)
@@ -308,6 +353,12 @@ class Pool:
             raise httpx.ConnectError(f"cannot connect to {self.url}: {exc}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return _Conn(sock)
+
+
+@functools.lru_cache(maxsize=256)
+def _query(params: tuple[tuple[str, str], ...]) -> str:
+    """A query string (the same few recur: ``wait=30``, a listing's filters)."""
+    return urllib.parse.urlencode(params)
 
 
 def _param(value: object) -> str:
