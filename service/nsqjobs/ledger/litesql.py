@@ -115,10 +115,11 @@ def dead_rows(
 # one per row costs a handover per row, and a busy event loop can keep it a switch interval).
 # Powers of two only, so the connection's statement cache keeps them all prepared; a commit's
 # accepts up to the largest are one statement (:func:`_insert` pads the last one).
-_INSERT: Final = (
-    "INSERT OR IGNORE INTO jobs (id, task, args, envelope, status, created_at, accepted_at, "
-    "due_at, sent_at, published_at, session) VALUES "
+_ACCEPT_COLUMNS: Final = (
+    "id, task, args, envelope, status, created_at, accepted_at, due_at, sent_at, published_at, "
+    "session"
 )
+_INSERT: Final = f"INSERT OR IGNORE INTO jobs ({_ACCEPT_COLUMNS}) VALUES "
 _VALUES: Final = "(?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)"
 _CHUNKS: Final = tuple(2**k for k in range(10, -1, -1))  # 1024 rows: 10,240 variables
 _INSERTS: Final = {n: _INSERT + ", ".join([_VALUES] * n) for n in _CHUNKS}
@@ -134,8 +135,7 @@ _NEW_PUBLISHED: Final = Accepted("new", published=True)
 # (batches) gain nothing from it: the INSERT of a transaction inserts rows a little faster.
 AT_ONCE_MAX_ROWS: Final = 64
 _AT_ONCE: Final = {
-    n: "INSERT INTO jobs (id, task, args, envelope, status, created_at, accepted_at, due_at, "
-    "sent_at, published_at, session) SELECT column1, column2, column3, column4, 'queued', "
+    n: f"INSERT INTO jobs ({_ACCEPT_COLUMNS}) SELECT column1, column2, column3, column4, 'queued', "
     "column5, column6, column7, column8, CASE WHEN live.ok THEN column9 END, "
     "CASE WHEN live.ok THEN column10 END FROM (SELECT EXISTS (SELECT 1 FROM sessions WHERE "
     "id = ? AND ended_at IS NULL AND handled_at IS NULL) AS ok) AS live, (VALUES "
@@ -226,14 +226,14 @@ def accept_at_once(
     have handled the session since (this gateway stalled), the rows are recorded unpublished
     while the answers say published: the relay publishes them again after its grace, a
     duplicate run at worst, never a lost job."""
-    rows = [row for a in run for row in a.rows]
-    sessions = {a.session for a in run}
-    if not rows or len(rows) > AT_ONCE_MAX_ROWS or len(sessions) != 1:
+    count = sum(len(a.rows) for a in run)
+    session = run[0].session
+    if not 0 < count <= AT_ONCE_MAX_ROWS or any(a.session != session for a in run):
         return None
-    (session,) = sessions
     if session is not None and session not in live:
         return None
-    n = 1 << (len(rows) - 1).bit_length()
+    rows = [row for a in run for row in a.rows]
+    n = 1 << (count - 1).bit_length()
     params = [session, *(v for row in rows for v in row), *(_PAD * (n - len(rows)))]
     try:
         conn.execute(_AT_ONCE[n], params)

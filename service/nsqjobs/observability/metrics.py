@@ -65,7 +65,7 @@ class GatewayMetrics(_PublishingMetrics):
     def __init__(self, registry: CollectorRegistry) -> None:
         super().__init__(registry, "gateway")
         # What every request moves: tallies (see nsqjobs.observability.tallies).
-        tallies = Tallies(registry)
+        tallies = Tallies()
         self.requests = tallies.counter(
             f"{P}_http_requests_total",
             "HTTP requests by route, method and status",
@@ -84,6 +84,7 @@ class GatewayMetrics(_PublishingMetrics):
             "jobs acknowledged by nsqd and answered 202/200, by task",
             "task",
         )
+        registry.register(tallies)
         self.jobs_rejected = self._counter(
             "jobs_rejected_total", "job submissions refused, by reason", "reason"
         )
@@ -167,7 +168,7 @@ class WorkerMetrics(_PublishingMetrics):
         super().__init__(registry, "worker")
         c = self._counter
         # What every job moves: tallies (see nsqjobs.observability.tallies).
-        tallies = Tallies(registry)
+        tallies = Tallies()
         self.received = tallies.counter(
             f"{P}_jobs_received_total", "job messages received, by task", "task"
         )
@@ -186,6 +187,7 @@ class WorkerMetrics(_PublishingMetrics):
             "jobs with an attempt under way (running, or publishing its result), by task",
             "task",
         )
+        registry.register(tallies)
         self.failed = c(
             "jobs_failed_total", "jobs whose final result was published as failed", "task"
         )

@@ -16,7 +16,6 @@ from bisect import bisect_left
 from collections.abc import Iterator
 from typing import TypeVar, cast
 
-from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -116,11 +115,11 @@ F = TypeVar("F", bound=_Family)
 
 
 class Tallies:
-    """A collector of tallies, registered on one registry."""
+    """A collector of tallies: add its families, then register it on the daemon's registry
+    (which checks their names against every other metric's)."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self) -> None:
         self._families: list[_Family] = []
-        self._registry = registry
 
     def counter(self, name: str, doc: str, *labels: str) -> CounterTallies:
         """A counter (``name`` ends in ``_total``, as the samples do)."""
@@ -137,11 +136,7 @@ class Tallies:
         return self._add(HistogramTallies("histogram", name, doc, labels, tuple(buckets)))
 
     def _add(self, family: F) -> F:
-        # Registered again with each family, so the registry checks every name as it comes.
-        if self._families:
-            self._registry.unregister(self)
         self._families.append(family)
-        self._registry.register(self)
         return family
 
     def describe(self) -> list[Metric]:
