@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import struct
+import termios
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -11,6 +14,7 @@ from typing import Any, TypeVar
 
 import pytest
 from nsqjobs.errors import PublishError, PublishRejected, PublishTimeout
+from nsqjobs.nsq.admin import nsqd_limit
 from nsqjobs.nsq.publisher import Publisher
 from nsqjobs.testing import Daemon, Nsq, http, ping, wait_for
 
@@ -130,22 +134,81 @@ async def _connected(publisher: Publisher, n: int) -> None:
         await asyncio.sleep(0.02)
 
 
-def test_a_refused_frame_fails_alone_and_the_frames_behind_it_are_sent_again(nsq: Nsq) -> None:
+def test_a_message_over_nsqds_limit_is_refused_unsent_and_the_connection_stays(nsq: Nsq) -> None:
     too_big = b"x" * (1024 * 1024 + 1)  # nsqd's default --max-msg-size is 1 MiB
 
-    async def scenario() -> list[BaseException | None]:
+    async def scenario() -> tuple[list[BaseException | None], bool]:
         publisher = Publisher([nsq.nsqd_tcp], timeout_s=5)
+        # What the daemons do at start: nsqd's own limits.
+        publisher.set_limits(
+            await nsqd_limit([nsq.nsqd_http], "max_msg_size", 1),
+            await nsqd_limit([nsq.nsqd_http], "max_body_size", 1),
+        )
         try:
             await _connected(publisher, 1)
-            # One loop turn: the refused PUB and two good frames behind it on the same
-            # connection. nsqd answers the first with E_BAD_MESSAGE and closes the connection
-            # without reading the others.
+            (conn,) = publisher._writer.conns.values()
             results = await asyncio.gather(
                 publisher.dpub("refusals", 0, too_big),
+                publisher.pub("refusals", too_big),
+                publisher.mpub("refusals", [b"fits", too_big]),  # all or nothing
                 publisher.dpub("refusals", 0, b"good-1"),
                 publisher.mpub("refusals", [b"good-2", b"good-3"]),
+                publisher.pub("refusals", b"good-4"),
                 return_exceptions=True,
             )
+            same_conn = list(publisher._writer.conns.values()) == [conn] and conn.connected()
+            return [r if isinstance(r, BaseException) else None for r in results], same_conn
+        finally:
+            publisher.close()
+
+    (*refused, good_1, good_23, good_4), same_conn = _run(scenario)
+    for error in refused:
+        assert isinstance(error, PublishRejected), error
+        assert "E_BAD_MESSAGE" in str(error) and "--max-msg-size of 1048576" in str(error)
+    assert [good_1, good_23, good_4] == [None, None, None]
+    assert nsq.message_count("refusals") == 4
+    assert same_conn  # nothing reached nsqd that would have made it close the connection
+
+
+def _taken_in(publisher: Publisher, frames: int) -> bool:
+    """Whether the publisher's one connection has written ``frames`` frames, and nsqd's socket
+    took in every byte (its kernel acknowledges them, even with nsqd stopped)."""
+    (conn,) = publisher._writer.conns.values()
+    if len(conn.waiting) < frames or conn.stream.writing():
+        return False
+    unacked = fcntl.ioctl(conn.stream.socket.fileno(), termios.TIOCOUTQ, struct.pack("i", 0))
+    return bool(struct.unpack("i", unacked)[0] == 0)
+
+
+def test_a_refused_frame_fails_alone_and_the_frames_behind_it_are_sent_again(nsq: Nsq) -> None:
+    if nsq.nsqd is None:
+        raise AssertionError("the pair has an nsqd process")
+    nsqd = nsq.nsqd
+
+    async def scenario() -> list[BaseException | None]:
+        publisher = Publisher([nsq.nsqd_tcp], timeout_s=5)  # no limits set: nsqd refuses
+        try:
+            await _connected(publisher, 1)
+            # nsqd stopped while the three frames are written, so that it finds them all in one
+            # read when it runs again: it answers the first (an empty message) with
+            # E_BAD_MESSAGE and closes the connection without handling the two behind it.
+            # (Had they arrived after its read, the close would reset the connection and could
+            # drop the refusal itself: then all three are honestly "outcome unknown".)
+            nsqd.pause()
+            try:
+                pending = asyncio.gather(
+                    publisher.dpub("refusals", 0, b""),
+                    publisher.dpub("refusals", 0, b"good-1"),
+                    publisher.mpub("refusals", [b"good-2", b"good-3"]),
+                    return_exceptions=True,
+                )
+                deadline = time.monotonic() + 10
+                while not _taken_in(publisher, 3):
+                    assert time.monotonic() < deadline, "frames not taken in by nsqd's socket"
+                    await asyncio.sleep(0.01)
+            finally:
+                nsqd.resume()
+            results = await pending
             return [r if isinstance(r, BaseException) else None for r in results]
         finally:
             publisher.close()

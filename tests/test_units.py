@@ -252,7 +252,7 @@ def test_coalesced_publishes_stay_under_nsqds_body_limit() -> None:
             publisher._groups.add(asyncio.get_running_loop().create_future())  # type: ignore[arg-type]
 
         publisher._spawn = spawn  # type: ignore[method-assign]
-        publisher.limit_group_bytes(max_body_size)
+        publisher.set_limits(1024 * 1024, max_body_size)
         futures = [publisher.enqueue("jobs", b"x" * 1000) for _ in range(100)]
         await asyncio.wait(futures)
         publisher.close()

@@ -379,7 +379,7 @@ class GatewayApp:
         acceptor.max_body_size = await nsqd_limit(
             addresses, "max_body_size", config.nsqd_max_body_size
         )
-        self.publisher.limit_group_bytes(acceptor.max_body_size)
+        self.publisher.set_limits(acceptor.max_msg_size, acceptor.max_body_size)
 
     async def start(self) -> None:
         """Create topics, read nsqd's limits, connect, and listen."""

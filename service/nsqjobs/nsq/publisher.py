@@ -194,6 +194,13 @@ class _Writer(nsq.Writer):  # type: ignore[misc]
             conn.close()
 
 
+def _too_big(command: str, topic: str, code: str, size: int, limit: int) -> PublishRejected:
+    flag = "--max-msg-size" if code == "E_BAD_MESSAGE" else "--max-body-size"
+    return PublishRejected(
+        f"{command} {topic}: {code} (refused unsent): {size} bytes is over nsqd's {flag} of {limit}"
+    )
+
+
 class Publisher:
     """Publishes to one or more nsqd and waits for each acknowledgement.
 
@@ -226,11 +233,32 @@ class Publisher:
         self._flush_scheduled = False
         self._groups: set[asyncio.Task[None]] = set()
         self.group_bytes = self.GROUP_BYTES
+        # nsqd's --max-msg-size and --max-body-size, once a daemon read them from nsqd: what
+        # exceeds them is refused here, unsent. nsqd would refuse it too, then close the
+        # connection, and the frames written behind it on that connection would be cut off
+        # (its reset can even drop the refusal, leaving every one of them "outcome unknown").
+        self.max_msg_size: int | None = None
+        self.max_body_size: int | None = None
 
-    def limit_group_bytes(self, max_body_size: int) -> None:
-        """Keep coalesced MPUBs under nsqd's ``--max-body-size`` (when below our 4 MiB)."""
-        # An MPUB body is a 4-byte count, then each message with its 4-byte size.
-        self.group_bytes = max(1, min(self.GROUP_BYTES, max_body_size - 4))
+    def set_limits(self, max_msg_size: int, max_body_size: int | None = None) -> None:
+        """nsqd's size limits: larger messages (and MPUBs) are refused without being sent, and
+        coalesced MPUBs stay under ``max_body_size`` (when below our 4 MiB)."""
+        self.max_msg_size, self.max_body_size = max_msg_size, max_body_size
+        if max_body_size is not None:
+            # An MPUB body is a 4-byte count, then each message with its 4-byte size.
+            self.group_bytes = max(1, min(self.GROUP_BYTES, max_body_size - 4))
+
+    def _refusal(self, command: str, topic: str, bodies: Sequence[bytes]) -> PublishRejected | None:
+        """Why nsqd would refuse these bodies (its E_BAD_MESSAGE or E_BAD_BODY), or None."""
+        if self.max_msg_size is not None:
+            for body in bodies:
+                if len(body) > self.max_msg_size:
+                    return _too_big(command, topic, "E_BAD_MESSAGE", len(body), self.max_msg_size)
+        if self.max_body_size is not None and command == "mpub":
+            size = 4 + sum(4 + len(body) for body in bodies)
+            if size > self.max_body_size:
+                return _too_big(command, topic, "E_BAD_BODY", size, self.max_body_size)
+        return None
 
     def connected(self) -> int:
         """How many nsqd connections can take a publish now.
@@ -257,6 +285,10 @@ class Publisher:
         """Like :meth:`pub`, for callback code: the future's result is nsqd's OK, or the error."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
+        if self.max_msg_size is not None and len(body) > self.max_msg_size:
+            self._count_error("pub")
+            fut.set_exception(_too_big("pub", topic, "E_BAD_MESSAGE", len(body), self.max_msg_size))
+            return fut
         if not self._flush_scheduled and not self._groups:
             # Idle (nothing gathered, nothing awaiting nsqd's answer): nothing would join it in
             # this turn's MPUB, so it goes now; what follows in this turn is gathered as usual.
@@ -270,11 +302,20 @@ class Publisher:
 
     async def mpub(self, topic: str, bodies: list[bytes]) -> None:
         """MPUB: all of ``bodies`` or none of them (nsqd applies one MPUB atomically)."""
-        await self._send("mpub", topic, frames.mpub(topic, bodies))
+        await self._checked_send("mpub", topic, bodies, lambda: frames.mpub(topic, bodies))
 
     async def dpub(self, topic: str, delay_ms: int, body: bytes) -> None:
         """DPUB: deliver ``body`` after ``delay_ms`` milliseconds."""
-        await self._send("dpub", topic, frames.dpub(topic, delay_ms, body))
+        await self._checked_send("dpub", topic, (body,), lambda: frames.dpub(topic, delay_ms, body))
+
+    async def _checked_send(
+        self, command: str, topic: str, bodies: Sequence[bytes], frame: Callable[[], bytes]
+    ) -> None:
+        refusal = self._refusal(command, topic, bodies)
+        if refusal is not None:
+            self._count_error(command)
+            raise refusal
+        await self._send(command, topic, frame())
 
     def _flush(self) -> None:
         self._flush_scheduled = False

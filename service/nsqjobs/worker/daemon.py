@@ -211,11 +211,11 @@ class Worker:
 
     async def _read_nsqd_limits(self) -> None:
         # The largest message nsqd takes, from nsqd itself; the setting when it cannot say.
-        self.jobs.set_max_msg_size(
-            await nsqd_limit(
-                self.config.nsqd_http_address, "max_msg_size", self.config.nsqd_max_msg_size
-            )
+        max_msg_size = await nsqd_limit(
+            self.config.nsqd_http_address, "max_msg_size", self.config.nsqd_max_msg_size
         )
+        self.jobs.set_max_msg_size(max_msg_size)
+        self.publisher.set_limits(max_msg_size)
 
     async def _flush(self, timeout_s: float = 2.0) -> None:
         # FIN/REQ are buffered in the IOStream; closing before they are written would drop them.
