@@ -35,7 +35,7 @@ class Sizes:
     enqueue_jobs: int = 5_000
     drain_jobs: int = 20_000
     latency_rate: float = 50.0
-    latency_seconds: float = 10.0
+    latency_seconds: float = 30.0
     cpu_jobs_python: int = 12
     cpu_jobs_compiled: int = 200
 
