@@ -248,17 +248,21 @@ class Publisher:
             # An MPUB body is a 4-byte count, then each message with its 4-byte size.
             self.group_bytes = max(1, min(self.GROUP_BYTES, max_body_size - 4))
 
-    def _refusal(self, command: str, topic: str, bodies: Sequence[bytes]) -> PublishRejected | None:
-        """Why nsqd would refuse these bodies (its E_BAD_MESSAGE or E_BAD_BODY), or None."""
+    def _refuse_oversized(self, command: str, topic: str, bodies: Sequence[bytes]) -> None:
+        """Raise :class:`PublishRejected`, as nsqd's E_BAD_MESSAGE or E_BAD_BODY would, for
+        bodies over nsqd's limits; nothing is sent."""
+        error = None
         if self.max_msg_size is not None:
-            for body in bodies:
-                if len(body) > self.max_msg_size:
-                    return _too_big(command, topic, "E_BAD_MESSAGE", len(body), self.max_msg_size)
-        if self.max_body_size is not None and command == "mpub":
+            size = max(map(len, bodies), default=0)
+            if size > self.max_msg_size:
+                error = _too_big(command, topic, "E_BAD_MESSAGE", size, self.max_msg_size)
+        if error is None and self.max_body_size is not None and command == "mpub":
             size = 4 + sum(4 + len(body) for body in bodies)
             if size > self.max_body_size:
-                return _too_big(command, topic, "E_BAD_BODY", size, self.max_body_size)
-        return None
+                error = _too_big(command, topic, "E_BAD_BODY", size, self.max_body_size)
+        if error is not None:
+            self._count_error(command)
+            raise error
 
     def connected(self) -> int:
         """How many nsqd connections can take a publish now.
@@ -302,20 +306,13 @@ class Publisher:
 
     async def mpub(self, topic: str, bodies: list[bytes]) -> None:
         """MPUB: all of ``bodies`` or none of them (nsqd applies one MPUB atomically)."""
-        await self._checked_send("mpub", topic, bodies, lambda: frames.mpub(topic, bodies))
+        self._refuse_oversized("mpub", topic, bodies)
+        await self._send("mpub", topic, frames.mpub(topic, bodies))
 
     async def dpub(self, topic: str, delay_ms: int, body: bytes) -> None:
         """DPUB: deliver ``body`` after ``delay_ms`` milliseconds."""
-        await self._checked_send("dpub", topic, (body,), lambda: frames.dpub(topic, delay_ms, body))
-
-    async def _checked_send(
-        self, command: str, topic: str, bodies: Sequence[bytes], frame: Callable[[], bytes]
-    ) -> None:
-        refusal = self._refusal(command, topic, bodies)
-        if refusal is not None:
-            self._count_error(command)
-            raise refusal
-        await self._send(command, topic, frame())
+        self._refuse_oversized("dpub", topic, (body,))
+        await self._send("dpub", topic, frames.dpub(topic, delay_ms, body))
 
     def _flush(self) -> None:
         self._flush_scheduled = False
