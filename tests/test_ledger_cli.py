@@ -126,7 +126,7 @@ def test_status_result_jobs_dlq_and_cancel(
     assert "--yes" in reason
     assert cli(gateway, "dlq", "purge", "d2", "--yes").stdout == "purged 1\n"
     assert cli(gateway, "dlq", "purge", "--task", "debug.throws", "--yes").stdout == "purged 1\n"
-    assert cli(gateway, "dlq", "list").stderr == "no jobs\n"
+    assert cli(gateway, "dlq", "list").stderr == "no dead letters\n"
     one_line_error(cli(gateway, "dlq", "purge", "d2", "--yes"), 1, "dlq")
     worker.resume()
     assert len(recorded(gateway, "d1", "dead")["runs"]) == 1

@@ -253,7 +253,9 @@ def table(jobs: list[dict[str, Any]], columns: tuple[Column, ...]) -> str:
     )
 
 
-def _listing(args: argparse.Namespace, path: str, query: dict[str, Any], columns: Any) -> int:
+def _listing(
+    args: argparse.Namespace, path: str, query: dict[str, Any], columns: Any, empty: str
+) -> int:
     client = gateway(args)
     jobs: list[dict[str, Any]] = []
     cursor = args.cursor
@@ -268,7 +270,7 @@ def _listing(args: argparse.Namespace, path: str, query: dict[str, Any], columns
     elif jobs:
         print(table(jobs, columns))
     else:
-        print("no jobs", file=sys.stderr)
+        print(empty, file=sys.stderr)
     if cursor is not None and not args.json:
         print(f"more: --all, or --cursor {cursor}", file=sys.stderr)
     return 0
@@ -276,13 +278,15 @@ def _listing(args: argparse.Namespace, path: str, query: dict[str, Any], columns
 
 def jobs(args: argparse.Namespace) -> int:
     """``nsqjobs jobs [--status S] [--task T]``: jobs in the order they were accepted."""
-    return _listing(args, "/v1/jobs", {"status": args.status, "task": args.task}, JOB_COLUMNS)
+    query = {"status": args.status, "task": args.task}
+    return _listing(args, "/v1/jobs", query, JOB_COLUMNS, "no jobs")
 
 
 def dlq(args: argparse.Namespace) -> int:
     """``nsqjobs dlq list|replay|purge``: dead letters from the ledger."""
     if args.action == "list":
-        return _listing(args, "/v1/dead-letters", {"task": args.task}, DEAD_COLUMNS)
+        query = {"task": args.task}
+        return _listing(args, "/v1/dead-letters", query, DEAD_COLUMNS, "no dead letters")
     if bool(args.ids) + bool(args.task) + bool(args.all) != 1:
         raise CommandFailed(
             f"dlq {args.action} needs job ids, or --task TASK, or --all (one of them)", 2
