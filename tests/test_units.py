@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from contextlib import ExitStack
 from pathlib import Path
@@ -65,6 +66,31 @@ def test_bad_job_bytes_raise_decode_error_keeping_raw(raw: bytes) -> None:
     with pytest.raises(DecodeError) as info:
         wire.decode_job(raw)
     assert info.value.raw == raw
+
+
+def test_job_ids_are_time_ordered_unique_and_not_shared_with_a_forked_child() -> None:
+    before = wire.new_job_id()
+    ids = [wire.new_job_id() for _ in range(5000)]  # several 4 KiB reads of the random source
+    after = wire.new_job_ids(3)
+    assert len(set([before, *ids, *after])) == 5004
+    for job_id in [before, *ids, *after]:
+        assert len(job_id) == 32 and int(job_id, 16) >= 0
+    assert [i[:12] for i in [before, *ids]] == sorted(i[:12] for i in [before, *ids])
+    # A forked child must not hand out the digits its parent holds: the same ids in two
+    # processes (a worker's process pool forks) would be one job to the ledger.
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id, then out at once
+        try:
+            os.write(write, wire.new_job_id().encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    mine = wire.new_job_id()
+    assert len(child) == 32 and child[12:] != mine[12:]
 
 
 def test_config_flags_beat_env_beat_defaults() -> None:

@@ -8,6 +8,7 @@ a topic with a JSON parser.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
@@ -188,12 +189,43 @@ def decode_started(raw: bytes) -> list[Started]:
     return events
 
 
+class _RandomHex:
+    """Hex digits from the OS's random source, read 4 KiB at a time: ``os.urandom`` gives up the
+    GIL around its system call, and a gateway's event loop that gives it up for every job
+    waits to take it back from its ledger's writer thread. Thread-safe; a forked child starts
+    with none of its parent's digits (they would repeat its ids)."""
+
+    CHUNK = 4096
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._digits = ""
+        self._at = 0
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._digits, self._at = "", 0
+
+    def take(self, n: int) -> str:
+        """``n`` hex digits never handed out before (``n`` <= 2 * CHUNK)."""
+        with self._lock:
+            at = self._at
+            if at + n > len(self._digits):
+                self._digits, at = os.urandom(self.CHUNK).hex(), 0
+            self._at = at + n
+            return self._digits[at : at + n]
+
+
+_random_hex = _RandomHex()
+
+
 def new_job_id() -> str:
     """A fresh job id: 32 hex characters, the time in milliseconds (12) then 80 random bits
     (20): unique without coordination, and in about the order they were made, so the ledger's
     id index grows at its end (random ids scatter every insert over the whole index: 3-5x the
     ledger's write cost on a large table, bench/results/ledger_ingest.md)."""
-    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+    return f"{time.time_ns() // 1_000_000:012x}{_random_hex.take(20)}"
 
 
 def new_job_ids(n: int) -> list[str]:
