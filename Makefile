@@ -77,8 +77,19 @@ LAST_WORKER_PORT = $$(( $(NSQJOBS_WORKER_PORT) + $(NSQJOBS_WORKERS) - 1 ))
 
 # A program that cannot start stops the stack (deploy/local/watchdog.py writes why to
 # stack-failed): then `make run` prints that one line and exits 1.
+# SIGTERM to make (not only Ctrl-C to the terminal's process group) stops the stack too: the
+# recipe's shell runs supervisord in the background and hands it TERM, INT and HUP.
+STACK_PORTS := NSQJOBS_NSQD_TCP_PORT NSQJOBS_NSQD_HTTP_PORT NSQJOBS_LOOKUPD_TCP_PORT \
+	NSQJOBS_LOOKUPD_HTTP_PORT NSQJOBS_NSQADMIN_PORT NSQJOBS_GATEWAY_PORT NSQJOBS_WORKER_PORT
 run: venv nsq
 	@case "$(NSQJOBS_WORKERS)" in ''|*[!0-9]*|0) echo "make run: NSQJOBS_WORKERS must be a whole number >= 1, got '$(NSQJOBS_WORKERS)'" >&2; exit 2;; esac
+	@for v in $(STACK_PORTS); do p=$${!v}; \
+	  case "$$p" in ''|*[!0-9]*) p=x;; esac; \
+	  if [ "$$p" = x ] || [ "$$p" -lt 1 ] || [ "$$p" -gt 65535 ]; then \
+	    echo "make run: $$v must be a port number (1-65535), got '$${!v}'" >&2; exit 2; fi; \
+	done
+	@if [ -S $(DATA_DIR)/supervisor.sock ] && $(STACK_ENV) $(VENV)/bin/supervisorctl -c deploy/local/supervisord.conf pid >/dev/null 2>&1; then \
+	  echo "make run: a stack from an earlier make run is still running on $(DATA_DIR) (stop it: make ctl CMD=shutdown)" >&2; exit 1; fi
 	@mkdir -p $(DATA_DIR)/nsqd
 	@rm -f $(DATA_DIR)/stack-failed
 	@echo "nsqjobs local stack"
@@ -89,9 +100,13 @@ run: venv nsq
 	@echo "  nsqadmin     http://127.0.0.1:$(NSQJOBS_NSQADMIN_PORT)"
 	@echo "  ledger       $(or $(NSQJOBS_LEDGER_URL),off)"
 	@echo "  try:  curl -s -XPOST 'http://127.0.0.1:$(NSQJOBS_GATEWAY_PORT)/v1/jobs?wait=10' -H 'Content-Type: application/json' -d '{\"task\": \"primes.count\", \"args\": {\"start\": 0, \"stop\": 1000000}}'"
+	@echo "  CLI:  .venv/bin/nsqjobs status ID  (the CLI and nsqjobs.Client read NSQJOBS_GATEWAY_URL=http://127.0.0.1:$(NSQJOBS_GATEWAY_PORT))"
 	@echo "  status: make ctl (another terminal)"
 	@echo "  stop: Ctrl-C (workers drain for $(NSQJOBS_GRACE_S)s at most)"
-	@$(STACK_ENV) $(VENV)/bin/supervisord -c deploy/local/supervisord.conf; status=$$?; \
+	@$(STACK_ENV) $(VENV)/bin/supervisord -c deploy/local/supervisord.conf & pid=$$!; \
+	 trap 'kill -TERM $$pid 2>/dev/null' TERM INT HUP; \
+	 wait $$pid; status=$$?; \
+	 while kill -0 $$pid 2>/dev/null; do wait $$pid; status=$$?; done; \
 	 if [ -s $(DATA_DIR)/stack-failed ]; then \
 		echo "make run: stopped: $$(cat $(DATA_DIR)/stack-failed)" >&2; exit 1; \
 	 fi; exit $$status

@@ -42,7 +42,20 @@ def test_error_statuses_publish_nothing(nsq: Nsq, daemons: Callable[..., Daemon]
         415,
         "unsupported-media-type",
     )
+    problem(
+        *http("POST", jobs, PRIMES, headers={"Content-Type": "application/json; charset=utf-16"}),
+        415,
+        "unsupported-media-type",
+    )
     problem(*http("GET", jobs), 405, "method-not-allowed")
+    # A parameter the route does not take is refused, not ignored (a misspelt wait).
+    body = problem(*http("POST", jobs + "?wiat=5", PRIMES), 400, "bad-query")
+    assert [e["field"] for e in body["errors"]] == ["query.wiat"]
+    body = problem(*http("POST", jobs + "/batch?wait=1", {"jobs": [PRIMES]}), 400, "bad-query")
+    assert [e["field"] for e in body["errors"]] == ["query.wait"]
+    # The routes tornado serves hold bodies to the same limit as the job routes.
+    big = b'{"ids": ["a"], "pad": "' + b" " * 5000 + b'"}'
+    problem(*http("POST", gw.url + "/v1/jobs/wait", raw=big), 413, "payload-too-large")
 
     cases = [
         (
@@ -65,6 +78,9 @@ def test_error_statuses_publish_nothing(nsq: Nsq, daemons: Callable[..., Daemon]
         ({"task": "primes.count", "args": {"start": 0, "stop": 2 * 10**9}}, "args", "<="),
         ({**PRIMES, "delay_ms": 3_600_001}, "body.delay_ms", "<= 3600000"),
         ({**PRIMES, "id": "has space"}, "body.id", "matching regex"),
+        # Dot segments: clients rewrite /v1/jobs/.. before sending, so no URL names them.
+        ({**PRIMES, "id": "."}, "body.id", "matching regex"),
+        ({**PRIMES, "id": ".."}, "body.id", "matching regex"),
         ({"args": {}}, "body.task", "missing required field"),
         ({**PRIMES, "priority": 1}, "body.priority", "unknown field"),
     ]
@@ -79,9 +95,16 @@ def test_error_statuses_publish_nothing(nsq: Nsq, daemons: Callable[..., Daemon]
         "invalid-arguments",
     )
 
+    body = problem(
+        *http("POST", gw.url + "/v1/jobs/batch", {"jobs": [PRIMES, {**PRIMES, "id": ".."}]}),
+        422,
+        "invalid-arguments",
+    )
+    assert body["errors"][0]["field"] == "body.jobs[1].id"
+
     assert nsq.message_count("jobs") == 0
     # Rejections are counted by status; accepted jobs are not.
-    assert gw.metric("nsqjobs_jobs_rejected_total", reason="422") == len(cases) + 2
+    assert gw.metric("nsqjobs_jobs_rejected_total", reason="422") == len(cases) + 3
     assert (
         gw.metric("nsqjobs_http_requests_total", route="/v1/jobs", method="POST", status="404") == 1
     )
@@ -93,11 +116,11 @@ NOT_ALLOWED = [
     ("GET", "/v1/jobs", "POST"),
     ("DELETE", "/v1/jobs", "POST"),
     ("PUT", "/v1/jobs/batch", "POST"),
-    ("DELETE", "/v1/tasks", "GET"),
-    ("POST", "/openapi.json", "GET"),
-    ("POST", "/healthz", "GET"),
-    ("PUT", "/readyz", "GET"),
-    ("POST", "/metrics", "GET"),
+    ("DELETE", "/v1/tasks", "GET, HEAD"),
+    ("POST", "/openapi.json", "GET, HEAD"),
+    ("POST", "/healthz", "GET, HEAD"),
+    ("PUT", "/readyz", "GET, HEAD"),
+    ("POST", "/metrics", "GET, HEAD"),
 ]
 
 
@@ -111,9 +134,15 @@ def test_every_405_is_a_problem_naming_the_allowed_methods(
         problem(status, headers, body, 405, "method-not-allowed")
         assert headers["Allow"] == allow, (method, path, headers)
         assert method in body["detail"], body
-    # HEAD gets the same status and headers, without the body.
-    status, headers, body = http("HEAD", gw.url + "/healthz")
-    assert (status, headers["Allow"], body) == (405, "GET", "")
+    # HEAD is served wherever GET is (RFC 9110): GET's status and headers, no body.
+    for path in ("/healthz", "/readyz", "/metrics", "/openapi.json", "/v1/tasks"):
+        _, got, _ = http("GET", gw.url + path)
+        status, headers, body = http("HEAD", gw.url + path)
+        assert (status, body) == (200, ""), path
+        assert headers["Content-Type"] == got["Content-Type"], path
+    # A route without GET answers HEAD as any other method it does not take.
+    status, headers, body = http("HEAD", gw.url + "/v1/jobs")
+    assert (status, headers["Allow"], body) == (405, "POST", "")
     assert headers["Content-Type"] == "application/problem+json"
     assert nsq.message_count("jobs") == 0
     # Counted by route template, whichever HTTP stack answered.
@@ -129,7 +158,7 @@ def test_unknown_paths_are_problems_for_every_method(
     nsq: Nsq, daemons: Callable[..., Daemon]
 ) -> None:
     gw = daemons("gateway", nsq)
-    for method in ("GET", "POST", "PUT", "DELETE"):
+    for method in ("GET", "POST", "PUT", "DELETE", "TRACE"):
         data = b"{}" if method in ("POST", "PUT") else None
         body = problem(*http(method, gw.url + "/v1/nowhere", raw=data), 404, "not-found")
         assert "/v1/nowhere" in body["detail"]

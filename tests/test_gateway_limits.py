@@ -57,12 +57,18 @@ def test_bad_bodies_are_4xx_naming_the_field_and_publish_nothing(
     gw = daemons("gateway", nsq)
     single, wait, batch = gw.url + "/v1/jobs", gw.url + "/v1/jobs?wait=1", gw.url + "/v1/jobs/batch"
 
-    # 1. Not UTF-8 (whatever charset the client claims): 400, never 500.
+    # 1. Not UTF-8: 400, never 500; a charset other than UTF-8 is refused from the header (415).
     latin = b'{"task": "noop", "args": {"name": "caf\xe9"}}'
     for url in (single, wait):
-        for ctype in ("application/json", "application/json; charset=latin-1"):
-            body = problem(*post(url, latin, ctype), 400, "malformed-json")
+        body = problem(*post(url, latin, "application/json"), 400, "malformed-json")
+        assert "UTF-8" in body["detail"]
+        for charset in ("latin-1", "utf-16", '"ISO-8859-1"'):
+            ctype = f"application/json; charset={charset}"
+            body = problem(*post(url, latin, ctype), 415, "unsupported-media-type")
             assert "UTF-8" in body["detail"]
+        # A UTF-8 label passes the header check: the body itself is then what is wrong.
+        for ctype in ("application/json; charset=UTF-8", 'application/json;charset="utf-8"'):
+            problem(*post(url, latin, ctype), 400, "malformed-json")
     problem(*post(batch, b'{"jobs": [' + latin + b"]}"), 400, "malformed-json")
 
     # 2. Nesting: up to the documented limit is a job; one more level, or a thousand, is a 422

@@ -107,6 +107,8 @@ def test_listing_with_filters_cursors_and_query_errors(
         ("limit=%C2%B2", ["query.limit"]),
         ("task=", ["query.task"]),
         ("cursor=not-ours", ["query.cursor"]),
+        # Ours in form, with a position in digits str.isdigit() takes but int() does not: "²".
+        ("cursor=WyJqb2JzIixudWxsLG51bGwsIsKyIl0", ["query.cursor"]),
         ("cursor=", ["query.cursor"]),
         ("limit=1&limit=2", ["query.limit"]),
         ("stauts=failed", ["query.stauts"]),
@@ -118,8 +120,17 @@ def test_listing_with_filters_cursors_and_query_errors(
 
     # POST stays the hot path's; any other method is answered 405 naming both.
     code, headers, _ = http("PUT", f"{gateway.url}/v1/jobs", {})
-    assert code == 405 and headers["Allow"] == "GET, POST"
-    problem(http("GET", f"{gateway.url}/v1/jobs/batch"), 405, "method-not-allowed")
+    assert code == 405 and headers["Allow"] == "GET, HEAD, POST"
+    # /v1/jobs/batch is also the path of the job whose id is "batch" (POST is the batch route).
+    problem(http("GET", f"{gateway.url}/v1/jobs/batch"), 404, "unknown-job")
+    assert http("POST", f"{gateway.url}/v1/jobs", {"id": "batch", "task": "noop"})[0] == 202
+    code, _, record = get(gateway, "/v1/jobs/batch")
+    assert code == 200 and record["id"] == "batch" and record["task"] == "noop"
+    code, headers, _ = http("PUT", f"{gateway.url}/v1/jobs/batch", {})
+    assert code == 405 and headers["Allow"] == "GET, DELETE, HEAD, POST"
+    code, _, body = http("HEAD", f"{gateway.url}/v1/jobs?limit=1")
+    assert (code, body) == (200, "")
+    jobs.append({"id": "batch", "task": "noop"})
 
     daemons("worker", nsq)
     for job in jobs:
@@ -171,7 +182,7 @@ def test_cancel_before_start_and_after_the_end(
     assert body["job_status"] == "succeeded" and body["id"] == "after"
     problem(http("DELETE", f"{gateway.url}/v1/jobs/nobody"), 404, "unknown-job")
     code, headers, _ = http("POST", f"{gateway.url}/v1/jobs/c1", {})
-    assert code == 405 and headers["Allow"] == "GET, DELETE"
+    assert code == 405 and headers["Allow"] == "GET, DELETE, HEAD"
 
 
 def test_dead_letters_listed_replayed_and_purged(
@@ -240,6 +251,11 @@ def test_dead_letters_listed_replayed_and_purged(
     body = problem(http("DELETE", f"{gateway.url}/v1/dead-letters/ok"), 409, "not-dead")
     assert body["job_status"] == "succeeded"
     problem(http("DELETE", f"{gateway.url}/v1/dead-letters/d1"), 409, "not-dead")
+    # A filter sent as a body is refused, not ignored (it would purge every dead letter).
+    refused = http("DELETE", f"{gateway.url}/v1/dead-letters", {"task": "no.such.task"})
+    assert "query string" in problem(refused, 400, "bad-request")["detail"]
+    refused = http("POST", f"{gateway.url}/v1/dead-letters/replay", {"task": "no.such.task"})
+    problem(refused, 400, "bad-request")
     code, _, purged = http("DELETE", f"{gateway.url}/v1/dead-letters?task=debug.throws")
     assert code == 200 and purged == {"purged": 1}
     # Both replayed jobs run and die again (the relay published them when replayed).

@@ -124,10 +124,15 @@ def test_status_result_jobs_dlq_and_cancel(
     # Purge needs --yes; by id, then by task.
     reason = one_line_error(cli(gateway, "dlq", "purge", "d2"), 2, "dlq")
     assert "--yes" in reason
-    assert cli(gateway, "dlq", "purge", "d2", "--yes").stdout == "purged 1\n"
+    assert cli(gateway, "dlq", "purge", "d2", "--yes").stdout == "purged 1: d2\n"
     assert cli(gateway, "dlq", "purge", "--task", "debug.throws", "--yes").stdout == "purged 1\n"
     assert cli(gateway, "dlq", "list").stderr == "no dead letters\n"
     one_line_error(cli(gateway, "dlq", "purge", "d2", "--yes"), 1, "dlq")
+    # Several ids: each is tried, and each failure is its own line.
+    both = cli(gateway, "dlq", "replay", "d2", "nobody")
+    assert both.returncode == 1 and both.stdout == "", both
+    lines = both.stderr.splitlines()
+    assert len(lines) == 2 and "'d2'" in lines[0] and "'nobody'" in lines[1], lines
     worker.resume()
     assert len(recorded(gateway, "d1", "dead")["runs"]) == 1
     assert worker.alive()
@@ -146,11 +151,31 @@ def test_status_result_jobs_dlq_and_cancel(
 
 def test_usage_errors_exit_2_and_an_unreachable_gateway_1(tmp_path: Path) -> None:
     nowhere = {ENV_GATEWAY_URL: "http://127.0.0.1:9"}
-    for argv in (["dlq"], ["jobs", "--status", "nope"], ["result"], ["dlq", "replay"]):
+    bad = [
+        ["dlq"],
+        ["jobs", "--status", "nope"],
+        ["result"],
+        ["dlq", "replay"],
+        ["result", "x", "--wait", "nan"],
+        ["submit", "noop", "--wait", "inf"],
+        ["submit", "noop", "--wait", "-1"],
+        ["submit", "noop", "--id", ""],
+        ["status", "a/b"],
+        ["cancel", ".."],
+        ["dlq", "purge", "x/y", "--yes"],
+    ]
+    for argv in bad:
         proc = cli(None, *argv, **nowhere)
         assert proc.returncode == 2, (argv, proc.stderr)
         assert "Traceback" not in proc.stderr
     one_line_error(cli(None, "dlq", "replay", "--task", "t", "--all", **nowhere), 2, "dlq")
+    for args in ('{"a": NaN}', '{"a": 1e400}', "{bad", "[" * 5000 + "]" * 5000):
+        reason = one_line_error(cli(None, "submit", "noop", "--args", args, **nowhere), 2, "submit")
+        assert "--args is not valid JSON" in reason, reason
+    reason = one_line_error(
+        cli(None, "submit", "noop", **{ENV_GATEWAY_URL: "http://[::1"}), 2, "submit"
+    )
+    assert "is not a URL" in reason
     reason = one_line_error(cli(None, "jobs", **nowhere), 1, "jobs")
     assert "cannot reach the gateway at http://127.0.0.1:9" in reason
     one_line_error(cli(None, "result", "x", **nowhere), 4, "result")

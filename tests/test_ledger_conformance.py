@@ -341,7 +341,12 @@ def test_listing_by_status_and_task_with_a_cursor(ledger: Ledger) -> None:
         assert [j.id for j in done.jobs] == ["j1", "j3", "j4"] and done.cursor is None
         assert [j.id for j in (await store.list_jobs(status="queued", task="noop")).jobs] == ["j5"]
         assert (await store.list_jobs(task="nothing")).jobs == []
-        for bad in ({"cursor": "x"}, {"limit": 0}, {"limit": 1001}, {"status": "nope"}):
+        # Superscript two, Arabic-Indic one, fullwidth one: str.isdigit(), but no position
+        # this ledger gave out.
+        cursors = ("x", "\u00b2", "\u0661", "\uff11")
+        bads: list[dict[str, Any]] = [{"cursor": c} for c in cursors]
+        bads += [{"limit": 0}, {"limit": 1001}, {"status": "nope"}]
+        for bad in bads:
             with pytest.raises(LedgerError):
                 store.list_jobs(**bad)
 

@@ -48,7 +48,7 @@ def test_a_405_names_the_allowed_methods_in_a_header_not_the_body() -> None:
     assert json.loads(body)["detail"] == "PUT not allowed; use GET, POST"
     assert "Allow" not in json.loads(body) and "allow" not in json.loads(body)
     for handler in (HealthHandler, ReadyHandler, MetricsHandler):
-        assert handler.allowed_methods() == ["GET"]
+        assert handler.allowed_methods() == ["GET", "HEAD"]
 
 
 def test_domain_errors_map_to_stable_problem_types() -> None:
@@ -89,4 +89,4 @@ def test_worker_metrics_port_answers_405_as_problems(
         data = b"{}" if method in ("POST", "PUT") else None
         status, headers, body = http(method, worker.url + path, raw=data)
         check_problem(status, headers, body, 405, "method-not-allowed")
-        assert headers["Allow"] == "GET", (method, path, headers)
+        assert headers["Allow"] == "GET, HEAD", (method, path, headers)

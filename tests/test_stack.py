@@ -118,14 +118,10 @@ def _stack_env(tmp_path: Path, **extra: str) -> tuple[dict[str, str], dict[str, 
 MAKE_RUN = ["make", "--no-print-directory", "-o", ".venv/.installed", "run"]
 
 
-@pytest.mark.slow
-def test_make_run_starts_the_stack_and_stops_it_on_ctrl_c(tmp_path: Path) -> None:
-    need_binary("nsqd")
-    env, ports = _stack_env(tmp_path, NSQJOBS_WORKERS="3")
-    data_dir = tmp_path / "stack-data"
-    log_path = tmp_path / "make-run.log"
+def _start_make_run(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """`make run` in the background, in a session of its own, its output to ``log_path``."""
     with open(log_path, "wb") as out:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             MAKE_RUN,
             cwd=ROOT,
             env=env,
@@ -133,18 +129,45 @@ def test_make_run_starts_the_stack_and_stops_it_on_ctrl_c(tmp_path: Path) -> Non
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], log_path: Path, url: str) -> None:
+    """Wait for ``url``/readyz, failing at once (with the log) if `make run` exits."""
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"make run exited:\n{log_path.read_text()}")
+        return ping(url + "/readyz")
+
+    wait_for(ready, 90, f"{url}/readyz", interval=0.2)
+
+
+def _make_run_to_the_end(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`make run` that is expected to stop by itself (a program that cannot start)."""
+    return subprocess.run(
+        MAKE_RUN,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        start_new_session=True,
+    )
+
+
+@pytest.mark.slow
+def test_make_run_starts_the_stack_and_stops_it_on_ctrl_c(tmp_path: Path) -> None:
+    need_binary("nsqd")
+    env, ports = _stack_env(tmp_path, NSQJOBS_WORKERS="3")
+    data_dir = tmp_path / "stack-data"
+    log_path = tmp_path / "make-run.log"
+    proc = _start_make_run(env, log_path)
     worker_ports = [int(ports["NSQJOBS_WORKER_PORT"]) + i for i in range(3)]
     gateway = f"http://127.0.0.1:{ports['NSQJOBS_GATEWAY_PORT']}"
     try:
         urls = [gateway, *(f"http://127.0.0.1:{port}" for port in worker_ports)]
         for url in urls:
-
-            def ready(url: str = url) -> bool:
-                if proc.poll() is not None:
-                    raise AssertionError(f"make run exited:\n{log_path.read_text()}")
-                return ping(url + "/readyz")
-
-            wait_for(ready, 90, f"{url}/readyz", interval=0.2)
+            _wait_ready(proc, log_path, url)
         assert ping(f"http://127.0.0.1:{ports['NSQJOBS_NSQADMIN_PORT']}/ping")
         banner = log_path.read_text()
         assert f"gateway      http://127.0.0.1:{ports['NSQJOBS_GATEWAY_PORT']}" in banner
@@ -243,15 +266,7 @@ def test_make_run_stops_with_the_reason_when_a_daemon_cannot_start(tmp_path: Pat
     env, _ = _stack_env(tmp_path, NSQJOBS_TASK_MODULE="no_such_task_module")
     data_dir = tmp_path / "stack-data"
     started = time.monotonic()
-    proc = subprocess.run(
-        MAKE_RUN,
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=90,
-        start_new_session=True,
-    )
+    proc = _make_run_to_the_end(env)
     took = time.monotonic() - started
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out
@@ -269,3 +284,64 @@ def test_make_run_stops_with_the_reason_when_a_daemon_cannot_start(tmp_path: Pat
     assert "Traceback" not in out, out
     assert took < 60, (took, out)
     assert _processes_mentioning(str(data_dir)) == []
+
+
+@pytest.mark.slow
+def test_make_run_stops_the_stack_on_sigterm_to_make_alone(tmp_path: Path) -> None:
+    # `kill <pid of make>` reaches make only (not its process group, as Ctrl-C does): make
+    # passes it to the recipe's shell, which must hand it to supervisord, not die and orphan it.
+    need_binary("nsqd")
+    env, ports = _stack_env(tmp_path, NSQJOBS_WORKERS="1")
+    data_dir = tmp_path / "stack-data"
+    log_path = tmp_path / "make-run.log"
+    proc = _start_make_run(env, log_path)
+    gateway = f"http://127.0.0.1:{ports['NSQJOBS_GATEWAY_PORT']}"
+    try:
+        _wait_ready(proc, log_path, gateway)
+        # A second `make run` on the same data directory says so, in one line.
+        again = subprocess.run(
+            MAKE_RUN, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert again.returncode != 0, again.stdout + again.stderr
+        assert "still running" in again.stderr and "make ctl CMD=shutdown" in again.stderr
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.wait(20)
+    log = log_path.read_text(errors="replace")
+    assert "gateway stopped in" in log and "worker stopped in" in log, log
+
+    def all_gone() -> bool:
+        return _processes_mentioning(str(data_dir)) == []
+
+    wait_for(all_gone, 10, "every process of the stack to end")
+    assert not ping(gateway + "/healthz")
+
+
+@pytest.mark.slow
+def test_make_run_names_the_port_an_nsq_daemon_could_not_take(tmp_path: Path) -> None:
+    need_binary("nsqd")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = str(taken.getsockname()[1])
+        env, _ = _stack_env(tmp_path, NSQJOBS_NSQD_TCP_PORT=busy)
+        proc = _make_run_to_the_end(env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    stopped = [line for line in proc.stderr.splitlines() if line.startswith("make run: stopped:")]
+    assert len(stopped) == 1, out
+    assert stopped[0].startswith("make run: stopped: nsqd could not start: "), out
+    assert f"127.0.0.1:{busy}" in stopped[0] and "address already in use" in stopped[0], out
+    assert _processes_mentioning(str(tmp_path / "stack-data")) == []
+
+
+def test_make_run_refuses_a_port_that_is_not_a_number(tmp_path: Path) -> None:
+    env, _ = _stack_env(tmp_path, NSQJOBS_WORKER_PORT="abc")
+    proc = subprocess.run(MAKE_RUN, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "make run: NSQJOBS_WORKER_PORT must be a port number (1-65535), got 'abc'" in (
+        proc.stderr
+    )

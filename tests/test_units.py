@@ -109,7 +109,14 @@ def test_config_flags_beat_env_beat_defaults() -> None:
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"NSQJOBS_CONCURRENCY": "many"}, "NSQJOBS_CONCURRENCY: invalid value 'many'"),
+        (
+            {"NSQJOBS_CONCURRENCY": "many"},
+            "--concurrency / NSQJOBS_CONCURRENCY: invalid value 'many' in NSQJOBS_CONCURRENCY",
+        ),
+        (
+            {"NSQJOBS_EXECUTOR": "fork"},
+            "--executor / NSQJOBS_EXECUTOR: invalid value 'fork' in NSQJOBS_EXECUTOR",
+        ),
         ({"NSQJOBS_CONCURRENCY": "0"}, "--concurrency / NSQJOBS_CONCURRENCY: must be 1-1024"),
         ({"NSQJOBS_EXECUTOR": "gpu"}, "expected one of thread, process"),
         ({"NSQJOBS_NSQD_TCP_ADDRESS": "localhost"}, "'localhost' is not HOST:PORT"),
@@ -241,7 +248,7 @@ def test_metrics_use_explicit_registries_and_base_units() -> None:
 
 
 def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["submit", "noop", "--args", "{bad"]) == 1
+    assert main(["submit", "noop", "--args", "{bad"]) == 2  # a usage error
     err = capsys.readouterr().err
     assert err.startswith("nsqjobs submit: --args is not valid JSON") and err.count("\n") == 1
     assert main(["submit", "noop", "--gateway-url", "http://127.0.0.1:9"]) == 1
@@ -250,8 +257,8 @@ def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     proc = run_cli("worker", env=env)
     assert proc.returncode == 1
     assert (
-        proc.stderr == "nsqjobs worker: NSQJOBS_CONCURRENCY: invalid value 'x' "
-        "(invalid literal for int() with base 10: 'x')\n"
+        proc.stderr == "nsqjobs worker: --concurrency / NSQJOBS_CONCURRENCY: invalid value 'x' "
+        "in NSQJOBS_CONCURRENCY (invalid literal for int() with base 10: 'x')\n"
     )
 
 

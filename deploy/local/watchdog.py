@@ -4,7 +4,8 @@ Without it, supervisord gives a program that keeps failing at start up (FATAL) a
 running the others, so `make run` sat there with only the NSQ daemons. On PROCESS_STATE_FATAL
 this writes "<program> could not start: <reason>" to the file named by its argument, prints it,
 and asks supervisord to shut down; the Makefile then exits non-zero with that line. The reason
-is the one line an nsqjobs daemon sends (as PROCESS_COMMUNICATION) when it fails at start.
+is the one line an nsqjobs daemon sends (as PROCESS_COMMUNICATION) when it fails at start, or
+the line an NSQ daemon logs as FATAL (its output comes as PROCESS_LOG events).
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ def main() -> int:
         event = headers.get("eventname", "")
         if event == "PROCESS_COMMUNICATION_STDOUT":
             reasons[name] = " ".join(data.split())
+        elif event == "PROCESS_LOG_STDOUT":
+            # The NSQ daemons' output: their reason is the line that says FATAL.
+            for line in data.splitlines():
+                if "FATAL:" in line:
+                    reasons[name] = " ".join(line.partition("FATAL:")[2].split())
         elif event == "PROCESS_STATE_FATAL" and not failure_file.exists():
             reason = reasons.get(name) or "it exited while starting (its output is above)"
             line = f"{name} could not start: {reason}"

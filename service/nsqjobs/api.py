@@ -21,7 +21,9 @@ from nsqjobs.names import (
     MAX_WAIT_SECONDS,
 )
 
-JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]+$")
+# Not "." or "..": clients (curl, httpx, browsers) remove such dot segments from
+# /v1/jobs/{id} before sending, so no URL could name that job.
+JOB_ID_PATTERN = re.compile(r"^(?!\.\.?$)[A-Za-z0-9._:-]+$")
 # How deep a job's ``args`` may nest objects and arrays (``args`` itself is level 1): deeper
 # JSON is refused (422) before anything is published, so no worker is handed what it cannot
 # decode.

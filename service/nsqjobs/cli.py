@@ -153,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=f"http://127.0.0.1:{os.environ.get(port_var) or GATEWAY_PORT}/readyz",
         help=f"URL to check [default http://127.0.0.1:${port_var}/readyz]",
     )
-    ck.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    ck.add_argument(
+        "--timeout", type=commands.seconds, default=3.0, help="seconds to wait for the answer"
+    )
 
     sm = sub.add_parser(
         "submit",
@@ -162,8 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sm.add_argument("task", help="task name, e.g. primes.count")
     sm.add_argument("--args", default="{}", help="task arguments as JSON, e.g. '{\"start\": 0}'")
-    sm.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the result")
-    sm.add_argument("--id", default=None, help="job id (default: generated)")
+    sm.add_argument(
+        "--wait", type=commands.seconds, default=0.0, help="seconds to wait for the result"
+    )
+    sm.add_argument("--id", type=commands.job_id, default=None, help="job id (default: generated)")
     sm.add_argument("--delay-ms", type=int, default=0, help="deliver after this delay")
     default_url = f"http://127.0.0.1:{os.environ.get(port_var) or GATEWAY_PORT}"
     commands.add_gateway_arguments(sm, default_url)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -18,11 +19,14 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any, Final
 
-from nsqjobs.client import Client, GatewayError, GatewayUnreachable, NotFound, RetryPolicy
+import httpx
+
+from nsqjobs.api import JOB_ID_PATTERN
+from nsqjobs.client import Client, GatewayError, GatewayUnreachable, RetryPolicy
 from nsqjobs.client.core import json_of
 from nsqjobs.errors import NsqjobsError
 from nsqjobs.ledger.store import STATUSES, UNFINISHED
-from nsqjobs.names import ENV_API_TOKEN, ENV_GATEWAY_URL
+from nsqjobs.names import ENV_API_TOKEN, ENV_GATEWAY_URL, MAX_JOB_ID_LENGTH
 
 # `nsqjobs result`'s exit statuses (2 is argparse's, for usage errors).
 EXIT_SUCCEEDED: Final = 0
@@ -45,7 +49,11 @@ class Gateway:
     failure at once and decides)."""
 
     def __init__(self, url: str, token: str = "", timeout_s: float = 30.0) -> None:
-        self.client = Client(url, token, timeout_s=timeout_s, retry=RetryPolicy(deadline_s=0))
+        try:
+            self.client = Client(url, token, timeout_s=timeout_s, retry=RetryPolicy(deadline_s=0))
+            httpx.URL(self.client.url)
+        except (ValueError, httpx.InvalidURL) as exc:
+            raise CommandFailed(f"--gateway-url {url!r} is not a URL: {exc}", 2) from None
         self.url = self.client.url
 
     def failed(self, exc: GatewayError, exit_code: int = 1) -> CommandFailed:
@@ -56,7 +64,8 @@ class Gateway:
             )
         fields = "; ".join(f"{e.field}: {e.message}" for e in exc.errors)
         detail = exc.detail
-        if isinstance(exc, NotFound):  # a gateway without the route: no ledger
+        if exc.type.endswith((":not-found", ":method-not-allowed")):
+            # A gateway without the ledger's routes (GET /v1/jobs is then POST's alone).
             detail = f"{detail} (is the gateway's job ledger on? see NSQJOBS_LEDGER_URL)"
         return CommandFailed(f"gateway answered {exc.status}: {fields or detail}", exit_code)
 
@@ -105,14 +114,54 @@ def _print_json(value: Any) -> None:
 # -- submit ---------------------------------------------------------------------------------
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def json_argument(text: str) -> Any:
+    """``--args``: strict JSON (no NaN, Infinity or numbers out of range, which Python's json
+    would take and the gateway refuses); :class:`CommandFailed` (usage, 2) otherwise."""
+    try:
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+    except RecursionError:
+        raise CommandFailed("--args is not valid JSON: nested too deeply", 2) from None
+    except ValueError as exc:  # json.JSONDecodeError is one
+        raise CommandFailed(f"--args is not valid JSON: {exc}", 2) from None
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"not a number of seconds >= 0: {text!r}")
+    return value
+
+
+def job_id(text: str) -> str:
+    """An argparse type: a job id as the gateway takes them (1-128 of ``A-Za-z0-9._:-``, not
+    ``.`` or ``..``), so a mistyped one fails here and not as an odd 404."""
+    if not JOB_ID_PATTERN.fullmatch(text) or len(text) > MAX_JOB_ID_LENGTH:
+        raise argparse.ArgumentTypeError(
+            f"not a job id: {text!r} (1-{MAX_JOB_ID_LENGTH} of A-Za-z0-9._:-, not . or ..)"
+        )
+    return text
+
+
 def submit(args: argparse.Namespace) -> int:
     """``nsqjobs submit TASK``: 0 accepted or succeeded, 1 failed."""
-    try:
-        task_args = json.loads(args.args)
-    except json.JSONDecodeError as exc:
-        raise NsqjobsError(f"--args is not valid JSON: {exc}") from None
+    task_args = json_argument(args.args)
     body: dict[str, Any] = {"task": args.task, "args": task_args}
-    if args.id:
+    if args.id is not None:
         body["id"] = args.id
     if args.delay_ms:
         body["delay_ms"] = args.delay_ms
@@ -292,27 +341,40 @@ def dlq(args: argparse.Namespace) -> int:
             f"dlq {args.action} needs job ids, or --task TASK, or --all (one of them)", 2
         )
     client = gateway(args)
-    if args.action == "replay":
-        if args.ids:
-            ids = [
-                client.request("POST", f"/v1/dead-letters/{i}/replay")[1]["id"] for i in args.ids
-            ]
-        else:
-            query = {"task": args.task, "limit": args.limit}
-            ids = client.request("POST", "/v1/dead-letters/replay", query)[1]["ids"]
-        print(f"replayed {len(ids)}" + (f": {' '.join(ids)}" if ids else ""))
-        return 0
-    if not args.yes:
+    if args.action == "purge" and not args.yes:
         raise CommandFailed("dlq purge deletes dead jobs for good: add --yes", 2)
     if args.ids:
-        purged = sum(
-            client.request("DELETE", f"/v1/dead-letters/{i}")[1]["purged"] for i in args.ids
-        )
-    else:
-        query = {"task": args.task, "limit": args.limit}
-        purged = client.request("DELETE", "/v1/dead-letters", query)[1]["purged"]
+        return _each_dead(client, args.action, args.ids)
+    query = {"task": args.task, "limit": args.limit}
+    if args.action == "replay":
+        ids = client.request("POST", "/v1/dead-letters/replay", query)[1]["ids"]
+        print(f"replayed {len(ids)}" + (f": {' '.join(ids)}" if ids else ""))
+        return 0
+    purged = client.request("DELETE", "/v1/dead-letters", query)[1]["purged"]
     print(f"purged {purged}")
     return 0
+
+
+def _each_dead(client: Gateway, action: str, ids: list[str]) -> int:
+    """Replay or purge dead jobs one id at a time: every id is tried, what was done is printed
+    (``replayed 2: a1 a7``), and each failure is one line on stderr; exit 1 when any failed."""
+    done: list[str] = []
+    failed = False
+    for i in ids:
+        try:
+            if action == "replay":
+                client.request("POST", f"/v1/dead-letters/{i}/replay")
+            else:
+                client.request("DELETE", f"/v1/dead-letters/{i}")
+        except CommandFailed as exc:
+            failed = True
+            print(f"nsqjobs dlq: {exc}", file=sys.stderr)
+            continue
+        done.append(i)
+    if done:
+        verb = "replayed" if action == "replay" else "purged"
+        print(f"{verb} {len(done)}: {' '.join(done)}")
+    return 1 if failed else 0
 
 
 # -- the parsers ----------------------------------------------------------------------------
@@ -325,7 +387,7 @@ def add_commands(sub: Any, default_url: str) -> None:
         help="show a job as the ledger records it",
         description="Show a job's status, attempts, errors, timestamps and result.",
     )
-    st.add_argument("id", help="job id")
+    st.add_argument("id", type=job_id, help="job id")
     st.add_argument("--json", action="store_true", help="print the record as JSON")
     add_gateway_arguments(st, default_url)
 
@@ -336,8 +398,8 @@ def add_commands(sub: Any, default_url: str) -> None:
         "succeeded (its result printed as JSON), 1 failed, dead or cancelled, 2 usage, 3 "
         "still unfinished after --wait, 4 unknown job or gateway unreachable.",
     )
-    rs.add_argument("id", help="job id")
-    rs.add_argument("--wait", type=float, default=0.0, help="seconds to wait [default 0]")
+    rs.add_argument("id", type=job_id, help="job id")
+    rs.add_argument("--wait", type=seconds, default=0.0, help="seconds to wait [default 0]")
     rs.add_argument("--json", action="store_true", help="print the whole record as JSON")
     add_gateway_arguments(rs, default_url)
 
@@ -354,7 +416,7 @@ def add_commands(sub: Any, default_url: str) -> None:
         help="cancel a job that has not finished",
         description="Cancel a queued or running job: workers skip it.",
     )
-    cn.add_argument("id", help="job id")
+    cn.add_argument("id", type=job_id, help="job id")
     add_gateway_arguments(cn, default_url)
 
     dl = sub.add_parser(
@@ -370,7 +432,7 @@ def add_commands(sub: Any, default_url: str) -> None:
         ("purge", "delete dead jobs for good (by id, by --task, or --all; needs --yes)"),
     ):
         ap = actions.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".")
-        ap.add_argument("ids", nargs="*", help="job ids")
+        ap.add_argument("ids", nargs="*", type=job_id, help="job ids")
         ap.add_argument("--task", help="every dead job of this task (up to --limit)")
         ap.add_argument("--all", action="store_true", help="every dead job (up to --limit)")
         ap.add_argument("--limit", type=int, default=1000, help="at most this many [1000]")

@@ -47,7 +47,9 @@ def flag_name(f: dataclasses.Field[Any]) -> str:
     return "--" + env_name(f).removeprefix(c.ENV_PREFIX).lower().replace("_", "-")
 
 
-def _parse(raw: str, kind: Any, where: str) -> Any:
+def _parse(raw: str, kind: Any, where: str, both: str) -> Any:
+    """``raw`` (given in ``where``, the flag or the variable) as ``kind``; a ConfigError naming
+    both spellings (``both``) and where the value came from."""
     origin = get_origin(kind)
     try:
         if kind is bool:
@@ -72,7 +74,7 @@ def _parse(raw: str, kind: Any, where: str) -> Any:
         if kind == float | None:
             return None if raw.strip() in ("", "none") else float(raw)
     except ValueError as exc:
-        raise ConfigError(f"{where}: invalid value {raw!r} ({exc})") from None
+        raise ConfigError(f"{both}: invalid value {raw!r} in {where} ({exc})") from None
     raise TypeError(f"unsupported config type {kind!r}")
 
 
@@ -106,7 +108,7 @@ def load(
             raw = environ.get(env_name(f))
             where = env_name(f)
         if raw is not None:
-            values[f.name] = _parse(raw, hints[f.name], where)
+            values[f.name] = _parse(raw, hints[f.name], where, f"{flag_name(f)} / {env_name(f)}")
     config = cls(**values)
     check = getattr(config, "check", None)
     if check is not None:
@@ -114,16 +116,22 @@ def load(
     return config
 
 
+def spelled(cls: type[Any], name: str) -> str:
+    """Both spellings of field ``name`` of config class ``cls``: ``--flag / NSQJOBS_VAR``."""
+    f = {x.name: x for x in dataclasses.fields(cls)}[name]
+    return f"{flag_name(f)} / {env_name(f)}"
+
+
 def _require(ok: bool, cls: type[Any], name: str, message: str) -> None:
     if not ok:
-        f = {x.name: x for x in dataclasses.fields(cls)}[name]
-        raise ConfigError(f"{flag_name(f)} / {env_name(f)}: {message}")
+        raise ConfigError(f"{spelled(cls, name)}: {message}")
 
 
 def _addresses(addrs: Sequence[str], cls: type[Any], name: str) -> None:
     for a in addrs:
         host, _, port = a.rpartition(":")
-        _require(bool(host) and port.isdigit(), cls, name, f"{a!r} is not HOST:PORT")
+        ok = bool(host) and port.isascii() and port.isdigit()
+        _require(ok, cls, name, f"{a!r} is not HOST:PORT")
 
 
 def default_worker_id() -> str:
@@ -371,7 +379,8 @@ class ExporterConfig(NsqConfig):
         super().check()
         cls = type(self)
         _require(0 <= self.port < 65536, cls, "port", "must be 0-65535")
-        _require(0 < self.scrape_timeout_s <= 60, cls, "scrape_timeout_s", "must be 0-60")
+        ok = 0 < self.scrape_timeout_s <= 60
+        _require(ok, cls, "scrape_timeout_s", "must be over 0 and at most 60")
         _require(
             bool(self.lookupd_http_address or self.nsqd_http_address),
             cls,

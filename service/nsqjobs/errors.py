@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 
@@ -11,6 +13,22 @@ class NsqjobsError(Exception):
 
 class ConfigError(NsqjobsError):
     """A setting is missing or out of range; the message names the flag and variable."""
+
+
+class ListenError(NsqjobsError):
+    """A daemon could not listen on its HTTP port; the message names the address and the
+    setting that chose it."""
+
+
+@contextmanager
+def listening(host: str, port: int, setting: str) -> Iterator[None]:
+    """Turn an OSError raised while binding ``host:port`` into one :class:`ListenError` line
+    naming the address and ``setting`` (the flag and variable to change)."""
+    try:
+        yield
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        raise ListenError(f"cannot listen on {host or '*'}:{port} ({setting}): {reason}") from None
 
 
 class TaskDefinitionError(NsqjobsError, ValueError):

@@ -93,11 +93,13 @@ class Registry:
         """Register ``task``; a second task with the same name is an error."""
         if not _TASK_NAME.match(task.name):
             raise TaskDefinitionError(
-                f"task name {task.name!r} must be dotted lowercase identifiers (e.g. 'demo.square')"
+                f"{_where(task.fn)}: task name {task.name!r} must be dotted lowercase "
+                "identifiers (e.g. 'demo.square')"
             )
         if not _QUEUE_NAME.match(task.queue):
             raise TaskDefinitionError(
-                f"task {task.name!r}: queue {task.queue!r} must be 1-64 of [A-Za-z0-9_-]"
+                f"{_where(task.fn)}: task {task.name!r}: queue {task.queue!r} must be 1-64 of "
+                "[A-Za-z0-9_-]"
             )
         known = self._tasks.get(task.name)
         if known is not None and known.fn is not task.fn:

@@ -138,7 +138,8 @@ class _Conn:
         head, self._buf = buf[:end].decode("latin-1"), buf[end + 4 :]
         lines = head.split("\r\n")
         parts = lines[0].split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        code = parts[1] if len(parts) > 1 else ""
+        if not parts[0].startswith("HTTP/") or not (code.isascii() and code.isdigit()):
             raise httpx.RemoteProtocolError(f"not an HTTP answer: {lines[0][:80]!r}")
         headers: dict[str, str] = {}
         for line in lines[1:]:

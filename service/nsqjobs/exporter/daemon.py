@@ -14,7 +14,8 @@ import urllib.request
 import tornado.httpserver
 from prometheus_client import CollectorRegistry, Gauge
 
-from nsqjobs.config import ExporterConfig
+from nsqjobs.config import ExporterConfig, spelled
+from nsqjobs.errors import listening
 from nsqjobs.exporter.collector import NsqdCollector, Source
 from nsqjobs.names import METRIC_PREFIX
 from nsqjobs.observability.exposition import observability_app
@@ -62,7 +63,8 @@ async def serve(config: ExporterConfig, stop: asyncio.Event) -> int:
     source = Source(config.lookupd_http_address, config.nsqd_http_address, config.scrape_timeout_s)
     app = observability_app(exporter_registry(source), lambda: ready_problems(source))
     server = tornado.httpserver.HTTPServer(app)
-    server.listen(config.port, config.host)
+    with listening(config.host, config.port, spelled(ExporterConfig, "port")):
+        server.listen(config.port, config.host)
     where = ", ".join(source.lookupd_http) or ", ".join(source.nsqd_http)
     how = "nsqlookupd" if source.lookupd_http else "nsqd"
     log.info("exporter on %s:%d reading %s at %s", config.host, config.port, how, where)

@@ -24,7 +24,8 @@ import tornado.web
 from prometheus_client import CollectorRegistry
 
 from nsqjobs import wire
-from nsqjobs.config import GatewayConfig
+from nsqjobs.config import GatewayConfig, spelled
+from nsqjobs.errors import listening
 from nsqjobs.gateway.auth import PROTECTED_PREFIX, Tokens
 from nsqjobs.gateway.catalog import OpenApiHandler, TasksHandler
 from nsqjobs.gateway.deadletters import (
@@ -37,11 +38,13 @@ from nsqjobs.gateway.deadletters import (
     DeadLettersHandler,
     ReplayHandler,
 )
-from nsqjobs.gateway.jobs import SINGLE, JobRoutes
+from nsqjobs.gateway.jobs import JobRoutes
 from nsqjobs.gateway.openapi import openapi_document
 from nsqjobs.gateway.status import (
+    BATCH_JOB_PATTERN,
     JOB_PATTERN,
     JOBS_PATTERN,
+    BatchJobHandler,
     JobsHandler,
     JobStatusHandler,
     LedgerOps,
@@ -77,8 +80,9 @@ class GatewayRouter(tornado.httputil.HTTPServerConnectionDelegate):
     request). Works under either HTTP layer (see ``--http-server``). With ``tokens``, every
     ``/v1`` route needs a bearer token; ``check_framing`` refuses what RFC 9112 says a server
     must (no ``Host``, a transfer coding other than chunked), for a layer that does not itself.
-    With ``listing`` (the ledger is on), ``/v1/jobs`` by any method but POST is the tornado
-    Application's (``GET /v1/jobs`` lists jobs).
+    With ``listing`` (the ledger is on), ``/v1/jobs`` and ``/v1/jobs/batch`` by any method but
+    POST are the tornado Application's (``GET /v1/jobs`` lists jobs, ``GET /v1/jobs/batch`` is
+    the job whose id is ``batch``).
     """
 
     def __init__(
@@ -137,9 +141,7 @@ class _Routed(tornado.httputil.HTTPMessageDelegate):
         if refusal is not None:
             route = path if path in router.jobs.PATHS or path == "/v1/tasks" else "unmatched"
             self.target = _Refused(self.conn, refusal, router.jobs.access, route, start_line)
-        elif path in router.jobs.PATHS and (
-            start_line.method == "POST" or path != SINGLE or not router.listing
-        ):
+        elif path in router.jobs.PATHS and (start_line.method == "POST" or not router.listing):
             self.target = router.jobs.start(self.conn, start_line, path, query)
         else:
             self.target = router.web.start_request(self.server_conn, self.conn)
@@ -209,7 +211,7 @@ class _Refused(tornado.httputil.HTTPMessageDelegate):
         """Answer the problem."""
         started = time.perf_counter()
         status, out, body = render_problem(self.problem)
-        write_response(self.conn, status, out, body)
+        write_response(self.conn, status, out, body, head=self.start_line.method == "HEAD")
         line = self.start_line
         elapsed = time.perf_counter() - started
         self.access.request_done(self.route, line.method, line.path, status, elapsed)
@@ -335,6 +337,7 @@ class GatewayApp:
                 # Before the job pattern, which it also matches (as the job with id "wait").
                 (WAIT_PATTERN, LedgerWaitManyHandler, {**wait, **ops}),
                 (JOBS_PATTERN, JobsHandler, ops),
+                (BATCH_JOB_PATTERN, BatchJobHandler, ops),
                 (JOB_PATTERN, JobStatusHandler, ops),
                 (DEAD_LETTERS_PATTERN, DeadLettersHandler, ops),
                 (BULK_REPLAY_PATTERN, BulkReplayHandler, ops),
@@ -345,6 +348,7 @@ class GatewayApp:
             routes,
             default_handler_class=NotFoundHandler,
             log_function=self.access.tornado_request_done,
+            max_body_bytes=self.config.max_body_bytes,
         )
 
     def make_router(self) -> GatewayRouter:
@@ -407,7 +411,8 @@ class GatewayApp:
                 idle_connection_timeout=config.idle_timeout_s,
                 body_timeout=config.body_timeout_s,
             )
-            server.listen(config.port, config.host)
+            with listening(config.host, config.port, spelled(GatewayConfig, "port")):
+                server.listen(config.port, config.host)
             self.server = server
         else:
             fast = HTTPServer(
@@ -419,7 +424,8 @@ class GatewayApp:
                 body_timeout_s=config.body_timeout_s,
                 max_incomplete_bytes=config.max_incomplete_bytes,
             )
-            await fast.listen(config.port, config.host)
+            with listening(config.host, config.port, spelled(GatewayConfig, "port")):
+                await fast.listen(config.port, config.host)
             self.server = fast
         if not await self.publisher.wait_connected(5.0):
             log.warning(

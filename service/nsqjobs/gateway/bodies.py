@@ -15,7 +15,13 @@ from typing import Any, Final, TypeVar
 
 import msgspec
 
-from nsqjobs.api import MAX_ARGS_DEPTH, BatchRequest, SubmitRequest, WaitRequest
+from nsqjobs.api import (
+    JOB_ID_PATTERN,
+    MAX_ARGS_DEPTH,
+    BatchRequest,
+    SubmitRequest,
+    WaitRequest,
+)
 from nsqjobs.http.problems import Problem
 from nsqjobs.registry import field_error
 
@@ -163,7 +169,7 @@ def _parse(body: bytes, kind: Any, shape: type[Any]) -> Any:
 
 def _bad_id(field: str) -> Problem:
     # Python's `$` (msgspec's pattern) also matches before a final newline; JSON Schema's not.
-    return _error(field, "Expected `str` matching regex '^[A-Za-z0-9._:-]+$'")
+    return _error(field, f"Expected `str` matching regex '{JOB_ID_PATTERN.pattern}'")
 
 
 def _invalid(exc: msgspec.ValidationError) -> Problem:

@@ -22,6 +22,7 @@ from nsqjobs import wire
 from nsqjobs.api import Accepted, BatchAccepted, BatchRequest, SubmitRequest
 from nsqjobs.errors import PublishError, PublishTimeout
 from nsqjobs.gateway.bodies import decode_batch, decode_submit
+from nsqjobs.gateway.queries import bad_query
 from nsqjobs.gateway.status import ledger_unavailable
 from nsqjobs.gateway.submit import (
     Acceptor,
@@ -198,17 +199,21 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
         if self.method != "POST":
             raise method_not_allowed(self.method, ("POST",))
         ctype = headers.get("Content-Type", "")
-        if ctype.split(";")[0].strip().lower() != "application/json":
+        media, _, params = ctype.partition(";")
+        if media.strip().lower() != "application/json" or (params and _not_utf8(params)):
             raise Problem(
                 415,
                 "unsupported-media-type",
-                f"Content-Type must be application/json, got {ctype or 'none'!r}",
+                f"Content-Type must be application/json (UTF-8), got {ctype or 'none'!r}",
             )
-        length = headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) > self.routes.max_body_bytes:
+        length = headers.get("Content-Length") or ""
+        if length.isascii() and length.isdigit() and int(length) > self.routes.max_body_bytes:
             raise self._too_large()
-        if self.route == SINGLE and self.query:
-            self.wait = self._wait_seconds()
+        if self.query:
+            if self.route == SINGLE:
+                self.wait = self._wait_seconds()
+            else:
+                _no_parameters(self.query, "a batch takes no query parameters (wait: one job)")
 
     def _too_large(self) -> Problem:
         return Problem(
@@ -221,7 +226,10 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
         plain = _JUST_WAIT.fullmatch(self.query)
         if plain is not None and (wait := float(plain[1])) <= self.routes.max_wait_s:
             return wait
-        values = urllib.parse.parse_qs(self.query, keep_blank_values=True).get("wait")
+        query = urllib.parse.parse_qs(self.query, keep_blank_values=True)
+        values = query.pop("wait", None)
+        if query:
+            _no_parameters(self.query, "the only query parameter here is wait", keep=("wait",))
         if not values:
             return 0.0
         raw = values[-1]
@@ -370,6 +378,23 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
         if self.answered:
             return
         self.answered = True
-        write_response(self.conn, status, headers, body)
+        write_response(self.conn, status, headers, body, head=self.method == "HEAD")
         elapsed = time.perf_counter() - self.started
         self.routes.access.request_done(self.route, self.method, self.uri, status, elapsed)
+
+
+def _not_utf8(params: str) -> bool:
+    """Whether a Content-Type's parameters name a charset other than UTF-8 (JSON is UTF-8)."""
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset":
+            return value.strip().strip('"').lower() not in ("utf-8", "utf8")
+    return False
+
+
+def _no_parameters(query: str, why: str, keep: tuple[str, ...] = ()) -> None:
+    """Refuse the query's parameters (but ``keep``) with a 400 naming each: a misspelt one
+    would otherwise be ignored without a word."""
+    names = [n for n in urllib.parse.parse_qs(query, keep_blank_values=True) if n not in keep]
+    if names:
+        raise bad_query([{"field": f"query.{n}", "message": why} for n in names])

@@ -496,12 +496,14 @@ def _add_ledger(
             },
         ),
     }
-    # /v1/jobs/wait is also where the job whose id is "wait" lives: GET and DELETE answer it.
-    for method, operation_of_id in paths["/v1/jobs/{id}"].items():
-        same = copy.deepcopy(operation_of_id)
-        same["summary"] = f"{same['summary']}: the job whose id is `wait`"
-        same["parameters"] = []
-        paths["/v1/jobs/wait"][method] = same
+    # /v1/jobs/wait and /v1/jobs/batch are also where the jobs whose ids are "wait" and "batch"
+    # live: GET and DELETE answer for them.
+    for route in ("wait", "batch"):
+        for method, operation_of_id in paths["/v1/jobs/{id}"].items():
+            same = copy.deepcopy(operation_of_id)
+            same["summary"] = f"{same['summary']}: the job whose id is `{route}`"
+            same["parameters"] = []
+            paths[f"/v1/jobs/{route}"][method] = same
     not_dead = _problem("the job is not dead (`job_status` says what it is)")
     paths["/v1/dead-letters"] = {
         "get": operation(

@@ -23,6 +23,8 @@ T = TypeVar("T")
 
 JOBS_PATTERN: Final = r"/v1/jobs"
 JOB_PATTERN: Final = r"/v1/jobs/([^/]+)"
+# The batch route's path, which is also the path of the job whose id is "batch".
+BATCH_JOB_PATTERN: Final = r"/v1/jobs/(batch)"
 LISTING_PARAMETERS: Final = ("status", "task", "limit", "cursor")
 
 
@@ -97,6 +99,24 @@ class LedgerHandler(ProblemHandler):
         """Take the ledger's operations."""
         self.ops: LedgerOps = kwargs["ops"]
 
+    def prepare(self) -> None:
+        """Refuse a body (after the size limit): these routes take their filters as query
+        parameters, and a filter sent as a body must not be ignored (a purge of everything)."""
+        super().prepare()
+        if self.request.method not in self.allowed_methods():
+            return  # answered 405 (Allow names the methods) before anything is read
+        if self.request.body and not self.takes_body():
+            raise Problem(
+                400,
+                "bad-request",
+                f"{self.request.method} {self.route} takes no request body: give its "
+                "parameters in the query string (e.g. ?task=NAME)",
+            )
+
+    def takes_body(self) -> bool:
+        """Whether this request may carry a body (none of the ledger's routes but one)."""
+        return False
+
     def query(self, allowed: tuple[str, ...] = (), **kwargs: Any) -> Query:
         """This request's query parameters, checked (400 on any bad one)."""
         return parse_query(self.request.query_arguments, allowed, **kwargs)
@@ -109,8 +129,8 @@ class JobsHandler(LedgerHandler):
 
     @classmethod
     def allowed_methods(cls) -> list[str]:
-        """GET here; POST (submitting) is answered on the gateway's hot path."""
-        return ["GET", "POST"]
+        """GET (and HEAD) here; POST (submitting) is answered on the gateway's hot path."""
+        return ["GET", "HEAD", "POST"]
 
     async def get(self) -> None:
         """Answer one page."""
@@ -156,6 +176,16 @@ class JobStatusHandler(LedgerHandler):
                 id=job_id,
             ) from exc
         self.write_json(200, record.view())
+
+
+class BatchJobHandler(JobStatusHandler):
+    """With the ledger, ``/v1/jobs/batch`` is also the path of the job whose id is ``batch``:
+    GET and DELETE answer for that job; POST (a batch) is the hot path's and never gets here."""
+
+    @classmethod
+    def allowed_methods(cls) -> list[str]:
+        """The job's methods and the batch route's POST."""
+        return [*super().allowed_methods(), "POST"]
 
 
 def finished(record: JobRecord) -> bool:

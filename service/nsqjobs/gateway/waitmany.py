@@ -149,6 +149,10 @@ class LedgerWaitManyHandler(WaitManyHandler, JobStatusHandler):
         WaitManyHandler.initialize(self, **kwargs)
         JobStatusHandler.initialize(self, **kwargs)
 
+    def takes_body(self) -> bool:
+        """POST is waiting for many jobs (its ids in the body)."""
+        return self.request.method == "POST"
+
     async def get(self, job_id: str = "wait") -> None:
         """The job ``wait``'s record."""
         await JobStatusHandler.get(self, job_id)

@@ -32,13 +32,31 @@ class ProblemHandler(tornado.web.RequestHandler):
 
     @classmethod
     def allowed_methods(cls) -> list[str]:
-        """The methods this handler implements (what a 405's ``Allow`` names)."""
+        """The methods this handler implements (what a 405's ``Allow`` names): HEAD with GET."""
         base = tornado.web.RequestHandler
-        return [
+        implemented = [
             method
             for method in cls.SUPPORTED_METHODS
-            if getattr(cls, method.lower(), None) is not getattr(base, method.lower(), None)
+            if method != "HEAD"
+            and getattr(cls, method.lower(), None) is not getattr(base, method.lower(), None)
         ]
+        return [*implemented, "HEAD"] if "GET" in implemented else implemented
+
+    async def head(self, *args: str, **kwargs: str) -> None:
+        """HEAD wherever GET is served (RFC 9110): the GET's status and headers, and no body
+        (tornado sends none for HEAD)."""
+        if "GET" not in self.allowed_methods():
+            raise tornado.web.HTTPError(405)
+        answered = self.get(*args, **kwargs)
+        if answered is not None:
+            await answered
+
+    def prepare(self) -> None:
+        """Refuse a body over the application's ``max_body_bytes`` setting (the gateway's
+        ``NSQJOBS_MAX_BODY_BYTES``: the HTTP server's own cap is far above it)."""
+        limit = self.settings.get("max_body_bytes")
+        if limit is not None and len(self.request.body) > limit:
+            raise Problem(413, "payload-too-large", f"body is over the {limit}-byte limit")
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Render any error with :func:`render_problem`, as every route does."""
@@ -64,6 +82,9 @@ class ProblemHandler(tornado.web.RequestHandler):
 
 class NotFoundHandler(ProblemHandler):
     """Any unknown path: a problem+json 404 (tornado's default is an HTML page)."""
+
+    # Every method reaches prepare (tornado answers 405 first for one not listed here).
+    SUPPORTED_METHODS = (*tornado.web.RequestHandler.SUPPORTED_METHODS, "TRACE", "CONNECT")
 
     def prepare(self) -> None:
         """Refuse before the method is looked at: no route, whatever the method."""

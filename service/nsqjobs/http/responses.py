@@ -24,16 +24,24 @@ def http_date() -> str:
 
 
 def write_response(
-    conn: tornado.httputil.HTTPConnection, status: int, headers: dict[str, str], body: bytes
+    conn: tornado.httputil.HTTPConnection,
+    status: int,
+    headers: dict[str, str],
+    body: bytes,
+    *,
+    head: bool = False,
 ) -> None:
     """Write status, ``headers`` (Content-Type among them), Date, Content-Length and ``body``,
-    and finish the response."""
+    and finish the response. The answer to a HEAD request (``head``) has no body, only the
+    Content-Length of the one it would have had (RFC 9110)."""
     out = tornado.httputil.HTTPHeaders()
     out["Date"] = http_date()
     for name, value in headers.items():
         out[name] = value
     out["Content-Length"] = str(len(body))
     conn.write_headers(
-        tornado.httputil.ResponseStartLine("HTTP/1.1", status, _REASONS[status]), out, body
+        tornado.httputil.ResponseStartLine("HTTP/1.1", status, _REASONS[status]),
+        out,
+        b"" if head else body,
     )
     conn.finish()

@@ -91,7 +91,7 @@ def listing_start(status: str | None, limit: int, cursor: str | None) -> int:
     if not 1 <= limit <= 1000:
         raise LedgerError("limit must be 1-1000")
     # A cursor is a position the store gave out: digits that fit a 64-bit integer.
-    if cursor is not None and not (cursor.isdigit() and len(cursor) < 19):
+    if cursor is not None and not (cursor.isascii() and cursor.isdigit() and len(cursor) < 19):
         raise LedgerError(f"not a cursor this ledger gave out: {cursor!r}")
     return int(cursor or 0)
 

@@ -20,7 +20,8 @@ import tornado.httpserver
 import tornado.web
 from prometheus_client import CollectorRegistry
 
-from nsqjobs.config import WorkerConfig, default_worker_id
+from nsqjobs.config import WorkerConfig, default_worker_id, spelled
+from nsqjobs.errors import listening
 from nsqjobs.names import (
     CANCEL_CHANNEL_PREFIX,
     CANCEL_TOPIC,
@@ -111,7 +112,8 @@ class Worker:
             log.warning("%s (continuing)", failure)
         app = observability_app(self.metrics.registry, self.ready_problems)
         self.server = tornado.httpserver.HTTPServer(app)
-        self.server.listen(self.config.port, self.config.host)
+        with listening(self.config.host, self.config.port, spelled(WorkerConfig, "port")):
+            self.server.listen(self.config.port, self.config.host)
         lookupd = list(self.config.lookupd_http_address)
         self.jobs.accepting = True
         # One reader per queue; the flow gives out RDY across all their connections so that
