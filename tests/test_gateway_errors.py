@@ -79,6 +79,8 @@ def test_error_statuses_publish_nothing(nsq: Nsq, daemons: Callable[..., Daemon]
         ({**PRIMES, "delay_ms": 3_600_001}, "body.delay_ms", "<= 3600000"),
         ({**PRIMES, "id": "has space"}, "body.id", "matching regex"),
         # Dot segments: clients rewrite /v1/jobs/.. before sending, so no URL names them.
+        # Due after it expires: certain to be dead-lettered unrun, so refused.
+        ({**PRIMES, "delay_ms": 5000, "expires_s": 2}, "body.expires_s", "would expire"),
         ({**PRIMES, "id": "."}, "body.id", "matching regex"),
         ({**PRIMES, "id": ".."}, "body.id", "matching regex"),
         ({"args": {}}, "body.task", "missing required field"),

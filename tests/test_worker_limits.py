@@ -95,7 +95,9 @@ def test_rdy_never_exceeds_the_slots_across_queues(
 ) -> None:
     nsq.create_channel("results", "test")
     results = tails(nsq, "results", "test")
-    daemons("worker", nsq, NSQJOBS_CONCURRENCY="1", NSQJOBS_QUEUES="jobs,other")
+    worker = daemons("worker", nsq, NSQJOBS_CONCURRENCY="1", NSQJOBS_QUEUES="jobs,other")
+    # A queue no task uses is consumed, and said (a typo would look like a worker without jobs).
+    assert "no task of this worker uses queue(s) other (--queues / NSQJOBS_QUEUES)" in worker.log()
     wait_for(
         lambda: len(clients(nsq, "jobs")) == 1 and len(clients(nsq, "other")) == 1,
         15,

@@ -47,7 +47,8 @@ class UnknownTaskError(NsqjobsError):
     """A job names a task that is not registered."""
 
     def __init__(self, task: str) -> None:
-        super().__init__(f"unknown task {task!r}")
+        shown = task if len(task) <= 100 else f"{task[:100]}..."  # a 10 KB name is not echoed
+        super().__init__(f"unknown task {shown!r}")
         self.task = task
 
 

@@ -144,6 +144,18 @@ class Acceptor:
         due_at = None
         if req.delay_ms or req.run_at is not None:
             due_at = self._due_at(req, where, created_at)
+        expires_s = req.expires_s
+        if due_at is not None and expires_s is not None and expires_s <= due_at - created_at:
+            # Certain to be dead-lettered as expired without running: refused instead.
+            raise InvalidArgumentsError(
+                [
+                    FieldError(
+                        f"{where or 'body.'}expires_s",
+                        f"the job would expire ({expires_s:g} s after acceptance) before it "
+                        f"is due ({due_at - created_at:.3g} s after): give a longer expires_s",
+                    )
+                ]
+            )
         return task, wire.JobEnvelope(
             id=req.id or job_id or wire.new_job_id(),
             task=task.name,
@@ -173,7 +185,7 @@ class Acceptor:
                 "held by the job ledger: start the gateway with a ledger (NSQJOBS_LEDGER_URL)"
             )
         else:
-            message = f"is {ahead:.0f} s ahead; the ledger holds at most {MAX_LEDGER_DELAY_S} s"
+            message = f"is {ahead:.3g} s ahead; the ledger holds at most {MAX_LEDGER_DELAY_S} s"
         raise InvalidArgumentsError([FieldError(f"{where or 'body.'}{field}", message)])
 
     @staticmethod

@@ -105,6 +105,16 @@ class Worker:
         await self.executor.start()
         await self._read_nsqd_limits()
         queues = self.queues()
+        idle = sorted(set(queues) - set(self.tasks.queues()))
+        if idle:
+            # Consumed all the same (an operator may mean it), but said: a typo in
+            # NSQJOBS_QUEUES otherwise looks like a worker that gets no jobs.
+            log.warning(
+                "no task of this worker uses queue(s) %s (%s): a gateway with these tasks "
+                "publishes nothing there, so only jobs published to it directly arrive",
+                ",".join(idle),
+                spelled(WorkerConfig, "queues"),
+            )
         topics = [*queues, RESULTS_TOPIC, DEAD_LETTER_TOPIC, CANCEL_TOPIC]
         if any(task.track_started for task in self.tasks):
             topics.append(STARTED_TOPIC)
