@@ -84,7 +84,7 @@ STACK_PORTS := NSQJOBS_NSQD_TCP_PORT NSQJOBS_NSQD_HTTP_PORT NSQJOBS_LOOKUPD_TCP_
 run: venv nsq
 	@case "$(NSQJOBS_WORKERS)" in ''|*[!0-9]*|0) echo "make run: NSQJOBS_WORKERS must be a whole number >= 1, got '$(NSQJOBS_WORKERS)'" >&2; exit 2;; esac
 	@for v in $(STACK_PORTS); do p=$${!v}; \
-	  case "$$p" in ''|*[!0-9]*) p=x;; esac; \
+	  case "$$p" in ''|*[!0-9]*|??????*) p=x;; esac; \
 	  if [ "$$p" = x ] || [ "$$p" -lt 1 ] || [ "$$p" -gt 65535 ]; then \
 	    echo "make run: $$v must be a port number (1-65535), got '$${!v}'" >&2; exit 2; fi; \
 	done
@@ -107,6 +107,7 @@ run: venv nsq
 	 trap 'kill -TERM $$pid 2>/dev/null' TERM INT HUP; \
 	 wait $$pid; status=$$?; \
 	 while kill -0 $$pid 2>/dev/null; do wait $$pid; status=$$?; done; \
+	 wait $$pid; status=$$?; \
 	 if [ -s $(DATA_DIR)/stack-failed ]; then \
 		echo "make run: stopped: $$(cat $(DATA_DIR)/stack-failed)" >&2; exit 1; \
 	 fi; exit $$status

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import schemathesis
+from nsqjobs.names import MAX_EXPIRES_S
 
 
 def _numbers(args: dict[str, Any], *names: str) -> bool:
@@ -33,6 +34,19 @@ def _obey(job: Any) -> None:
             del job["run_at"]
         elif run_at > time.time() + 3000:
             job["run_at"] = time.time() + 60
+    # expires_s: longer than the delay (a job due after it expires is refused), also in words.
+    expires = job.get("expires_s")
+    if isinstance(expires, int | float) and not isinstance(expires, bool):
+        delay_ms, run_at = job.get("delay_ms"), job.get("run_at")
+        ahead = 0.0
+        if isinstance(delay_ms, int | float) and not isinstance(delay_ms, bool):
+            ahead = delay_ms / 1000
+        elif isinstance(run_at, int | float) and not isinstance(run_at, bool):
+            ahead = run_at - time.time()
+        if expires <= ahead + 1 and ahead + 3600 <= MAX_EXPIRES_S:
+            job["expires_s"] = ahead + 3600
+        elif expires <= ahead + 1:
+            del job["expires_s"]
     if not isinstance(job.get("args"), dict):
         return
     args: dict[str, Any] = job["args"]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import socket
 from collections.abc import Callable
+from http.client import HTTPConnection
 
 import pytest
 from nsqjobs.testing import Daemon, Nsq, free_port, http
@@ -44,6 +47,19 @@ def test_error_statuses_publish_nothing(nsq: Nsq, daemons: Callable[..., Daemon]
     )
     problem(
         *http("POST", jobs, PRIMES, headers={"Content-Type": "application/json; charset=utf-16"}),
+        415,
+        "unsupported-media-type",
+    )
+    # An ASCII label (a subset of UTF-8) passes the header check: the body is what is wrong here.
+    ascii_label = {"Content-Type": "application/json; charset=us-ascii"}
+    problem(*http("POST", jobs, raw=b'{"task": ', headers=ascii_label), 400, "malformed-json")
+    problem(
+        *http(
+            "POST",
+            gw.url + "/v1/jobs/wait",
+            {"ids": ["a"], "timeout_s": 0},
+            headers={"Content-Type": "application/json; charset=latin-1"},
+        ),
         415,
         "unsupported-media-type",
     )
@@ -146,6 +162,26 @@ def test_every_405_is_a_problem_naming_the_allowed_methods(
     status, headers, body = http("HEAD", gw.url + "/v1/jobs")
     assert (status, headers["Allow"], body) == (405, "POST", "")
     assert headers["Content-Type"] == "application/problem+json"
+    # urllib never reads a HEAD answer's body: read the bytes, and reuse the connection.
+    host, port = gw.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"HEAD /v1/jobs HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw = b""
+        while chunk := sock.recv(65536):  # the job routes close after a 405
+            raw += chunk
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 405") and rest == b"", raw
+    conn = HTTPConnection(host, int(port), timeout=10)
+    try:
+        for _ in range(2):  # a body after the HEAD answer would garble the next answer
+            conn.request("HEAD", "/healthz")
+            answer = conn.getresponse()
+            assert (answer.status, answer.read()) == (200, b"")
+            conn.request("GET", "/healthz")
+            answer = conn.getresponse()
+            assert answer.status == 200 and json.loads(answer.read())
+    finally:
+        conn.close()
     assert nsq.message_count("jobs") == 0
     # Counted by route template, whichever HTTP stack answered.
     assert (

@@ -225,6 +225,8 @@ def test_dead_letters_listed_replayed_and_purged(
     assert body["job_status"] == "queued"
     problem(http("POST", f"{gateway.url}/v1/dead-letters/ok/replay"), 409, "not-dead")
     problem(http("POST", f"{gateway.url}/v1/dead-letters/zz/replay"), 404, "unknown-job")
+    # An empty JSON object (what `json={}` helpers send) counts as no body.
+    problem(http("POST", f"{gateway.url}/v1/dead-letters/zz/replay", {}), 404, "unknown-job")
     assert listing(gateway, "/v1/dead-letters") == ["d2", "d3", "d4"]
 
     # The relay publishes it: it runs again, and its new outcome is the new run's.

@@ -172,10 +172,9 @@ def test_usage_errors_exit_2_and_an_unreachable_gateway_1(tmp_path: Path) -> Non
     for args in ('{"a": NaN}', '{"a": 1e400}', "{bad", "[" * 5000 + "]" * 5000):
         reason = one_line_error(cli(None, "submit", "noop", "--args", args, **nowhere), 2, "submit")
         assert "--args is not valid JSON" in reason, reason
-    reason = one_line_error(
-        cli(None, "submit", "noop", **{ENV_GATEWAY_URL: "http://[::1"}), 2, "submit"
-    )
-    assert "is not a URL" in reason
+    for url in ("http://[::1", "localhost:8080", "http://"):
+        reason = one_line_error(cli(None, "submit", "noop", **{ENV_GATEWAY_URL: url}), 2, "submit")
+        assert "is not a URL" in reason, (url, reason)
     reason = one_line_error(cli(None, "jobs", **nowhere), 1, "jobs")
     assert "cannot reach the gateway at http://127.0.0.1:9" in reason
     one_line_error(cli(None, "result", "x", **nowhere), 4, "result")

@@ -338,10 +338,10 @@ def test_make_run_names_the_port_an_nsq_daemon_could_not_take(tmp_path: Path) ->
     assert _processes_mentioning(str(tmp_path / "stack-data")) == []
 
 
-def test_make_run_refuses_a_port_that_is_not_a_number(tmp_path: Path) -> None:
-    env, _ = _stack_env(tmp_path, NSQJOBS_WORKER_PORT="abc")
+@pytest.mark.parametrize("port", ["abc", "0", "65536", "12345678901234567890", ""])
+def test_make_run_refuses_a_port_that_is_not_a_port(tmp_path: Path, port: str) -> None:
+    env, _ = _stack_env(tmp_path, NSQJOBS_WORKER_PORT=port)
     proc = subprocess.run(MAKE_RUN, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "make run: NSQJOBS_WORKER_PORT must be a port number (1-65535), got 'abc'" in (
-        proc.stderr
-    )
+    message = f"make run: NSQJOBS_WORKER_PORT must be a port number (1-65535), got '{port}'"
+    assert message in proc.stderr, proc.stderr

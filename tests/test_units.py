@@ -312,3 +312,20 @@ def test_the_harness_starts_nsq_again_when_a_port_was_taken(
         assert nsq.stack is stack
         assert testing.ping(nsq.url("/ping"))
         assert (tmp_path / "try1" / "nsqlookupd.log").read_text().count("address already in use")
+
+
+def test_a_reader_closed_before_it_started_never_starts() -> None:
+    # A SIGTERM while a worker starts closes readers pynsq has not started yet (it starts them
+    # on the loop turn after their construction): closing must not fail, nor dial afterwards.
+    from nsqjobs.nsq.reader import Reader
+
+    async def body() -> None:
+        reader = Reader(
+            "jobs", "workers", message_handler=lambda _m: None, nsqd_tcp_addresses=["127.0.0.1:9"]
+        )
+        reader.close()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert reader.conns == {} and reader.redist_periodic is None
+
+    asyncio.run(body())

@@ -21,9 +21,10 @@ from nsqjobs.names import (
     MAX_WAIT_SECONDS,
 )
 
-# Not "." or "..": clients (curl, httpx, browsers) remove such dot segments from
-# /v1/jobs/{id} before sending, so no URL could name that job.
-JOB_ID_PATTERN = re.compile(r"^(?!\.\.?$)[A-Za-z0-9._:-]+$")
+# 1-128 of A-Za-z0-9._:- but not "." or "..": clients (curl, httpx, browsers) remove such dot
+# segments from /v1/jobs/{id} before sending, so no URL could name that job. Written without a
+# lookahead, so that JSON Schema tools on RE2 (Go's regexp) compile the served pattern.
+JOB_ID_PATTERN = re.compile(r"^(?:\.{0,2}[A-Za-z0-9_:-][A-Za-z0-9._:-]*|\.{3}[A-Za-z0-9._:-]*)$")
 # How deep a job's ``args`` may nest objects and arrays (``args`` itself is level 1): deeper
 # JSON is refused (422) before anything is published, so no worker is handed what it cannot
 # decode.
@@ -58,7 +59,7 @@ ExpiresS = Annotated[
         gt=0,
         le=MAX_EXPIRES_S,
         description="seconds after acceptance past which the job is dead-lettered as expired "
-        "instead of started",
+        "instead of started; with delay_ms or run_at, longer than the delay (else 422)",
     ),
 ]
 

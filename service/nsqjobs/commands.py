@@ -24,7 +24,7 @@ import httpx
 from nsqjobs.api import JOB_ID_PATTERN
 from nsqjobs.client import Client, GatewayError, GatewayUnreachable, RetryPolicy
 from nsqjobs.client.core import json_of
-from nsqjobs.errors import NsqjobsError
+from nsqjobs.errors import ConfigError, NsqjobsError
 from nsqjobs.ledger.store import STATUSES, UNFINISHED
 from nsqjobs.names import ENV_API_TOKEN, ENV_GATEWAY_URL, MAX_JOB_ID_LENGTH
 
@@ -51,8 +51,9 @@ class Gateway:
     def __init__(self, url: str, token: str = "", timeout_s: float = 30.0) -> None:
         try:
             self.client = Client(url, token, timeout_s=timeout_s, retry=RetryPolicy(deadline_s=0))
-            httpx.URL(self.client.url)
-        except (ValueError, httpx.InvalidURL) as exc:
+            if not httpx.URL(self.client.url).host:
+                raise ValueError("no host")
+        except (ValueError, httpx.InvalidURL, ConfigError) as exc:
             raise CommandFailed(f"--gateway-url {url!r} is not a URL: {exc}", 2) from None
         self.url = self.client.url
 

@@ -116,10 +116,11 @@ def load(
     return config
 
 
-def spelled(cls: type[Any], name: str) -> str:
-    """Both spellings of field ``name`` of config class ``cls``: ``--flag / NSQJOBS_VAR``."""
-    f = {x.name: x for x in dataclasses.fields(cls)}[name]
-    return f"{flag_name(f)} / {env_name(f)}"
+def spelled(cls: type[Any], *names: str) -> str:
+    """Both spellings of fields ``names`` of config class ``cls``: ``--flag / NSQJOBS_VAR``,
+    comma-separated."""
+    fields = {x.name: x for x in dataclasses.fields(cls)}
+    return ", ".join(f"{flag_name(fields[n])} / {env_name(fields[n])}" for n in names)
 
 
 def _require(ok: bool, cls: type[Any], name: str, message: str) -> None:

@@ -21,14 +21,14 @@ class ListenError(NsqjobsError):
 
 
 @contextmanager
-def listening(host: str, port: int, setting: str) -> Iterator[None]:
+def listening(host: str, port: int, settings: str) -> Iterator[None]:
     """Turn an OSError raised while binding ``host:port`` into one :class:`ListenError` line
-    naming the address and ``setting`` (the flag and variable to change)."""
+    naming the address and ``settings`` (the flags and variables that chose it)."""
     try:
         yield
     except OSError as exc:
         reason = (exc.strerror or str(exc)).lower()
-        raise ListenError(f"cannot listen on {host or '*'}:{port} ({setting}): {reason}") from None
+        raise ListenError(f"cannot listen on {host or '*'}:{port} ({settings}): {reason}") from None
 
 
 class TaskDefinitionError(NsqjobsError, ValueError):

@@ -63,7 +63,7 @@ async def serve(config: ExporterConfig, stop: asyncio.Event) -> int:
     source = Source(config.lookupd_http_address, config.nsqd_http_address, config.scrape_timeout_s)
     app = observability_app(exporter_registry(source), lambda: ready_problems(source))
     server = tornado.httpserver.HTTPServer(app)
-    with listening(config.host, config.port, spelled(ExporterConfig, "port")):
+    with listening(config.host, config.port, spelled(ExporterConfig, "host", "port")):
         server.listen(config.port, config.host)
     where = ", ".join(source.lookupd_http) or ", ".join(source.nsqd_http)
     how = "nsqlookupd" if source.lookupd_http else "nsqd"

@@ -69,6 +69,8 @@ from nsqjobs.observability.metrics import GatewayMetrics, LedgerMetrics
 from nsqjobs.registry import Registry
 
 log = logging.getLogger("nsqjobs.gateway")
+# What chose the address the gateway listens on (named when it cannot).
+_ADDRESS_SETTINGS = spelled(GatewayConfig, "host", "port")
 
 
 class GatewayRouter(tornado.httputil.HTTPServerConnectionDelegate):
@@ -411,7 +413,7 @@ class GatewayApp:
                 idle_connection_timeout=config.idle_timeout_s,
                 body_timeout=config.body_timeout_s,
             )
-            with listening(config.host, config.port, spelled(GatewayConfig, "port")):
+            with listening(config.host, config.port, _ADDRESS_SETTINGS):
                 server.listen(config.port, config.host)
             self.server = server
         else:
@@ -424,7 +426,7 @@ class GatewayApp:
                 body_timeout_s=config.body_timeout_s,
                 max_incomplete_bytes=config.max_incomplete_bytes,
             )
-            with listening(config.host, config.port, spelled(GatewayConfig, "port")):
+            with listening(config.host, config.port, _ADDRESS_SETTINGS):
                 await fast.listen(config.port, config.host)
             self.server = fast
         if not await self.publisher.wait_connected(5.0):

@@ -40,6 +40,32 @@ _EXPIRES: Final = operator.attrgetter("expires_s")
 _RUN_AT: Final = operator.attrgetter("run_at")
 
 
+# Charsets a JSON body may be labelled with: UTF-8, and ASCII (a subset of it).
+_UTF8_LABELS: Final = frozenset(("utf-8", "utf8", "us-ascii", "ascii"))
+
+
+def check_content_type(ctype: str) -> None:
+    """Raise the 415 unless ``ctype`` is ``application/json``, with no charset or a UTF-8 one
+    (JSON is UTF-8: RFC 8259)."""
+    media, _, params = ctype.partition(";")
+    if media.strip().lower() == "application/json" and not (params and _not_utf8(params)):
+        return
+    raise Problem(
+        415,
+        "unsupported-media-type",
+        f"Content-Type must be application/json (UTF-8), got {ctype or 'none'!r}",
+    )
+
+
+def _not_utf8(params: str) -> bool:
+    """Whether a Content-Type's parameters name a charset other than UTF-8."""
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset":
+            return value.strip().strip('"').lower() not in _UTF8_LABELS
+    return False
+
+
 def decode_submit(body: bytes) -> SubmitRequest:
     """``POST /v1/jobs``'s body; raises :class:`Problem` (400 or 422) when it is not one."""
     req = _decode(body, SubmitRequest)

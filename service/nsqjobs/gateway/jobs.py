@@ -21,7 +21,7 @@ import tornado.httputil
 from nsqjobs import wire
 from nsqjobs.api import Accepted, BatchAccepted, BatchRequest, SubmitRequest
 from nsqjobs.errors import PublishError, PublishTimeout
-from nsqjobs.gateway.bodies import decode_batch, decode_submit
+from nsqjobs.gateway.bodies import check_content_type, decode_batch, decode_submit
 from nsqjobs.gateway.queries import bad_query
 from nsqjobs.gateway.status import ledger_unavailable
 from nsqjobs.gateway.submit import (
@@ -198,14 +198,7 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
     def _check(self, headers: tornado.httputil.HTTPHeaders) -> None:
         if self.method != "POST":
             raise method_not_allowed(self.method, ("POST",))
-        ctype = headers.get("Content-Type", "")
-        media, _, params = ctype.partition(";")
-        if media.strip().lower() != "application/json" or (params and _not_utf8(params)):
-            raise Problem(
-                415,
-                "unsupported-media-type",
-                f"Content-Type must be application/json (UTF-8), got {ctype or 'none'!r}",
-            )
+        check_content_type(headers.get("Content-Type", ""))
         length = headers.get("Content-Length") or ""
         if length.isascii() and length.isdigit() and int(length) > self.routes.max_body_bytes:
             raise self._too_large()
@@ -381,15 +374,6 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
         write_response(self.conn, status, headers, body, head=self.method == "HEAD")
         elapsed = time.perf_counter() - self.started
         self.routes.access.request_done(self.route, self.method, self.uri, status, elapsed)
-
-
-def _not_utf8(params: str) -> bool:
-    """Whether a Content-Type's parameters name a charset other than UTF-8 (JSON is UTF-8)."""
-    for param in params.split(";"):
-        name, _, value = param.partition("=")
-        if name.strip().lower() == "charset":
-            return value.strip().strip('"').lower() not in ("utf-8", "utf8")
-    return False
 
 
 def _no_parameters(query: str, why: str, keep: tuple[str, ...] = ()) -> None:

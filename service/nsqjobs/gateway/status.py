@@ -9,6 +9,7 @@ cannot be read or written 503.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
@@ -26,6 +27,8 @@ JOB_PATTERN: Final = r"/v1/jobs/([^/]+)"
 # The batch route's path, which is also the path of the job whose id is "batch".
 BATCH_JOB_PATTERN: Final = r"/v1/jobs/(batch)"
 LISTING_PARAMETERS: Final = ("status", "task", "limit", "cursor")
+# What some HTTP libraries send as "no body" with a JSON helper (``json={}``): taken as none.
+_EMPTY_BODY: Final = re.compile(rb"\s*(?:\{\s*\}|null)?\s*")
 
 
 def ledger_unavailable(exc: BaseException) -> Problem:
@@ -105,7 +108,8 @@ class LedgerHandler(ProblemHandler):
         super().prepare()
         if self.request.method not in self.allowed_methods():
             return  # answered 405 (Allow names the methods) before anything is read
-        if self.request.body and not self.takes_body():
+        body = self.request.body
+        if body and not _EMPTY_BODY.fullmatch(body) and not self.takes_body():
             raise Problem(
                 400,
                 "bad-request",

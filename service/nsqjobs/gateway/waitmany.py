@@ -14,7 +14,7 @@ import asyncio
 from typing import Any, Final
 
 from nsqjobs.api import JobOutcome, OutcomeError, WaitAnswer, WaitRequest
-from nsqjobs.gateway.bodies import decode_wait
+from nsqjobs.gateway.bodies import check_content_type, decode_wait
 from nsqjobs.gateway.status import JobStatusHandler, ledger_unavailable
 from nsqjobs.gateway.waiting import Outcome, ResultWaiter
 from nsqjobs.http.handlers import ProblemHandler
@@ -63,13 +63,7 @@ class WaitManyHandler(ProblemHandler):
             raise Problem(
                 400, "bad-request", "this route takes no query parameters (the body says all)"
             )
-        ctype = self.request.headers.get("Content-Type", "")
-        if ctype.split(";")[0].strip().lower() != "application/json":
-            raise Problem(
-                415,
-                "unsupported-media-type",
-                f"Content-Type must be application/json, got {ctype or 'none'!r}",
-            )
+        check_content_type(self.request.headers.get("Content-Type", ""))
         req = decode_wait(self.request.body)
         if req.timeout_s > self.max_wait_s:
             message = f"at most {self.max_wait_s:g} (this gateway's --max-wait-s)"

@@ -93,11 +93,22 @@ class Reader(nsq.Reader):  # type: ignore[misc]
         if delay is not None:
             self.io_loop.call_later(delay, self._redial, conn.host, conn.port)
 
+    def _run(self) -> None:
+        # pynsq starts a reader on the loop turn after its construction; one closed before
+        # that (a SIGTERM while the daemon starts) must not start dialling afterwards.
+        if not self._closing:
+            super()._run()
+
     def close(self) -> None:
-        """Close every connection (and dials in progress); stop polling and reconnecting."""
+        """Close every connection (and dials in progress); stop polling and reconnecting.
+        Safe before the reader has started (pynsq's own close is not: no timers yet)."""
         self._closing = True
         for conn in list(self._dialing.values()):
             conn.close()
+        if self.redist_periodic is None:  # not started: nothing polls yet
+            for conn in list(self.conns.values()):
+                conn.close()
+            return
         super().close()
 
 

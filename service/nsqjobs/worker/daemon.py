@@ -122,7 +122,7 @@ class Worker:
             log.warning("%s (continuing)", failure)
         app = observability_app(self.metrics.registry, self.ready_problems)
         self.server = tornado.httpserver.HTTPServer(app)
-        with listening(self.config.host, self.config.port, spelled(WorkerConfig, "port")):
+        with listening(self.config.host, self.config.port, spelled(WorkerConfig, "host", "port")):
             self.server.listen(self.config.port, self.config.host)
         lookupd = list(self.config.lookupd_http_address)
         self.jobs.accepting = True
