@@ -48,6 +48,7 @@ from nsqjobs.client import (
 )
 from nsqjobs.client.core import check
 from nsqjobs.client.problems import problem_error
+from nsqjobs.errors import ConfigError
 from nsqjobs.names import (
     ENV_API_TOKEN,
     ENV_DEBUG_EXECUTIONS_LOG,
@@ -140,7 +141,11 @@ def test_a_class_for_every_problem_type_the_runtime_answers() -> None:
     # An unknown type, or no problem at all: the root class, still with the status.
     other = problem_error(418, {"type": "urn:x:teapot", "detail": "short and stout"})
     assert type(other) is GatewayError and other.status == 418
-    assert type(problem_error(502, "<html>")) is GatewayError
+    assert type(problem_error(500, "<html>")) is GatewayError
+    # A proxy's 502-504 (no problem of ours): no replica reached, tried again.
+    for status in (502, 503, 504):
+        proxy = problem_error(status, "<html>")
+        assert type(proxy) is GatewayUnreachable and proxy.status == status and proxy.retryable
 
 
 def test_url_and_token_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -165,6 +170,36 @@ def test_an_unreachable_gateway_is_retried_until_the_deadline() -> None:
         took = time.monotonic() - started
     assert 0.4 < took < 5, took
     assert caught.value.status == 0 and f"127.0.0.1:{port}" in str(caught.value)
+
+
+def test_a_wait_gives_up_on_an_unreachable_gateway_by_its_own_timeout() -> None:
+    # The retry policy alone would try for 30 s: the caller's timeout ends the retries sooner.
+    port = free_port()  # nothing listens there
+    with Client(f"http://127.0.0.1:{port}") as client:
+        job = client.job("some-job")
+        for call in (lambda: job.result(timeout=0.5), lambda: client.wait(["a"], timeout=0.5)):
+            started = time.monotonic()
+            with pytest.raises(GatewayUnreachable):
+                call()
+            took = time.monotonic() - started
+            assert took < 5, took
+
+
+def test_a_client_refuses_bad_numbers_when_made() -> None:
+    bad: list[dict[str, Any]] = [
+        {"timeout_s": None},
+        {"timeout_s": 0},
+        {"timeout_s": float("nan")},
+        {"long_poll_s": -1},
+        {"long_poll_s": float("inf")},
+        {"max_connections": 0},
+        {"max_connections": 2.5},
+    ]
+    for kwargs in bad:
+        with pytest.raises(ConfigError, match=next(iter(kwargs))):
+            Client("http://127.0.0.1:1", **kwargs)
+        with pytest.raises(ConfigError, match=next(iter(kwargs))):
+            AsyncClient("http://127.0.0.1:1", **kwargs)
 
 
 # -- against a real stack ---------------------------------------------------------------------

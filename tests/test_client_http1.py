@@ -5,6 +5,8 @@ connections, interim answers, timeouts and resets; and when the client uses http
 from __future__ import annotations
 
 import gzip
+import json
+import os
 import socket
 import threading
 import time
@@ -14,7 +16,17 @@ from typing import Any
 
 import httpx
 import pytest
-from nsqjobs.client import Client, GatewayUnreachable, RetryPolicy, core, http1
+from nsqjobs.client import (
+    Client,
+    GatewayError,
+    GatewayUnreachable,
+    InvalidArguments,
+    RetryPolicy,
+    SenderStopped,
+    core,
+    http1,
+)
+from nsqjobs.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -341,3 +353,96 @@ def test_a_reply_from_httpx_reads_like_one_from_the_pool() -> None:
     reply = core.Reply.of(response)
     assert reply.status_code == 503 and not reply.is_success
     assert reply.headers["retry-after"] == "2" and reply.json() == {} and reply.url == "http://x/"
+
+
+def test_a_proxys_failure_without_a_problem_is_retried_and_a_gateways_own_is_not(
+    serve: Callable[[Script], tuple[Server, str]],
+) -> None:
+    html = b"<html><body>502 Bad Gateway</body></html>"
+    proxy = answer(html, "502 Bad Gateway", "X-Why: no replica\r\n")
+
+    def script(seen: Seen, n: int) -> bytes:
+        return proxy if n == 0 else answer()
+
+    server, url = serve(script)
+    with Client(url) as client:
+        client.request("POST", "/v1/jobs", body={"id": "same"})
+    assert [s.body for s in server.seen] == [b'{"id":"same"}'] * 2
+    # The gateway's own 500 (problem+json or not) is not a proxy's: raised at once.
+    _, url = serve(lambda seen, n: answer(b"oops", "500 Internal Server Error"))
+    with Client(url) as client, pytest.raises(GatewayError) as caught:
+        client.request("GET", "/v1/jobs/x")
+    assert not isinstance(caught.value, GatewayUnreachable) and caught.value.status == 500
+    # Every try answered by a proxy that reaches no replica: GatewayUnreachable, status kept.
+    _, url = serve(lambda seen, n: proxy)
+    with Client(url, retry=RetryPolicy(0.3)) as client, pytest.raises(GatewayUnreachable) as gone:
+        client.request("POST", "/v1/jobs", body={"id": "same"})
+    assert gone.value.status == 502 and gone.value.retryable
+
+
+def test_an_answer_that_cannot_be_decoded_is_a_transport_failure(
+    serve: Callable[[Script], tuple[Server, str]],
+) -> None:
+    bad = answer(b"not gzip at all", extra="Content-Encoding: gzip\r\n")
+    server, url = serve(lambda seen, n: bad if n == 0 else answer())
+    with Client(url, retry=RetryPolicy(0)) as client:
+        with pytest.raises(GatewayUnreachable, match="gzip"):
+            client.request("GET", "/a")
+        client.request("GET", "/b")  # the bad answer's connection was closed, not reused
+    assert [(s.target, s.conn) for s in server.seen] == [("/a", 0), ("/b", 1)]
+
+
+def test_submit_many_names_the_jobs_accepted_before_a_chunk_is_refused(
+    serve: Callable[[Script], tuple[Server, str]],
+) -> None:
+    problem = json.dumps(
+        {"type": "urn:nsqjobs:problem:invalid-arguments", "status": 422, "detail": "bad"}
+    ).encode()
+
+    def script(seen: Seen, n: int) -> bytes:
+        return answer(b"{}", "202 Accepted") if n == 0 else answer(problem, "422 Unprocessable")
+
+    server, url = serve(script)
+    with Client(url) as client:
+        with pytest.raises(InvalidArguments) as caught:
+            client.submit_many("noop", [{"i": i} for i in range(3)], chunk_size=2)
+        first = [job["id"] for job in json.loads(server.seen[0].body)["jobs"]]
+        assert [job.id for job in caught.value.accepted] == first and len(first) == 2
+        for size in (0, -1, 1.5, True):
+            with pytest.raises(ConfigError, match="chunk_size"):
+                client.submit_many("noop", [{}], chunk_size=size)  # type: ignore[arg-type]
+    assert len(server.seen) == 2  # nothing sent for the bad chunk sizes
+
+
+def test_a_forked_child_opens_its_own_connections_and_stops_its_senders(
+    serve: Callable[[Script], tuple[Server, str]],
+) -> None:
+    # A child reading from its parent's keep-alive connection would take the parent's answers.
+    server, url = serve(lambda seen, n: answer(b"{}", "202 Accepted"))
+    with Client(url) as client:
+        client.request("GET", "/parent-before")  # leaves connection 0 idle in the pool
+        sender = client.sender()
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: one request, then whether its sender refuses work
+            code = 1
+            try:
+                client.request("GET", "/child")
+                try:
+                    sender.submit("noop", {})
+                except SenderStopped as exc:
+                    os.write(write, str(exc.__cause__).encode())
+                    code = 0
+            finally:
+                os._exit(code)
+        os.close(write)
+        said = os.read(read, 500).decode()
+        os.close(read)
+        _, status = os.waitpid(pid, 0)
+        client.request("GET", "/parent-after")
+        sender.submit("noop", {})
+        sender.close()  # the parent's sender still works
+    assert os.waitstatus_to_exitcode(status) == 0 and "before a fork" in said, said
+    conns = {s.target: s.conn for s in server.seen}
+    assert conns["/parent-before"] == conns["/parent-after"] == 0
+    assert conns["/child"] not in (0, conns["/v1/jobs"])

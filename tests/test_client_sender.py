@@ -376,3 +376,25 @@ def test_several_threads_submit_through_one_sender(
         assert (sender.accepted, sender.refused) == (2000, 0)
         all_done(client, jobs)
     chaos_keys_ran_once(tmp_path, [f"t{t}-{i}" for t in range(8) for i in range(250)])
+
+
+def test_a_handle_asks_the_gateway_only_once_its_job_was_sent(
+    nsq: Nsq, daemons: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    # With the ledger, the gateway answers "unknown" for an id it does not hold yet: a handle
+    # used before its sender sent the job waits for the send instead.
+    gateway, _ = stack(nsq, daemons, tmp_path)
+    hold = threading.Event()
+    with (
+        Client(gateway.url, transport=Recording(hold=hold)) as client,
+        client.sender() as sender,
+    ):
+        job = sender.submit("debug.chaos", {"key": "held"})
+        with pytest.raises(TimeoutError, match="not yet sent"):
+            job.outcome(timeout=0.2)  # the send is held: not UnknownJob
+        hold.set()
+        assert job.status() in ("queued", "running", "succeeded")
+        assert job.result(timeout=30) == {"key": "held"}
+        again = sender.submit("debug.chaos", {"key": "at-once"})
+        assert again.result(timeout=30) == {"key": "at-once"}  # right after submit
+    chaos_keys_ran_once(tmp_path, ["held", "at-once"])

@@ -51,6 +51,14 @@ MISTAKES = {
         "@task('demo.h', max_attempts=0)\ndef h(args: Args) -> int:\n    return 1\n",
         "max_attempts must be at least 1",
     ),
+    "bool_max_attempts": (
+        "@task('demo.h2', max_attempts=True)\ndef h2(args: Args) -> int:\n    return 1\n",
+        "max_attempts must be at least 1 (a whole number), got True",
+    ),
+    "nan_time_limit": (
+        "@task('demo.h3', time_limit_s=float('nan'))\ndef h3(args: Args) -> int:\n    return 1\n",
+        "time_limit_s must be a positive, finite number of seconds, got nan",
+    ),
     "unresolved_annotation": (
         "@task('demo.i')\ndef i(args: 'Missing') -> int:\n    return 1\n",
         "annotations do not resolve: NameError",

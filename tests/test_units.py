@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import socket
 from contextlib import ExitStack
 from pathlib import Path
@@ -13,7 +14,15 @@ import msgspec
 import pytest
 from nsqjobs import config, testing, wire
 from nsqjobs.cli import main
-from nsqjobs.errors import ConfigError, DecodeError, InvalidArgumentsError, UnknownTaskError
+from nsqjobs.client import PartiallyAccepted, UnknownTask
+from nsqjobs.errors import (
+    ConfigError,
+    DecodeError,
+    FieldError,
+    InvalidArgumentsError,
+    TaskFailed,
+    UnknownTaskError,
+)
 from nsqjobs.nsq.publisher import Publisher
 from nsqjobs.observability.metrics import GatewayMetrics, WorkerMetrics
 from nsqjobs.observability.worker_hooks import MetricsHook
@@ -329,3 +338,19 @@ def test_a_reader_closed_before_it_started_never_starts() -> None:
         assert reader.conns == {} and reader.redist_periodic is None
 
     asyncio.run(body())
+
+
+def test_every_error_survives_pickling_with_its_attributes() -> None:
+    # The process executor pickles what a task raised: a task that uses the client and fails
+    # with one of its errors must reach the worker as that error, not as "unreadable".
+    failed = TaskFailed("ValueError", "bad n", job_id="j1", status="dead")
+    unknown = UnknownTask(404, "no such task", {"task": "nope", "type": "x"})
+    partial = PartiallyAccepted(503, "part", {"unaccepted_ids": ["a", "b"]})
+    partial.retry_after = 1.0
+    invalid = InvalidArgumentsError([FieldError("args.n", "must be >= 0")])
+    decode = DecodeError("not JSON", b"\xff")
+    for error in (failed, unknown, partial, invalid, decode, UnknownTaskError("t" * 200)):
+        back = pickle.loads(pickle.dumps(error))
+        assert type(back) is type(error) and str(back) == str(error)
+        assert vars(back) == vars(error)
+    assert pickle.loads(pickle.dumps(partial)).unaccepted_ids == ["a", "b"]

@@ -5,10 +5,25 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class NsqjobsError(Exception):
-    """Root of every error nsqjobs raises on purpose."""
+    """Root of every error nsqjobs raises on purpose.
+
+    Every one survives pickling (a task run by the process executor that raises one, the
+    client's errors included): rebuilt from its message and attributes without calling its
+    ``__init__``, whose arguments differ from class to class.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_restore, (type(self), self.args, dict(self.__dict__)))
+
+
+def _restore(cls: type[NsqjobsError], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    error = cls.__new__(cls, *args)
+    error.__dict__.update(state)
+    return error
 
 
 class ConfigError(NsqjobsError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -163,10 +164,21 @@ def task(
         raise TaskDefinitionError(
             f"task {name!r}: throws must be a tuple of Exception subclasses, got {throws!r}"
         )
-    if not isinstance(max_attempts, int) or max_attempts < 1:
-        raise TaskDefinitionError(f"task {name!r}: max_attempts must be at least 1")
-    if not isinstance(time_limit_s, int | float) or time_limit_s <= 0:
-        raise TaskDefinitionError(f"task {name!r}: time_limit_s must be positive")
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+        raise TaskDefinitionError(
+            f"task {name!r}: max_attempts must be at least 1 (a whole number), got {max_attempts!r}"
+        )
+    if (
+        isinstance(time_limit_s, bool)
+        or not isinstance(time_limit_s, int | float)
+        or not math.isfinite(time_limit_s)
+        or time_limit_s <= 0
+    ):
+        # NaN passes a `<= 0` check, and a timer set for NaN seconds fires at once.
+        raise TaskDefinitionError(
+            f"task {name!r}: time_limit_s must be a positive, finite number of seconds, "
+            f"got {time_limit_s!r}"
+        )
     if not isinstance(track_started, bool):
         raise TaskDefinitionError(f"task {name!r}: track_started must be True or False")
     if warm_up is not None and not callable(warm_up):

@@ -40,7 +40,7 @@ class AsyncJob:
     async def info(self) -> dict[str, Any]:
         """The job as the ledger records it (``GET /v1/jobs/{id}``)."""
         record: dict[str, Any] = core.json_of(
-            await self._client.request("GET", f"/v1/jobs/{self.id}")
+            await self._client.request("GET", core.job_path(self.id))
         )
         return record
 
@@ -71,7 +71,7 @@ class AsyncJob:
         """Cancel the job if it has not finished (``DELETE /v1/jobs/{id}``): the job as now
         recorded; :class:`~nsqjobs.client.AlreadyFinished` if it had."""
         record: dict[str, Any] = core.json_of(
-            await self._client.request("DELETE", f"/v1/jobs/{self.id}")
+            await self._client.request("DELETE", core.job_path(self.id))
         )
         return record
 
@@ -97,6 +97,7 @@ class AsyncClient:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.url, self.token = core.settings(url, token)
+        core.check_limits(timeout_s, long_poll_s, max_connections)
         self.timeout_s = timeout_s
         self.retry = retry or core.RetryPolicy()
         self.long_poll_s = long_poll_s
@@ -131,10 +132,12 @@ class AsyncClient:
         body: Any = None,
         params: dict[str, Any] | None = None,
         long_poll_s: float = 0.0,
+        until: float | None = None,
     ) -> core.Reply:
         """One API call, retried as :attr:`retry` says; the 2xx answer, or the problem's
-        exception (:class:`~nsqjobs.client.GatewayError` and its subclasses)."""
-        retrier = core.Retrier(self.retry)
+        exception (:class:`~nsqjobs.client.GatewayError` and its subclasses). ``until``: a
+        monotonic time retries stop at too (a wait's timeout: no retry outlasts the caller's)."""
+        retrier = core.Retrier(self.retry, until)
         content = None if body is None else _encode(body)
         timeout = core.request_timeout(self.timeout_s, long_poll_s)
         while True:
@@ -151,7 +154,7 @@ class AsyncClient:
                 )
                 core.check(response)
                 return response
-            except httpx.TransportError as exc:
+            except httpx.RequestError as exc:  # no answer, or one that cannot be read
                 error: GatewayError = core.unreachable(self.url, exc)
                 error.__cause__ = exc
             except GatewayError as exc:
@@ -181,7 +184,7 @@ class AsyncClient:
         self, task: str, args: Any = None, *, id: str | None = None, timeout: float | None = None
     ) -> Any:
         """Submit one job and wait for its result in the same request (see ``Client.run``)."""
-        call = core.run_call(task, args, id, timeout)
+        call = core.run_call(task, args, id, timeout, self.long_poll_s)
         response = await self.request(
             "POST", "/v1/jobs", body=call.body, params=call.params, long_poll_s=call.wait
         )
@@ -194,9 +197,10 @@ class AsyncClient:
         self, task: str, args: Iterable[Any], *, chunk_size: int = MAX_BATCH_JOBS
     ) -> list[AsyncJob]:
         """Submit a job of ``task`` per item of ``args`` through ``POST /v1/jobs/batch``,
-        ``chunk_size`` (at most 1000) per request; their handles, in order."""
+        ``chunk_size`` (at most 1000) per request; their handles, in order. A chunk refused
+        raises its error with ``accepted``: the handles of the earlier chunks' jobs, which run."""
         jobs: list[AsyncJob] = []
-        for chunk in core.args_chunks(args, min(chunk_size, MAX_BATCH_JOBS)):
+        for chunk in core.args_chunks(args, chunk_size):
             ids = wire.new_job_ids(len(chunk))
             body = core.batch_body(task, chunk, ids)
             while body["jobs"]:
@@ -206,6 +210,9 @@ class AsyncClient:
                 except PartiallyAccepted as exc:  # send again only what was not stored
                     left = set(exc.unaccepted_ids)
                     body = {"jobs": [j for j in body["jobs"] if j["id"] in left]}
+                except GatewayError as exc:
+                    exc.accepted = jobs
+                    raise
             jobs += [AsyncJob(self, i, task) for i in ids]
         return jobs
 
@@ -227,6 +234,7 @@ class AsyncClient:
                 "/v1/jobs/wait",
                 body=core.wait_body(progress.next_ids(), poll, return_when),
                 long_poll_s=poll,
+                until=deadline,
             )
             progress.take(core.wait_answer(response))
             left = core.left_s(deadline)

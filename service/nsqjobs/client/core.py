@@ -4,9 +4,11 @@ become values or exceptions, the retry schedule, and the bookkeeping of ``map``.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import random
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -20,7 +22,13 @@ from nsqjobs import wire
 from nsqjobs.api import JobOutcome, WaitAnswer
 from nsqjobs.client.problems import GatewayError, GatewayUnreachable, UnknownJob, problem_error
 from nsqjobs.errors import ConfigError, TaskFailed
-from nsqjobs.names import ENV_API_TOKEN, ENV_GATEWAY_URL, GATEWAY_PORT, MAX_WAIT_IDS
+from nsqjobs.names import (
+    ENV_API_TOKEN,
+    ENV_GATEWAY_URL,
+    GATEWAY_PORT,
+    MAX_BATCH_JOBS,
+    MAX_WAIT_IDS,
+)
 
 DEFAULT_URL: Final = f"http://127.0.0.1:{GATEWAY_PORT}"
 # One long poll waits at most this long (the gateway's --max-wait-s is 60 s by default); a
@@ -38,6 +46,25 @@ def settings(url: str | None, token: str | None) -> tuple[str, str]:
     if not base.startswith(("http://", "https://")):
         raise ConfigError(f"gateway URL {base!r} must start with http:// or https://")
     return base.rstrip("/"), token if token is not None else os.environ.get(ENV_API_TOKEN, "")
+
+
+def check_limits(timeout_s: float, long_poll_s: float, max_connections: int) -> None:
+    """A client's numbers, each checked once when it is made: a clear error now rather than a
+    TypeError at its first request."""
+    for name, value, least in (("timeout_s", timeout_s, 0.0), ("long_poll_s", long_poll_s, 0.0)):
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or value <= least:
+            raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+    if isinstance(max_connections, bool) or not isinstance(max_connections, int):
+        raise ConfigError(f"max_connections must be a whole number, got {max_connections!r}")
+    if max_connections < 1:
+        raise ConfigError(f"max_connections must be at least 1, got {max_connections}")
+
+
+def job_path(job_id: str) -> str:
+    """``/v1/jobs/{id}``; a character no job id may hold is percent-encoded (the gateway then
+    answers that no such job exists, rather than the request line breaking)."""
+    return "/v1/jobs/" + urllib.parse.quote(job_id, safe=":")
 
 
 def headers(token: str) -> dict[str, str]:
@@ -131,7 +158,7 @@ def json_of(response: Reply) -> Any:
         ) from None
 
 
-def unreachable(url: str, exc: httpx.TransportError) -> GatewayUnreachable:
+def unreachable(url: str, exc: httpx.RequestError) -> GatewayUnreachable:
     """A transport failure as the client's exception."""
     return GatewayUnreachable(0, f"cannot reach the gateway at {url}: {exc!r}")
 
@@ -207,10 +234,17 @@ class RunCall:
     left: float | None
 
 
-def run_call(task: str, args: Any, job_id: str | None, timeout: float | None) -> RunCall:
-    """The request of ``Client.run`` and ``AsyncClient.run``."""
+def run_call(
+    task: str,
+    args: Any,
+    job_id: str | None,
+    timeout: float | None,
+    long_poll_s: float = LONG_POLL_S,
+) -> RunCall:
+    """The request of ``Client.run`` and ``AsyncClient.run`` (a wait of at most the client's
+    ``long_poll_s``: a gateway refuses one over its ``--max-wait-s``)."""
     job_id = job_id or wire.new_job_id()
-    wait = LONG_POLL_S if timeout is None else max(0.0, min(timeout, LONG_POLL_S))
+    wait = long_poll_s if timeout is None else max(0.0, min(timeout, long_poll_s))
     left = None if timeout is None else max(0.0, timeout - wait)
     return RunCall(job_id, job_body(task, args, job_id), {"wait": f"{wait:g}"}, wait, left)
 
@@ -263,9 +297,13 @@ class Retrier:
     """One request's retries: :meth:`delay` says how long to sleep before the next try, or
     None to give up (the error is raised)."""
 
-    def __init__(self, policy: RetryPolicy) -> None:
+    def __init__(self, policy: RetryPolicy, until: float | None = None) -> None:
+        """``until``: the caller's own monotonic deadline (a wait's timeout), which retries do
+        not outlast either."""
         self.policy = policy
         self.deadline = time.monotonic() + policy.deadline_s
+        if until is not None:
+            self.deadline = min(self.deadline, until)
         self.tries = 0
 
     def delay(self, error: GatewayError) -> float | None:
@@ -344,7 +382,11 @@ def request_timeout(timeout_s: float, long_poll_s: float = 0.0) -> httpx.Timeout
 
 
 def args_chunks(args: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    """``args`` in lists of ``size`` (the last one shorter)."""
+    """``args`` in lists of ``size`` (the last one shorter); ``size`` is a ``chunk_size``: at
+    least 1 (:class:`ConfigError`), and no more than a batch holds (1000)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError(f"chunk_size must be a whole number, at least 1, got {size!r}")
+    size = min(size, MAX_BATCH_JOBS)
     chunk: list[Any] = []
     for item in args:
         chunk.append(item)

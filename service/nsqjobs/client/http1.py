@@ -19,12 +19,14 @@ failure is the caller's, whose retries keep a job's id.
 from __future__ import annotations
 
 import functools
+import os
 import select
 import socket
 import threading
 import time
 import urllib.parse
 import urllib.request
+import weakref
 import zlib
 from collections import deque
 from collections.abc import Mapping
@@ -114,7 +116,8 @@ class _Conn:
             try:
                 body = zlib.decompress(body, 47 if coding == "gzip" else 15)
             except zlib.error as exc:
-                raise httpx.DecodingError(f"a bad {coding} body: {exc}") from None
+                # A transport failure (the connection is closed, the request tried again).
+                raise httpx.RemoteProtocolError(f"a bad {coding} body: {exc}") from None
         return status, headers, body, keep
 
     def _head(self) -> tuple[int, str, dict[str, str]]:
@@ -195,6 +198,18 @@ class _NoAnswer(httpx.RemoteProtocolError):
     """The connection ended before the first byte of an answer."""
 
 
+# Every live pool, so that a forked child drops its parent's connections (one hook for all).
+_POOLS: Final[weakref.WeakSet[Pool]] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_POOLS):
+        pool._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Pool:
     """Keep-alive connections to one ``http://`` origin, for several threads at once; at most
     ``max_connections`` open (a request waits up to its write timeout for one)."""
@@ -217,6 +232,17 @@ class Pool:
         self._busy = 0  # requests under way (each holds a connection, or is opening one)
         self._waiting = 0
         self._closed = False
+        _POOLS.add(self)
+
+    def _forked(self) -> None:
+        """In a forked child: forget the parent's connections (a child reading from one would
+        take the parent's answers) and the parent's threads' slots; the child opens its own."""
+        self._lock = threading.Lock()
+        self._freed = threading.Condition(self._lock)
+        idle, self._idle = self._idle, deque()
+        self._busy = self._waiting = 0
+        for conn in idle:
+            conn.close()  # the child's copy of the descriptor only: the parent's stays open
 
     def close(self) -> None:
         """Close the idle connections; those in use close when their request ends."""

@@ -39,6 +39,9 @@ class GatewayError(NsqjobsError):
             if isinstance(e, dict)
         ]
         self.retry_after: float | None = None  # seconds, from a Retry-After header
+        # submit_many: the handles of the jobs accepted before this error (earlier chunks,
+        # which run whatever happens to the rest), in order.
+        self.accepted: list[Any] = []
 
     def __str__(self) -> str:
         where = f"gateway answered {self.status}" if self.status else "gateway unreachable"
@@ -49,7 +52,9 @@ class GatewayError(NsqjobsError):
 
 
 class GatewayUnreachable(GatewayError):
-    """No answer: the connection was refused, broke, or timed out (retried, then raised)."""
+    """No answer: the connection was refused, broke, or timed out; or a proxy in front of the
+    gateway answered 502, 503 or 504 without a problem of ours (no replica reached). Retried,
+    then raised."""
 
     retryable = True
 
@@ -283,6 +288,9 @@ PROBLEMS: Final[dict[str, type[GatewayError]]] = {
 }
 
 
+_PROXY_FAILURES: Final = frozenset({502, 503, 504})
+
+
 def problem_error(status: int, body: Any, retry_after: str | None = None) -> GatewayError:
     """The exception for an error answer: its problem ``type``'s class, else :class:`GatewayError`
     (a non-problem body, or a type this client does not know)."""
@@ -291,6 +299,10 @@ def problem_error(status: int, body: Any, retry_after: str | None = None) -> Gat
     cls = GatewayError
     if kind.startswith(PROBLEM_TYPE_PREFIX):
         cls = PROBLEMS.get(kind[len(PROBLEM_TYPE_PREFIX) :], GatewayError)
+    elif status in _PROXY_FAILURES:
+        # Not the gateway's answer (it writes problem+json): a proxy (nginx in compose) that
+        # reached no replica. The request is sent again, as after no answer at all.
+        cls = GatewayUnreachable
     detail = problem.get("detail")
     if not isinstance(detail, str):
         detail = f"HTTP {status}" + (f": {str(body)[:200]}" if body else "")

@@ -5,8 +5,10 @@ what has gathered as ``POST /v1/jobs/batch``, and ``flush`` says which jobs were
 
 from __future__ import annotations
 
+import os
 import threading
-from collections import deque
+import weakref
+from collections import Counter, deque
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, Final, NamedTuple
@@ -14,6 +16,7 @@ from typing import Any, Final, NamedTuple
 import msgspec
 
 from nsqjobs import wire
+from nsqjobs.api import JobOutcome
 from nsqjobs.client import core, sync
 from nsqjobs.client.problems import GatewayError, PartiallyAccepted
 from nsqjobs.errors import ConfigError, NsqjobsError
@@ -25,6 +28,11 @@ from nsqjobs.names import MAX_BATCH_JOBS
 _PER_JOB: Final = frozenset((409, 413, 422))
 # How many refused jobs NotAccepted's message names (``failures`` holds them all).
 _NAMED: Final = 5
+
+
+def _after_fork_in_child() -> None:
+    for sender in list(_SENDERS):
+        sender._forked()
 
 
 class NotAccepted(NsqjobsError):
@@ -98,15 +106,29 @@ class Sender:
         # settled jobs says which are.
         self._submitted = 0
         self._settled = 0
+        # Ids queued or in a request, not yet accepted or refused: what a handle's calls wait for.
+        self._unsettled: Counter[str] = Counter()
         self._accepted = 0
         self._refused = 0
         self._failures: list[tuple[str, GatewayError]] = []  # not reported yet
         self._closing = False
         self._crash: BaseException | None = None
+        self._pid = os.getpid()
         # A daemon: a sender never closed does not keep the interpreter from exiting (its
         # unsent jobs are lost, as are those of any client not flushed; close it).
         self._thread = threading.Thread(target=self._run, name="nsqjobs-sender", daemon=True)
         self._thread.start()
+        _SENDERS.add(self)
+
+    def _forked(self) -> None:
+        """In a forked child: the thread is not there, and the jobs queued are the parent's to
+        send. The child's sender is stopped (its calls raise SenderStopped at once)."""
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._changed = threading.Condition(self._lock)
+        self._crash = RuntimeError(
+            f"this sender was made in process {self._pid}, before a fork: make one in this process"
+        )
 
     def __repr__(self) -> str:
         return (
@@ -155,8 +177,9 @@ class Sender:
                 self._check_running()
             self._queue.append(item)
             self._submitted += 1
+            self._unsettled[job_id] += 1
             self._work.notify()
-        return sync.Job(self.client, job_id, task)
+        return SentJob(self, job_id, task)
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every job submitted so far was accepted or refused (up to ``timeout``
@@ -209,6 +232,20 @@ class Sender:
         except Exception as error:
             exc.add_note(f"and closing the sender raised {error!r}")
 
+    def wait_sent(self, job_id: str, timeout: float | None = None) -> None:
+        """Wait until the job ``job_id`` submitted here was accepted or refused (None: as long as
+        it takes); :class:`TimeoutError` if not by then, :class:`SenderStopped` if the thread
+        failed first. A handle's calls to the gateway wait for this, so that ``result()`` right
+        after ``submit()`` asks about a job the gateway has."""
+        deadline = core.deadline_of(timeout)
+        with self._lock:
+            while self._unsettled.get(job_id):
+                self._check_crash()
+                left = core.left_s(deadline)
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"job {job_id} not yet sent after {timeout:g}s")
+                self._changed.wait(left)
+
     def _check_running(self) -> None:
         """Under the lock: raise if no job may be queued now."""
         self._check_crash()
@@ -242,6 +279,10 @@ class Sender:
                 with self._lock:
                     self._in_flight = []
                     self._settled += len(batch)
+                    self._unsettled.subtract(item.id for item in batch)
+                    for item in batch:
+                        if self._unsettled.get(item.id, 0) <= 0:
+                            self._unsettled.pop(item.id, None)
                     self._accepted += len(batch) - len(failures)
                     self._refused += len(failures)
                     self._failures += failures
@@ -290,3 +331,31 @@ class Sender:
                 half = len(items) // 2
                 return self._send(items[:half]) + self._send(items[half:])
         return []
+
+
+class SentJob(sync.Job):
+    """A :class:`Sender`'s handle: each call to the gateway first waits until the sender has
+    sent the job (:meth:`Sender.wait_sent`); a refused job is then unknown to the gateway
+    (:meth:`Sender.flush` says why)."""
+
+    def __init__(self, sender: Sender, job_id: str, task: str) -> None:
+        super().__init__(sender.client, job_id, task)
+        self._sender = sender
+
+    def info(self) -> dict[str, Any]:
+        self._sender.wait_sent(self.id)
+        return super().info()
+
+    def outcome(self, timeout: float | None = None) -> JobOutcome | None:
+        deadline = core.deadline_of(timeout)
+        self._sender.wait_sent(self.id, timeout)
+        return super().outcome(core.left_s(deadline))
+
+    def cancel(self) -> dict[str, Any]:
+        self._sender.wait_sent(self.id)
+        return super().cancel()
+
+
+# Every live sender, so that a forked child stops its copies (one hook for all).
+_SENDERS: Final[weakref.WeakSet[Sender]] = weakref.WeakSet()
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import msgspec
 
 from nsqjobs import wire
-from nsqjobs.errors import PublishError, PublishRejected, Retry, TaskTimeoutError
+from nsqjobs.errors import PublishError, PublishRejected, PublishTimeout, Retry, TaskTimeoutError
 from nsqjobs.names import DEAD_LETTER_TOPIC, RESULTS_TOPIC
 from nsqjobs.worker.hooks import Hooks, RequeueReason
 from nsqjobs.worker.outcome import RetryAfter, after_failure, backoff_delay
@@ -208,9 +208,11 @@ class Settler:
             if len(body) > self.max_msg_size:
                 raise PublishError(f"the envelope is {len(body)} bytes, over nsqd's limit")
             if delay_ms:
-                await self._publish(lambda: self.publisher.dpub(job.task.queue, delay_ms, body))
+                await self._publish(
+                    lambda: self.publisher.dpub(job.task.queue, delay_ms, body), job_copy=True
+                )
             else:
-                await self._publish(lambda: self.publisher.pub(job.task.queue, body))
+                await self._publish(lambda: self.publisher.pub(job.task.queue, body), job_copy=True)
         except PublishError as exc:
             # nsqd's REQ instead: the message comes back, this delivery counted as an attempt.
             log.warning("job %s: republish failed (%s); requeueing instead", env.id, exc)
@@ -224,7 +226,9 @@ class Settler:
         try:
             if len(body) > self.max_msg_size:  # nsqd would refuse it: never send it
                 raise PublishError(f"the envelope with its history is {len(body)} bytes")
-            await self._publish(lambda: self.publisher.dpub(job.task.queue, delay_ms, body))
+            await self._publish(
+                lambda: self.publisher.dpub(job.task.queue, delay_ms, body), job_copy=True
+            )
         except PublishError as exc:
             # Fall back to nsqd's REQ: the history of this attempt is lost, its count is not.
             log.warning("job %s: retry republish failed (%s); requeueing instead", env.id, exc)
@@ -287,7 +291,15 @@ class Settler:
             DEAD_LETTER_TOPIC,
         )
 
-    async def _publish(self, send: Callable[[], Awaitable[None]]) -> None:
+    async def _publish(
+        self, send: Callable[[], Awaitable[None]], *, job_copy: bool = False
+    ) -> None:
+        """Publish with ``send``; after a failure, wait for the publisher to reconnect and send
+        once more. ``job_copy``: what is sent is a copy of the job itself (a retry, a give-back),
+        which its caller replaces with nsqd's REQ if this raises: when nsqd may have stored the
+        first send (it did not answer in time), sending again would make a second copy and the
+        REQ a third, so this raises at once and the REQ is the only other copy. An outcome
+        (dead letter, failed result) is sent again: a second copy of it is only counted."""
         # nsqd closes a connection that sent a message it refused; the publisher reconnects
         # within a second: wait for it (once) rather than requeue the job and run it again.
         await self.publisher.wait_connected(RECONNECT_WAIT_S)
@@ -295,7 +307,9 @@ class Settler:
             await send()
         except PublishRejected:
             raise
-        except PublishError:
+        except PublishError as exc:
+            if job_copy and isinstance(exc, PublishTimeout):
+                raise
             if not await self.publisher.wait_connected(RECONNECT_WAIT_S):
                 raise
             await send()
