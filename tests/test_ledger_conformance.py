@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg
 import msgspec
 import pytest
 from nsqjobs import wire
 from nsqjobs.config import GatewayConfig
 from nsqjobs.errors import ConfigError
-from nsqjobs.ledger import LedgerError, SqliteStore, Store, open_store
+from nsqjobs.ledger import LedgerError, SqliteStore, Store, open_store, pgsql
 from nsqjobs.ledger.postgres import PostgresStore
 from nsqjobs.names import MAX_DELAY_MS
 from nsqjobs.testing import Postgres, start_postgres, wait_for
@@ -408,8 +409,8 @@ def test_claim_limit_and_order(ledger: Ledger) -> None:
 
 def test_an_nsqd_restart_redrives_unfinished_jobs_sent_before_it_once(ledger: Ledger) -> None:
     async def body(store: Store) -> None:
-        await store.record_accepted([job("a"), job("b"), job("done")])
-        await store.mark_published(["a", "b", "done"])
+        await store.record_accepted([job("a"), job("b"), job("done"), job("unacked")])
+        await store.mark_published(["a", "b", "done"])  # "unacked": nsqd has not answered yet
         await store.record_result(result("done"))
         restart = wire.now() + 0.001
         await asyncio.sleep(0.01)
@@ -420,9 +421,14 @@ def test_an_nsqd_restart_redrives_unfinished_jobs_sent_before_it_once(ledger: Le
         a = await store.get("a")
         assert a is not None and a.published_at is None and a.redrives == 1
         assert (await store.get("after")).published_at is not None  # type: ignore[union-attr]
+        assert (await store.get("unacked")).redrives == 0  # type: ignore[union-attr]
         got = await claim(store, wire.now() + GRACE_S + 1)
-        assert sorted(got) == ["a", "b"]
-        assert {c.reason for c in got.values()} == {"nsqd_restart"}
+        assert sorted(got) == ["a", "b", "unacked"]  # unacked: after its grace, as unpublished
+        assert {i: c.reason for i, c in got.items()} == {
+            "a": "nsqd_restart",
+            "b": "nsqd_restart",
+            "unacked": "unpublished",
+        }
         # Republished after the restart: a later poll of the same start time leaves them.
         await store.mark_published(["a", "b"])
         assert await store.redrive_sent_before(restart) == 0
@@ -546,7 +552,9 @@ def test_replay_requeues_dead_jobs_with_their_runs_kept(ledger: Ledger) -> None:
         # A late outcome of the run before the replay is a duplicate; the new run's counts.
         assert await store.record_result(result("d1", "failed")) == "duplicate"
         assert await store.record_dead_letter(letter("d1")) == "duplicate"
-        new_run = msgspec.structs.replace(result("d1"), started_at=run0["replayed_at"] + 1)
+        # The new run's worker's clock 50 ms behind the gateway's (it started before the
+        # replay, by its clock), well after the run before ended: the new run's outcome.
+        new_run = msgspec.structs.replace(result("d1"), started_at=run0["replayed_at"] - 0.05)
         assert await store.record_result(new_run) == "recorded"
         assert (await store.get("d1")).status == "succeeded"  # type: ignore[union-attr]
         by_task = await store.replay(task="sleep")
@@ -753,3 +761,39 @@ def test_an_unexpected_error_fails_the_calls_and_the_store_goes_on(
             store.close()
 
     asyncio.run(asyncio.wait_for(body(), 30))
+
+
+def test_postgres_gateways_commit_new_jobs_in_listing_order(
+    postgres: Postgres, tmp_path: Path
+) -> None:
+    # Two gateways on one PostgreSQL ledger: while one's insert is not committed, another's
+    # waits, so that no listing page (and its cursor) can pass a job that commits later.
+    url = postgres.create_database(f"t_{uuid.uuid4().hex}")
+    PostgresStore(url).close()  # the schema
+
+    def row(job_id: str) -> tuple[Any, ...]:
+        now = wire.now()
+        body = wire.encode(job(job_id))
+        return (job_id, "noop", "{}", body, 1000.0, now, None, now, None, None)
+
+    async def scenario() -> None:
+        first, second, reader = [await asyncpg.connect(url) for _ in range(3)]
+        try:
+            open_insert = first.transaction()
+            await open_insert.start()
+            await first.fetch(pgsql.ACCEPT, *pgsql._arrays([row("first")]))
+            later = asyncio.ensure_future(
+                second.fetch(pgsql.ACCEPT_AND_MARK, *pgsql._arrays([row("second")]), [], [])
+            )
+            with pytest.raises(TimeoutError):  # waits for the first gateway's commit
+                await asyncio.wait_for(asyncio.shield(later), 0.5)
+            assert await reader.fetch("SELECT id FROM jobs") == []
+            await open_insert.commit()
+            await asyncio.wait_for(later, 10)
+            listed = await reader.fetch("SELECT id FROM jobs ORDER BY seq")
+            assert [r["id"] for r in listed] == ["first", "second"]
+        finally:
+            for conn in (first, second, reader):
+                await conn.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))

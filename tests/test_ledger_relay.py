@@ -22,6 +22,7 @@ from nsqjobs.errors import ConfigError, InvalidArgumentsError
 from nsqjobs.gateway.submit import Acceptor, BatchPartlyPublished
 from nsqjobs.ledger import SqliteStore
 from nsqjobs.ledger.relay import Relay
+from nsqjobs.ledger.session import Session
 from nsqjobs.names import MAX_DELAY_MS
 from nsqjobs.nsq.publisher import Publisher
 from nsqjobs.observability.metrics import GatewayMetrics, LedgerMetrics
@@ -698,3 +699,42 @@ def test_retention_prunes_finished_jobs_and_keeps_dead_ones(
     wait_for(lambda: record_of(gateway, "ok") is None, 30, "the finished job pruned")
     assert outcome(gateway, "bad", "dead")["dead_reason"] == "max_attempts"
     assert gateway.metric("nsqjobs_ledger_jobs", status="dead") == 1
+
+
+@pytest.mark.timeout(30)
+def test_a_job_held_by_the_gateway_is_never_left_marked_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A delay just over nsqd's hour as the gateway judges it (from the job's acceptance) is
+    # under it by the store's clock a few ms later, which records the job as published in the
+    # live session: the gateway, which publishes nothing for a held job, must unmark it, or
+    # no relay ever publishes it (a 202, then nothing).
+    async def body(store: SqliteStore) -> None:
+        session = Session(store)
+        assert await store.beat_session(session.id, session.clock() - 1, session.clock())
+        publisher = FakePublisher()
+        accept = Acceptor(
+            noop_registry(),
+            cast(Publisher, publisher),
+            GatewayMetrics(CollectorRegistry()),
+            store.record_accepted,
+            session=session,
+        )
+        created = wire.now()
+        env = wire.JobEnvelope(
+            id="edge", task="noop", args={}, created_at=created, due_at=created + HOUR + 0.005
+        )
+        # The store writes 10 ms after the acceptance (a busy writer).
+        monkeypatch.setattr(wire, "now", lambda: created + 0.010)
+        assert await accept.publish(accept.registry.get("noop"), env) == env
+        monkeypatch.undo()
+        assert publisher.sent == []
+        got = await store.get("edge")
+        assert got is not None and got.published_at is None  # the relay's to publish
+        assert session.settled
+        claimed = await store.claim_unpublished(
+            now=created + HOUR - 1, grace_s=0.0, horizon_s=HOUR, lease_s=60.0, limit=10
+        )
+        assert [c.id for c in claimed] == ["edge"]
+
+    run(tmp_path / "l.sqlite3", body)

@@ -292,9 +292,16 @@ def _accept_known(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list
     return answers
 
 
-# An outcome of a replayed job counts only when its run started after the latest replay: a
-# late result of the run before (the ledger was behind) is a duplicate, not the new run's.
-_THIS_RUN: Final = "(replays = 0 OR ? >= json_extract(runs, '$[#-1].replayed_at'))"
+# An outcome of a replayed job counts only when its run started after the run before ended (its
+# dead letter's time, a worker's clock; or the replay, the gateway's clock, if that is sooner):
+# a late outcome of the run before (the ledger was behind) is a duplicate, not the new run's.
+# Judged from the run before's end, not from the replay alone: a new run starts milliseconds
+# after the replay, so a worker's clock a little behind the gateway's would have its outcome
+# taken for a late one (the job then queued for good), while the run before ended well before.
+_THIS_RUN: Final = (
+    "(replays = 0 OR ? > MIN(json_extract(runs, '$[#-1].replayed_at'), "
+    "COALESCE(json_extract(runs, '$[#-1].dead_at'), json_extract(runs, '$[#-1].replayed_at'))))"
+)
 
 
 def record_result(

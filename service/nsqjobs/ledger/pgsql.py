@@ -87,13 +87,21 @@ _LIVE: Final = (
 )
 # A row is recorded as published (published_at = sent_at) when it is sent now (not held) in a
 # live session.
+#
+# Inserts take a transaction-level advisory lock first (before the identity column hands out
+# any ``seq``), held to their commit: gateways sharing the ledger then commit new jobs in
+# ``seq`` order. Without it, one gateway's seq 10 could commit after another's 11, and a
+# listing page that ended at 11 (its cursor) would never show job 10. Uncontended (one
+# gateway) it costs a lock call per statement; between gateways, inserts take turns.
+SEQ_LOCK_KEY: Final = 0x6E73716A6F6273  # "nsqjobs"
 _INSERT_ROWS: Final = (
     "INSERT INTO jobs (id, task, args, envelope, status, created_at, accepted_at, due_at, "
     "sent_at, redrive_reason, published_at, session) SELECT u.id, u.task, u.args, u.envelope, "
     "'queued', u.created_at, u.accepted_at, u.due_at, u.sent_at, u.reason, "
     "CASE WHEN u.sent_at IS NOT NULL AND l.seq IS NOT NULL THEN u.sent_at END, "
-    "CASE WHEN u.sent_at IS NOT NULL THEN l.seq END FROM u LEFT JOIN live AS l "
-    "ON l.id = u.session"
+    "CASE WHEN u.sent_at IS NOT NULL THEN l.seq END FROM u "
+    f"CROSS JOIN (SELECT pg_advisory_xact_lock({SEQ_LOCK_KEY})) AS in_seq_order "
+    "LEFT JOIN live AS l ON l.id = u.session"
 )
 _ROWS: Final = (
     "u AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], "
@@ -132,11 +140,13 @@ MARK_PUBLISHED: Final = (
 # (the job is dead, the result adds its attempts). Slack for rounded timestamps.
 SAME_OUTCOME_S: Final = 0.001
 
-# An outcome of a replayed job counts only when its run started after the latest replay: a
-# late result of the run before (the ledger was behind) is a duplicate, not the new run's.
+# An outcome of a replayed job counts only when its run started after the run before ended
+# (its dead letter's time; or the replay, if sooner): as the SQLite store's _THIS_RUN says why.
 THIS_RUN: Final = (
-    "(replays = 0 OR {at} >= ((runs::jsonb -> (jsonb_array_length(runs::jsonb) - 1)) "
-    "->> 'replayed_at')::float8)"
+    "(replays = 0 OR {at} > LEAST("
+    "((runs::jsonb -> (jsonb_array_length(runs::jsonb) - 1)) ->> 'replayed_at')::float8, "
+    "COALESCE(((runs::jsonb -> (jsonb_array_length(runs::jsonb) - 1)) ->> 'dead_at')::float8, "
+    "((runs::jsonb -> (jsonb_array_length(runs::jsonb) - 1)) ->> 'replayed_at')::float8)))"
 )
 
 # Results, one array per field (ids unique): the first terminal outcome wins; a failed result

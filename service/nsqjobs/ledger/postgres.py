@@ -361,13 +361,16 @@ class PostgresStore:
 
     def redrive_sent_before(self, started_at: float) -> asyncio.Future[int]:
         """See the protocol: the publish is forgotten (``sent_at`` NULL too), so the relay
-        publishes the job at once, with reason ``nsqd_restart``."""
+        publishes the job at once, with reason ``nsqd_restart``. Only acknowledged publishes,
+        as in the SQLite store: a publish still awaiting nsqd's answer (a relay's claim, its
+        lease left alone) is that relay's to finish or to give up."""
 
         async def op(conn: Conn) -> int:
             status = await conn.execute(
-                "UPDATE jobs SET published_at = NULL, sent_at = NULL, lease_until = NULL, "
+                "UPDATE jobs SET published_at = NULL, sent_at = NULL, "
                 "redrives = redrives + 1, redrive_reason = 'nsqd_restart' "
-                "WHERE status IN ('queued', 'running') AND sent_at < $1",
+                "WHERE status IN ('queued', 'running') AND sent_at < $1 "
+                "AND published_at IS NOT NULL",
                 started_at,
             )
             return _count(status)
