@@ -444,6 +444,9 @@ def test_prune_deletes_old_finished_jobs_but_not_dead_or_unfinished(ledger: Ledg
         await store.cancel("gone")
         await dead(store, "rip")
         assert await store.prune_finished(999.0, 100) == 0  # all finished after that
+        # Retention counts from when the ledger recorded the outcome, not from the worker's
+        # finished_at (1002, long ago): an outcome taken in late keeps its full retention.
+        assert await store.prune_finished(wire.now() - 3600, 100) == 0
         assert await store.prune_finished(wire.now() + 1, 1) == 1
         assert await store.prune_finished(wire.now() + 1, 100) == 2
         left = [j.id for j in (await store.list_jobs()).jobs]
@@ -649,7 +652,8 @@ def test_two_gateways_migrate_together_and_never_claim_a_job_twice(postgres: Pos
         t.join(30)
     try:
         assert errors == [] and len(stores) == 3
-        assert postgres.psql("SELECT version FROM schema_version", url.rpartition("/")[2]) == "1\n"
+        version = postgres.psql("SELECT version FROM schema_version", url.rpartition("/")[2])
+        assert version == f"{pgsql.SCHEMA_VERSION}\n"
 
         async def body() -> list[str]:
             n = 600

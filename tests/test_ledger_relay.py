@@ -167,6 +167,10 @@ def test_retention_prunes_finished_jobs_but_not_dead_ones(tmp_path: Path) -> Non
         for i in range(4):
             await store.record_result(result(f"j{i}", 1000.0 + i))
         await store.record_dead_letter(letter("j4", 1000.0))
+        # Recorded now: nothing is old enough, whatever the workers' finished_at says.
+        assert await store.prune_finished(wire.now() - 60, 100) == 0
+        # As if the ledger had recorded each when it finished: pruned in that order.
+        sql(store.path, "UPDATE jobs SET recorded_at = finished_at")
         assert await store.prune_finished(1002.0, 100) == 2  # j0, j1
         assert await store.prune_finished(5000.0, 1) == 1  # the limit holds
         assert await store.prune_finished(5000.0, 100) == 1

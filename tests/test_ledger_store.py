@@ -14,7 +14,7 @@ import pytest
 from nsqjobs import wire
 from nsqjobs.ledger import LedgerError, SqliteStore, litesql
 from nsqjobs.ledger import sqlite as sqlite_store
-from nsqjobs.ledger.liteschema import SCHEMA_VERSION
+from nsqjobs.ledger.liteschema import MIGRATIONS, SCHEMA_VERSION
 
 T = TypeVar("T")
 pytestmark = pytest.mark.timeout(30)
@@ -64,6 +64,34 @@ def test_schema_is_migrated_wal_and_full_sync(tmp_path: Path) -> None:
         conn.close()
     # Opening again migrates nothing and keeps what is there.
     run(path, lambda store: store.get("nothing"))
+
+
+def test_schema_4_counts_retention_from_when_an_outcome_was_recorded(tmp_path: Path) -> None:
+    # A ledger of schema 3 with a finished job: the migration takes its finished_at as when it
+    # was recorded, so retention goes on as before for what is there.
+    path = tmp_path / "ledger.sqlite3"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for n in range(3):
+        for statement in MIGRATIONS[n]:
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = 3")
+    conn.execute(
+        "INSERT INTO jobs (id, task, args, envelope, status, created_at, accepted_at, "
+        "finished_at) VALUES ('old', 'noop', '{}', x'', 'succeeded', 1.0, 1.0, 1000.0)"
+    )
+    conn.close()
+
+    async def body(store: SqliteStore) -> int:
+        return await store.prune_finished(1001.0, 10)
+
+    assert run(path, body) == 1
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+        assert "jobs_recorded" in indexes and "jobs_finished" not in indexes
+    finally:
+        conn.close()
 
 
 def test_a_newer_schema_is_refused(tmp_path: Path) -> None:

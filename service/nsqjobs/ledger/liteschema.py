@@ -99,6 +99,15 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             handled_at REAL
         )""",
     ),
+    (
+        # When the ledger recorded a job's outcome (its own clock; finished_at is the
+        # worker's): retention counts from it, so an outcome the ledger takes in late (its
+        # readers behind by more than the retention) is not pruned at once.
+        "ALTER TABLE jobs ADD COLUMN recorded_at REAL",
+        "UPDATE jobs SET recorded_at = finished_at WHERE finished_at IS NOT NULL",
+        "CREATE INDEX jobs_recorded ON jobs (recorded_at) WHERE recorded_at IS NOT NULL",
+        "DROP INDEX jobs_finished",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 

@@ -318,8 +318,8 @@ def record_result(
     finished job is a ``duplicate``."""
     cur = conn.execute(
         "UPDATE jobs SET status = ?, result = ?, error = ?, attempts = ?, worker = ?, "
-        "finished_at = ?, history = COALESCE(?, history) WHERE id = ? AND finished_at IS NULL "
-        f"AND {_THIS_RUN}",
+        "finished_at = ?, recorded_at = ?, history = COALESCE(?, history) WHERE id = ? "
+        f"AND finished_at IS NULL AND {_THIS_RUN}",
         (
             result.status,
             value,
@@ -327,6 +327,7 @@ def record_result(
             result.attempts,
             result.worker,
             result.finished_at,
+            wire.now(),
             history,
             result.id,
             result.started_at,
@@ -361,12 +362,13 @@ def record_dead_letter(
     same final attempt (same worker and time, see :func:`record_result`) makes it ``dead``."""
     cur = conn.execute(
         "UPDATE jobs SET status = 'dead', dead_reason = ?, dead_at = ?, finished_at = ?, "
-        "error = ?, worker = ?, attempts = MAX(attempts, ?), history = COALESCE(?, history) "
-        f"WHERE id = ? AND finished_at IS NULL AND {_THIS_RUN}",
+        "recorded_at = ?, error = ?, worker = ?, attempts = MAX(attempts, ?), "
+        f"history = COALESCE(?, history) WHERE id = ? AND finished_at IS NULL AND {_THIS_RUN}",
         (
             letter.reason,
             letter.at,
             letter.at,
+            wire.now(),
             error,
             letter.worker,
             job.attempts,
@@ -508,8 +510,8 @@ def replay(
         "UPDATE jobs SET status = 'queued', runs = ?, envelope = ?, "
         "replays = replays + 1, attempts = 0, worker = NULL, result = NULL, "
         "error = NULL, dead_reason = NULL, dead_at = NULL, finished_at = NULL, "
-        "started_at = NULL, history = NULL, published_at = NULL, sent_at = NULL, "
-        "lease_until = NULL WHERE seq = ?",
+        "recorded_at = NULL, started_at = NULL, history = NULL, published_at = NULL, "
+        "sent_at = NULL, lease_until = NULL WHERE seq = ?",
         updates,
     )
     return [r for r in (get_job(conn, row[0]) for row in rows) if r is not None]

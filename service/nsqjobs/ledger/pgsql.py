@@ -10,6 +10,7 @@ from typing import Any, Final
 
 import asyncpg
 
+from nsqjobs import wire
 from nsqjobs.ledger.rows import COLUMNS, record
 from nsqjobs.ledger.store import Accepted, OutcomeVerdict
 
@@ -70,6 +71,14 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         # Delayed unfinished jobs by when they are due (the oldest-unfinished gauge).
         "CREATE INDEX jobs_delayed ON jobs (due_at) "
         "WHERE due_at IS NOT NULL AND status IN ('queued', 'running')",
+    ),
+    (
+        # When the ledger recorded a job's outcome (the gateway's clock; finished_at is the
+        # worker's): retention counts from it (see the SQLite store's schema 4).
+        "ALTER TABLE jobs ADD COLUMN recorded_at DOUBLE PRECISION",
+        "UPDATE jobs SET recorded_at = finished_at WHERE finished_at IS NOT NULL",
+        "CREATE INDEX jobs_recorded ON jobs (recorded_at) WHERE recorded_at IS NOT NULL",
+        "DROP INDEX jobs_finished",
     ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
@@ -149,14 +158,16 @@ THIS_RUN: Final = (
     "((runs::jsonb -> (jsonb_array_length(runs::jsonb) - 1)) ->> 'replayed_at')::float8)))"
 )
 
-# Results, one array per field (ids unique): the first terminal outcome wins; a failed result
-# may still complete a dead letter recorded first (see SAME_OUTCOME_S). RETURNING: recorded.
+# Results, one array per field (ids unique), $10 the time now: the first terminal outcome wins;
+# a failed result may still complete a dead letter recorded first (see SAME_OUTCOME_S).
+# RETURNING: recorded.
 RECORD_RESULT: Final = (
     "UPDATE jobs AS j SET "
     "status = CASE WHEN j.finished_at IS NULL THEN u.status ELSE j.status END, "
     "error = CASE WHEN j.finished_at IS NULL THEN u.error ELSE j.error END, "
     "worker = CASE WHEN j.finished_at IS NULL THEN u.worker ELSE j.worker END, "
-    "finished_at = COALESCE(j.finished_at, u.finished_at), result = u.result, "
+    "finished_at = COALESCE(j.finished_at, u.finished_at), "
+    "recorded_at = COALESCE(j.recorded_at, $10::float8), result = u.result, "
     "attempts = u.attempts, history = COALESCE(u.history, j.history), lease_until = NULL "
     "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[], "
     "$7::float8[], $8::text[], $9::float8[]) AS u(id, status, result, error, attempts, worker, "
@@ -166,11 +177,12 @@ RECORD_RESULT: Final = (
     f"AND abs(j.dead_at - u.finished_at) < {SAME_OUTCOME_S})) RETURNING j.id"
 )
 
-# A dead letter ($1 id, $2 reason, $3 at, $4 error, $5 worker, $6 attempts, $7 history): the
-# first terminal outcome, or the letter of a failed result recorded first (SAME_OUTCOME_S).
+# A dead letter ($1 id, $2 reason, $3 at, $4 error, $5 worker, $6 attempts, $7 history, $8 the
+# time now): the first terminal outcome, or the letter of a failed result recorded first
+# (SAME_OUTCOME_S).
 RECORD_DEAD_LETTER: Final = (
     "UPDATE jobs SET status = 'dead', dead_reason = $2, dead_at = $3, "
-    "finished_at = COALESCE(finished_at, $3), "
+    "finished_at = COALESCE(finished_at, $3), recorded_at = COALESCE(recorded_at, $8::float8), "
     "error = CASE WHEN finished_at IS NULL THEN $4 ELSE error END, "
     "worker = CASE WHEN finished_at IS NULL THEN $5 ELSE worker END, "
     "attempts = CASE WHEN finished_at IS NULL THEN GREATEST(attempts, $6) ELSE attempts END, "
@@ -352,7 +364,7 @@ async def _results(conn: Conn, rows: list[tuple[Any, ...]]) -> list[OutcomeVerdi
     for n, row in enumerate(rows):
         first.setdefault(row[0], n)
     unique = [rows[n] for n in first.values()]
-    recorded = {r["id"] for r in await conn.fetch(RECORD_RESULT, *_arrays(unique))}
+    recorded = {r["id"] for r in await conn.fetch(RECORD_RESULT, *_arrays(unique), wire.now())}
     missing = [row[0] for row in unique if row[0] not in recorded]
     known = set()
     if missing:

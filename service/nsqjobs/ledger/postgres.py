@@ -296,7 +296,8 @@ class PostgresStore:
         )
 
         async def op(conn: Conn) -> OutcomeVerdict:
-            return await verdict(conn, await conn.fetchval(RECORD_DEAD_LETTER, *params), job.id)
+            recorded = await conn.fetchval(RECORD_DEAD_LETTER, *params, wire.now())
+            return await verdict(conn, recorded, job.id)
 
         return self._submit("op", op)
 
@@ -383,7 +384,7 @@ class PostgresStore:
         async def op(conn: Conn) -> int:
             status = await conn.execute(
                 "DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE status IN "
-                "('succeeded', 'failed', 'cancelled') AND finished_at < $1 ORDER BY finished_at "
+                "('succeeded', 'failed', 'cancelled') AND recorded_at < $1 ORDER BY recorded_at "
                 "LIMIT $2 FOR UPDATE SKIP LOCKED)",
                 before,
                 limit,
@@ -436,8 +437,8 @@ class PostgresStore:
 
         async def op(conn: Conn) -> JobRecord | None:
             await conn.execute(
-                "UPDATE jobs SET status = 'cancelled', finished_at = $2, lease_until = NULL "
-                "WHERE id = $1 AND status IN ('queued', 'running')",
+                "UPDATE jobs SET status = 'cancelled', finished_at = $2, recorded_at = $2, "
+                "lease_until = NULL WHERE id = $1 AND status IN ('queued', 'running')",
                 job_id,
                 now,
             )
@@ -468,7 +469,8 @@ class PostgresStore:
                 "UPDATE jobs AS j SET status = 'queued', runs = u.runs, envelope = u.envelope, "
                 "replays = j.replays + 1, attempts = 0, worker = NULL, result = NULL, "
                 "error = NULL, dead_reason = NULL, dead_at = NULL, finished_at = NULL, "
-                "started_at = NULL, published_at = NULL, sent_at = NULL, lease_until = NULL, "
+                "recorded_at = NULL, started_at = NULL, published_at = NULL, sent_at = NULL, "
+                "lease_until = NULL, "
                 "history = NULL, redrive_reason = 'replay' FROM unnest($1::text[], $2::text[], "
                 "$3::bytea[]) AS u(id, runs, envelope) "
                 f"WHERE j.id = u.id RETURNING {_qualified('j')}",

@@ -279,9 +279,9 @@ class SqliteStore:
 
         def op(conn: sqlite3.Connection) -> int:
             cur = conn.execute(
-                "DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs INDEXED BY jobs_finished "
-                "WHERE finished_at IS NOT "
-                f"NULL AND finished_at < ? AND status IN {PRUNABLE} ORDER BY finished_at "
+                "DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs INDEXED BY jobs_recorded "
+                "WHERE recorded_at IS NOT "
+                f"NULL AND recorded_at < ? AND status IN {PRUNABLE} ORDER BY recorded_at "
                 "LIMIT ?)",
                 (before, limit),
             )
@@ -339,9 +339,10 @@ class SqliteStore:
 
         def op(conn: sqlite3.Connection) -> JobRecord | None:
             conn.execute(
-                "UPDATE jobs SET status = 'cancelled', finished_at = ?, lease_until = NULL "
+                "UPDATE jobs SET status = 'cancelled', finished_at = ?, recorded_at = ?, "
+                "lease_until = NULL "
                 "WHERE id = ? AND status IN ('queued', 'running') AND finished_at IS NULL",
-                (now, job_id),
+                (now, now, job_id),
             )
             return get_job(conn, job_id)
 

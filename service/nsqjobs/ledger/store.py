@@ -260,8 +260,10 @@ class Store(Protocol):
         ...
 
     def prune_finished(self, before: float, limit: int) -> asyncio.Future[int]:
-        """Delete up to ``limit`` succeeded, failed or cancelled jobs finished before ``before``
-        (dead ones stay until replayed or purged). How many."""
+        """Delete up to ``limit`` succeeded, failed or cancelled jobs whose outcome the ledger
+        recorded before ``before`` (by its own clock, not the worker's ``finished_at``: an
+        outcome taken in late is kept its full retention); dead ones stay until replayed or
+        purged. How many."""
         ...
 
     def stats(self) -> asyncio.Future[LedgerStats]:
