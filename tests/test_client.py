@@ -536,6 +536,17 @@ def test_the_wait_route_first_all_and_timeouts(
         assert answer["pending"] == ["nobody"] and answer["unknown"] == []
 
 
+def test_the_wait_route_takes_up_to_the_gateways_own_max_wait(
+    nsq: Nsq, daemons: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    # --max-wait-s may be up to an hour: the body's timeout_s is held to it, not to 60 s.
+    gateway, _ = stack(nsq, daemons, tmp_path, NSQJOBS_MAX_WAIT_S="120")
+    code, _, answer = wait(gateway, {"ids": ["never-submitted"], "timeout_s": 90})
+    assert code == 200 and answer["unknown"] == ["never-submitted"], answer  # at once
+    code, _, answer = wait(gateway, {"ids": ["x"], "timeout_s": 121})
+    assert code == 422 and "at most 120" in answer["detail"], answer
+
+
 def test_the_wait_route_refuses_bad_input_with_a_4xx(
     nsq: Nsq, daemons: Callable[..., Daemon], tmp_path: Path
 ) -> None:

@@ -389,3 +389,26 @@ def test_framing_and_tokens_are_problems_on_both_layers(
     assert refused.returncode != 0 and "401" in refused.stderr, refused
     done = run_cli(*submit, env={**env, "NSQJOBS_API_TOKEN": TOKEN})
     assert done.returncode == 0 and json.loads(done.stdout)["status"] == "queued", done
+
+
+@pytest.mark.parametrize("server", ["httptools", "tornado"])
+def test_a_client_that_leaves_a_wait_ends_it_at_once(
+    nsq: Nsq, daemons: Callable[..., Daemon], server: str
+) -> None:
+    # A ?wait= whose client went away holds nothing until its timeout (the listener, the
+    # timer, the ledger polls): a client that times out early and retries would pile them up.
+    gw = daemons("gateway", nsq, NSQJOBS_HTTP_SERVER=server)
+    body = json.dumps({"task": "noop", "args": {}}).encode()
+    head = (
+        f"POST /v1/jobs?wait=60 HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    socks = [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(5)]
+    try:
+        for sock in socks:
+            sock.sendall(head + body)  # no worker runs: each waits its 60 s
+        wait_for(lambda: gw.metric("nsqjobs_result_waiters") == 5, 10, "five waits")
+    finally:
+        for sock in socks:
+            sock.close()
+    wait_for(lambda: gw.metric("nsqjobs_result_waiters") == 0, 10, "the waits to end")

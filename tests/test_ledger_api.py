@@ -228,6 +228,10 @@ def test_dead_letters_listed_replayed_and_purged(
     # An empty JSON object (what `json={}` helpers send) counts as no body.
     problem(http("POST", f"{gateway.url}/v1/dead-letters/zz/replay", {}), 404, "unknown-job")
     assert listing(gateway, "/v1/dead-letters") == ["d2", "d3", "d4"]
+    # A wait answers from the ledger (queued), not from the failed result of the run before,
+    # which this gateway saw go by seconds ago.
+    code, _, waited = http("POST", f"{gateway.url}/v1/jobs/wait", {"ids": ["d1"], "timeout_s": 0})
+    assert code == 200 and waited["done"] == [] and waited["pending"] == ["d1"], waited
 
     # The relay publishes it: it runs again, and its new outcome is the new run's.
     worker.resume()

@@ -8,6 +8,7 @@ import time
 
 import pytest
 from nsqjobs.errors import TaskTimeoutError
+from nsqjobs.worker.executors import ThreadExecutor
 from nsqjobs.worker.slots import SlotPool
 
 
@@ -114,3 +115,30 @@ def test_a_call_past_its_limit_fails_but_keeps_its_thread_until_it_returns() -> 
 
     asyncio.run(main())
     pool.shutdown()
+
+
+def test_a_timed_out_job_holds_its_thread_only_until_its_call_returns() -> None:
+    # The worker asks the executor whether a failed job still takes a slot. The answer must
+    # come from the pool, not from the failure: a thread that returned in the same loop turn
+    # as its time limit fired (its release handled first) would otherwise be counted as
+    # running for ever, and the worker would take one job fewer at a time for good.
+    executor = ThreadExecutor(1)
+    released: list[asyncio.Future[object]] = []
+    executor.on_release = released.append
+    gate = threading.Event()
+
+    async def main() -> None:
+        ran = executor.pool.submit(gate.wait, 10, limit_s=0.05)
+        with pytest.raises(TaskTimeoutError):
+            await ran
+        assert executor.holds(ran) and executor.idle() == 0  # its thread runs on
+        gate.set()
+        deadline = time.monotonic() + 10
+        while not released and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert released == [ran]
+        # Asked after the release (the order the race gives): the slot is free.
+        assert not executor.holds(ran) and executor.idle() == 1
+
+    asyncio.run(main())
+    executor.shutdown()

@@ -77,6 +77,23 @@ def test_bad_job_bytes_raise_decode_error_keeping_raw(raw: bytes) -> None:
     assert info.value.raw == raw
 
 
+def test_json_nested_past_the_decoders_stack_is_undecodable_not_a_crash() -> None:
+    # msgspec raises RecursionError for deep nesting: every consumer (the gateway's results
+    # reader, the ledger's) handles DecodeError by dropping the message; anything else would
+    # requeue it for ever.
+    deep = b"[" * 5000 + b"]" * 5000
+    result = (
+        b'{"v":1,"id":"a","task":"t","status":"succeeded","result":' + deep + b',"attempts":1,'
+        b'"worker":"w","started_at":1,"finished_at":2,"duration_s":1}'
+    )
+    with pytest.raises(DecodeError, match="result"):
+        wire.decode_result(result)
+    with pytest.raises(DecodeError):
+        wire.decode_job(b'{"v":1,"id":"a","task":"t","args":{"x":' + deep + b'},"created_at":1}')
+    with pytest.raises(DecodeError):
+        wire.decode_started(deep)
+
+
 def test_job_ids_are_time_ordered_unique_and_not_shared_with_a_forked_child() -> None:
     before = wire.new_job_id()
     ids = [wire.new_job_id() for _ in range(5000)]  # several 4 KiB reads of the random source

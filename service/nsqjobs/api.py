@@ -18,7 +18,7 @@ from nsqjobs.names import (
     MAX_JOB_ID_LENGTH,
     MAX_LEDGER_DELAY_S,
     MAX_WAIT_IDS,
-    MAX_WAIT_SECONDS,
+    MAX_WAIT_LIMIT_S,
 )
 
 # 1-128 of A-Za-z0-9._:- but not "." or "..": clients (curl, httpx, browsers) remove such dot
@@ -118,7 +118,7 @@ class WaitRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         float,
         msgspec.Meta(
             ge=0,
-            le=MAX_WAIT_SECONDS,
+            le=MAX_WAIT_LIMIT_S,  # the gateway holds each request to its own --max-wait-s
             description="seconds to wait at most (up to the gateway's --max-wait-s); 0 answers "
             "what is known now",
         ),

@@ -261,7 +261,12 @@ class GatewayConfig(NsqConfig):
             "max_incomplete_bytes",
             "must be >= --max-body-bytes",
         )
-        _require(0 <= self.max_wait_s <= 3600, cls, "max_wait_s", "must be 0-3600")
+        _require(
+            0 <= self.max_wait_s <= c.MAX_WAIT_LIMIT_S,
+            cls,
+            "max_wait_s",
+            f"must be 0-{c.MAX_WAIT_LIMIT_S:g}",
+        )
         _require(
             all(len(t) >= 16 and t.isprintable() and " " not in t for t in self.api_tokens),
             cls,

@@ -55,7 +55,8 @@ DEBUG_TASK_MODULE: Final = "nsqjobs_tasks.debug"
 WIRE_VERSION: Final = 1
 MAX_JOB_ID_LENGTH: Final = 128
 MAX_DELAY_MS: Final = 3_600_000  # nsqd's default --max-req-timeout; above it nsqd drops the conn
-MAX_WAIT_SECONDS: Final = 60.0
+MAX_WAIT_SECONDS: Final = 60.0  # --max-wait-s's default
+MAX_WAIT_LIMIT_S: Final = 3600.0  # the most --max-wait-s may be
 MAX_EXPIRES_S: Final = 366 * 86400.0  # a year: any longer is a typo
 # The longest delay the job ledger holds (delay_ms or run_at): a year, like MAX_EXPIRES_S.
 MAX_LEDGER_DELAY_S: Final = 366 * 86400

@@ -141,11 +141,19 @@ def encode_value(value: Any) -> bytes:
     return _encoder.encode(value)
 
 
+def _too_deep(exc: RecursionError) -> str:
+    return f"nested too deep to decode (RecursionError: {exc})"
+
+
 def _decode(decoder: msgspec.json.Decoder[E], raw: bytes, what: str) -> E:
     try:
         envelope = decoder.decode(raw)
     except msgspec.DecodeError as exc:
         raise DecodeError(f"not a valid {what} envelope: {exc}", raw) from exc
+    except RecursionError as exc:
+        # JSON nested deeper than the decoder's stack allows. Undecodable like any other bad
+        # message (a consumer that let it through would requeue it for ever).
+        raise DecodeError(f"not a valid {what} envelope: {_too_deep(exc)}", raw) from exc
     if envelope.v != WIRE_VERSION:
         raise DecodeError(f"unsupported {what} envelope version {envelope.v}", raw)
     return envelope
@@ -182,6 +190,8 @@ def decode_started(raw: bytes) -> list[Started]:
         decoded = _started_decoder.decode(raw)
     except msgspec.DecodeError as exc:
         raise DecodeError(f"not a valid started event: {exc}", raw) from exc
+    except RecursionError as exc:
+        raise DecodeError(f"not a valid started event: {_too_deep(exc)}", raw) from exc
     events = decoded if isinstance(decoded, list) else [decoded]
     for event in events:
         if event.v != WIRE_VERSION:

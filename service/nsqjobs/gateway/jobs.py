@@ -189,9 +189,11 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
             self._answer_exception(exc)
 
     def on_connection_close(self) -> None:
-        """The client left; anything accepted stays accepted (nsqd has it)."""
+        """The client left; anything accepted stays accepted (nsqd has it). A wait ends now,
+        not at its timeout: nobody is there to answer."""
         self.answered = True
         self.chunks = []  # a body cut short is dropped now, not when its cycle is collected
+        self._stop_waiting()
 
     # -- checks ---------------------------------------------------------------------------------
 
@@ -258,6 +260,11 @@ class JobRequest(tornado.httputil.HTTPMessageDelegate):
         waiter.listen(env.id, self._outcome)
         self.routes.metrics.waiting.inc()
         self.timer = asyncio.get_running_loop().call_later(self.wait, self._waited)
+        # The request is read: a disconnect from now on is heard through the connection (both
+        # servers' connections have tornado's HTTP1Connection.set_close_callback).
+        set_close_callback = getattr(self.conn, "set_close_callback", None)
+        if set_close_callback is not None:
+            set_close_callback(self.on_connection_close)
         try:
             published = acceptor.publish(task, env, fresh_id=req.id is None)
         except BaseException:

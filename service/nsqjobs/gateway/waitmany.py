@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Final
 
+from nsqjobs import wire
 from nsqjobs.api import JobOutcome, OutcomeError, WaitAnswer, WaitRequest
 from nsqjobs.gateway.bodies import check_content_type, decode_wait
 from nsqjobs.gateway.status import JobStatusHandler, ledger_unavailable
@@ -85,12 +86,16 @@ class WaitManyHandler(ProblemHandler):
         try:
             done: dict[str, JobOutcome] = {}
             unknown: set[str] = set()
+            # With the ledger, its record decides: a finished job is answered from it, and a
+            # result that went by counts only for an unfinished job and its current run (not a
+            # late result of the run before a replay; a cancelled job is the ledger's).
+            records = await self._look_up(ids, done, unknown)
             for job_id in ids:
+                if job_id in done or job_id in unknown:
+                    continue
                 recent = waiter.recent(job_id)
-                if recent is not None:
+                if recent is not None and self._counts(records, job_id, recent):
                     done[job_id] = outcome_of(recent)
-            if self.store is not None:
-                await self._look_up([i for i in ids if i not in done], done, unknown)
             waiting = [futs[i] for i in ids if i not in done and i not in unknown]
             enough = bool(done) if req.return_when == "first" else not waiting
             if waiting and not enough and req.timeout_s > 0:
@@ -105,7 +110,12 @@ class WaitManyHandler(ProblemHandler):
                     gone.cancel()
             for job_id in ids:
                 fut = futs[job_id]
-                if job_id not in done and fut.done() and not fut.cancelled():
+                if (
+                    job_id not in done
+                    and fut.done()
+                    and not fut.cancelled()
+                    and self._counts(records, job_id, fut.result())
+                ):
                     done[job_id] = outcome_of(fut.result())
         finally:
             for job_id, fut in futs.items():
@@ -117,21 +127,36 @@ class WaitManyHandler(ProblemHandler):
             ledger=self.store is not None,
         )
 
+    @staticmethod
+    def _counts(records: dict[str, JobRecord], job_id: str, outcome: Outcome) -> bool:
+        """Whether a result seen on the results topic answers for the job as the ledger has
+        it (always, without a ledger)."""
+        record = records.get(job_id)
+        if record is None or not isinstance(outcome, wire.ResultEnvelope):
+            return True
+        return record.run_started_by(outcome.started_at)
+
     async def _look_up(
         self, ids: list[str], done: dict[str, JobOutcome], unknown: set[str]
-    ) -> None:
+    ) -> dict[str, JobRecord]:
+        """The ledger's records of the unfinished jobs among ``ids`` (finished ones go in
+        ``done``, ids it does not hold in ``unknown``); nothing without a ledger."""
         store = self.store
         if store is None or not ids:
-            return
+            return {}
         try:
             records: list[JobRecord | None] = await asyncio.gather(*(store.get(i) for i in ids))
         except LedgerError as exc:
             raise ledger_unavailable(exc) from exc
+        unfinished: dict[str, JobRecord] = {}
         for job_id, record in zip(ids, records, strict=True):
             if record is None:
                 unknown.add(job_id)
             elif record.status not in UNFINISHED:
                 done[job_id] = outcome_of(record)
+            else:
+                unfinished[job_id] = record
+        return unfinished
 
 
 class LedgerWaitManyHandler(WaitManyHandler, JobStatusHandler):

@@ -75,6 +75,19 @@ class JobRecord:
     history: tuple[wire.Attempt, ...] = ()
     runs: tuple[dict[str, Any], ...] = ()
 
+    def run_started_by(self, started_at: float) -> bool:
+        """Whether an outcome whose attempt started at ``started_at`` can be this run's: for a
+        replayed job, only after the run before ended (its ``dead_at``, or the replay if that
+        is sooner), as the stores judge outcomes they record; an earlier one is a late
+        outcome of the run before."""
+        if not self.replays or not self.runs:
+            return True
+        last = self.runs[-1]
+        bounds = [
+            t for t in (last.get("replayed_at"), last.get("dead_at")) if isinstance(t, int | float)
+        ]
+        return not bounds or started_at > min(bounds)
+
     def view(self) -> dict[str, Any]:
         """The record as ``GET /v1/jobs/{id}`` answers it."""
         error = self.error

@@ -78,7 +78,6 @@ class ThreadExecutor:
     def __init__(self, size: int) -> None:
         self.pool = SlotPool(size)
         self.on_release: Release | None = None
-        self._overrunning: set[asyncio.Future[Any]] = set()
         self.pool.on_release = self._released
 
     async def start(self) -> None:
@@ -101,20 +100,17 @@ class ThreadExecutor:
         return self.pool.idle()
 
     def holds(self, ran: asyncio.Future[Any]) -> bool:
-        """A timed-out job's thread is busy until its call returns."""
-        if ran in self._overrunning:
-            return True
-        if ran.done() and not ran.cancelled() and isinstance(ran.exception(), TaskTimeoutError):
-            self._overrunning.add(ran)  # the pool has not released it: still running
-            return True
-        return False
+        """A timed-out job's thread is busy until its call returns: asked of the pool, which
+        knows. (Judged from the future's error instead, a thread that returned in the same
+        loop turn as its time limit fired, its release handled first, was counted as running
+        for ever: one slot lost for good.)"""
+        return self.pool.occupies(ran)
 
     def cancel(self, ran: asyncio.Future[Any]) -> bool:
         """A thread cannot be stopped: the job runs on to its end."""
         return False
 
     def _released(self, ran: asyncio.Future[Any]) -> None:
-        self._overrunning.discard(ran)
         if self.on_release is not None:
             self.on_release(ran)
 

@@ -46,6 +46,9 @@ class SlotPool:
         self._wake_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        # Futures whose callable has not returned (or been dropped unstarted): what occupies a
+        # thread, whatever the future says (one failed by its time limit runs on).
+        self._unreturned: set[asyncio.Future[Any]] = set()
         self._threads = [
             threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True)
             for i in range(size)
@@ -69,12 +72,19 @@ class SlotPool:
         fut: asyncio.Future[Any] = loop.create_future()
         timer = None if limit_s is None else loop.call_later(limit_s, _overrun, fut, limit_s)
         self.busy += 1
+        self._unreturned.add(fut)
         self._jobs.put((fut, fn, args, timer))
         return fut
 
     def idle(self) -> int:
         """Threads free to start a job at once."""
         return self.size - self.busy
+
+    def occupies(self, fut: asyncio.Future[Any]) -> bool:
+        """Whether the job of ``fut`` still takes a thread (its callable has not returned, even
+        if ``fut`` ended: failed by its time limit). False once :attr:`on_release` was called
+        for it, whatever order the loop ran the two in."""
+        return fut in self._unreturned
 
     def _work(self) -> None:
         jobs, done = self._jobs, self._done
@@ -113,6 +123,7 @@ class SlotPool:
         while done:
             fut, ok, value, timer = done.popleft()
             self.busy -= 1
+            self._unreturned.discard(fut)
             if timer is not None:
                 timer.cancel()
             if fut.done():  # it ended without us: timed out, or the worker is draining
@@ -136,6 +147,7 @@ class SlotPool:
                 break
             if entry is not None:
                 self.busy -= 1
+                self._unreturned.discard(entry[0])
                 entry[0].cancel()
         for _ in self._threads:
             self._jobs.put(None)
