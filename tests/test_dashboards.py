@@ -152,6 +152,7 @@ def test_alert_rules_pass_promtool() -> None:
         "DeadLetters",
         "GatewayErrorRatio",
         "DaemonDown",
+        "NoneUp",
         "NsqdDown",
         "NsqjobsOldestUnfinishedJob",
     ]

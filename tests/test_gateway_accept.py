@@ -219,6 +219,10 @@ def test_a_batch_failing_after_its_first_queue_says_which_ids_nsqd_has(error: Pu
         assert (caught.value.published, caught.value.unpublished) == (["a", "c"], ["b"])
         assert caught.value.cause is error
         assert log == [("mpub", ["a", "c"])]
+        # The jobs nsqd has are counted accepted (a retry skips them as published).
+        accepted = acceptor.metrics.jobs_accepted
+        assert accepted.labels("demo.first").value == 2
+        assert accepted.labels("demo.second").value == 0
 
     asyncio.run(asyncio.wait_for(scenario(), 10))
 

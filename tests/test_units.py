@@ -263,6 +263,16 @@ def test_metrics_use_explicit_registries_and_base_units() -> None:
     gateway.request_done("/v1/jobs", "POST", 422, 0.002)
     gateway.request_done("/v1/jobs", "POST", 422, 0.003)
     gateway.request_done("/metrics", "POST", 405, 0.001)
+    # Not submissions: a job looked up or cancelled, a wait, a listing.
+    gateway.request_done("/v1/jobs/{id}", "GET", 404, 0.001)
+    gateway.request_done("/v1/jobs/{id}", "DELETE", 409, 0.001)
+    gateway.request_done("/v1/jobs/wait", "POST", 400, 0.001)
+    gateway.request_done("/v1/jobs/{id}", "HEAD", 404, 0.001)
+    # A method token of the client's own making is "other": no new series per token.
+    for token in ("X-RANDOM-1", "X-RANDOM-2"):
+        gateway.request_done("/v1/jobs/{id}", token, 405, 0.001)
+    other = {"route": "/v1/jobs/{id}", "method": "other", "status": "405"}
+    assert reg_a.get_sample_value("nsqjobs_http_requests_total", other) == 2
     request = {"route": "/v1/jobs", "method": "POST", "status": "422"}
     assert reg_a.get_sample_value("nsqjobs_http_requests_total", request) == 2
     duration = reg_a.get_sample_value(
@@ -271,6 +281,8 @@ def test_metrics_use_explicit_registries_and_base_units() -> None:
     assert duration == pytest.approx(0.005)
     assert reg_a.get_sample_value("nsqjobs_jobs_rejected_total", {"reason": "422"}) == 2
     assert reg_a.get_sample_value("nsqjobs_jobs_rejected_total", {"reason": "405"}) is None
+    for reason in ("404", "409", "400"):
+        assert reg_a.get_sample_value("nsqjobs_jobs_rejected_total", {"reason": reason}) is None
 
 
 def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
@@ -279,6 +291,21 @@ def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert err.startswith("nsqjobs submit: --args is not valid JSON") and err.count("\n") == 1
     assert main(["submit", "noop", "--gateway-url", "http://127.0.0.1:9"]) == 1
     assert "cannot reach the gateway" in capsys.readouterr().err
+    # Text with no UTF-8 form (a lone surrogate, bytes that are not UTF-8): usage errors.
+    assert main(["submit", "noop", "--args", '{"s": "\\ud800"}']) == 2
+    assert "not valid UTF-8" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        main(["submit", "\udcff"])
+    assert usage.value.code == 2 and "not valid UTF-8" in capsys.readouterr().err
+    # `check` with what is not a URL to check: one line, 2; nothing there: one line, 1.
+    for url in ("foo", "http://[::1", "http://127.0.0.1:abc/readyz", "ftp://h/x"):
+        assert main(["check", url]) == 2, url
+        err = capsys.readouterr().err
+        assert err.startswith("nsqjobs check: ") and err.count("\n") == 1, err
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+    assert main(["check", f"http://127.0.0.1:{port}/readyz", "--timeout", "2"]) == 1
+    assert "cannot reach" in capsys.readouterr().err
     env = {"NSQJOBS_CONCURRENCY": "x", "PATH": "/usr/bin:/bin"}
     proc = run_cli("worker", env=env)
     assert proc.returncode == 1

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import logging
 import os
 import signal
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
@@ -103,14 +105,23 @@ def _exporter(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    """GET ``args.url``: 0 on 2xx, else 1 with one line why (container health checks; no curl)."""
+    """GET ``args.url``: 0 on 2xx, else 1 with one line why (container health checks; no curl);
+    2 for a URL that is not one."""
+    try:
+        parts = urllib.parse.urlsplit(args.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("it needs http:// or https:// and a host")
+        parts.port  # noqa: B018  # raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise commands.CommandFailed(f"{args.url!r} is not a URL to check: {exc}", 2) from None
     try:
         with urllib.request.urlopen(args.url, timeout=args.timeout) as resp:
             resp.read()
     except urllib.error.HTTPError as exc:
         raise NsqjobsError(f"{args.url} answered {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise NsqjobsError(f"cannot reach {args.url}: {exc}") from None
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+        # HTTPException: something answered that is not HTTP (BadStatusLine...).
+        raise NsqjobsError(f"cannot reach {args.url}: {exc!r}") from None
     return 0
 
 
@@ -162,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="submit one job to a gateway and print the answer",
         description="Submit a job over HTTP; with --wait, print its result.",
     )
-    sm.add_argument("task", help="task name, e.g. primes.count")
+    sm.add_argument("task", type=commands.task_name, help="task name, e.g. primes.count")
     sm.add_argument("--args", default="{}", help="task arguments as JSON, e.g. '{\"start\": 0}'")
     sm.add_argument(
         "--wait", type=commands.seconds, default=0.0, help="seconds to wait for the result"
@@ -194,6 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             return _check(args)
         return commands.COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print(f"nsqjobs {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (NsqjobsError, ImportError, OSError) as exc:
         # One line, even when the error's own text has several (msgspec's, a task module's).
         lines = (line.strip() for line in str(exc).splitlines())

@@ -130,11 +130,28 @@ def json_argument(text: str) -> Any:
     """``--args``: strict JSON (no NaN, Infinity or numbers out of range, which Python's json
     would take and the gateway refuses); :class:`CommandFailed` (usage, 2) otherwise."""
     try:
-        return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+        # A lone surrogate ("\ud800", or bytes that are not UTF-8 on the command line) has
+        # no UTF-8 form: the request could not be sent.
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
     except RecursionError:
         raise CommandFailed("--args is not valid JSON: nested too deeply", 2) from None
+    except UnicodeEncodeError:
+        message = "--args holds text that is not valid UTF-8 (a lone surrogate)"
+        raise CommandFailed(message, 2) from None
     except ValueError as exc:  # json.JSONDecodeError is one
         raise CommandFailed(f"--args is not valid JSON: {exc}", 2) from None
+    return value
+
+
+def task_name(text: str) -> str:
+    """An argparse type: a task name that can be sent (valid UTF-8; the gateway judges the
+    rest, answering unknown-task)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"not valid UTF-8: {text!r}") from None
+    return text
 
 
 def seconds(text: str) -> float:

@@ -51,6 +51,10 @@ METRIC_PREFIX: Final = "nsqjobs"
 BUILTIN_TASK_MODULE: Final = "nsqjobs_tasks.builtin"
 DEBUG_TASK_MODULE: Final = "nsqjobs_tasks.debug"
 
+# The gateway's job submission routes (their 4xx are counted as rejected jobs).
+SUBMIT_ROUTE: Final = "/v1/jobs"
+BATCH_ROUTE: Final = "/v1/jobs/batch"
+
 # Wire limits.
 WIRE_VERSION: Final = 1
 MAX_JOB_ID_LENGTH: Final = 128

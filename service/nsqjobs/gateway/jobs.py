@@ -42,15 +42,15 @@ from nsqjobs.http.problems import (
 )
 from nsqjobs.http.responses import JSON_HEADERS, write_response
 from nsqjobs.ledger import UNFINISHED, LedgerError
-from nsqjobs.names import MAX_WAIT_SECONDS
+from nsqjobs.names import BATCH_ROUTE, MAX_WAIT_SECONDS, SUBMIT_ROUTE
 from nsqjobs.observability.metrics import GatewayMetrics
 from nsqjobs.registry import validation_errors
 
 log = logging.getLogger("nsqjobs.gateway")
 _json = msgspec.json.Encoder()
 
-SINGLE: Final = "/v1/jobs"
-BATCH: Final = "/v1/jobs/batch"
+SINGLE: Final = SUBMIT_ROUTE
+BATCH: Final = BATCH_ROUTE
 # A query number as JSON writes one (so "1e-05" and "-0" are, and "1_0", "+1", "inf", ".5" are not).
 _NUMBER: Final = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 # The usual query, ``wait=`` and a plain number, read without parse_qs (the general case).

@@ -429,6 +429,7 @@ class Acceptor:
                 if not done:
                     raise
                 published = set(done)
+                self._count_accepted([b for b in built if b[0].queue in published])
                 acked += [env.id for task, env in built if task.queue in published]
                 unpublished = [env.id for task, env in built if task.queue not in published]
                 unpublished += [env.id for _, env in later]  # not sent yet
@@ -436,10 +437,14 @@ class Acceptor:
             done.append(topic)
         if later:
             await self._publish_later(built, later, acked)
-        held_jobs = [b for b in later if self._held(b[1])]
-        for name, count in Counter(task.name for task, _ in built + held_jobs).items():
-            self.metrics.accepted(name, count)
+        self._count_accepted(built + [b for b in later if self._held(b[1])])
         acked += [env.id for _, env in built]
+
+    def _count_accepted(self, built: list[Built]) -> None:
+        """Count jobs nsqd acknowledged (or the ledger holds), by task: those of a batch
+        that failed in part too (a retry skips them as published already)."""
+        for name, count in Counter(task.name for task, _ in built).items():
+            self.metrics.accepted(name, count)
 
     async def _publish_later(
         self, published: list[Built], later: list[Built], acked: list[str]
@@ -459,7 +464,9 @@ class Acceptor:
         error = next(a for a in answers if a is not None)
         cause = error if isinstance(error, PublishError) else PublishError(str(error))
         acked += [e.id for _, e in published]
-        accepted = list(acked) + [e.id for _, e in later if self._held(e)]
+        held = [b for b in later if self._held(b[1])]
+        self._count_accepted(published + held)
+        accepted = list(acked) + [e.id for _, e in held]
         if not accepted:
             raise cause
         raise BatchPartlyPublished(cause, accepted, failed) from cause

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from nsqjobs.names import BATCH_ROUTE, SUBMIT_ROUTE
 from nsqjobs.names import METRIC_PREFIX as P
 from nsqjobs.observability.tallies import HistogramTally, Tallies, Tally
 from nsqjobs.version import __version__
+
+_SUBMISSIONS = frozenset((SUBMIT_ROUTE, BATCH_ROUTE))
+# The method label's values: any other token a client sends (tornado's server takes any) is
+# "other", so a client cannot make new series.
+_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"))
 
 # Publishes take ~100 us on loopback; jobs run from microseconds to hours.
 PUBLISH_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
@@ -98,6 +104,8 @@ class GatewayMetrics(_PublishingMetrics):
 
     def request_done(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one answered request (route templates only: bounded labels)."""
+        if method not in _METHODS:
+            method = "other"
         key = (route, method, status)
         children = self._request_children.get(key)
         if children is None:
@@ -107,7 +115,9 @@ class GatewayMetrics(_PublishingMetrics):
             )
         children[0].value += 1
         children[1].observe(seconds)
-        if status >= 400 and route.startswith("/v1/jobs"):
+        if status >= 400 and method == "POST" and route in _SUBMISSIONS:
+            # Submissions only: a 404 for GET /v1/jobs/{id} or a 409 for a cancel is no job
+            # refused.
             self.jobs_rejected.labels(str(status)).inc()
 
     def accepted(self, task: str, count: int = 1) -> None:
