@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from nsqjobs import wire
 from nsqjobs.testing import Daemon, Nsq, Tail, http, need_binary, nsq_pair, wait_for
@@ -448,3 +450,78 @@ def test_result_nsqd_does_not_acknowledge_is_requeued_and_the_job_completes(
         "the second attempt's success to be counted",
     )
     assert worker.metric("nsqjobs_jobs_in_progress", task="debug.sleep") == 0
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its reaper does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def test_a_killed_childs_subprocesses_end_with_it_and_children_die_with_their_worker(
+    nsq: Nsq, daemons: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    # The process executor kills a child's whole process group at a time limit (or a cancel):
+    # what its task started ends too. And a child dies with its worker, even a SIGKILLed one.
+    log = tmp_path / "runs.log"
+    worker = daemons(
+        "worker",
+        nsq,
+        NSQJOBS_EXECUTOR="process",
+        NSQJOBS_CONCURRENCY="1",
+        NSQJOBS_DEBUG_EXECUTIONS_LOG=str(log),
+    )
+
+    def spawned(key: str) -> int | None:
+        for line in log.read_text().split() if log.exists() else []:
+            if line.startswith(f"{key}:"):
+                return int(line.split(":")[1])
+        return None
+
+    started: list[int] = []
+    try:
+        env = wire.JobEnvelope(
+            id="spawn1",
+            task="debug.spawn",
+            args={"key": "spawn1", "seconds": 120},
+            created_at=wire.now(),
+            timeout_s=1.0,
+        )
+        publish_job(nsq, env)
+        first = wait_for(lambda: spawned("spawn1"), 30, "the task's subprocess to start")
+        started.append(first)
+        wait_for(lambda: not alive(first), 20, "the subprocess to end with its child at the limit")
+
+        env = msgspec.structs.replace(
+            env, id="spawn2", args={"key": "spawn2", "seconds": 120}, timeout_s=600.0
+        )
+        publish_job(nsq, env)
+        second = wait_for(lambda: spawned("spawn2"), 30, "the second subprocess to start")
+        started.append(second)
+        children = children_of(worker.proc.pid)
+        assert children and all(alive(c) for c in children)
+        worker.proc.kill()
+        worker.proc.wait(5)
+        wait_for(
+            lambda: not any(alive(c) for c in children), 20, "the children to die with the worker"
+        )
+    finally:
+        for pid in started:  # a task's own subprocess may outlive a SIGKILLed worker
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -8,6 +8,7 @@ application's own tasks as well as the built-in ones.
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
 from typing import Annotated, Any, Literal
@@ -134,7 +135,30 @@ def debug_chaos(args: DebugChaosArgs) -> dict[str, str]:
     return {"key": args.key}
 
 
+class DebugSpawnArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The job's key, and how long the subprocess it starts (``sleep``) and the task wait."""
+
+    key: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_JOB_ID_LENGTH)]
+    seconds: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 60.0
+
+
+def debug_spawn(args: DebugSpawnArgs) -> dict[str, int]:
+    """Start ``sleep seconds`` as a subprocess, append ``key:pid`` to the executions log (if
+    set), and wait for it: a task with a process of its own, for what happens to that process
+    when its job is killed at its time limit or cancelled."""
+    proc = subprocess.Popen(["sleep", f"{args.seconds:g}"])
+    path = os.environ.get(ENV_DEBUG_EXECUTIONS_LOG)
+    if path:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{args.key}:{proc.pid}\n".encode())
+        finally:
+            os.close(fd)
+    return {"exit": proc.wait()}
+
+
 task("debug.sleep", time_limit_s=3600)(debug_sleep)
+task("debug.spawn", time_limit_s=3600, max_attempts=1)(debug_spawn)
 task("debug.chaos", max_attempts=10)(debug_chaos)
 task("debug.sleep_tracked", time_limit_s=3600, track_started=True)(debug_sleep)
 task("debug.flaky", max_attempts=5)(debug_flaky)

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
+import sys
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import msgspec
 
@@ -122,7 +126,36 @@ class ThreadExecutor:
 # -- child processes ---------------------------------------------------------------------------
 
 
-def _child_main(conn: multiprocessing.connection.Connection, modules: tuple[str, ...]) -> None:
+_PR_SET_PDEATHSIG: Final = 1  # linux/prctl.h
+
+
+def _die_with(parent: int) -> None:
+    """Linux: SIGKILL this process when the worker that started it dies, however it dies
+    (SIGKILL, the OOM killer, a second SIGTERM's immediate exit): no child outlives it."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+        except (OSError, AttributeError) as exc:  # not glibc or musl as expected: go on
+            log.warning("child: cannot ask to die with the worker: %s", exc)
+    if os.getppid() != parent:  # the worker died before the line above took effect
+        os._exit(0)
+
+
+def _kill(process: Any) -> None:
+    """SIGKILL a child and its process group: the subprocesses its task started end too. A
+    child that has not made its group yet (it does first thing) is killed alone."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.kill()
+
+
+def _child_main(
+    conn: multiprocessing.connection.Connection, modules: tuple[str, ...], parent: int
+) -> None:
+    # A process group of its own, which the worker kills at a time limit or a cancel (a
+    # task's subprocesses end with its child), and death with the worker.
+    os.setsid()
+    _die_with(parent)
     # Children ignore Ctrl-C: the parent decides what happens to running jobs.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     load_task_modules(modules)
@@ -226,7 +259,7 @@ class ProcessExecutor:
         loop = asyncio.get_running_loop()
         ours, theirs = self._ctx.Pipe()
         process = self._ctx.Process(
-            target=_child_main, args=(theirs, self.task_modules), daemon=True
+            target=_child_main, args=(theirs, self.task_modules, os.getpid()), daemon=True
         )
         process.start()
         theirs.close()
@@ -288,7 +321,7 @@ class ProcessExecutor:
             job = child.job
             if job is not None and job.fut is ran:
                 log.info("a running job was cancelled: killing its child process")
-                child.process.kill()
+                _kill(child.process)
                 child.job = None
                 self._end(job, exc=cancelled)
                 self._replace(child, "killed: its job was cancelled")
@@ -339,7 +372,7 @@ class ProcessExecutor:
         if job is None:
             return
         log.warning("a job ran past its %gs time limit: killing its child process", job.limit_s)
-        child.process.kill()
+        _kill(child.process)
         child.job = None
         self._end(job, exc=TaskTimeoutError(f"ran past its {job.limit_s:g}s time limit"))
         self._replace(child, "killed at the time limit")
@@ -381,7 +414,7 @@ class ProcessExecutor:
             loop.remove_reader(child.conn.fileno())
             if child.timer is not None:
                 child.timer.cancel()
-            child.process.kill()
+            _kill(child.process)
             child.conn.close()
         for child in self.children:
             child.process.join(timeout=2)
