@@ -174,6 +174,22 @@ def test_reads_nsqd_directly_without_lookupd(nsq: Nsq, stack: ExitStack, tmp_pat
     ch = {"node": nsq.nsqd_http, "topic": "jobs", "channel": "workers"}
     assert _value(exporter, "nsqjobs_nsqd_channel_depth", **ch) == 2
     assert _value(exporter, "nsqjobs_nsqd_nodes") == 1
+    # Ephemeral channels (a gateway's results channel, a worker's cancels one: named after a
+    # process) are one series per topic, summed: restarts and replicas add none.
+    consumers = [
+        Consumer(nsq.nsqd_tcp, "results", f"gateway_h_{i}_ab#ephemeral", 60_000) for i in (1, 2)
+    ]
+    try:
+        eph = {"node": nsq.nsqd_http, "topic": "results", "channel": "#ephemeral"}
+        assert _value(exporter, "nsqjobs_nsqd_channel_clients", **eph) == 2
+        assert not [
+            labels
+            for (_, labels) in _samples(exporter)
+            if ("channel", "gateway_h_1_ab#ephemeral") in labels
+        ]
+    finally:
+        for consumer in consumers:
+            consumer.close()
     # Not ready once nsqd is gone: /readyz says why.
     nsq.stop_nsqd()
     status, _, body = http("GET", exporter.url + "/readyz")

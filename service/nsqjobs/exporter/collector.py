@@ -14,7 +14,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -120,10 +120,9 @@ class NsqdCollector(Collector):
                 tname = str(topic["topic_name"])
                 for key, name, _, _ in TOPIC_FIELDS:
                     families[name].add_metric([node, tname], _number(topic.get(key, 0)))
-                for channel in topic.get("channels") or []:
-                    labels = [node, tname, str(channel["channel_name"])]
-                    for key, name, _, _ in CHANNEL_FIELDS:
-                        families[name].add_metric(labels, _number(channel.get(key, 0)))
+                for cname, values in _channels(topic.get("channels") or []).items():
+                    for (_, name, _, _), value in zip(CHANNEL_FIELDS, values, strict=True):
+                        families[name].add_metric([node, tname, cname], value)
         nodes_found = GaugeMetricFamily(f"{P}_nodes", "nsqd nodes discovered")
         nodes_found.add_metric([], float(len(nodes)))
         duration = GaugeMetricFamily(
@@ -131,6 +130,31 @@ class NsqdCollector(Collector):
         )
         duration.add_metric([], time.perf_counter() - started)
         yield from (up, lookupd_up, nodes_found, *families.values(), duration)
+
+
+# Ephemeral channels (each gateway's results channel, each worker's cancels channel, named
+# after their process and a random part) are one label value per topic, their figures summed:
+# every restart or new replica would otherwise add series for good.
+EPHEMERAL: Final = "#ephemeral"
+
+
+def _channels(channels: list[Any]) -> dict[str, list[float]]:
+    """A topic's channels as label value -> CHANNEL_FIELDS values, ephemeral ones summed under
+    :data:`EPHEMERAL` (``paused``: 1 when any is)."""
+    out: dict[str, list[float]] = {}
+    for channel in channels:
+        name = str(channel["channel_name"])
+        values = [_number(channel.get(key, 0)) for key, _, _, _ in CHANNEL_FIELDS]
+        if not name.endswith(EPHEMERAL):
+            out[name] = values
+            continue
+        total = out.get(EPHEMERAL)
+        if total is None:
+            out[EPHEMERAL] = values
+            continue
+        for i, (key, _, _, _) in enumerate(CHANNEL_FIELDS):
+            total[i] = max(total[i], values[i]) if key == "paused" else total[i] + values[i]
+    return out
 
 
 def _family(
