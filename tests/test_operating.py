@@ -8,10 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from nsqjobs.config import WorkerConfig, load
 from nsqjobs.errors import ConfigError
-from nsqjobs.names import DEBUG_TASK_MODULE, ENV_DEBUG_TASKS
+from nsqjobs.names import BUILTIN_TASK_MODULE, DEBUG_TASK_MODULE, ENV_DEBUG_TASKS
 from nsqjobs.registry import task_modules
 from nsqjobs.testing import Daemon, Nsq, http, run_cli
+from nsqjobs.worker.executors import ProcessExecutor, make_executor
 
 HEADER = """
 from typing import Any
@@ -107,7 +109,8 @@ def test_a_missing_task_module_and_a_bad_debug_flag_are_one_line(tmp_path: Path)
     proc = run_cli("worker", env=_env(**{ENV_DEBUG_TASKS: "maybe"}), cwd=tmp_path)
     assert proc.returncode == 1
     assert proc.stderr == (
-        "nsqjobs worker: NSQJOBS_DEBUG_TASKS: invalid value 'maybe' (expected 1 or 0)\n"
+        "nsqjobs worker: --debug-tasks / NSQJOBS_DEBUG_TASKS: invalid value 'maybe' in "
+        "NSQJOBS_DEBUG_TASKS (expected true/false)\n"
     )
 
 
@@ -117,6 +120,14 @@ def test_debug_tasks_are_added_to_any_task_modules() -> None:
     assert task_modules([DEBUG_TASK_MODULE], {ENV_DEBUG_TASKS: "1"}) == [DEBUG_TASK_MODULE]
     with pytest.raises(ConfigError, match="NSQJOBS_DEBUG_TASKS"):
         task_modules([], {ENV_DEBUG_TASKS: "2"})
+    # The flag (--debug-tasks) as well as the variable: the process executor's children are
+    # told the modules, debug ones included, as the daemon loads them.
+    assert task_modules(["app.tasks"], {}, debug=True) == ["app.tasks", DEBUG_TASK_MODULE]
+    assert task_modules(["app.tasks"], {ENV_DEBUG_TASKS: "1"}, debug=False) == ["app.tasks"]
+    cfg = load(WorkerConfig, environ={"NSQJOBS_EXECUTOR": "process", ENV_DEBUG_TASKS: "yes"})
+    executor = make_executor(cfg)
+    assert isinstance(executor, ProcessExecutor)
+    assert executor.task_modules == (BUILTIN_TASK_MODULE, DEBUG_TASK_MODULE)
 
 
 @pytest.mark.integration

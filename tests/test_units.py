@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import pickle
 import socket
@@ -297,6 +298,10 @@ def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as usage:
         main(["submit", "\udcff"])
     assert usage.value.code == 2 and "not valid UTF-8" in capsys.readouterr().err
+    for limit in ("0", "1001", "ten"):  # a --limit the gateway would refuse: a usage error
+        with pytest.raises(SystemExit) as usage:
+            main(["jobs", "--limit", limit])
+        assert usage.value.code == 2 and "from 1 to 1000" in capsys.readouterr().err
     # `check` with what is not a URL to check: one line, 2; nothing there: one line, 1.
     for url in ("foo", "http://[::1", "http://127.0.0.1:abc/readyz", "ftp://h/x"):
         assert main(["check", url]) == 2, url
@@ -398,3 +403,30 @@ def test_every_error_survives_pickling_with_its_attributes() -> None:
         assert type(back) is type(error) and str(back) == str(error)
         assert vars(back) == vars(error)
     assert pickle.loads(pickle.dumps(partial)).unaccepted_ids == ["a", "b"]
+
+
+def test_every_setting_is_in_the_readmes_table_with_its_flag_and_default() -> None:
+    # The README's configuration table is written by hand: every variable of every daemon is
+    # there, with its flag and default, and the table names no variable the code lacks.
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows = {}
+    for line in readme.splitlines():
+        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[0].startswith("NSQJOBS_") and cells[1].startswith("--"):
+            rows[cells[0]] = (cells[1], cells[3])
+    seen = set()
+    for cls in (config.GatewayConfig, config.WorkerConfig, config.ExporterConfig):
+        for f in dataclasses.fields(cls):
+            env = config.env_name(f)
+            seen.add(env)
+            assert env in rows, f"{env} is not in the README's configuration table"
+            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            shown = ",".join(default) if isinstance(default, tuple) else str(default)
+            flag, written = rows[env]  # a default may be followed by a note in brackets
+            assert flag == config.flag_name(f), (env, flag)
+            written = written.split(" (")[0]
+            if isinstance(default, int | float) and not isinstance(default, bool):
+                assert float(written) == default, (env, written)
+            else:
+                assert written == (shown or "empty"), (env, written)
+    assert set(rows) <= seen, set(rows) - seen

@@ -62,12 +62,15 @@ async def _until_signalled(run: Any, cfg: Any) -> Any:
     return await run(cfg, registry, stop)
 
 
-def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
+def run_event_loop(main: Coroutine[Any, Any, T], event_loop: str | None = None) -> T:
     """Run ``main`` on uvloop when it is installed (tornado and pynsq run on any asyncio loop).
 
-    ``NSQJOBS_EVENT_LOOP=asyncio`` forces the standard loop.
+    ``event_loop="asyncio"`` (a daemon's ``--event-loop``; None: ``NSQJOBS_EVENT_LOOP``) forces
+    the standard loop.
     """
-    if os.environ.get(ENV_EVENT_LOOP, "uvloop") != "asyncio":
+    if event_loop is None:
+        event_loop = os.environ.get(ENV_EVENT_LOOP, "uvloop")
+    if event_loop != "asyncio":
         try:
             import uvloop
         except ImportError:
@@ -80,12 +83,12 @@ def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
 def _daemon(kind: type[Any], run: Any, args: argparse.Namespace) -> int:
     cfg = config.load(kind, args)
     _setup_logging(cfg.log_level)
-    modules = task_modules(cfg.task_module)
+    modules = task_modules(cfg.task_module, debug=cfg.debug_tasks)
     load_task_modules(modules)
     if not len(registry):
         raise NsqjobsError(f"no tasks registered by {', '.join(modules)}")
     log.info("tasks from %s: %s", ", ".join(modules), ", ".join(t.name for t in registry))
-    result = run_event_loop(_until_signalled(run, cfg))
+    result = run_event_loop(_until_signalled(run, cfg), cfg.event_loop)
     if isinstance(result, int) and result:
         # Abandoned jobs are back in nsqd; their executor threads cannot be killed, and
         # waiting for them would outlast the grace period.
@@ -100,7 +103,9 @@ def _exporter(args: argparse.Namespace) -> int:
     cfg = config.load(config.ExporterConfig, args)
     _setup_logging(cfg.log_level)
     # The exporter runs no tasks: the registry _until_signalled passes is not needed.
-    run_event_loop(_until_signalled(lambda cfg, _tasks, stop: serve_exporter(cfg, stop), cfg))
+    run_event_loop(
+        _until_signalled(lambda cfg, _tasks, stop: serve_exporter(cfg, stop), cfg), cfg.event_loop
+    )
     return 0
 
 

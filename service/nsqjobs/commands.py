@@ -26,7 +26,7 @@ from nsqjobs.client import Client, GatewayError, GatewayUnreachable, RetryPolicy
 from nsqjobs.client.core import json_of
 from nsqjobs.errors import ConfigError, NsqjobsError
 from nsqjobs.ledger.store import STATUSES, UNFINISHED
-from nsqjobs.names import ENV_API_TOKEN, ENV_GATEWAY_URL, MAX_JOB_ID_LENGTH
+from nsqjobs.names import ENV_API_TOKEN, ENV_GATEWAY_URL, MAX_JOB_ID_LENGTH, MAX_PAGE_LIMIT
 
 # `nsqjobs result`'s exit statuses (2 is argparse's, for usage errors).
 EXIT_SUCCEEDED: Final = 0
@@ -162,6 +162,15 @@ def seconds(text: str) -> float:
         value = math.nan
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"not a number of seconds >= 0: {text!r}")
+    return value
+
+
+def page_limit(text: str) -> int:
+    """An argparse type: a ``--limit`` the gateway takes (1 to 1000), so a bad one is a usage
+    error here rather than the gateway's 400."""
+    value = int(text) if text.isascii() and text.isdigit() else 0
+    if not 1 <= value <= MAX_PAGE_LIMIT:
+        raise argparse.ArgumentTypeError(f"not an integer from 1 to {MAX_PAGE_LIMIT}: {text!r}")
     return value
 
 
@@ -453,7 +462,7 @@ def add_commands(sub: Any, default_url: str) -> None:
         ap.add_argument("ids", nargs="*", type=job_id, help="job ids")
         ap.add_argument("--task", help="every dead job of this task (up to --limit)")
         ap.add_argument("--all", action="store_true", help="every dead job (up to --limit)")
-        ap.add_argument("--limit", type=int, default=1000, help="at most this many [1000]")
+        ap.add_argument("--limit", type=page_limit, default=1000, help="at most this many [1000]")
         if action == "purge":
             ap.add_argument("--yes", action="store_true", help="yes, delete them")
         add_gateway_arguments(ap, default_url)
@@ -461,7 +470,7 @@ def add_commands(sub: Any, default_url: str) -> None:
 
 def _listing_arguments(parser: argparse.ArgumentParser, default_url: str) -> None:
     parser.add_argument("--task", help="only jobs of this task")
-    parser.add_argument("--limit", type=int, default=100, help="jobs per page [100]")
+    parser.add_argument("--limit", type=page_limit, default=100, help="jobs per page [100]")
     parser.add_argument("--all", action="store_true", help="every page, not just the first")
     parser.add_argument("--cursor", help="start at this page (from an earlier listing)")
     parser.add_argument("--json", action="store_true", help="print JSON, not a table")

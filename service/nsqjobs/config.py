@@ -161,6 +161,17 @@ class NsqConfig:
         "modules that register tasks (they replace the built-in ones; "
         f"{c.ENV_DEBUG_TASKS}=1 adds {c.DEBUG_TASK_MODULE} to them)",
     )
+    debug_tasks: bool = setting(
+        False,
+        f"also load the debug tasks ({c.DEBUG_TASK_MODULE}), whatever --task-module says "
+        "(tests and demos)",
+        env=c.ENV_DEBUG_TASKS,
+    )
+    event_loop: Literal["uvloop", "asyncio"] = setting(
+        "uvloop",
+        "the event loop: uvloop (when installed) or the standard asyncio one",
+        env=c.ENV_EVENT_LOOP,
+    )
     log_level: str = setting("INFO", "log level (DEBUG, INFO, WARNING, ERROR)")
     nsqd_max_msg_size: int = setting(
         1024 * 1024,

@@ -55,6 +55,9 @@ DEBUG_TASK_MODULE: Final = "nsqjobs_tasks.debug"
 SUBMIT_ROUTE: Final = "/v1/jobs"
 BATCH_ROUTE: Final = "/v1/jobs/batch"
 
+# The most jobs one listing page, or one bulk replay or purge, takes (?limit=).
+MAX_PAGE_LIMIT: Final = 1000
+
 # Wire limits.
 WIRE_VERSION: Final = 1
 MAX_JOB_ID_LENGTH: Final = 128

@@ -260,11 +260,19 @@ def debug_tasks_enabled(environ: Mapping[str, str] | None = None) -> bool:
     raise ConfigError(f"{ENV_DEBUG_TASKS}: invalid value {raw!r} (expected 1 or 0)")
 
 
-def task_modules(configured: Iterable[str], environ: Mapping[str, str] | None = None) -> list[str]:
+def task_modules(
+    configured: Iterable[str],
+    environ: Mapping[str, str] | None = None,
+    *,
+    debug: bool | None = None,
+) -> list[str]:
     """The task modules a daemon loads: ``configured`` (``--task-module``), plus the debug
-    tasks' module when ``NSQJOBS_DEBUG_TASKS=1``, whatever ``configured`` is."""
+    tasks' module when ``debug`` (``--debug-tasks``; None: ``NSQJOBS_DEBUG_TASKS=1`` in
+    ``environ``), whatever ``configured`` is."""
     modules = list(dict.fromkeys(configured))
-    if debug_tasks_enabled(environ) and DEBUG_TASK_MODULE not in modules:
+    if debug is None:
+        debug = debug_tasks_enabled(environ)
+    if debug and DEBUG_TASK_MODULE not in modules:
         modules.append(DEBUG_TASK_MODULE)
     return modules
 

@@ -15,8 +15,9 @@ from typing import Final
 
 from nsqjobs.http.problems import Problem
 from nsqjobs.ledger import STATUSES, JobStatus
+from nsqjobs.names import MAX_PAGE_LIMIT
 
-MAX_LIMIT: Final = 1000
+MAX_LIMIT: Final = MAX_PAGE_LIMIT
 DEFAULT_PAGE: Final = 100
 MAX_TASK_LENGTH: Final = 200
 

@@ -26,7 +26,7 @@ import msgspec
 
 from nsqjobs.config import WorkerConfig
 from nsqjobs.errors import JobCancelled, ResultNotEncodable, TaskTimeoutError
-from nsqjobs.registry import Task, load_task_modules, registry
+from nsqjobs.registry import Task, load_task_modules, registry, task_modules
 from nsqjobs.worker.slots import SlotPool
 
 log = logging.getLogger("nsqjobs.worker")
@@ -424,5 +424,6 @@ class ProcessExecutor:
 def make_executor(config: WorkerConfig) -> ThreadExecutor | ProcessExecutor:
     """The executor ``config`` asks for, with ``config.concurrency`` slots."""
     if config.executor == "process":
-        return ProcessExecutor(config.concurrency, config.task_module)
+        modules = task_modules(config.task_module, debug=config.debug_tasks)
+        return ProcessExecutor(config.concurrency, tuple(modules))
     return ThreadExecutor(config.concurrency)
