@@ -17,7 +17,7 @@ def load(kernel: str, name: str, function: str) -> Any | None:
     try:
         module = impl.load(kernel, name)
     except impl.KernelUnavailableError as exc:
-        if "CI" in os.environ:
+        if os.environ.get("CI"):  # as tests/conftest.py reads it
             pytest.fail(f"the {name} {kernel} kernel cannot be imported: {exc}")
         return None
     return getattr(module, function)

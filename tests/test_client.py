@@ -205,6 +205,26 @@ def test_a_client_refuses_bad_numbers_when_made() -> None:
 # -- against a real stack ---------------------------------------------------------------------
 
 
+@pytest.mark.timeout(180)
+def test_the_readmes_client_examples_run_as_written(
+    nsq: Nsq, daemons: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    # Each ```python block of the README's "Python client" section, as a user would paste it,
+    # against a local stack with the ledger (status and cancel need it).
+    gateway, _ = stack(nsq, daemons, tmp_path)
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("## Python client")
+    section = readme[start : readme.index("\n## ", start + 5)]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) >= 2
+    env = {**os.environ, ENV_GATEWAY_URL: gateway.url}
+    for block in blocks:
+        done = subprocess.run(
+            [sys.executable, "-c", block], env=env, capture_output=True, text=True, timeout=150
+        )
+        assert done.returncode == 0, block + done.stderr[-3000:]
+
+
 def test_every_reachable_problem_becomes_its_exception(
     nsq: Nsq, daemons: Callable[..., Daemon], tmp_path: Path
 ) -> None:

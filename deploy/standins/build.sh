@@ -10,7 +10,8 @@
 #
 # Each image is built only when missing (postgres and nginx also when their files changed). Needs root, debootstrap, busybox-static, Go, prometheus;
 # the PostgreSQL and nginx stand-ins install their Debian packages with apt inside the build.
-# Prints the environment that points docker-compose.yml at the stand-ins (see standins.env).
+# docker-compose.yml is pointed at the stand-ins by the variables in standins.env (the tests
+# export them; `set -a; . deploy/standins/standins.env; set +a` does it by hand).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -20,6 +21,18 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
 have() { docker image inspect "$1" >/dev/null 2>&1; }
+
+# The NSQ and Prometheus stand-ins have no libc: the busybox copied in (sh, wget for health
+# checks) must be the static one (Debian's busybox-static), or their RUN steps fail obscurely.
+static_busybox() {
+  local bb
+  bb="$(command -v busybox || true)"
+  if [ -z "$bb" ] || ldd "$bb" >/dev/null 2>&1; then
+    echo "standins: need a static busybox on PATH (apt-get install busybox-static)" >&2
+    exit 1
+  fi
+  echo "$bb"
+}
 
 if ! have "$BASE_IMAGE"; then
   echo "standins: $BASE_IMAGE (debootstrap, ~1 min)"
@@ -51,7 +64,7 @@ if ! have "$NSQ_IMAGE"; then
     (cd "$root/deploy/nsq" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags='-s -w' \
       -o "$work/nsq/bin/" "github.com/nsqio/nsq/apps/$app")
   done
-  cp "$(command -v busybox)" "$work/nsq/bin/busybox"
+  cp "$(static_busybox)" "$work/nsq/bin/busybox"
   cp "$here/nsq.Dockerfile" "$work/nsq/Dockerfile"
   docker build -q -t "$NSQ_IMAGE" "$work/nsq" >/dev/null
 fi
@@ -60,7 +73,7 @@ if ! have "$PROMETHEUS_IMAGE"; then
   echo "standins: $PROMETHEUS_IMAGE (Debian's prometheus)"
   mkdir -p "$work/prom"
   cp "$(command -v prometheus)" "$work/prom/prometheus"
-  cp "$(command -v busybox)" "$work/prom/busybox"
+  cp "$(static_busybox)" "$work/prom/busybox"
   cp "$here/prometheus.Dockerfile" "$work/prom/Dockerfile"
   docker build -q --build-arg "BASE_IMAGE=$BASE_IMAGE" -t "$PROMETHEUS_IMAGE" "$work/prom" >/dev/null
 fi
