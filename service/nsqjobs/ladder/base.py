@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import itertools
 import os
 import threading
@@ -146,10 +147,15 @@ class TaskExecutor(concurrent.futures.Executor):
         self._workers = workers or os.cpu_count() or 1
         self.task_modules = tuple(task_modules)
         load_task_modules(self.task_modules)
-        # Reentrant: a future that ends while submit() holds it runs _forget() at once.
+        # Reentrant: a future that ends while a thread holds it runs _forget() at once. Never
+        # held while a job is sent (an HTTP request, for nsq, may take its retries): a rung's
+        # own thread takes it as each future ends.
         self._lock = threading.RLock()
         self._pending: set[concurrent.futures.Future[Any]] = set()
         self._shut = False
+        self._sending = 0  # submits past the shutdown check, their jobs not yet tracked
+        self._sent = threading.Condition(self._lock)
+        self._closed = threading.Event()  # set once shutdown freed the rung's resources
 
     @property
     def workers(self) -> int:
@@ -164,12 +170,27 @@ class TaskExecutor(concurrent.futures.Executor):
         """Validate now (raising Unknown/InvalidArguments here), then start the job; the future
         holds its result as the worker would publish it, or :class:`TaskFailed`."""
         found, plain = self.prepare(task, args)
+        with self.sending():
+            fut = self._dispatch(found, plain)
+            with self._lock:
+                self._track(fut)
+        return fut
+
+    @contextlib.contextmanager
+    def sending(self) -> Iterator[None]:
+        """Around sending jobs: refused after shutdown, and counted so that shutdown waits
+        for their futures to be tracked; the lock is not held meanwhile."""
         with self._lock:
             if self._shut:
                 raise RuntimeError("cannot schedule new jobs after shutdown")
-            fut = self._dispatch(found, plain)
-            self._track(fut)
-        return fut
+            self._sending += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._sending -= 1
+                if not self._sending:
+                    self._sent.notify_all()
 
     def _submit_all(
         self, task: str | Task, args: list[Any]
@@ -245,12 +266,16 @@ class TaskExecutor(concurrent.futures.Executor):
         with self._lock:
             first = not self._shut
             self._shut = True
+            while self._sending:  # jobs being sent now: their futures are waited for too
+                self._sent.wait()
             pending = list(self._pending)
         if cancel_futures:
             for fut in pending:
                 fut.cancel()
             self._cancelled(pending)
         if not first:
+            if wait:  # an earlier shutdown(wait=False) is freeing the resources: wait for it
+                self._closed.wait()
             return
         if wait:
             self._drain_and_close(pending)
@@ -260,8 +285,11 @@ class TaskExecutor(concurrent.futures.Executor):
             ).start()
 
     def _drain_and_close(self, pending: list[concurrent.futures.Future[Any]]) -> None:
-        concurrent.futures.wait(pending)
-        self._close()
+        try:
+            concurrent.futures.wait(pending)
+            self._close()
+        finally:
+            self._closed.set()
 
     def _dispatch(self, task: Task | str, args: dict[str, Any]) -> concurrent.futures.Future[Any]:
         """Start one validated job; the future ends as :meth:`submit` says."""

@@ -22,7 +22,13 @@ class InlineExecutor(TaskExecutor):
 
     kind = "inline"
 
-    def __init__(self, *, task_modules: Sequence[str] = DEFAULT_TASK_MODULES) -> None:
+    def __init__(
+        self, workers: int | None = None, *, task_modules: Sequence[str] = DEFAULT_TASK_MODULES
+    ) -> None:
+        """``workers`` is taken for a call alike on every rung, and must be 1 (or None): the
+        caller's one thread runs the jobs."""
+        if workers not in (None, 1):
+            raise ValueError(f"the inline executor runs one job at a time: workers={workers!r}")
         super().__init__(1, task_modules=task_modules)
 
     def _dispatch(self, task: Task | str, args: dict[str, Any]) -> concurrent.futures.Future[Any]:
@@ -31,4 +37,8 @@ class InlineExecutor(TaskExecutor):
             fut.set_result(normalise(registered(task).run(args)))
         except Exception as exc:
             fut.set_exception(task_failed(exc))
+        except (SystemExit, GeneratorExit) as exc:
+            # sys.exit() inside a task: a failed job, as on the other rungs, not the caller's
+            # exit (Ctrl-C, KeyboardInterrupt, still reaches the caller).
+            fut.set_exception(task_failed(RuntimeError(f"task raised {exc!r}")))
         return fut

@@ -12,23 +12,28 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import logging
 import os
 import threading
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Final
-
-import msgspec
 
 from nsqjobs.api import JobOutcome
 from nsqjobs.client import AsyncClient, Client, GatewayError
 from nsqjobs.client.core import LONG_POLL_S, outcome_value, unknown_job
 from nsqjobs.errors import TaskFailed
-from nsqjobs.ladder.base import TaskExecutor, mark_running, settle
+from nsqjobs.ladder.base import TaskExecutor, mark_running, prepare, settle
 from nsqjobs.names import BUILTIN_TASK_MODULE, MAX_WAIT_IDS
-from nsqjobs.registry import Task, registry
+from nsqjobs.registry import Task
+
+log = logging.getLogger("nsqjobs.ladder")
 
 # Long polls open at once: a job submitted while they are all open waits for one to end.
 MAX_OPEN_WAITS: Final = 4
+# After a long poll that the gateway did not answer (past the client's retries), its ids are
+# asked about again this much later.
+RETRY_AFTER_S: Final = 1.0
 # A job submitted while a long poll is open waits this long at most for it to end (and take the
 # new ids with it) before another poll opens: jobs submitted in a burst share polls.
 COALESCE_S: Final = 0.02
@@ -62,6 +67,11 @@ class _Waiter:
         """Resolve ``future`` with the outcome of ``job_id``."""
         self._loop.call_soon_threadsafe(self._add, job_id, future)
         future.add_done_callback(functools.partial(self._done, job_id))
+
+    def stop_soon(self) -> None:
+        """Ask the thread to stop, without waiting (from any thread, the collector's too)."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed already
+            self._loop.call_soon_threadsafe(self._stop.set)
 
     def close(self) -> None:
         """Stop the thread (a future still open stays unresolved: cancel it first)."""
@@ -117,7 +127,17 @@ class _Waiter:
     async def _wait(self, ids: list[str]) -> None:
         try:
             answer = await self._async.wait(ids, timeout=self._long_poll_s, return_when="first")
-        except GatewayError as exc:  # past the client's retries: these jobs cannot be told
+        except GatewayError as exc:
+            if exc.retryable and not self._stop.is_set():
+                # The gateway is away (or busy) for longer than one poll's retries: the jobs
+                # run on, so their futures wait on; these ids are asked about again shortly.
+                log.warning("nsq executor: cannot ask about %d job(s) now: %s", len(ids), exc)
+                await asyncio.sleep(RETRY_AFTER_S)
+                self._fresh += [i for i in ids if i in self._futures]
+            else:  # refused for good (401, 403...): these jobs cannot be told
+                for job_id in ids:
+                    self._resolve(job_id, None, exc)
+        except Exception as exc:  # a bug, not the gateway: no future may hang for ever
             for job_id in ids:
                 self._resolve(job_id, None, exc)
         else:
@@ -137,7 +157,7 @@ class _Waiter:
     ) -> None:
         """Settle the future of ``job_id`` (a cancelled one is only forgotten)."""
         future = self._futures.pop(job_id, None)
-        if future is None:
+        if future is None or future.done():  # a cancelled one was notified when cancelled
             return
         if mark_running(future):  # else cancelled by the caller (and notified already)
             if outcome is not None:
@@ -147,6 +167,12 @@ class _Waiter:
                     settle(future, exc=exc)
             else:
                 settle(future, exc=error or RuntimeError(f"job {job_id}: no outcome"))
+
+
+def _abandon(waiter: _Waiter, client: Client | None) -> None:
+    waiter.stop_soon()
+    if client is not None:
+        client.close()
 
 
 class NsqExecutor(TaskExecutor):
@@ -177,17 +203,21 @@ class NsqExecutor(TaskExecutor):
         task_modules: Sequence[str] = (BUILTIN_TASK_MODULE,),
         long_poll_s: float = LONG_POLL_S,
     ) -> None:
-        super().__init__(workers=workers or os.cpu_count() or 2, task_modules=task_modules)
+        default = os.cpu_count() or 2
+        super().__init__(workers=default if workers is None else workers, task_modules=task_modules)
         self._own_client = client is None
         self.client = client or Client(url, token, timeout_s=timeout_s)
         self.max_in_flight = max_in_flight
         self._waiter = _Waiter(self.client, long_poll_s)
+        # Dropped without shutdown (garbage-collected): its thread, loop and connections end.
+        self._finalizer = weakref.finalize(
+            self, _abandon, self._waiter, self.client if self._own_client else None
+        )
 
     def prepare(self, task: str | Task, args: Any) -> tuple[Task | str, Any]:
-        """Validate locally when the task is registered here; else the gateway validates."""
-        if isinstance(task, Task) or task in registry:
-            return super().prepare(task, args)
-        return task, msgspec.to_builtins({} if args is None else args)
+        """Validate locally when the task is registered here; else the gateway validates the
+        arguments (a JSON object is checked here: the same errors as on every rung)."""
+        return prepare(task, args, accept_unknown=True)
 
     def _dispatch(self, task: Task | str, plain_args: Any) -> concurrent.futures.Future[Any]:
         name = task if isinstance(task, str) else task.name
@@ -206,14 +236,13 @@ class NsqExecutor(TaskExecutor):
         prepared = [self.prepare(task, a) for a in args]
         name = task if isinstance(task, str) else task.name
         futures: list[concurrent.futures.Future[Any]] = []
-        with self._lock:  # as submit(): no job is sent after shutdown
-            if self._shut:
-                raise RuntimeError("cannot schedule new jobs after shutdown")
+        with self.sending():  # as submit(): no job is sent after shutdown
             jobs = self.client.submit_many(name, [plain for _, plain in prepared])
             for job in jobs:
                 future: concurrent.futures.Future[Any] = concurrent.futures.Future()
                 self._waiter.add(job.id, future)
-                self._track(future)
+                with self._lock:
+                    self._track(future)
                 futures.append(future)
         return futures
 
@@ -226,12 +255,15 @@ class NsqExecutor(TaskExecutor):
         max_in_flight: int | None = None,
     ) -> Iterator[Any]:
         """Results in input order (see :meth:`TaskExecutor.map`)."""
-        window = max_in_flight or self.max_in_flight or 2 * self.workers
+        window = max_in_flight if max_in_flight is not None else self.max_in_flight
+        if window is None:
+            window = 2 * self.workers
         return super().map(task, iterable_of_args, timeout=timeout, max_in_flight=window)
 
     def _close(self) -> None:
         """Every future has ended (resolved, or cancelled by ``shutdown(cancel_futures=True)``:
         their jobs still run; ``Job.cancel`` cancels a job): stop the waiting thread."""
+        self._finalizer.detach()
         self._waiter.close()
         if self._own_client:
             self.client.close()

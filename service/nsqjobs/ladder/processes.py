@@ -14,6 +14,7 @@ import concurrent.futures
 import contextlib
 import functools
 import threading
+import weakref
 from collections.abc import Sequence
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -42,9 +43,21 @@ def _status(exc: BaseException) -> str:
     return "failed"
 
 
+def _abandon(loop: asyncio.AbstractEventLoop, pool: ProcessExecutor) -> None:
+    """An executor garbage-collected unclosed: kill its children, stop its loop's thread (from
+    whatever thread the collector runs in: nothing here waits)."""
+    for child in list(pool.children):
+        with contextlib.suppress(Exception):
+            child.process.kill()
+    with contextlib.suppress(RuntimeError):  # the loop is closed already
+        loop.call_soon_threadsafe(loop.stop)
+
+
 def _started(fut: concurrent.futures.Future[Any]) -> None:
-    # A child took the job: it can no longer be cancelled (if it was, its outcome is dropped).
-    mark_running(fut)
+    # A child took the job: it can no longer be cancelled (if it was, its outcome is dropped,
+    # and it was notified of its cancellation then: told twice, concurrent.futures logs it).
+    if not fut.done():
+        mark_running(fut)
 
 
 class ProcessPoolExecutor(TaskExecutor):
@@ -67,6 +80,9 @@ class ProcessPoolExecutor(TaskExecutor):
         )
         self._thread.start()
         self._pool = ProcessExecutor(self.workers, self.task_modules)
+        # Dropped without shutdown (garbage-collected): its children and thread end too, as
+        # a concurrent.futures pool's do.
+        self._finalizer = weakref.finalize(self, _abandon, self._loop, self._pool)
         try:
             asyncio.run_coroutine_threadsafe(self._pool.start(), self._loop).result(start_timeout_s)
         except BaseException:
@@ -112,6 +128,7 @@ class ProcessPoolExecutor(TaskExecutor):
             settle(fut, exc=task_failed(encode_error))
 
     def _close(self) -> None:
+        self._finalizer.detach()
         if self._loop.is_closed():
             return
         if self._thread.is_alive():
