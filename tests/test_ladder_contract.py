@@ -144,3 +144,24 @@ def test_inline_takes_workers_1_and_a_tasks_exit_fails_its_future() -> None:
 
         with pytest.raises(TaskFailed, match="SystemExit"):
             ex.submit(reg.get("exits"), {}).result()
+
+
+def test_a_process_pool_dropped_without_shutdown_ends_its_children() -> None:
+    ex = executor("processes", workers=1, task_modules=(BUILTIN_TASK_MODULE,))
+    assert ex.submit("noop", {"a": 1}).result(timeout=30) == {"a": 1}
+    pids = ex.child_pids()  # type: ignore[attr-defined]
+    assert pids
+    del ex
+    gc.collect()
+
+    def gone() -> bool:
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as stat:
+                    if stat.read().rsplit(")", 1)[1].split()[0] != "Z":
+                        return False
+            except FileNotFoundError:
+                pass
+        return True
+
+    wait_for(gone, 15, "the pool's child to end")

@@ -43,6 +43,14 @@ def _status(exc: BaseException) -> str:
     return "failed"
 
 
+def _serve(loop: asyncio.AbstractEventLoop) -> None:
+    """The loop's thread: run it until stopped, then close it (its sockets with it)."""
+    try:
+        loop.run_forever()
+    finally:
+        loop.close()
+
+
 def _abandon(loop: asyncio.AbstractEventLoop, pool: ProcessExecutor) -> None:
     """An executor garbage-collected unclosed: kill its children, stop its loop's thread (from
     whatever thread the collector runs in: nothing here waits)."""
@@ -76,7 +84,7 @@ class ProcessPoolExecutor(TaskExecutor):
         super().__init__(workers, task_modules=task_modules)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
-            target=self._loop.run_forever, name="nsqjobs-processes", daemon=True
+            target=_serve, args=(self._loop,), name="nsqjobs-processes", daemon=True
         )
         self._thread.start()
         self._pool = ProcessExecutor(self.workers, self.task_modules)
