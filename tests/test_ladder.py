@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import signal
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -258,6 +259,27 @@ def test_inline_context_manager_and_shutdown() -> None:
     assert "shut down" in repr(ex)
     with pytest.raises(RuntimeError, match="after shutdown"):
         ex.submit("noop", {})
+
+
+@pytest.mark.timeout(90)
+def test_ipyparallel_a_cancel_in_a_done_callback_returns(rungs: dict[str, TaskExecutor]) -> None:
+    # A future's done-callbacks run on ipyparallel's I/O thread: a cancel made there must not
+    # wait for the engines' replies to its abort (which that thread would have to read).
+    ex = rungs["ipyparallel"]
+    busy = [ex.submit("debug.sleep", {"seconds": 1.0}) for _ in range(ex.workers)]
+    queued = ex.submit("noop", {"q": 1})
+    cancelled = threading.Event()
+
+    def cancel_queued(_: concurrent.futures.Future[Any]) -> None:
+        queued.cancel()
+        cancelled.set()
+
+    busy[0].add_done_callback(cancel_queued)
+    assert busy[0].result(timeout=30) == {"slept": 1.0}
+    assert cancelled.wait(10)
+    for fut in busy[1:]:
+        fut.result(timeout=30)
+    assert ex.submit("noop", {"after": 1}).result(timeout=30) == {"after": 1}
 
 
 # -- the engine-kill tests: a cluster each, started by the executor --------------------------

@@ -11,6 +11,7 @@ import uuid
 from types import SimpleNamespace
 from typing import Any, cast
 
+import msgspec
 import pytest
 from nsqjobs import InvalidArgumentsError, executor
 from nsqjobs.client import Client, RetryPolicy
@@ -165,3 +166,23 @@ def test_a_process_pool_dropped_without_shutdown_ends_its_children() -> None:
         return True
 
     wait_for(gone, 15, "the pool's child to end")
+
+
+class CountArgs(msgspec.Struct, forbid_unknown_fields=True):
+    n: int
+
+
+def test_map_validates_its_window_before_sending_any_job() -> None:
+    ran: list[int] = []
+    reg = Registry()
+
+    @task("count", target=reg)
+    def count(args: CountArgs) -> int:
+        ran.append(args.n)
+        return args.n
+
+    with executor("inline", task_modules=(BUILTIN_TASK_MODULE,)) as ex:
+        with pytest.raises(InvalidArgumentsError):
+            ex.map(reg.get("count"), [{"n": 1}, {"n": 2}, {"n": "three"}], max_in_flight=3)
+        assert ran == []  # the bad third refused them all, before the first ran
+        assert list(ex.map(reg.get("count"), [{"n": 1}, {"n": 2}])) == [1, 2]

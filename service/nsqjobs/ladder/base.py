@@ -170,6 +170,9 @@ class TaskExecutor(concurrent.futures.Executor):
         """Validate now (raising Unknown/InvalidArguments here), then start the job; the future
         holds its result as the worker would publish it, or :class:`TaskFailed`."""
         found, plain = self.prepare(task, args)
+        return self._send_prepared(found, plain)
+
+    def _send_prepared(self, found: Task | str, plain: Any) -> concurrent.futures.Future[Any]:
         with self.sending():
             fut = self._dispatch(found, plain)
             with self._lock:
@@ -195,8 +198,10 @@ class TaskExecutor(concurrent.futures.Executor):
     def _submit_all(
         self, task: str | Task, args: list[Any]
     ) -> list[concurrent.futures.Future[Any]]:
-        """:meth:`submit` for each of ``args`` (a rung may send them together)."""
-        return [self.submit(task, a) for a in args]
+        """:meth:`submit` for each of ``args`` (a rung may send them together), every one
+        validated before the first is sent: a bad one raises with none of them running."""
+        prepared = [self.prepare(task, a) for a in args]
+        return [self._send_prepared(found, plain) for found, plain in prepared]
 
     def _track(self, fut: concurrent.futures.Future[Any]) -> None:
         """Count ``fut`` among the futures shutdown waits for (call with the lock held)."""

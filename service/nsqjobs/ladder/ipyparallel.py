@@ -144,7 +144,7 @@ class IPyParallelExecutor(TaskExecutor):
         sent = self._view.apply_async(engine_run, name, args, self.task_modules)
         sent.add_done_callback(functools.partial(self._ended, fut, name, args, retries))
         # Cancelled by the caller: abort it if it has not reached an engine yet.
-        fut.add_done_callback(functools.partial(_abort, sent))
+        fut.add_done_callback(functools.partial(_abort, self.client, sent))
 
     def _ended(
         self,
@@ -187,7 +187,9 @@ class IPyParallelExecutor(TaskExecutor):
             self._profile_dir = None
 
 
-def _abort(sent: Any, fut: concurrent.futures.Future[Any]) -> None:
-    if fut.cancelled():
+def _abort(client: Any, sent: Any, fut: concurrent.futures.Future[Any]) -> None:
+    # Without waiting for the engines' replies (AsyncResult.abort waits, with no timeout: a
+    # cancel made on the client's own I/O thread, in a done-callback, would never return).
+    if fut.cancelled() and not sent.ready():
         with contextlib.suppress(Exception):  # already on an engine, or the client is closed
-            sent.abort()
+            client.abort(sent.msg_ids, block=False)
