@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import os
 import pickle
 import socket
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
 import msgspec
+import nsq
 import pytest
 from nsqjobs import config, testing, wire
 from nsqjobs.cli import main
@@ -24,6 +26,7 @@ from nsqjobs.errors import (
     TaskFailed,
     UnknownTaskError,
 )
+from nsqjobs.nsq import publisher
 from nsqjobs.nsq.publisher import Publisher
 from nsqjobs.observability.metrics import GatewayMetrics, WorkerMetrics
 from nsqjobs.observability.worker_hooks import MetricsHook
@@ -430,3 +433,57 @@ def test_every_setting_is_in_the_readmes_table_with_its_flag_and_default() -> No
             else:
                 assert written == (shown or "empty"), (env, written)
     assert set(rows) <= seen, set(rows) - seen
+
+
+def test_nsqd_failing_to_store_a_publish_is_sent_again_not_a_refusal() -> None:
+    # E_PUB_FAILED and its kin: nsqd could not store the message (a topic exiting, a disk
+    # queue failing) and closes the connection. Nothing was stored: the frame counts as never
+    # sent (sent again after a reconnect), not as nsqd refusing the message for good.
+    answers: list[object] = []
+
+    class Conn:
+        id = "nsqd:4150"
+        refused = False
+        closed = False
+
+        def __init__(self) -> None:
+            self.waiting = collections.deque([(lambda c, d: answers.append(d), 0.0)] * 2)
+
+        def close(self) -> None:
+            self.closed = True
+
+    for code, not_sent in ((b"E_PUB_FAILED PUB failed exiting", True), (b"E_BAD_MESSAGE x", False)):
+        conn = Conn()
+        writer = cast(publisher._Writer, None)  # the method uses nothing of its writer
+        publisher._Writer._on_connection_error(writer, conn, error=nsq.protocol.Error(code))
+        assert conn.refused and conn.closed  # fatal either way: nsqd reads nothing after it
+        assert isinstance(answers[-1], publisher._NotSent) is not_sent
+        assert len(conn.waiting) == 1  # the frame behind it is the close's to answer
+
+
+def test_publishes_pass_over_a_stalled_nsqd_while_another_answers() -> None:
+    class Conn:
+        refused = False
+
+        def __init__(self, name: str, overdue: bool) -> None:
+            self.id = name
+            self.sent: list[bytes] = []
+            # An answer waited for since long ago (a paused nsqd), or nothing waited for.
+            self.waiting = collections.deque([(print, 0.0)] if overdue else [])
+
+        def connected(self) -> bool:
+            return True
+
+        def send_now(self, frame: bytes) -> None:
+            self.sent.append(frame)
+
+    stalled, healthy = Conn("a:4150", overdue=True), Conn("b:4150", overdue=False)
+    writer = publisher._Writer.__new__(publisher._Writer)  # no connections dialled
+    writer.conns = {c.id: c for c in (stalled, healthy)}
+    writer.stall_s = 5.0
+    for _ in range(20):
+        writer.send_frame(b"PUB", lambda conn, data: None)
+    assert (len(stalled.sent), len(healthy.sent)) == (0, 20)
+    healthy.waiting.appendleft((print, 0.0))  # both stalled: a frame still goes somewhere
+    writer.send_frame(b"PUB", lambda conn, data: None)
+    assert len(stalled.sent) + len(healthy.sent) == 21

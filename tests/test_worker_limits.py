@@ -8,11 +8,13 @@ from __future__ import annotations
 import signal
 import socket
 from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import pytest
 from nsqjobs import wire
-from nsqjobs.testing import Daemon, Nsq, Tail, http, wait_for
+from nsqjobs.testing import Daemon, Nsq, Tail, http, start_nsq, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -261,3 +263,16 @@ def test_envelope_too_deep_to_decode_is_dead_lettered_at_once(
     assert "RecursionError" in letter.error.message
     channel = nsq.channel("jobs", "workers")
     assert channel is not None and channel["requeue_count"] == 0
+
+
+def test_a_worker_reads_nsqds_body_size_as_well_as_its_message_size(
+    daemons: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    # Results coalesced in one loop turn go as one MPUB: it must stay under nsqd's own
+    # --max-body-size (nsqd closes the connection over a larger body), read from nsqd at start
+    # and given to the publisher with the message size (it logs a value other than nsqd's
+    # default).
+    with ExitStack() as stack:
+        nsq = start_nsq(stack, tmp_path, nsqd_args=["--max-body-size=2097152"])
+        worker = daemons("worker", nsq)
+        wait_for(lambda: "--max-body-size is 2097152" in worker.log(), 20, "the limit read")

@@ -209,7 +209,7 @@ class GatewayConfig(NsqConfig):
         "HTTP/1.1 connection layer under the tornado app: httptools (fast) or tornado's own",
     )
     nsqd_max_body_size: int = setting(
-        5 * 1024 * 1024,
+        c.NSQD_MAX_BODY_SIZE,
         "nsqd's --max-body-size in bytes: a batch whose MPUB for one queue is larger is "
         "answered 413 (nsqd's live value is read at start)",
     )

@@ -58,6 +58,9 @@ BATCH_ROUTE: Final = "/v1/jobs/batch"
 # The most jobs one listing page, or one bulk replay or purge, takes (?limit=).
 MAX_PAGE_LIMIT: Final = 1000
 
+# nsqd's default --max-body-size (the largest MPUB body), when nsqd cannot be asked.
+NSQD_MAX_BODY_SIZE: Final = 5 * 1024 * 1024
+
 # Wire limits.
 WIRE_VERSION: Final = 1
 MAX_JOB_ID_LENGTH: Final = 128

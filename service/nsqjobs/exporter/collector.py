@@ -19,7 +19,7 @@ from typing import Any, Final
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from nsqjobs.names import METRIC_PREFIX
+from nsqjobs.names import EPHEMERAL_SUFFIX, METRIC_PREFIX
 
 log = logging.getLogger("nsqjobs.exporter")
 P = f"{METRIC_PREFIX}_nsqd"
@@ -135,7 +135,7 @@ class NsqdCollector(Collector):
 # Ephemeral channels (each gateway's results channel, each worker's cancels channel, named
 # after their process and a random part) are one label value per topic, their figures summed:
 # every restart or new replica would otherwise add series for good.
-EPHEMERAL: Final = "#ephemeral"
+EPHEMERAL: Final = EPHEMERAL_SUFFIX
 
 
 def _channels(channels: list[Any]) -> dict[str, list[float]]:

@@ -31,7 +31,7 @@ from nsqjobs.errors import (
 from nsqjobs.gateway.bodies import integral_floats
 from nsqjobs.ledger import Accepted, JobRecord, held
 from nsqjobs.ledger.session import Session
-from nsqjobs.names import MAX_DELAY_MS, MAX_LEDGER_DELAY_S
+from nsqjobs.names import MAX_DELAY_MS, MAX_LEDGER_DELAY_S, NSQD_MAX_BODY_SIZE
 from nsqjobs.nsq.publisher import Publisher
 from nsqjobs.observability.metrics import GatewayMetrics
 from nsqjobs.registry import Registry, Task
@@ -51,7 +51,6 @@ Built = tuple[Task, wire.JobEnvelope]
 _NONE: frozenset[str] = frozenset()
 # nsqd's defaults for --max-msg-size and --max-body-size.
 NSQD_MAX_MSG_SIZE = 1024 * 1024
-NSQD_MAX_BODY_SIZE = 5 * 1024 * 1024
 
 
 class DuplicateIds(InvalidArgumentsError):

@@ -50,9 +50,13 @@ class _NotSent(PublishError):
     send again (nothing can have been stored)."""
 
 
-# nsqd's fatal client errors: it answers the frame that caused one, then closes the connection
-# without reading anything after it (E_PUB_FAILED and the like keep the connection open).
-_FATAL = (b"E_INVALID", b"E_BAD_BODY", b"E_BAD_TOPIC", b"E_BAD_MESSAGE")
+# nsq 1.3.0's E_PUB_FAILED, E_MPUB_FAILED, E_DPUB_FAILED: nsqd could not store the message
+# (the topic is exiting, its disk queue failed). Nothing was stored: the frame is sent again
+# (after a reconnect), as one that never arrived, and never taken for a refusal of the message.
+_STORE_FAILED = (b"E_PUB_FAILED", b"E_MPUB_FAILED", b"E_DPUB_FAILED")
+# nsqd's fatal client errors (protocol_v2.go's FatalClientErr): it answers the frame that caused
+# one, then closes the connection without reading anything after it.
+_FATAL = (b"E_INVALID", b"E_BAD_BODY", b"E_BAD_TOPIC", b"E_BAD_MESSAGE", *_STORE_FAILED)
 
 
 class _Writer(nsq.Writer):  # type: ignore[misc]
@@ -74,6 +78,9 @@ class _Writer(nsq.Writer):  # type: ignore[misc]
         self.lost_at = 0.0
         self.outages = Outages("publisher")
         self._dialing: dict[str, Any] = {}
+        # A connection whose oldest answer is overdue by this much is passed over while
+        # another is healthy (the publisher sets its publish timeout).
+        self.stall_s: float | None = None
 
     def connect_to_nsqd(self, host: str, port: int) -> Any:
         """Connect as pynsq does, with our connection class; one dial per address at a time."""
@@ -105,7 +112,7 @@ class _Writer(nsq.Writer):  # type: ignore[misc]
         Connections nsqd is about to close (after a fatal error) are skipped, and so are
         stalled ones (an answer overdue) while another is healthy.
         """
-        conns = self.open_conns()
+        conns = self.open_conns(self.stall_s) or self.open_conns()
         if not conns:
             callback(None, _NotSent("no open connection to nsqd"))
             return
@@ -146,7 +153,8 @@ class _Writer(nsq.Writer):  # type: ignore[misc]
             data = error.args[0] if error.args else b""
             if conn.waiting:
                 callback, _ = conn.waiting.popleft()
-                callback(conn, error)
+                failed = isinstance(data, bytes) and data.startswith(_STORE_FAILED)
+                callback(conn, _NotSent(f"nsqd could not store it: {data!r}") if failed else error)
             if isinstance(data, bytes) and data.startswith(_FATAL):
                 # nsqd closes the connection now and reads nothing after the refused frame:
                 # stop sending on it, and let the close hand the rest back as not sent.
@@ -229,6 +237,7 @@ class Publisher:
         self.timeout_s = timeout_s
         self.metrics = metrics
         self._writer = _Writer(list(nsqd_tcp_addresses), client_id=client_id)
+        self._writer.stall_s = timeout_s  # an answer older than this: the connection is stalled
         self._pending: dict[str, list[tuple[bytes, asyncio.Future[None]]]] = {}
         self._flush_scheduled = False
         self._groups: set[asyncio.Task[None]] = set()

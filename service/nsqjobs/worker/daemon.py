@@ -27,6 +27,7 @@ from nsqjobs.names import (
     CANCEL_TOPIC,
     DEAD_LETTER_TOPIC,
     EPHEMERAL_SUFFIX,
+    NSQD_MAX_BODY_SIZE,
     READER_OUTPUT_BUFFER_BYTES,
     READER_OUTPUT_BUFFER_TIMEOUT_MS,
     RESULTS_TOPIC,
@@ -226,8 +227,13 @@ class Worker:
         max_msg_size = await nsqd_limit(
             self.config.nsqd_http_address, "max_msg_size", self.config.nsqd_max_msg_size
         )
+        # And the largest body (an MPUB of results coalesced in one loop turn stays under it:
+        # nsqd would close the connection over a larger one, cutting off the frames behind).
+        max_body_size = await nsqd_limit(
+            self.config.nsqd_http_address, "max_body_size", NSQD_MAX_BODY_SIZE
+        )
         self.jobs.set_max_msg_size(max_msg_size)
-        self.publisher.set_limits(max_msg_size)
+        self.publisher.set_limits(max_msg_size, max_body_size)
 
     async def _flush(self, timeout_s: float = 2.0) -> None:
         # FIN/REQ are buffered in the IOStream; closing before they are written would drop them.
