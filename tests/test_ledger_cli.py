@@ -143,8 +143,8 @@ def test_status_result_jobs_dlq_and_cancel(
     one_line_error(cli(gateway, "result", "nobody", "--wait", "1"), 4, "result")
     reason = one_line_error(cli(gateway, "jobs", **{ENV_API_TOKEN: "wrong"}), 1, "jobs")
     assert "403" in reason
-    reason = one_line_error(cli(gateway, "jobs", "--limit", "0"), 1, "jobs")
-    assert "query.limit" in reason
+    refused = cli(gateway, "jobs", "--limit", "0")  # a usage error now, never sent
+    assert refused.returncode == 2 and "--limit: not an integer from 1 to 1000" in refused.stderr
     reason = one_line_error(cli(gateway, "jobs", "--token", "also-wrong"), 1, "jobs")
     assert "403" in reason
 
