@@ -23,6 +23,7 @@ from nsqjobs.registry import Registry, task
 from nsqjobs.worker.executors import ThreadExecutor
 from nsqjobs.worker.hooks import Hooks, JobView, RequeueReason, WorkerHook
 from nsqjobs.worker.jobs import Machine
+from nsqjobs.worker.state import held_key
 from prometheus_client import CollectorRegistry
 
 CONFIG = WorkerConfig(backoff_base_s=0.01, backoff_cap_s=0.02, worker_id="test-worker")
@@ -181,7 +182,7 @@ async def deliver(machine: Machine, message: FakeMessage) -> None:
     """Hand ``message`` to the machine and wait until it answered nsqd and let go of it."""
     machine.on_message(message)
     deadline = time.monotonic() + 10
-    while not message.answers or message.id in machine.held:
+    while not message.answers or held_key(message) in machine.held:
         assert time.monotonic() < deadline, "the message was never answered"
         await asyncio.sleep(0.005)
 

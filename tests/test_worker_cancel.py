@@ -23,6 +23,7 @@ from nsqjobs.worker.cancels import CancelledIds
 from nsqjobs.worker.daemon import cancel_channel
 from nsqjobs.worker.hooks import WorkerHook
 from nsqjobs.worker.jobs import Machine
+from nsqjobs.worker.state import held_key
 from prometheus_client import CollectorRegistry
 
 from tests.test_hooks import FakeMessage, FakePublisher, Recorder, deliver, job, run_machine
@@ -132,7 +133,7 @@ def test_a_job_waiting_for_a_slot_is_skipped_and_a_running_thread_runs_on() -> N
         for message in (first, second, third):  # two slots: the third waits
             machine.on_message(message)
         machine.on_cancel(cancel_message("c"))
-        assert third.answers == [("FIN", 0)] and third.id not in machine.held
+        assert third.answers == [("FIN", 0)] and held_key(third) not in machine.held
         machine.on_cancel(cancel_message("a", msg_id=b"d" * 16))  # runs in a thread
         deadline = time.monotonic() + 10
         while machine.held:
@@ -357,3 +358,30 @@ def test_a_running_job_in_a_thread_runs_to_its_end(
     assert (result.id, result.status, result.result) == ("busy", "succeeded", {"slept": 1.5})
     assert worker.metric(CANCELLED, task="debug.sleep") == 0
     assert worker.proc.poll() is None
+
+
+def test_a_redelivered_copy_of_a_running_message_is_held_on_its_own() -> None:
+    # nsqd delivers a message again with the same id (the first copy's connection closed, and
+    # the copy timed out) while the first copy still runs here. Each copy is held, counted
+    # against the slots and answered on its own: the first to end must not drop the other.
+    first = FakeMessage(job("t.slow", "same", s=0.2), msg_id=b"7" * 16)
+    again = FakeMessage(job("t.slow", "same", s=0.6), msg_id=b"7" * 16)
+
+    async def scenario(machine: Machine, pub: FakePublisher) -> None:
+        machine.tasks = SLOW
+        machine.on_message(first)
+        machine.on_message(again)
+        assert machine.used() == 2 and len(machine.held) == 2
+        deadline = time.monotonic() + 10
+        while not first.answers:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        # The second copy is still running: still held, still taking its slot.
+        assert machine.used() == 1 and held_key(again) in machine.held
+        while not again.answers:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert machine.used() == 0 and not machine.held
+
+    run_machine([], scenario)
+    assert first.answers == [("FIN", 0)] and again.answers == [("FIN", 0)]

@@ -36,7 +36,7 @@ from nsqjobs.worker.hooks import Hooks
 from nsqjobs.worker.outcome import admit
 from nsqjobs.worker.settle import Publishing, Settler, describe
 from nsqjobs.worker.started import StartedEvents
-from nsqjobs.worker.state import Held, Job, Message, Phase, Stray
+from nsqjobs.worker.state import Held, Job, Message, Phase, Stray, held_key
 
 log = logging.getLogger("nsqjobs.worker")
 
@@ -69,7 +69,7 @@ class Machine:
         self.executor = executor
         self.publisher = publisher
         self.hooks = hooks
-        self.held: dict[bytes, Held] = {}
+        self.held: dict[int, Held] = {}  # by held_key
         self.waiting: collections.deque[Job] = collections.deque()
         # Executor futures of timed-out jobs whose thread still runs: the job, while held.
         self.overrunning: dict[asyncio.Future[Any], Job | None] = {}
@@ -113,7 +113,7 @@ class Machine:
             if not isinstance(exc, DecodeError):
                 exc = DecodeError(f"not a valid job envelope: {type(exc).__name__}: {exc}", b"")
             log.warning("message %s is not a job envelope: %s", message.id.decode(), exc)
-            stray = self.held[message.id] = Stray(message, None, self.hooks.for_task("-"))
+            stray = self.held[held_key(message)] = Stray(message, None, self.hooks.for_task("-"))
             self.settler.dead_letter(
                 stray,
                 "undecodable",
@@ -125,10 +125,10 @@ class Machine:
             task = self.tasks.get(env.task)
         except UnknownTaskError as exc:
             log.warning("job %s names unknown task %r", env.id, env.task)
-            stray = self.held[message.id] = Stray(message, env, self.hooks.for_task("-"))
+            stray = self.held[held_key(message)] = Stray(message, env, self.hooks.for_task("-"))
             self.settler.dead_letter(stray, "unknown_task", describe(exc))
             return
-        job = self.held[message.id] = Job(
+        job = self.held[held_key(message)] = Job(
             message,
             env,
             task,
@@ -333,7 +333,7 @@ class Machine:
 
     def forget(self, held: Held) -> None:
         """The message is answered (or handed back): stop holding it."""
-        if self.held.pop(held.message.id, None) is not None and held.keep is not None:
+        if self.held.pop(held_key(held.message), None) is not None and held.keep is not None:
             # Answered while its thread runs on: the slot stays taken until that returns.
             held.keep = None
             for ran, job in self.overrunning.items():

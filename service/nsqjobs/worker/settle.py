@@ -20,7 +20,7 @@ from nsqjobs.errors import PublishError, PublishRejected, PublishTimeout, Retry,
 from nsqjobs.names import DEAD_LETTER_TOPIC, RESULTS_TOPIC
 from nsqjobs.worker.hooks import Hooks, RequeueReason
 from nsqjobs.worker.outcome import RetryAfter, after_failure, backoff_delay
-from nsqjobs.worker.state import Held, Job, Message, Phase, Stray
+from nsqjobs.worker.state import Held, Job, Message, Phase, Stray, held_key
 
 log = logging.getLogger("nsqjobs.worker")
 
@@ -93,7 +93,7 @@ class Settler:
         *,
         backoff_base_s: float,
         backoff_cap_s: float,
-        held: dict[bytes, Held],
+        held: dict[int, Held],
         forget: Callable[[Held], None],
         max_msg_size: int = 1024 * 1024,
     ) -> None:
@@ -179,7 +179,7 @@ class Settler:
     def internal_error(self, message: Message, exc: Exception) -> None:
         """A bug of ours, not the task's: say so, count it, and give the message back."""
         log.error("internal error handling message %s", message.id.decode(), exc_info=exc)
-        held = self.held.get(message.id) or Stray(message, None, self.hooks.for_task("-"))
+        held = self.held.get(held_key(message)) or Stray(message, None, self.hooks.for_task("-"))
         if held.phase is not Phase.ANSWERED:
             delay_s = self.backoff_cap_s
             held.hooks.requeued(held, "internal_error", delay_s)

@@ -48,6 +48,14 @@ class Message(Protocol):
         """Whether FIN or REQ was sent."""
 
 
+def held_key(message: Message) -> int:
+    """The key of a held message: the delivery itself, not nsqd's message id. A message nsqd
+    delivers again while its first copy still runs here (its connection closed, the copy timed
+    out) has the same id: keyed by id, whichever copy ended first would forget the other,
+    which would then run unseen by the slots, TOUCHes, cancels and the drain."""
+    return id(message)
+
+
 class Phase(enum.Enum):
     """Where a held message is. A message is answered (FIN or REQ) once, on entering ANSWERED."""
 
