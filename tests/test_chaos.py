@@ -60,6 +60,23 @@ def test_lost_is_exactly_the_accepted_jobs_without_an_outcome() -> None:
     assert not v.passed
 
 
+def test_an_outcome_for_a_job_that_never_ran_fails_the_run_and_so_does_a_stuck_one() -> None:
+    # The ledger's word is not enough: an accepted job the executions log never saw is lost
+    # whatever the ledger says, and a job the client could not confirm, which the ledger holds
+    # unfinished, was promised too.
+    submitted = _submitted(("a", "accepted"), ("b", "accepted"), ("d", "unconfirmed"))
+    rows = [
+        LedgerRow("a", "succeeded", 1.0, "w"),
+        LedgerRow("b", "succeeded", 1.0, "w"),  # recorded, never run
+        LedgerRow("d", "queued"),  # recorded, never finished
+    ]
+    v = _verdict(submitted, rows, {"a": 1})
+    assert v.lost == () and v.unrun == ("b",) and v.stuck_unconfirmed == ("d",)
+    assert not v.passed and "never ran 1" in v.summary()
+    fine = _verdict(submitted, [*rows[:2], LedgerRow("d", "succeeded", 1.0)], {"a": 1, "b": 1})
+    assert fine.passed
+
+
 def test_dead_and_failed_are_outcomes_running_is_not() -> None:
     submitted = _submitted(("a", "accepted"), ("b", "accepted"), ("c", "accepted"))
     rows = [LedgerRow("a", "dead"), LedgerRow("b", "failed", 2.0), LedgerRow("c", "running")]
@@ -161,6 +178,8 @@ def test_nothing_accepted_is_lost_or_recorded_twice(name: str) -> None:
     assert v is not None
     assert v.accepted > 0.9 * SHORT[name].jobs, v.answers
     assert v.lost == (), f"{len(v.lost)} accepted jobs lost: {v.lost[:10]}; {result.events}"
+    assert v.unrun == (), f"{len(v.unrun)} accepted jobs never ran: {v.unrun[:10]}"
+    assert v.stuck_unconfirmed == (), v.stuck_unconfirmed[:10]
     assert v.duplicate_recorded == ()
     assert v.phantoms == ()
     assert v.duplicate_executions <= v.bound.total, v.bound.terms()

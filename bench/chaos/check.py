@@ -144,6 +144,11 @@ class Verdict:
     unrecorded: tuple[str, ...]
     executed: int
     never_executed: int
+    # From evidence other than the ledger's word: accepted jobs the executions log never saw
+    # (an outcome recorded for a job that never ran is a loss too), and jobs the client could
+    # not confirm whose ledger row exists but never finished (recorded, so promised to run).
+    unrun: tuple[str, ...]
+    stuck_unconfirmed: tuple[str, ...]
     duplicate_executions: int
     ran_twice: tuple[str, ...]
     most_runs: int
@@ -159,9 +164,12 @@ class Verdict:
 
     @property
     def passed(self) -> bool:
-        """The targets: 0 lost, 0 duplicate recorded outcomes, duplicates within the bound."""
+        """The targets: 0 lost (by the ledger, and by the executions log), 0 duplicate recorded
+        outcomes, duplicates within the bound."""
         return (
             not self.lost
+            and not self.unrun
+            and not self.stuck_unconfirmed
             and not self.duplicate_recorded
             and not self.phantoms
             and self.duplicate_executions <= self.bound.total
@@ -171,7 +179,14 @@ class Verdict:
         """One line."""
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.redrives_by_reason.items()))
         return (
-            f"accepted {self.accepted} (unconfirmed {self.unconfirmed}), lost {len(self.lost)}, "
+            f"accepted {self.accepted} (unconfirmed {self.unconfirmed}), lost {len(self.lost)}"
+            + (f" (never ran {len(self.unrun)})" if self.unrun else "")
+            + (
+                f" (unconfirmed, stuck {len(self.stuck_unconfirmed)})"
+                if self.stuck_unconfirmed
+                else ""
+            )
+            + ", "
             f"duplicate recorded outcomes {len(self.duplicate_recorded)}, duplicate executions "
             f"{self.duplicate_executions} (bound {self.bound.total}), duplicate outcomes "
             f"ignored {self.duplicate_outcomes_ignored}, re-drives {self.redrives}"
@@ -194,6 +209,8 @@ class Verdict:
             "unrecorded": len(self.unrecorded),
             "executed": self.executed,
             "never_executed": self.never_executed,
+            "unrun_ids": list(self.unrun[:50]),
+            "stuck_unconfirmed_ids": list(self.stuck_unconfirmed[:50]),
             "duplicate_executions": self.duplicate_executions,
             "ids_run_twice": len(self.ran_twice),
             "ran_twice_ids": list(self.ran_twice[:50]),
@@ -259,6 +276,10 @@ def judge(
         unrecorded=unrecorded,
         executed=len(runs),
         never_executed=sum(1 for i in accepted if executions.get(i, 0) == 0),
+        unrun=tuple(sorted(i for i in accepted if executions.get(i, 0) == 0)),
+        stuck_unconfirmed=tuple(
+            sorted(i for i in unconfirmed if i in rows and not rows[i].terminal)
+        ),
         duplicate_executions=sum(n - 1 for n in runs if n > 1),
         ran_twice=ran_twice,
         most_runs=max(runs, default=0),
