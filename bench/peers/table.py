@@ -91,15 +91,25 @@ def summarise(rounds: Rounds, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
                 entry["jobs"] = ok[0]["jobs"]
             peer[name] = entry
         out[key] = peer
-    base = out.get("nsqjobs", {})
-    for peer in out.values():
+    # The ratio to nsqjobs: the median of the per-round ratios, over the rounds in which both
+    # succeeded (rounds interleave the peers, so each round's pair ran under the same load).
+    for key, peer in out.items():
         for name, entry in peer.items():
             field = "p50_ms" if name == "latency" else "rate"
-            ours = base.get(name, {}).get(field)
-            if name == "drain_no_results" and ours is None:  # nsqjobs always stores results
-                ours = base.get("drain_results", {}).get(field)
-            if ours and field in entry:
-                entry["ratio_to_nsqjobs"] = entry[field] / ours
+            ratios = []
+            for rnd in rounds:
+                mine = rnd.get(key, {}).get(name)
+                base = rnd.get("nsqjobs", {})
+                ours = base.get(name)
+                if name == "drain_no_results" and ours is None:  # nsqjobs always stores results
+                    ours = base.get("drain_results")
+                if not mine or not ours or "error" in mine or "error" in ours:
+                    continue
+                if mine.get(field) is not None and ours.get(field):
+                    ratios.append(mine[field] / ours[field])
+            if ratios:
+                entry["ratio_to_nsqjobs"] = statistics.median(ratios)
+                entry["ratios_to_nsqjobs"] = ratios
     return out
 
 
@@ -138,9 +148,12 @@ def markdown(header: dict[str, Any], summary: dict[str, dict[str, Any]]) -> str:
         + "; ".join("/".join(f"{x:g}" for x in la) for la in header["load_average"])
         + ".",
         "",
-        "Rates in jobs/s (higher is better), latency in ms (lower is better); in brackets the "
-        "ratio to nsqjobs' figure (the drain without results is compared with nsqjobs' drain, "
-        "which always stores results).",
+        "Rates in jobs/s (higher is better), latency in ms (lower is better), medians over "
+        "the rounds; in brackets the ratio to nsqjobs' figure, the median of the per-round "
+        "ratios over the rounds both completed (the drain without results is compared with "
+        "nsqjobs' drain, which always stores results; latency compares the p50). nsqjobs' "
+        "enqueue, single is Client.sender().submit(): one call per job, sent in batches by "
+        "the client (its blocking submit(), one request a job, is given below the table).",
         "",
         "| peer | enqueue, single | enqueue, bulk | drain, results | drain, no results "
         "| latency p50 / p90 / p99 ms | cpu, Python | cpu, Cython |",
