@@ -304,7 +304,10 @@ def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     for limit in ("0", "1001", "ten"):  # a --limit the gateway would refuse: a usage error
         with pytest.raises(SystemExit) as usage:
             main(["jobs", "--limit", limit])
-        assert usage.value.code == 2 and "from 1 to 1000" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert usage.value.code == 2 and "from 1 to 1000" in err
+        # One line, as every error: what was wrong, and where the help is.
+        assert err.count("\n") == 1 and err.endswith("(see nsqjobs jobs --help)\n"), err
     # `check` with what is not a URL to check: one line, 2; nothing there: one line, 1.
     for url in ("foo", "http://[::1", "http://127.0.0.1:abc/readyz", "ftp://h/x"):
         assert main(["check", url]) == 2, url

@@ -18,7 +18,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Coroutine, Sequence
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from nsqjobs import commands, config
 from nsqjobs.errors import NsqjobsError
@@ -130,9 +130,17 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (what was wrong, and where --help is) instead
+    of the usage block then the error: every nsqjobs error is one line on stderr."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="nsqjobs", description=__doc__)
+    parser = _Parser(prog="nsqjobs", description=__doc__)
     parser.add_argument("--version", action="version", version=f"nsqjobs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
