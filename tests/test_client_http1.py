@@ -26,6 +26,7 @@ from nsqjobs.client import (
     core,
     http1,
 )
+from nsqjobs.client.problems import problem_error
 from nsqjobs.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(30)
@@ -446,3 +447,13 @@ def test_a_forked_child_opens_its_own_connections_and_stops_its_senders(
     conns = {s.target: s.conn for s in server.seen}
     assert conns["/parent-before"] == conns["/parent-after"] == 0
     assert conns["/child"] not in (0, conns["/v1/jobs"])
+
+
+def test_retry_after_is_a_floor_on_the_pause_bounded_by_the_deadline() -> None:
+    error = problem_error(503, {"type": "urn:nsqjobs:problem:unavailable"}, "0.5")
+    retrier = core.Retrier(RetryPolicy(deadline_s=10, first_delay_s=0.01, max_delay_s=0.1))
+    pause = retrier.delay(error)
+    assert pause is not None and 0.5 <= pause <= 10  # over max_delay_s: the server asked
+    short = core.Retrier(RetryPolicy(deadline_s=0.2, first_delay_s=0.01, max_delay_s=0.1))
+    pause = short.delay(error)
+    assert pause is not None and pause <= 0.2  # never past the deadline

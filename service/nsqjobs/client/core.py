@@ -314,8 +314,8 @@ class Retrier:
         policy = self.policy
         backoff = min(policy.max_delay_s, policy.first_delay_s * 2 ** (self.tries - 1))
         pause = random.uniform(backoff / 2, backoff)  # jitter
-        if error.retry_after is not None:
-            pause = max(pause, min(error.retry_after, policy.max_delay_s))
+        if error.retry_after is not None:  # a floor, as the README says (the deadline bounds it)
+            pause = max(pause, error.retry_after)
         left = self.deadline - time.monotonic()
         if left <= 0:
             return None
