@@ -56,10 +56,9 @@ class SlotReader(Reader):
             conn.short_hostname = self.client_id
             conn.eager = self.flow.adaptive  # a new connection is idle
             conn.streak = 0  # messages arrived since the connection was last idle
-            if self.flow.adaptive:
-                # FIN and REQ trigger these before pynsq lowers in_flight and sends the command.
-                for answered in ("resume", "continue", "backoff"):
-                    conn.on(answered, self.flow.answering)
+            # FIN and REQ trigger these before pynsq lowers in_flight and sends the command.
+            for answered in ("resume", "continue", "backoff"):
+                conn.on(answered, self.flow.answering)
         return conn
 
     def _send_rdy(self, conn: Any, value: int) -> None:
@@ -174,7 +173,15 @@ class Flow:
 
     def answering(self, conn: Any, **_kwargs: Any) -> None:
         """A FIN or REQ is being sent on ``conn`` (``in_flight`` still counts its message)."""
-        if not conn.eager or self.stopped:
+        if self.stopped:
+            return
+        if self.used() > self.capacity:
+            # More held than slots (a message came when its room had just moved away): the
+            # slot this answer frees is a waiting job's, so the connection's room must not
+            # grow back, or the overload would outlive the burst that made it.
+            self._set(conn, max(0, conn.rdy - 1))
+            return
+        if not conn.eager:
             return  # the busy path: a batched connection's room grows back by one on its own
         if conn.in_flight <= 1:
             conn.streak = 0  # idle once answered
