@@ -709,10 +709,10 @@ def test_retention_prunes_finished_jobs_and_keeps_dead_ones(
 def test_a_job_held_by_the_gateway_is_never_left_marked_published(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A delay just over nsqd's hour as the gateway judges it (from the job's acceptance) is
-    # under it by the store's clock a few ms later, which records the job as published in the
-    # live session: the gateway, which publishes nothing for a held job, must unmark it, or
-    # no relay ever publishes it (a 202, then nothing).
+    # A delay just over nsqd's hour from the job's acceptance is under it by a clock read a
+    # few ms later, when the store writes. The store must judge it held as the gateway does
+    # (which publishes nothing for a held job), not record it as published in the live
+    # session: no relay would ever publish it (a 202, then nothing).
     async def body(store: SqliteStore) -> None:
         session = Session(store)
         assert await store.beat_session(session.id, session.clock() - 1, session.clock())

@@ -195,9 +195,9 @@ class Acceptor:
         return max(0, round((env.due_at - env.created_at) * 1000))
 
     def _held(self, env: wire.JobEnvelope) -> bool:
-        # Judged from the acceptance time, so every job the store records as held (from its
-        # own, later clock) is held here too: never both published here and by the relay.
-        return self.recorder is not None and held(env, env.created_at)
+        # As the store judges it (held() reads the job alone): never both published here and
+        # by the relay, never published by neither.
+        return self.recorder is not None and held(env)
 
     def encode(self, env: wire.JobEnvelope, where: str = "") -> bytes:
         """The envelope's bytes; :class:`JobTooLarge` when nsqd would refuse them."""
@@ -309,11 +309,6 @@ class Acceptor:
             if answers:
                 _check_existing(answers, [env], single=True)
             if self._held(env):  # recorded: the ledger's relay publishes it when due
-                if optimistic:
-                    # Due just over nsqd's hour from its acceptance, under it by the store's
-                    # later clock, which recorded it as published in this session: nothing
-                    # publishes it here, so unmark it (the relay then does, when due).
-                    await self._settle(epoch, optimistic, [])
                 self.metrics.accepted(task.name)
                 return env
         try:

@@ -155,7 +155,7 @@ class PostgresStore:
         rows = []
         envelopes = map(wire.encode, jobs) if bodies is None else bodies
         for j, envelope in zip(jobs, envelopes, strict=True):
-            later = held(j, now)
+            later = held(j)
             rows.append(
                 (
                     j.id,

@@ -108,7 +108,7 @@ class SqliteStore:
         rows = []
         envelopes = map(wire.encode, jobs) if bodies is None else bodies
         for j, envelope in zip(jobs, envelopes, strict=True):
-            sent = None if held(j, now) else now
+            sent = None if held(j) else now
             rows.append(
                 (
                     j.id,

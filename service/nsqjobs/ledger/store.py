@@ -32,10 +32,12 @@ RedriveReason = Literal["nsqd_restart", "unpublished", "due", "replay"]
 OutcomeVerdict = Literal["recorded", "duplicate", "unknown"]
 
 
-def held(job: wire.JobEnvelope, now: float) -> bool:
-    """True for a job due further away than nsqd can defer (``MAX_DELAY_MS``): the gateway
-    records it without publishing, and the ledger's relay publishes it as it comes due."""
-    return job.due_at is not None and job.due_at - now > MAX_DELAY_MS / 1000
+def held(job: wire.JobEnvelope) -> bool:
+    """True for a job due further from its acceptance (``created_at``) than nsqd can defer
+    (``MAX_DELAY_MS``): the gateway records it without publishing, and the ledger's relay
+    publishes it as it comes due. Judged from the job alone, never from a clock read later, so
+    the gateway and the store (which writes a little after) always agree on it."""
+    return job.due_at is not None and job.due_at - job.created_at > MAX_DELAY_MS / 1000
 
 
 class LedgerError(NsqjobsError):
