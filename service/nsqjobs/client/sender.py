@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from collections import Counter, deque
+from collections import deque
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, Final, NamedTuple
@@ -106,8 +106,6 @@ class Sender:
         # settled jobs says which are.
         self._submitted = 0
         self._settled = 0
-        # Ids queued or in a request, not yet accepted or refused: what a handle's calls wait for.
-        self._unsettled: Counter[str] = Counter()
         self._accepted = 0
         self._refused = 0
         self._failures: list[tuple[str, GatewayError]] = []  # not reported yet
@@ -177,9 +175,9 @@ class Sender:
                 self._check_running()
             self._queue.append(item)
             self._submitted += 1
-            self._unsettled[job_id] += 1
+            seq = self._submitted  # settled once self._settled reaches it (in order)
             self._work.notify()
-        return SentJob(self, job_id, task)
+        return SentJob(self, job_id, task, seq)
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every job submitted so far was accepted or refused (up to ``timeout``
@@ -232,18 +230,18 @@ class Sender:
         except Exception as error:
             exc.add_note(f"and closing the sender raised {error!r}")
 
-    def wait_sent(self, job_id: str, timeout: float | None = None) -> None:
-        """Wait until the job ``job_id`` submitted here was accepted or refused (None: as long as
-        it takes); :class:`TimeoutError` if not by then, :class:`SenderStopped` if the thread
-        failed first. A handle's calls to the gateway wait for this, so that ``result()`` right
-        after ``submit()`` asks about a job the gateway has."""
+    def wait_sent(self, seq: int, timeout: float | None = None) -> None:
+        """Wait until the ``seq``-th job submitted here was accepted or refused (None: as long
+        as it takes); :class:`TimeoutError` if not by then, :class:`SenderStopped` if the
+        thread failed first. A handle's calls to the gateway wait for this, so that
+        ``result()`` right after ``submit()`` asks about a job the gateway has."""
         deadline = core.deadline_of(timeout)
         with self._lock:
-            while self._unsettled.get(job_id):
+            while self._settled < seq:
                 self._check_crash()
                 left = core.left_s(deadline)
                 if left is not None and left <= 0:
-                    raise TimeoutError(f"job {job_id} not yet sent after {timeout:g}s")
+                    raise TimeoutError(f"job {seq} of this sender not yet sent after {timeout:g}s")
                 self._changed.wait(left)
 
     def _check_running(self) -> None:
@@ -279,10 +277,6 @@ class Sender:
                 with self._lock:
                     self._in_flight = []
                     self._settled += len(batch)
-                    self._unsettled.subtract(item.id for item in batch)
-                    for item in batch:
-                        if self._unsettled.get(item.id, 0) <= 0:
-                            self._unsettled.pop(item.id, None)
                     self._accepted += len(batch) - len(failures)
                     self._refused += len(failures)
                     self._failures += failures
@@ -338,21 +332,22 @@ class SentJob(sync.Job):
     sent the job (:meth:`Sender.wait_sent`); a refused job is then unknown to the gateway
     (:meth:`Sender.flush` says why)."""
 
-    def __init__(self, sender: Sender, job_id: str, task: str) -> None:
+    def __init__(self, sender: Sender, job_id: str, task: str, seq: int) -> None:
         super().__init__(sender.client, job_id, task)
         self._sender = sender
+        self._seq = seq  # its place in the sender's order, which is the order jobs settle in
 
     def info(self) -> dict[str, Any]:
-        self._sender.wait_sent(self.id)
+        self._sender.wait_sent(self._seq)
         return super().info()
 
     def outcome(self, timeout: float | None = None) -> JobOutcome | None:
         deadline = core.deadline_of(timeout)
-        self._sender.wait_sent(self.id, timeout)
+        self._sender.wait_sent(self._seq, timeout)
         return super().outcome(core.left_s(deadline))
 
     def cancel(self) -> dict[str, Any]:
-        self._sender.wait_sent(self.id)
+        self._sender.wait_sent(self._seq)
         return super().cancel()
 
 
