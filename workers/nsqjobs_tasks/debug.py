@@ -119,18 +119,23 @@ class DebugChaosArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     seconds: Annotated[float, msgspec.Meta(ge=0, le=60)] = 0.0
 
 
-def debug_chaos(args: DebugChaosArgs) -> dict[str, str]:
-    """Append ``key`` to the file ``$NSQJOBS_DEBUG_EXECUTIONS_LOG`` names (if set), then sleep
-    ``seconds``: one line per execution, counted by the chaos suite (``bench/chaos``)."""
+def _log_execution(line: str) -> None:
+    """Append ``line`` to the file ``$NSQJOBS_DEBUG_EXECUTIONS_LOG`` names, if set. One write()
+    of one short line with O_APPEND: lines from concurrent executions and processes never
+    interleave, and a SIGKILL after it cannot take the line back."""
     path = os.environ.get(ENV_DEBUG_EXECUTIONS_LOG)
     if path:
-        # One write() of one short line with O_APPEND: lines from concurrent executions and
-        # processes never interleave, and a SIGKILL after it cannot take the line back.
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, f"{args.key}\n".encode())
+            os.write(fd, f"{line}\n".encode())
         finally:
             os.close(fd)
+
+
+def debug_chaos(args: DebugChaosArgs) -> dict[str, str]:
+    """Append ``key`` to the executions log (if set), then sleep ``seconds``: one line per
+    execution, counted by the chaos suite (``bench/chaos``)."""
+    _log_execution(args.key)
     time.sleep(args.seconds)
     return {"key": args.key}
 
@@ -147,13 +152,7 @@ def debug_spawn(args: DebugSpawnArgs) -> dict[str, int]:
     set), and wait for it: a task with a process of its own, for what happens to that process
     when its job is killed at its time limit or cancelled."""
     proc = subprocess.Popen(["sleep", f"{args.seconds:g}"])
-    path = os.environ.get(ENV_DEBUG_EXECUTIONS_LOG)
-    if path:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, f"{args.key}:{proc.pid}\n".encode())
-        finally:
-            os.close(fd)
+    _log_execution(f"{args.key}:{proc.pid}")
     return {"exit": proc.wait()}
 
 
