@@ -9,6 +9,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from nsqjobs.testing import (
@@ -118,6 +119,26 @@ def _stack_env(tmp_path: Path, **extra: str) -> tuple[dict[str, str], dict[str, 
 MAKE_RUN = ["make", "--no-print-directory", "-o", ".venv/.installed", "run"]
 
 
+class Launched(NamedTuple):
+    """A `make run` started in the background by :func:`_launch`."""
+
+    env: dict[str, str]
+    ports: dict[str, str]
+    data_dir: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes]
+    gateway: str
+
+
+def _launch(tmp_path: Path, workers: int) -> Launched:
+    """`make run` with ``workers`` workers on free ports, its data in ``tmp_path``: started."""
+    env, ports = _stack_env(tmp_path, NSQJOBS_WORKERS=str(workers))
+    log_path = tmp_path / "make-run.log"
+    proc = _start_make_run(env, log_path)
+    gateway = f"http://127.0.0.1:{ports['NSQJOBS_GATEWAY_PORT']}"
+    return Launched(env, ports, tmp_path / "stack-data", log_path, proc, gateway)
+
+
 def _start_make_run(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     """`make run` in the background, in a session of its own, its output to ``log_path``."""
     with open(log_path, "wb") as out:
@@ -158,12 +179,8 @@ def _make_run_to_the_end(env: dict[str, str]) -> subprocess.CompletedProcess[str
 @pytest.mark.slow
 def test_make_run_starts_the_stack_and_stops_it_on_ctrl_c(tmp_path: Path) -> None:
     need_binary("nsqd")
-    env, ports = _stack_env(tmp_path, NSQJOBS_WORKERS="3")
-    data_dir = tmp_path / "stack-data"
-    log_path = tmp_path / "make-run.log"
-    proc = _start_make_run(env, log_path)
+    env, ports, data_dir, log_path, proc, gateway = _launch(tmp_path, workers=3)
     worker_ports = [int(ports["NSQJOBS_WORKER_PORT"]) + i for i in range(3)]
-    gateway = f"http://127.0.0.1:{ports['NSQJOBS_GATEWAY_PORT']}"
     try:
         urls = [gateway, *(f"http://127.0.0.1:{port}" for port in worker_ports)]
         for url in urls:
@@ -291,11 +308,7 @@ def test_make_run_stops_the_stack_on_sigterm_to_make_alone(tmp_path: Path) -> No
     # `kill <pid of make>` reaches make only (not its process group, as Ctrl-C does): make
     # passes it to the recipe's shell, which must hand it to supervisord, not die and orphan it.
     need_binary("nsqd")
-    env, ports = _stack_env(tmp_path, NSQJOBS_WORKERS="1")
-    data_dir = tmp_path / "stack-data"
-    log_path = tmp_path / "make-run.log"
-    proc = _start_make_run(env, log_path)
-    gateway = f"http://127.0.0.1:{ports['NSQJOBS_GATEWAY_PORT']}"
+    env, _, data_dir, log_path, proc, gateway = _launch(tmp_path, workers=1)
     try:
         _wait_ready(proc, log_path, gateway)
         # A second `make run` on the same data directory says so, in one line.
