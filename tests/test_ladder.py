@@ -24,7 +24,7 @@ from nsqjobs import InvalidArgumentsError, UnknownTaskError, executor
 from nsqjobs.errors import ConfigError, TaskFailed
 from nsqjobs.ladder import TaskExecutor, normalise, prepare
 from nsqjobs.names import BUILTIN_TASK_MODULE, DEBUG_TASK_MODULE, ENV_DEBUG_EXECUTIONS_LOG
-from nsqjobs.testing import wait_for
+from nsqjobs.testing import alive, wait_for
 
 from tests.conftest import IN_CI
 
@@ -231,7 +231,7 @@ def test_unknown_kind_and_bad_options_are_config_errors() -> None:
 def test_processes_shutdown_cancels_and_stops_its_children() -> None:
     with executor("processes", workers=1, task_modules=MODULES) as ex:
         pids = ex.child_pids()  # type: ignore[attr-defined]
-        assert len(pids) == 1 and all(_alive(pid) for pid in pids)
+        assert len(pids) == 1 and all(alive(pid) for pid in pids)
         first = ex.submit("debug.sleep", {"seconds": 0.3})
         queued = [ex.submit("noop", {"i": i}) for i in range(5)]
         ex.shutdown(cancel_futures=True)
@@ -239,7 +239,7 @@ def test_processes_shutdown_cancels_and_stops_its_children() -> None:
         assert first.done()
         with pytest.raises(RuntimeError, match="after shutdown"):
             ex.submit("noop", {})
-    wait_for(lambda: not any(_alive(pid) for pid in pids), 10, "the child process to end")
+    wait_for(lambda: not any(alive(pid) for pid in pids), 10, "the child process to end")
 
 
 @pytest.mark.timeout(90)
@@ -285,18 +285,6 @@ def test_ipyparallel_a_cancel_in_a_done_callback_returns(rungs: dict[str, TaskEx
 # -- the engine-kill tests: a cluster each, started by the executor --------------------------
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    try:  # a zombie has ended; only its parent has not reaped it yet
-        return stat.read_text().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def _kill_the_busy_engine(ex: TaskExecutor, log: Path, key: str) -> int:
     """Once the job ``key`` has started (its line in ``log``), SIGKILL the engine running it."""
     wait_for(lambda: log.exists() and key in log.read_text().split(), 30, f"{key} to start")
@@ -326,7 +314,7 @@ def test_ipyparallel_engine_killed_mid_job_fails_the_future(
         assert type(raised.value.__cause__).__name__ == "RemoteError"
         assert ex.submit("noop", {"after": 1}).result(timeout=30) == {"after": 1}
     # It started the cluster: shutdown stopped the engines (and the controller).
-    wait_for(lambda: not any(_alive(pid) for pid in pids), 30, "the engines to stop")
+    wait_for(lambda: not any(alive(pid) for pid in pids), 30, "the engines to stop")
 
 
 @pytest.mark.timeout(120)
@@ -341,7 +329,7 @@ def test_ipyparallel_engine_killed_mid_job_is_retried(
         killed = _kill_the_busy_engine(ex, log, "survivor")
         assert fut.result(timeout=60) == {"key": "survivor"}
         assert log.read_text().split() == ["survivor", "survivor"]  # ran twice, ended once
-        assert killed not in ex.engine_pids.values() or not _alive(killed)  # type: ignore[attr-defined]
+        assert killed not in ex.engine_pids.values() or not alive(killed)  # type: ignore[attr-defined]
         # A task that raises is not retried: retries are for lost engines only.
         with pytest.raises(TaskFailed):
             ex.submit("debug.flaky", {"key": "once", "fails": 1}).result(timeout=30)

@@ -19,7 +19,7 @@ from nsqjobs.errors import TaskFailed
 from nsqjobs.ladder.nsq import NsqExecutor
 from nsqjobs.names import BUILTIN_TASK_MODULE, DEBUG_TASK_MODULE
 from nsqjobs.registry import Registry, task
-from nsqjobs.testing import free_port, wait_for
+from nsqjobs.testing import alive, free_port, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -154,18 +154,7 @@ def test_a_process_pool_dropped_without_shutdown_ends_its_children() -> None:
     assert pids
     del ex
     gc.collect()
-
-    def gone() -> bool:
-        for pid in pids:
-            try:
-                with open(f"/proc/{pid}/stat") as stat:
-                    if stat.read().rsplit(")", 1)[1].split()[0] != "Z":
-                        return False
-            except FileNotFoundError:
-                pass
-        return True
-
-    wait_for(gone, 15, "the pool's child to end")
+    wait_for(lambda: not any(alive(p) for p in pids), 15, "the pool's child to end")
 
 
 class CountArgs(msgspec.Struct, forbid_unknown_fields=True):

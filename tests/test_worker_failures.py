@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 import pytest
 from nsqjobs import wire
-from nsqjobs.testing import Daemon, Nsq, Tail, http, need_binary, nsq_pair, wait_for
+from nsqjobs.testing import Daemon, Nsq, Tail, alive, http, need_binary, nsq_pair, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -450,15 +450,6 @@ def test_result_nsqd_does_not_acknowledge_is_requeued_and_the_job_completes(
         "the second attempt's success to be counted",
     )
     assert worker.metric("nsqjobs_jobs_in_progress", task="debug.sleep") == 0
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie waiting for its reaper does not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def children_of(pid: int) -> list[int]:

@@ -261,6 +261,21 @@ class Proc:
         self.proc.send_signal(signal.SIGCONT)
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs: it exists and is no zombie (a zombie has ended; only its
+    parent has not reaped it yet)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's: it exists
+        pass
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _stopped(pid: int) -> bool:
     # /proc/PID/task/TID/stat: "tid (comm) STATE ..."; T is stopped by a signal.
     tasks = Path(f"/proc/{pid}/task")
