@@ -282,6 +282,22 @@ def test_ipyparallel_a_cancel_in_a_done_callback_returns(rungs: dict[str, TaskEx
     assert ex.submit("noop", {"after": 1}).result(timeout=30) == {"after": 1}
 
 
+@pytest.mark.timeout(90)
+def test_ipyparallel_a_job_an_engine_began_is_running_and_cannot_be_cancelled(
+    rungs: dict[str, TaskExecutor],
+) -> None:
+    ex = rungs["ipyparallel"]
+    busy = [ex.submit("debug.sleep", {"seconds": 1.5}) for _ in range(ex.workers)]
+    queued = ex.submit("noop", {"q": 2})  # every engine is busy: it waits in the scheduler
+    wait_for(lambda: all(f.running() for f in busy), 30, "the engines to begin their jobs")
+    assert not queued.running()
+    assert not busy[0].cancel()  # as with the stdlib's executors: it runs on
+    assert not busy[0].cancelled() and busy[0].running()
+    assert queued.cancel() and queued.cancelled()
+    assert [f.result(timeout=30) for f in busy] == [{"slept": 1.5}] * len(busy)
+    assert not busy[0].running() and not busy[0].cancel()  # done
+
+
 # -- the engine-kill tests: a cluster each, started by the executor --------------------------
 
 

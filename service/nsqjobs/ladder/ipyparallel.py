@@ -24,6 +24,7 @@ from nsqjobs.errors import ConfigError, TaskFailed
 from nsqjobs.ladder.base import (
     DEFAULT_TASK_MODULES,
     TaskExecutor,
+    mark_running,
     normalise,
     settle,
     task_failed,
@@ -55,6 +56,39 @@ def engine_run(name: str, args: dict[str, Any], modules: tuple[str, ...]) -> Any
 
 
 # -- in the caller -------------------------------------------------------------------------------
+
+
+class _RemoteFuture(concurrent.futures.Future[Any]):
+    """A job's future on this rung: running once an engine has begun the job, so that
+    ``cancel()`` then fails, as with the stdlib's executors.
+
+    An engine tells its client it began a request (its ``busy`` status, on the I/O thread),
+    which ipyparallel notes in the request's metadata: ``running()`` and ``cancel()`` read
+    it there. A job that an engine begins in the moment between that reading and the abort a
+    successful cancel sends still runs; its outcome is dropped."""
+
+    def __init__(self, client: Any) -> None:
+        super().__init__()
+        self._client = client
+        self._msg_ids: list[str] = []  # every send of the job (a retry adds one)
+
+    def sent(self, msg_ids: Sequence[str]) -> None:
+        self._msg_ids.extend(msg_ids)
+
+    def _begun(self) -> None:
+        metadata = self._client.metadata
+        if not self.done() and any(
+            (metadata.get(m) or {}).get("engine_uuid") is not None for m in self._msg_ids
+        ):
+            mark_running(self)
+
+    def running(self) -> bool:
+        self._begun()
+        return super().running()
+
+    def cancel(self) -> bool:
+        self._begun()
+        return super().cancel()
 
 
 class IPyParallelExecutor(TaskExecutor):
@@ -133,22 +167,21 @@ class IPyParallelExecutor(TaskExecutor):
             raise
 
     def _dispatch(self, task: Task | str, args: dict[str, Any]) -> concurrent.futures.Future[Any]:
-        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        fut = _RemoteFuture(self.client)
         name = task.name if isinstance(task, Task) else task
         self._send(fut, name, args, self.retries)
         return fut
 
-    def _send(
-        self, fut: concurrent.futures.Future[Any], name: str, args: dict[str, Any], retries: int
-    ) -> None:
+    def _send(self, fut: _RemoteFuture, name: str, args: dict[str, Any], retries: int) -> None:
         sent = self._view.apply_async(engine_run, name, args, self.task_modules)
+        fut.sent(sent.msg_ids)
         sent.add_done_callback(functools.partial(self._ended, fut, name, args, retries))
         # Cancelled by the caller: abort it if it has not reached an engine yet.
         fut.add_done_callback(functools.partial(_abort, self.client, sent))
 
     def _ended(
         self,
-        fut: concurrent.futures.Future[Any],
+        fut: _RemoteFuture,
         name: str,
         args: dict[str, Any],
         retries: int,
