@@ -8,10 +8,18 @@ stay within what the run's events can cause, and a deep backlog causes no re-dri
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+from contextlib import ExitStack
+from pathlib import Path
+
 import pytest
+from nsqjobs import wire
+from nsqjobs.ledger import open_store
 
 from bench.chaos import scenarios
 from bench.chaos.check import Bound, LedgerRow, LedgerWatch, Submitted, Verdict, judge
+from bench.chaos.ledger import STORES, Ledger, PostgresLedger, open_ledger
 from bench.chaos.run import Result, run
 
 # -- the checker on known inputs ----------------------------------------------------------------
@@ -138,6 +146,94 @@ def test_redrives_are_the_ledgers_count_and_the_bound_sums_its_terms() -> None:
     assert v.bound.terms() == (
         "3x4 worker + 5 retried + 7 results unacknowledged + 2 re-driven + 1x2500 nsqd disk"
     )
+
+
+# -- the audit trigger, on each store ---------------------------------------------------------
+
+
+def _result(job_id: str, status: str, worker: str = "w1") -> wire.ResultEnvelope:
+    error = None if status == "succeeded" else wire.ErrorInfo(type="ValueError", message="bad")
+    return wire.ResultEnvelope(
+        id=job_id,
+        task="noop",
+        status=status,  # type: ignore[arg-type]
+        error=error,
+        attempts=1,
+        worker=worker,
+        started_at=1001.0,
+        finished_at=1002.0,
+        duration_s=1.0,
+    )
+
+
+async def _outcomes(url: str) -> None:
+    """Through the store, what the product writes: first outcomes, duplicates it ignores, a
+    failed result completed by its dead letter."""
+    store = open_store(url)
+    try:
+        ids = ("ok", "dup", "dead", "changed", "back")
+        jobs = [wire.JobEnvelope(id=i, task="noop", args={}, created_at=1000.0) for i in ids]
+        await store.record_accepted(jobs)
+        for i in ("ok", "dup", "changed", "back"):
+            assert await store.record_result(_result(i, "succeeded")) == "recorded"
+        assert await store.record_result(_result("dup", "failed", "w2")) == "duplicate"
+        assert await store.record_result(_result("dead", "failed")) == "recorded"
+        letter = wire.DeadLetter(
+            reason="max_attempts",
+            error=wire.ErrorInfo(type="ValueError", message="bad"),
+            worker="w1",
+            at=1002.0,
+            job=jobs[2],
+        )
+        assert await store.record_dead_letter(letter) == "recorded"
+        assert (await store.get("dead")).status == "dead"  # type: ignore[union-attr]
+    finally:
+        store.close()
+
+
+def _rewrite(ledger: Ledger, statements: list[str]) -> None:
+    """Change the file or database behind the store, as a defect would."""
+    if isinstance(ledger, PostgresLedger):
+        ledger.server.psql("; ".join(statements))
+        return
+    conn = sqlite3.connect(ledger.path)  # type: ignore[attr-defined]
+    try:
+        for statement in statements:
+            with conn:
+                conn.execute(statement)
+    finally:
+        conn.close()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("store", STORES)
+def test_the_audit_sees_every_change_of_a_recorded_outcome_and_none_of_the_stores_own(
+    store: str, tmp_path: Path
+) -> None:
+    with ExitStack() as stack:
+        ledger = open_ledger(store, stack, tmp_path)
+        open_store(ledger.url).close()  # the gateway's tables, made as the gateway makes them
+        ledger.audit()
+        ledger.audit()  # a gateway restarted under the suite: adding it again changes nothing
+        asyncio.run(_outcomes(ledger.url))
+        assert ledger.rewrites() == {}
+        _rewrite(
+            ledger,
+            [
+                "UPDATE jobs SET worker = 'w9' WHERE id = 'changed'",
+                "UPDATE jobs SET finished_at = finished_at + 1 WHERE id = 'back'",
+                "UPDATE jobs SET finished_at = finished_at - 1 WHERE id = 'back'",
+                "UPDATE jobs SET redrives = redrives + 1 WHERE id = 'ok'",  # not an outcome
+            ],
+        )
+        found = ledger.rewrites()
+        assert set(found) == {"changed", "back"}
+        assert found["changed"][0].startswith("succeeded@1002") and "w9" in found["changed"][1]
+        # A read of the rows now sees "back" as it was: only the audit saw it change.
+        watch = LedgerWatch()
+        watch.read(ledger.rows())
+        assert watch.rows["back"].finished_at == 1002.0
 
 
 # -- real runs ------------------------------------------------------------------------------------

@@ -54,11 +54,13 @@ class LedgerRow:
 @dataclass
 class LedgerWatch:
     """Reads of the ledger over a run: the final rows, and every terminal outcome that
-    changed between two reads (the first terminal outcome must be the one that stays)."""
+    changed between two reads (the first terminal outcome must be the one that stays), or
+    that the audit trigger saw change (``audited``: every change, read at the end)."""
 
     rows: dict[str, LedgerRow] = field(default_factory=dict)
     first: dict[str, tuple[str, float | None, str | None]] = field(default_factory=dict)
     rewritten: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    audited: dict[str, tuple[str, str]] = field(default_factory=dict)
     extra_rows: dict[str, int] = field(default_factory=dict)
     reads: int = 0
 
@@ -243,7 +245,8 @@ def judge(
 
     ``lost``: accepted ids whose ledger row has no outcome after the drain (or that have no
     row: a 202 for a job never recorded). ``duplicate_recorded``: ids whose recorded outcome
-    changed once terminal, or that hold more than one row. ``phantoms``: ids that ran or are
+    changed once terminal (seen by a read, or by the audit trigger), or that hold more than
+    one row. ``phantoms``: ids that ran or are
     in the ledger though the client never sent them. Re-drives are the ledger's own count
     (its ``redrives`` column), which survives a gateway SIGKILL; the reasons come from the
     gateway's metric, scraped while it ran.
@@ -261,7 +264,9 @@ def judge(
     known = set(submitted)
     phantoms = {i for i in executions if i not in known} | {i for i in rows if i not in known}
     redrives = sum(r.redrives for r in rows.values() if r.id in known)
-    duplicate_recorded = sorted(set(ledger.rewritten) | set(ledger.extra_rows))
+    duplicate_recorded = sorted(
+        set(ledger.rewritten) | set(ledger.audited) | set(ledger.extra_rows)
+    )
     return Verdict(
         submitted=len(submitted),
         accepted=len(accepted),

@@ -112,6 +112,7 @@ class Run:
         self.work = work = temp_dir(stack, f"nsqjobs-chaos-{scenario.name}-")
         self.ledger = open_ledger(scenario.store, stack, work)
         self.cluster = Cluster(stack, work, scenario.setup, self.ledger)
+        self.ledger.audit()  # the gateway is ready: its tables are made
         self.tail = OutcomeTail(self.cluster.nsq.nsqd_tcp)
         self.tail.start()
         stack.callback(self.tail.stop)
@@ -227,6 +228,7 @@ class Run:
     def verdict(self) -> Verdict:
         """Judge what the witnesses saw."""
         self.tick(force=True)
+        self.watch.audited = self.ledger.rewrites()
         s = self.scenario
         bound = Bound(
             worker_faults=s.worker_faults(),

@@ -6,8 +6,9 @@
 - ``rerun``: finished jobs' envelopes are published once more straight to nsqd. Exactly these
   must show one duplicate execution each, one duplicate result on the witness channel, and
   one duplicate outcome ignored by the ledger.
-- ``rewrite``: recorded outcomes are changed in the ledger's file. Exactly these must be
-  reported as duplicate recorded outcomes (SQLite only).
+- ``rewrite``: recorded outcomes are changed in the ledger's file, and some of them changed
+  back at once (no read of the ledger could see that: only its audit trigger does). Exactly
+  these must be reported as duplicate recorded outcomes (SQLite only).
 """
 
 from __future__ import annotations
@@ -88,8 +89,17 @@ class Plants:
                         "UPDATE jobs SET finished_at = finished_at + 1000 WHERE id = ?",
                         [(i,) for i in rewrite],
                     )
+                back = rewrite[: len(rewrite) // 2]
+                with conn:  # before any read of the ledger
+                    conn.executemany(
+                        "UPDATE jobs SET finished_at = finished_at - 1000 WHERE id = ?",
+                        [(i,) for i in back],
+                    )
             finally:
                 conn.close()
-            run.event(f"planted: {len(rewrite)} recorded outcomes rewritten in the ledger's file")
+            run.event(
+                f"planted: {len(rewrite)} recorded outcomes rewritten in the ledger's file, "
+                f"{len(back)} of them changed back"
+            )
             self.planted["rewritten"] = rewrite
         run.watch.read(run.ledger.rows())
