@@ -24,8 +24,8 @@ from nsqjobs.ledger.store import (
     LedgerStats,
     OutcomeVerdict,
     RedriveReason,
+    remaining_delay_ms,
 )
-from nsqjobs.names import MAX_DELAY_MS
 
 # A dead letter and the failed result a worker publishes with it carry the same time (and
 # worker): they are one outcome, not a duplicate. Slack for stores that round timestamps.
@@ -397,14 +397,7 @@ def as_claimed(row: Sequence[Any], now: float) -> Claimed:
         reason = "nsqd_restart"
     else:  # the accept path gave up, or its gateway died (SENT_BY_LOST_GATEWAY)
         reason = "unpublished"
-    return Claimed(job_id, task, bytes(body), _delay_ms(due_at, now), reason)
-
-
-def _delay_ms(due_at: float | None, now: float) -> int:
-    """What is left of a job's delay, within what nsqd defers."""
-    if due_at is None or due_at <= now:
-        return 0
-    return min(MAX_DELAY_MS, int((due_at - now) * 1000))
+    return Claimed(job_id, task, bytes(body), remaining_delay_ms(due_at, now), reason)
 
 
 def redrive_lost_sessions(conn: sqlite3.Connection, stale_before: float, now: float) -> int:

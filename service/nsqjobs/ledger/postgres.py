@@ -60,8 +60,8 @@ from nsqjobs.ledger.store import (
     OutcomeVerdict,
     Page,
     held,
+    remaining_delay_ms,
 )
-from nsqjobs.names import MAX_DELAY_MS
 
 log = logging.getLogger("nsqjobs.ledger")
 
@@ -352,7 +352,7 @@ class PostgresStore:
                     id=r["id"],
                     task=r["task"],
                     body=r["envelope"],
-                    delay_ms=_left_ms(r["due_at"], now),
+                    delay_ms=remaining_delay_ms(r["due_at"], now),
                     reason=r["reason"],
                 )
                 for r in rows
@@ -652,13 +652,6 @@ def _dead_filter(
     if task is not None:
         return "status = 'dead' AND task = $1", (task, limit)
     return "status = 'dead' AND $1::text IS NULL", (None, limit)
-
-
-def _left_ms(due_at: float | None, now: float) -> int:
-    """What is left of a delay, in milliseconds, within what nsqd defers."""
-    if due_at is None or due_at <= now:
-        return 0
-    return min(MAX_DELAY_MS, round((due_at - now) * 1000))
 
 
 def _qualified(table: str) -> str:

@@ -8,6 +8,7 @@ transaction.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
@@ -38,6 +39,14 @@ def held(job: wire.JobEnvelope) -> bool:
     publishes it as it comes due. Judged from the job alone, never from a clock read later, so
     the gateway and the store (which writes a little after) always agree on it."""
     return job.due_at is not None and job.due_at - job.created_at > MAX_DELAY_MS / 1000
+
+
+def remaining_delay_ms(due_at: float | None, now: float) -> int:
+    """What is left of a job's delay at ``now``, in whole milliseconds rounded up (a job the
+    relay publishes is never delivered before it is due), within what nsqd defers."""
+    if due_at is None or due_at <= now:
+        return 0
+    return min(MAX_DELAY_MS, math.ceil((due_at - now) * 1000))
 
 
 class LedgerError(NsqjobsError):
