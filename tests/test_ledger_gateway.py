@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from nsqjobs import wire
-from nsqjobs.names import DEAD_LETTER_TOPIC, LEDGER_CHANNEL, RESULTS_TOPIC
+from nsqjobs.names import DEAD_LETTER_TOPIC, LEDGER_CHANNEL, RESULTS_TOPIC, STARTED_TOPIC
 from nsqjobs.testing import Daemon, Nsq, http, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -56,6 +56,10 @@ def test_status_by_id_from_queued_to_succeeded(
     code, headers, problem = job_status(gateway, "no-such-job")
     assert code == 404 and headers["Content-Type"] == PROBLEM
     assert problem["type"].endswith("unknown-job") and problem["id"] == "no-such-job"
+    # The ledger's readers found every topic they read (the gateway made them): no warnings
+    # from nsqlookupd's 404 for a topic no worker had published to yet.
+    wait_for(lambda: nsq.channel(STARTED_TOPIC, LEDGER_CHANNEL), 10, "the started reader")
+    assert "WARNING" not in gateway.log(), gateway.log_tail()
 
 
 def test_failures_are_recorded_dead_with_their_error(

@@ -61,7 +61,7 @@ from nsqjobs.ledger import Store, open_store
 from nsqjobs.ledger.outcomes import OutcomeRecorder
 from nsqjobs.ledger.relay import Relay
 from nsqjobs.ledger.session import Session
-from nsqjobs.names import CANCEL_TOPIC, DEAD_LETTER_TOPIC, RESULTS_TOPIC
+from nsqjobs.names import CANCEL_TOPIC, DEAD_LETTER_TOPIC, RESULTS_TOPIC, STARTED_TOPIC
 from nsqjobs.nsq.admin import create_topics, nsqd_limit
 from nsqjobs.nsq.publisher import Publisher
 from nsqjobs.observability.exposition import observability_routes
@@ -392,7 +392,9 @@ class GatewayApp:
         config = self.config
         topics = [*self.registry.queues(), RESULTS_TOPIC, DEAD_LETTER_TOPIC]
         if self.store is not None:
-            topics.append(CANCEL_TOPIC)
+            # The ledger reads STARTED_TOPIC too: made now, its reader finds it in nsqlookupd
+            # at once rather than logging a warning until a worker first publishes there.
+            topics += [CANCEL_TOPIC, STARTED_TOPIC]
         for failure in await create_topics(config.nsqd_http_address, topics):
             log.warning("%s (continuing: the first publish creates it)", failure)
         await self.read_nsqd_limits()
