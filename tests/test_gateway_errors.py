@@ -120,9 +120,19 @@ def test_error_statuses_publish_nothing(nsq: Nsq, daemons: Callable[..., Daemon]
     )
     assert body["errors"][0]["field"] == "body.jobs[1].id"
 
+    # An id ending in a newline (Python's `$` matches before one), however JSON spells it.
+    newline_ids = [b'"x1\\n"', b'"x1\\u000a"', b'"x1\\u000A"']
+    for job_id in newline_ids:
+        raw = b'{"task": "noop", "id": ' + job_id + b"}"
+        body = problem(*http("POST", jobs, raw=raw), 422, "invalid-arguments")
+        assert body["errors"][0]["field"] == "body.id", (raw, body)
+        raw = b'{"ids": ["ok", ' + job_id + b"]}"
+        body = problem(*http("POST", gw.url + "/v1/jobs/wait", raw=raw), 422, "invalid-arguments")
+        assert body["errors"][0]["field"] == "body.ids[1]", (raw, body)
+
     assert nsq.message_count("jobs") == 0
     # Rejections are counted by status; accepted jobs are not.
-    assert gw.metric("nsqjobs_jobs_rejected_total", reason="422") == len(cases) + 3
+    assert gw.metric("nsqjobs_jobs_rejected_total", reason="422") == len(cases) + 3 + 3
     assert (
         gw.metric("nsqjobs_http_requests_total", route="/v1/jobs", method="POST", status="404") == 1
     )

@@ -97,6 +97,11 @@ def test_bad_bodies_are_4xx_naming_the_field_and_publish_nothing(
             "jobs[1].args.q",
         ),
         (batch, b'{"jobs": [{"task": "noop"}], "jobs": [{"task": "noop"}]}', "body.jobs"),
+        # The same key spelled with a JSON escape is the same key (the last one used to win).
+        (single, b'{"task": "primes.count", "\\u0074ask": "noop"}', "body.task"),
+        (single, b'{"task": "noop", "args": {"a": 1, "\\u0061": 2}}', "args.a"),
+        (single, b'{"task": "noop", "args": {"a/b": 1, "a\\/b": 2}}', "args.a/b"),
+        (wait, b'{"task": "noop", "args": {"\\u00e9": 1, "\xc3\xa9": 2}}', "args.\u00e9"),
     ]
     for url, raw, field in twice:
         body = problem(*post(url, raw), 422, "invalid-arguments")

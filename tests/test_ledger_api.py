@@ -4,6 +4,7 @@ the ledger, and every error as problem+json."""
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import json
 import sqlite3
@@ -111,10 +112,19 @@ def test_listing_with_filters_cursors_and_query_errors(
         ("cursor=WyJqb2JzIixudWxsLG51bGwsIsKyIl0", ["query.cursor"]),
         ("cursor=", ["query.cursor"]),
         ("limit=1&limit=2", ["query.limit"]),
+        # More digits than Python's int() converts (4,300): a 400, not a 500.
+        ("limit=" + "9" * 5000, ["query.limit"]),
+        ("limit=" + "0" * 4999 + "1", ["query.limit"]),
+        # Ours in form but nested deeper than the JSON decoder recurses.
+        (f"cursor={base64.urlsafe_b64encode(b'[' * 5000).decode().rstrip('=')}", ["query.cursor"]),
         ("stauts=failed", ["query.stauts"]),
         ("status=nope&limit=0", ["query.status", "query.limit"]),
     ]:
         assert query_fields(get(gateway, f"/v1/jobs?{bad}")) == fields, bad
+    for path in ("/v1/dead-letters", "/v1/dead-letters/replay"):
+        method = "POST" if path.endswith("replay") else "GET"
+        answer = http(method, f"{gateway.url}{path}?limit={'1' * 5000}")
+        assert query_fields(answer) == ["query.limit"], path
     assert query_fields(get(gateway, "/v1/jobs/j1?verbose=1")) == ["query.verbose"]
     assert query_fields(get(gateway, "/v1/dead-letters?status=dead")) == ["query.status"]
 

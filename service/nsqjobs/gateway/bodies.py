@@ -32,8 +32,6 @@ _INT_GOT_FLOAT: Final = "Expected `int`, got `float`"
 _TOKEN: Final = re.compile(rb'"((?:[^"\\]|\\.)*)"(\s*:)?|[{}\[\],]')
 # Levels above a job's ``args`` object: the body (single), or the body, ``jobs`` and the job.
 _ABOVE_ARGS: Final[dict[type[Any], int]] = {SubmitRequest: 1, BatchRequest: 3, WaitRequest: 0}
-# A JSON string ending in an escaped newline: only then can an id end in one.
-_ENDS_IN_NEWLINE: Final = b'\\n"'
 _ID: Final = operator.attrgetter("id")
 _ARGS: Final = operator.attrgetter("args")
 _EXPIRES: Final = operator.attrgetter("expires_s")
@@ -69,7 +67,7 @@ def _not_utf8(params: str) -> bool:
 def decode_submit(body: bytes) -> SubmitRequest:
     """``POST /v1/jobs``'s body; raises :class:`Problem` (400 or 422) when it is not one."""
     req = _decode(body, SubmitRequest)
-    if _ENDS_IN_NEWLINE in body and req.id is not None and req.id[-1] == "\n":
+    if req.id is not None and req.id[-1] == "\n":  # written "\n" or "\u000a": see _bad_id
         raise _bad_id("body.id")
     if req.run_at is not None and req.delay_ms:
         raise _error("body.run_at", "give delay_ms or run_at, not both")
@@ -112,10 +110,9 @@ def decode_wait(body: bytes) -> WaitRequest:
         req: WaitRequest = _parse(body, WaitRequest, WaitRequest)
     except msgspec.ValidationError as exc:
         raise _invalid(exc) from None
-    if _ENDS_IN_NEWLINE in body:
-        for i, job_id in enumerate(req.ids):
-            if job_id[-1] == "\n":
-                raise _bad_id(f"body.ids[{i}]")
+    for i, job_id in enumerate(req.ids):
+        if job_id[-1] == "\n":
+            raise _bad_id(f"body.ids[{i}]")
     # Not the hot path: always scanned for a key given twice.
     _check_duplicates(body, WaitRequest)
     return req
@@ -261,11 +258,13 @@ def _scan(body: bytes, kind: type[Any]) -> Problem | None:
             if match.group(2) and frames and frames[-1][0] is not None:
                 keys, at = frames[-1]
                 key = match.group(1)
-                if keys is not None and key in keys:
+                # The key as decoded: "a", "\u0061" and "\/" spellings of one key are one key.
+                name = key if b"\\" not in key else _text(key).encode("utf-8", "surrogatepass")
+                if keys is not None and name in keys:
                     at[0] = key
                     return _error(_path(frames), f"repeats key {_text(key)!r}")
                 if keys is not None:
-                    keys.add(key)
+                    keys.add(name)
                 at[0] = key
         elif first in b"{[":
             frames.append((set() if first == 0x7B else None, [b"" if first == 0x7B else 0]))

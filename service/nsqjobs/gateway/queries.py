@@ -72,7 +72,8 @@ def parse_query(
     limit = default_limit
     text = values.get("limit")
     if text is not None:
-        if text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_LIMIT:
+        # Short before int(): Python refuses to convert more than 4,300 digits (ValueError).
+        if text.isascii() and text.isdigit() and len(text) <= 9 and 1 <= int(text) <= MAX_LIMIT:
             limit = int(text)
         else:
             errors.append({"field": "query.limit", "message": f"an integer from 1 to {MAX_LIMIT}"})
@@ -113,7 +114,7 @@ def _open_cursor(
     try:
         packed = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         fields = json.loads(packed)
-    except (binascii.Error, ValueError):
+    except (binascii.Error, ValueError, RecursionError):  # RecursionError: nested too deep
         return None
     if not isinstance(fields, list) or len(fields) != 4 or not isinstance(fields[3], str):
         return None
