@@ -154,6 +154,22 @@ def test_retry_with_a_delay_is_honoured_and_capped_by_nsqd() -> None:
     assert decide(Retry(delay=0), attempt=1) == RetryAfter(0.0)
     assert decide(Retry(delay=-3), attempt=1) == RetryAfter(0.0)
     assert decide(Retry(delay=10 * MAX_DELAY_S), attempt=1) == RetryAfter(MAX_DELAY_S)
+
+
+def test_a_retry_delay_that_is_not_a_number_is_the_tasks_error() -> None:
+    # Raised where the task builds it (a failed attempt that says why), never in the worker.
+    for bad in ("5", True, [1]):
+        with pytest.raises(TypeError, match="Retry delay must be a number of seconds"):
+            Retry(delay=bad)  # type: ignore[arg-type]
+
+
+def test_an_exception_that_cannot_be_printed_is_described_as_such() -> None:
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise ValueError("no")
+
+    error = wire.ErrorInfo.from_exception(Unprintable())
+    assert (error.type, error.message) == ("Unprintable", "<unprintable Unprintable object>")
     assert MAX_DELAY_S * 1000 == MAX_DELAY_MS
 
 

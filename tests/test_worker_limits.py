@@ -5,6 +5,7 @@ Jobs are published straight to nsqd (no gateway), so each test is about the work
 
 from __future__ import annotations
 
+import importlib.util
 import signal
 import socket
 from collections.abc import Callable
@@ -90,6 +91,58 @@ def test_process_executor_kills_an_overrunning_child_and_goes_on(
     assert got["stuck"].status == "failed" and got["stuck"].error is not None
     assert got["stuck"].error.type == "TaskTimeoutError"
     assert (got["next"].status, got["next"].result) == ("succeeded", {"n": 1})
+
+
+@pytest.mark.timeout(120)
+def test_process_executor_takes_large_frames_and_awkward_exceptions_on_the_default_loop(
+    nsq: Nsq, daemons: Callable[..., Daemon], tails: Callable[..., Tail]
+) -> None:
+    nsq.create_channel("results", "test")
+    nsq.create_channel("dead_letters", "test")
+    results, dead = tails(nsq, "results", "test"), tails(nsq, "dead_letters", "test")
+    worker = daemons(
+        "worker",
+        nsq,
+        NSQJOBS_EXECUTOR="process",
+        NSQJOBS_CONCURRENCY="2",
+        NSQJOBS_TASK_MODULE="nsqjobs_tasks.builtin,tests.executor_tasks",
+        PYTHONPATH=str(Path(__file__).resolve().parent.parent),
+        NSQJOBS_BACKOFF_BASE_S="0.05",
+        NSQJOBS_BACKOFF_CAP_S="0.1",
+    )
+    assert importlib.util.find_spec("uvloop") is not None  # the worker's default loop
+    # Results and arguments larger than the pipe's buffer (uvloop makes a watched fd
+    # non-blocking: they used to read as a dead child, or a half-sent job).
+    big = [f"big-{i}" for i in range(6)]
+    for i in big:
+        publish(nsq, envelope(i, "xt.big", {"n": 300_000}))
+    publish(nsq, envelope("args", "xt.size", {"s": "z" * 800_000}))
+    publish(nsq, envelope("too-big", "xt.big", {"n": 2 * MIB}))
+    # Exceptions a future refuses (StopIteration) or that cannot be printed.
+    publish(nsq, envelope("stop", "xt.stop_iteration", {}))
+    publish(nsq, envelope("unprintable", "xt.unprintable", {}))
+    got = results_by_id(results, 10, timeout=90)
+    for i in big:
+        assert (got[i].status, len(got[i].result)) == ("succeeded", 300_000), got[i].error
+    assert (got["args"].status, got["args"].result) == ("succeeded", 800_000), got["args"].error
+    letters = {
+        letter.job.id: letter
+        for letter in map(wire.decode_dead_letter, dead.collect(3, timeout=30))
+        if letter.job is not None
+    }
+    assert (letters["too-big"].reason, letters["too-big"].error.type) == (
+        "not_retryable",
+        "ResultTooLarge",
+    )
+    stop = letters["stop"]
+    assert (stop.reason, stop.error.type) == ("max_attempts", "RuntimeError")
+    assert "StopIteration('stop')" in stop.error.message and stop.job is not None
+    assert [a.error.type for a in stop.job.history] == ["RuntimeError", "RuntimeError"]
+    # Declared in throws=: dead at once, described as unprintable (not an internal error).
+    odd = letters["unprintable"]
+    assert (odd.reason, odd.error.type) == ("not_retryable", "Unprintable")
+    assert odd.error.message == "<unprintable Unprintable object>"
+    assert "internal error" not in worker.log()
 
 
 def test_rdy_never_exceeds_the_slots_across_queues(

@@ -149,5 +149,9 @@ class Retry(NsqjobsError):
     """Raised by a task to ask for another attempt, optionally after ``delay`` seconds."""
 
     def __init__(self, message: str = "retry requested", delay: float | None = None) -> None:
+        # Checked here, in the task: a bad delay is the task's error (a failed attempt that
+        # says so), not one of the worker's when it schedules the retry.
+        if delay is not None and (isinstance(delay, bool) or not isinstance(delay, int | float)):
+            raise TypeError(f"Retry delay must be a number of seconds or None, got {delay!r}")
         super().__init__(message)
         self.delay = delay

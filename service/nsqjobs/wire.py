@@ -27,8 +27,13 @@ class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
 
     @classmethod
     def from_exception(cls, exc: BaseException) -> ErrorInfo:
-        """Describe an exception without its traceback (tracebacks go to the log)."""
-        return cls(type=type(exc).__name__, message=str(exc) or type(exc).__name__)
+        """Describe an exception without its traceback (tracebacks go to the log); one whose
+        ``str()`` raises is described as unprintable, as the traceback module does."""
+        try:
+            message = str(exc)
+        except Exception:
+            message = f"<unprintable {type(exc).__name__} object>"
+        return cls(type=type(exc).__name__, message=message or type(exc).__name__)
 
 
 class Attempt(msgspec.Struct, frozen=True, kw_only=True):

@@ -24,10 +24,11 @@ from typing import Any, Final, Protocol
 
 import msgspec
 
+from nsqjobs import wire
 from nsqjobs.config import WorkerConfig
 from nsqjobs.errors import JobCancelled, ResultNotEncodable, TaskTimeoutError
 from nsqjobs.registry import Task, load_task_modules, registry, task_modules
-from nsqjobs.worker.slots import SlotPool
+from nsqjobs.worker.slots import SlotPool, future_exception
 
 log = logging.getLogger("nsqjobs.worker")
 
@@ -181,7 +182,8 @@ def _child_main(
         try:
             conn.send(reply)
         except Exception as exc:  # the exception does not pickle: describe it
-            conn.send(("error", RuntimeError(f"{type(reply[1]).__name__}: {reply[1]} ({exc})")))
+            error = wire.ErrorInfo.from_exception(reply[1])
+            conn.send(("error", RuntimeError(f"{error.type}: {error.message} ({exc})")))
 
 
 def _run_in_child(name: str, args: dict[str, Any]) -> Any:
@@ -266,6 +268,10 @@ class ProcessExecutor:
         child = _Child(process, ours, loop.create_future())
         self.children.append(child)
         loop.add_reader(ours.fileno(), self._readable, child)
+        # uvloop (libuv) makes a watched fd non-blocking; Connection.recv() and send() expect a
+        # blocking one: a frame larger than the socket's buffer would fail half-read or
+        # half-written (EAGAIN), read as a dead child and a corrupted pipe.
+        os.set_blocking(ours.fileno(), True)
         return child
 
     def run(
@@ -364,7 +370,7 @@ class ProcessExecutor:
         if exc is None:
             job.fut.set_result(result)
         else:
-            job.fut.set_exception(exc)
+            job.fut.set_exception(future_exception(exc))
 
     def _overrun(self, child: _Child) -> None:
         job = child.job

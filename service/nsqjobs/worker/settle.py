@@ -141,6 +141,10 @@ class Settler:
             backoff_cap_s=self.backoff_cap_s,
         )
         if isinstance(outcome, RetryAfter):
+            if outcome.delay_s > 0:
+                # When it is due, in the copy itself: nsqd keeps a deferred message across a
+                # clean restart but not its delay, and a worker defers one that comes early.
+                recorded = msgspec.structs.replace(recorded, due_at=finished + outcome.delay_s)
             self._spawn(job, self._retry(job, recorded, outcome.delay_s))
         else:
             self._spawn(
@@ -178,8 +182,14 @@ class Settler:
 
     def internal_error(self, message: Message, exc: Exception) -> None:
         """A bug of ours, not the task's: say so, count it, and give the message back."""
-        log.error("internal error handling message %s", message.id.decode(), exc_info=exc)
         held = self.held.get(held_key(message)) or Stray(message, None, self.hooks.for_task("-"))
+        log.error(
+            "internal error handling message %s (%s, task %s)",
+            message.id.decode(),
+            held.label,
+            held.task_name,
+            exc_info=exc,
+        )
         if held.phase is not Phase.ANSWERED:
             delay_s = self.backoff_cap_s
             held.hooks.requeued(held, "internal_error", delay_s)

@@ -29,6 +29,12 @@ def _overrun(fut: asyncio.Future[Any], limit_s: float) -> None:
         fut.set_exception(TaskTimeoutError(f"ran past its {limit_s:g}s time limit"))
 
 
+def future_exception(exc: BaseException) -> BaseException:
+    """What a job's future can hold for ``exc``: asyncio futures refuse StopIteration (a task
+    raising it would leave its future, and its slot, pending for ever), so it is wrapped."""
+    return RuntimeError(f"task raised {exc!r}") if isinstance(exc, StopIteration) else exc
+
+
 class SlotPool:
     """``size`` threads running submitted callables; results come back as asyncio futures."""
 
@@ -132,10 +138,8 @@ class SlotPool:
                 continue
             if ok:
                 fut.set_result(value)
-            elif isinstance(value, StopIteration):  # futures refuse it; wrap it
-                fut.set_exception(RuntimeError(f"task raised {value!r}"))
             else:
-                fut.set_exception(value)
+                fut.set_exception(future_exception(value))
 
     def shutdown(self) -> None:
         """Cancel jobs not started yet and let the threads end after their current job."""
