@@ -490,3 +490,13 @@ def test_publishes_pass_over_a_stalled_nsqd_while_another_answers() -> None:
     healthy.waiting.appendleft((print, 0.0))  # both stalled: a frame still goes somewhere
     writer.send_frame(b"PUB", lambda conn, data: None)
     assert len(stalled.sent) + len(healthy.sent) == 21
+
+
+def test_a_dead_childs_exit_is_said_as_a_log_would() -> None:
+    from nsqjobs.worker.executors import _exit_status
+
+    assert _exit_status(70) == "exit code 70"
+    assert _exit_status(-11) == "killed by SIGSEGV"
+    assert _exit_status(-9) == "killed by SIGKILL"
+    assert _exit_status(-250) == "killed by signal 250"
+    assert "still running" in _exit_status(None)

@@ -216,6 +216,7 @@ def test_crashing_task_in_process_pool_is_retried_then_dead_lettered(
     letter = wire.decode_dead_letter(raw)
     assert letter.job is not None and letter.job.id == job_id and letter.job.attempts == 3
     assert letter.error.type == "BrokenProcessPool"
+    assert "(exit code 70)" in letter.error.message  # the child's own os._exit(70)
     # The worker survived its children's deaths and still runs jobs.
     status, _, body = http("POST", gw.url + "/v1/jobs?wait=30", {"task": "noop", "args": {}})
     assert status == 200 and body["status"] == "succeeded", body

@@ -150,6 +150,17 @@ def _kill(process: Any) -> None:
     process.kill()
 
 
+def _exit_status(code: int | None) -> str:
+    """A child's exit as a log says it: ``exit code 70``, ``killed by SIGSEGV``."""
+    if code is None:
+        return "its pipe closed, the process still running"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+        return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
 def _child_main(
     conn: multiprocessing.connection.Connection, modules: tuple[str, ...], parent: int
 ) -> None:
@@ -343,7 +354,7 @@ class ProcessExecutor:
         try:
             kind, value = child.conn.recv()
         except (EOFError, OSError):
-            self._replace(child, f"exit code {child.process.exitcode}")
+            self._replace(child, None)  # its exit status, once joined
             return
         except Exception as exc:  # the child's answer does not unpickle here
             kind, value = "error", RuntimeError(f"could not read the task's outcome: {exc}")
@@ -383,7 +394,9 @@ class ProcessExecutor:
         self._end(job, exc=TaskTimeoutError(f"ran past its {job.limit_s:g}s time limit"))
         self._replace(child, "killed at the time limit")
 
-    def _replace(self, child: _Child, why: str) -> None:
+    def _replace(self, child: _Child, why: str | None) -> None:
+        """Forget a child that died or was killed (``why``; None: say its exit status) and
+        start another; its job, if any, fails with :class:`BrokenProcessPool`."""
         loop = asyncio.get_running_loop()
         loop.remove_reader(child.conn.fileno())
         child.conn.close()
@@ -392,6 +405,8 @@ class ProcessExecutor:
             child.timer = None
         self.children.remove(child)
         child.process.join(timeout=1)
+        if why is None:
+            why = _exit_status(child.process.exitcode)
         job, child.job = child.job, None
         if job is not None:
             self._end(job, exc=BrokenProcessPool(f"the child process running the job died ({why})"))
