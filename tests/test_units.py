@@ -500,3 +500,20 @@ def test_a_dead_childs_exit_is_said_as_a_log_would() -> None:
     assert _exit_status(-9) == "killed by SIGKILL"
     assert _exit_status(-250) == "killed by signal 250"
     assert "still running" in _exit_status(None)
+
+
+def test_a_tracebacks_log_text_is_cut_however_long_the_message() -> None:
+    from nsqjobs.worker.settle import MAX_TRACEBACK_CHARS, traceback_text
+
+    try:
+        raise ValueError("x" * 5_000_000)
+    except ValueError as exc:
+        text = traceback_text(exc)
+    assert text.startswith("Traceback (most recent call last):")
+    assert len(text) < MAX_TRACEBACK_CHARS + 40 and text.endswith("more chars]")
+
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise ValueError("no")
+
+    assert "Unprintable" in traceback_text(Unprintable())

@@ -10,6 +10,7 @@ import asyncio
 import functools
 import logging
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
@@ -28,6 +29,7 @@ log = logging.getLogger("nsqjobs.worker")
 RECONNECT_WAIT_S = 3.0
 # An error message is cut to this many characters: it travels in every later envelope.
 MAX_ERROR_CHARS = 2000
+MAX_TRACEBACK_CHARS = 20_000
 
 
 def describe(exc: BaseException) -> wire.ErrorInfo:
@@ -39,6 +41,16 @@ def describe(exc: BaseException) -> wire.ErrorInfo:
             type=error.type, message=f"{error.message[:MAX_ERROR_CHARS]}... [{cut} more chars]"
         )
     return error
+
+
+def traceback_text(exc: BaseException) -> str:
+    """``exc``'s traceback for the log, cut to :data:`MAX_TRACEBACK_CHARS` (a task's exception
+    can carry megabytes of message, which every attempt would write to the log again)."""
+    text = "".join(traceback.format_exception(exc)).rstrip()
+    if len(text) > MAX_TRACEBACK_CHARS:
+        cut = len(text) - MAX_TRACEBACK_CHARS
+        text = f"{text[:MAX_TRACEBACK_CHARS]}... [{cut} more chars]"
+    return text
 
 
 def fit_dead_letter(letter: wire.DeadLetter, limit: int) -> bytes:
@@ -115,9 +127,10 @@ class Settler:
         job.hooks.attempt_failed(job, error, time.perf_counter() - job.t0)
         where = f"job {env.id} {task.name:<14} attempt {job.attempt}/{job.max_attempts}"
         if isinstance(exc, Retry | TaskTimeoutError):
-            log.warning("%s: %s", where, exc)
+            log.warning("%s: %s", where, error.message)
         else:
-            log.warning("%s raised %s: %s", where, error.type, error.message, exc_info=exc)
+            trace = traceback_text(exc)
+            log.warning("%s raised %s: %s\n%s", where, error.type, error.message, trace)
         finished = wire.now()
         history = (
             *env.history,
