@@ -37,3 +37,16 @@ def stop_iteration(args: dict[str, Any]) -> None:
 def unprintable(args: dict[str, Any]) -> None:
     """Raises an exception that cannot be described, declared as not worth retrying."""
     raise Unprintable()
+
+
+@task("xt.fork_then_die", max_attempts=1, time_limit_s=60)
+def fork_then_die(args: dict[str, Any]) -> None:
+    """Fork a process that sleeps on (holding the pipe to the worker), then end this one."""
+    import os
+    import time
+
+    if os.fork() == 0:
+        time.sleep(float(args["seconds"]))
+        os._exit(0)
+    time.sleep(0.2)
+    os._exit(3)

@@ -121,13 +121,15 @@ def test_process_executor_takes_large_frames_and_awkward_exceptions_on_the_defau
     # Exceptions a future refuses (StopIteration) or that cannot be printed.
     publish(nsq, envelope("stop", "xt.stop_iteration", {}))
     publish(nsq, envelope("unprintable", "xt.unprintable", {}))
-    got = results_by_id(results, 10, timeout=90)
+    # A child that dies while a process its task forked holds the pipe open (no EOF).
+    publish(nsq, envelope("forked", "xt.fork_then_die", {"seconds": 60}))
+    got = results_by_id(results, 11, timeout=45)
     for i in big:
         assert (got[i].status, len(got[i].result)) == ("succeeded", 300_000), got[i].error
     assert (got["args"].status, got["args"].result) == ("succeeded", 800_000), got["args"].error
     letters = {
         letter.job.id: letter
-        for letter in map(wire.decode_dead_letter, dead.collect(3, timeout=30))
+        for letter in map(wire.decode_dead_letter, dead.collect(4, timeout=30))
         if letter.job is not None
     }
     assert (letters["too-big"].reason, letters["too-big"].error.type) == (
@@ -143,6 +145,10 @@ def test_process_executor_takes_large_frames_and_awkward_exceptions_on_the_defau
     assert (odd.reason, odd.error.type) == ("not_retryable", "Unprintable")
     assert odd.error.message == "<unprintable Unprintable object>"
     assert "internal error" not in worker.log()
+    # Seen at its exit, not at the task's time limit (60 s).
+    forked = letters["forked"]
+    assert (forked.error.type, forked.reason) == ("BrokenProcessPool", "max_attempts")
+    assert "(exit code 3)" in forked.error.message
 
 
 def test_rdy_never_exceeds_the_slots_across_queues(

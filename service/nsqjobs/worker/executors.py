@@ -161,6 +161,13 @@ def _exit_status(code: int | None) -> str:
     return f"exit code {code}"
 
 
+def _forget_exit(loop: asyncio.AbstractEventLoop, child: _Child) -> None:
+    if child.exited is not None:
+        loop.remove_reader(child.exited)
+        os.close(child.exited)
+        child.exited = None
+
+
 def _child_main(
     conn: multiprocessing.connection.Connection, modules: tuple[str, ...], parent: int
 ) -> None:
@@ -226,9 +233,10 @@ class _Queued:
 
 
 class _Child:
-    """One child process, its end of the pipe, and the job it runs."""
+    """One child process, its end of the pipe, the job it runs, and (Linux) a pidfd that turns
+    readable when it exits."""
 
-    __slots__ = ("conn", "job", "process", "ready", "timer")
+    __slots__ = ("conn", "exited", "job", "process", "ready", "timer")
 
     def __init__(
         self, process: Any, conn: multiprocessing.connection.Connection, ready: asyncio.Future[None]
@@ -238,6 +246,7 @@ class _Child:
         self.ready = ready
         self.job: _Queued | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.exited: int | None = None
 
 
 class ProcessExecutor:
@@ -283,7 +292,15 @@ class ProcessExecutor:
         # blocking one: a frame larger than the socket's buffer would fail half-read or
         # half-written (EAGAIN), read as a dead child and a corrupted pipe.
         os.set_blocking(ours.fileno(), True)
+        # Its death, seen even while a process its task forked keeps the pipe open (no EOF).
+        with contextlib.suppress(AttributeError, OSError):  # no pidfd here: the pipe's EOF
+            child.exited = os.pidfd_open(process.pid or 0)  # a started process has a pid
+            loop.add_reader(child.exited, self._died, child)
         return child
+
+    def _died(self, child: _Child) -> None:
+        if child in self.children:
+            self._replace(child, None)
 
     def run(
         self,
@@ -351,6 +368,8 @@ class ProcessExecutor:
         return False
 
     def _readable(self, child: _Child) -> None:
+        if child not in self.children:  # replaced in this loop turn (its exit was seen first)
+            return
         try:
             kind, value = child.conn.recv()
         except (EOFError, OSError):
@@ -400,6 +419,7 @@ class ProcessExecutor:
         loop = asyncio.get_running_loop()
         loop.remove_reader(child.conn.fileno())
         child.conn.close()
+        _forget_exit(loop, child)
         if child.timer is not None:
             child.timer.cancel()
             child.timer = None
@@ -407,6 +427,8 @@ class ProcessExecutor:
         child.process.join(timeout=1)
         if why is None:
             why = _exit_status(child.process.exitcode)
+        # What its task started dies with it (a dead child's group may live on).
+        _kill(child.process)
         job, child.job = child.job, None
         if job is not None:
             self._end(job, exc=BrokenProcessPool(f"the child process running the job died ({why})"))
@@ -433,6 +455,7 @@ class ProcessExecutor:
         loop = asyncio.get_event_loop()
         for child in list(self.children):
             loop.remove_reader(child.conn.fileno())
+            _forget_exit(loop, child)
             if child.timer is not None:
                 child.timer.cancel()
             _kill(child.process)
