@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from nsqjobs.names import ENV_API_TOKEN, ENV_GATEWAY_URL
-from nsqjobs.testing import Daemon, Nsq, http, run_cli, wait_for
+from nsqjobs.testing import Daemon, Nsq, http, nsqjobs_command, run_cli, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 TOKEN = "cli-token-0123456789abcdef"
@@ -147,6 +147,23 @@ def test_status_result_jobs_dlq_and_cancel(
     assert refused.returncode == 2 and "--limit: not an integer from 1 to 1000" in refused.stderr
     reason = one_line_error(cli(gateway, "jobs", "--token", "also-wrong"), 1, "jobs")
     assert "403" in reason
+
+    # A reader that went away (`nsqjobs jobs | head`): a quiet end, as on SIGPIPE.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    env = {**os.environ, ENV_API_TOKEN: TOKEN, ENV_GATEWAY_URL: gateway.url}
+    try:
+        piped = subprocess.run(
+            [*nsqjobs_command(), "jobs", "--json"],
+            env=env,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert (piped.returncode, piped.stderr) == (141, ""), piped.stderr
 
 
 def test_usage_errors_exit_2_and_an_unreachable_gateway_1(tmp_path: Path) -> None:

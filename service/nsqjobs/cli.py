@@ -221,6 +221,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"nsqjobs {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`nsqjobs jobs | head`): end quietly, as a shell tool does on
+        # SIGPIPE, and point stdout at /dev/null so the flush at exit does not complain too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
     except (NsqjobsError, ImportError, OSError) as exc:
         # One line, even when the error's own text has several (msgspec's, a task module's).
         lines = (line.strip() for line in str(exc).splitlines())
